@@ -1,0 +1,155 @@
+"""SEAL's serialised ciphertext format, read into and written from numpy arrays.
+
+A serialised SEAL ciphertext is a 16-byte header followed by a body that is stored
+raw, zlib- or zstd-compressed::
+
+    header  : magic 0xA15E (u16) | header size 16 (u8) | version major, minor (u8, u8)
+              | compression mode (u8: 0 none, 1 zlib, 2 zstd) | reserved (u16) | total size (u64)
+    body    : parms_id (4 x u64) | is_ntt_form (u8) | size (u64) | poly_modulus_degree (u64)
+              | coeff_modulus_size (u64) | scale (f64) | correction_factor (u64)
+              | nested DynArray: 16-byte header (never compressed) | count (u64) | count x u64
+
+The coefficient data is ``size`` polynomials x ``coeff_modulus_size`` RNS limbs x ``N``
+coefficients, which is exactly the ``(size, L, N)`` uint64 array the engine computes on.
+
+Everything here treats its input as untrusted: sizes are checked before anything is
+allocated or decompressed, and every coefficient is checked to be below its modulus.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import zstandard
+
+from .errors import FormatError
+
+MAGIC = 0xA15E
+_HEADER = struct.Struct("<HBBBBHQ")
+_BODY = struct.Struct("<4QBQQQdQ")
+_COUNT = struct.Struct("<Q")
+COMPR_NONE, COMPR_ZLIB, COMPR_ZSTD = 0, 1, 2
+#: The SEAL format version TenSEAL 0.3.18 writes and accepts (SEAL 4.3); checked by the tests.
+SEAL_VERSION = (4, 3)
+
+
+@dataclass(frozen=True)
+class LevelSpec:
+    """What a valid ciphertext at one level of the modulus chain looks like."""
+
+    parms_id: tuple[int, int, int, int]
+    moduli: tuple[int, ...]
+    poly_modulus_degree: int
+    ntt_form: bool
+
+    @property
+    def limbs(self) -> int:
+        return len(self.moduli)
+
+    def raw_size(self, size: int = 2) -> int:
+        """Bytes of the uncompressed body for a ciphertext of ``size`` polynomials."""
+        return _BODY.size + _HEADER.size + _COUNT.size + 8 * size * self.limbs * self.poly_modulus_degree
+
+
+@dataclass
+class RawCiphertext:
+    """A ciphertext as numpy data: ``data`` has shape ``(size, limbs, N)``, dtype uint64."""
+
+    data: np.ndarray
+    scale: float
+    parms_id: tuple[int, int, int, int]
+    ntt_form: bool = True
+    correction_factor: int = 1
+
+
+def _decompress(mode: int, payload: bytes, limit: int) -> bytes:
+    """Decompress ``payload`` without ever producing more than ``limit`` bytes."""
+    try:
+        if mode == COMPR_NONE:
+            out = payload
+        elif mode == COMPR_ZSTD:
+            out = zstandard.ZstdDecompressor().decompress(payload, max_output_size=limit + 1)
+        elif mode == COMPR_ZLIB:
+            out = zlib.decompressobj().decompress(payload, limit + 1)
+        else:
+            raise FormatError(f"unknown SEAL compression mode {mode}")
+    except (zstandard.ZstdError, zlib.error) as exc:
+        raise FormatError(f"ciphertext body does not decompress: {exc}") from exc
+    if len(out) > limit:
+        raise FormatError("ciphertext body is larger than the model allows")
+    return out
+
+
+def parse(blob: bytes, level: LevelSpec, *, size: int = 2) -> RawCiphertext:
+    """Parse and validate one serialised SEAL ciphertext expected at ``level``.
+
+    Raises :class:`FormatError` with a precise reason on anything unexpected.
+    """
+    if len(blob) < _HEADER.size:
+        raise FormatError(f"ciphertext too short ({len(blob)} bytes)")
+    magic, hsize, major, _minor, mode, _reserved, total = _HEADER.unpack_from(blob)
+    if magic != MAGIC or hsize != _HEADER.size:
+        raise FormatError("not a SEAL ciphertext (bad magic number or header size)")
+    if major != SEAL_VERSION[0]:
+        raise FormatError(f"SEAL format version {major} is not supported (expected 4)")
+    if total != len(blob):
+        raise FormatError(f"SEAL header says {total} bytes but {len(blob)} were given")
+    expected = level.raw_size(size)
+    payload = bytes(memoryview(blob)[_HEADER.size :])
+    body = _decompress(mode, payload, expected)
+    if len(body) != expected:
+        raise FormatError(
+            f"ciphertext body has {len(body)} bytes, expected {expected} for a "
+            f"{size}-polynomial ciphertext with {level.limbs} RNS limbs of degree "
+            f"{level.poly_modulus_degree}"
+        )
+    *pid, ntt, ct_size, degree, limbs, scale, corr = _BODY.unpack_from(body)
+    if tuple(pid) != level.parms_id:
+        raise FormatError("ciphertext was made with other encryption parameters (parms_id mismatch)")
+    if (ct_size, degree, limbs) != (size, level.poly_modulus_degree, level.limbs):
+        raise FormatError(
+            f"ciphertext shape (size {ct_size}, degree {degree}, limbs {limbs}) does not match "
+            f"(size {size}, degree {level.poly_modulus_degree}, limbs {level.limbs})"
+        )
+    if bool(ntt) != level.ntt_form:
+        raise FormatError("ciphertext NTT form does not match the scheme")
+    if not np.isfinite(scale) or scale <= 0:
+        raise FormatError(f"ciphertext scale {scale!r} is not a positive number")
+    nested = _BODY.size
+    n_magic, n_hsize, _, _, n_mode, _, _ = _HEADER.unpack_from(body, nested)
+    if n_magic != MAGIC or n_hsize != _HEADER.size or n_mode != COMPR_NONE:
+        raise FormatError("malformed coefficient array header")
+    (count,) = _COUNT.unpack_from(body, nested + _HEADER.size)
+    if count != size * level.limbs * level.poly_modulus_degree:
+        raise FormatError("coefficient count does not match the ciphertext shape")
+    start = nested + _HEADER.size + _COUNT.size
+    data = np.frombuffer(body, dtype="<u8", offset=start).reshape(size, level.limbs, -1)
+    moduli = np.asarray(level.moduli, dtype=np.uint64)[None, :, None]
+    if np.any(data >= moduli):
+        raise FormatError("ciphertext coefficient out of range for its modulus")
+    return RawCiphertext(data.copy(), float(scale), level.parms_id, bool(ntt), int(corr))
+
+
+def serialize(ct: RawCiphertext, *, compress: bool = False) -> bytes:
+    """Write ``ct`` in SEAL's format (uncompressed, or zstd-compressed if ``compress``)."""
+    size, limbs, degree = ct.data.shape
+    count = size * limbs * degree
+    nested = _HEADER.pack(MAGIC, _HEADER.size, *SEAL_VERSION, COMPR_NONE, 0,
+                          _HEADER.size + _COUNT.size + 8 * count)
+    body = b"".join((
+        _BODY.pack(*ct.parms_id, int(ct.ntt_form), size, degree, limbs, ct.scale,
+                   ct.correction_factor),
+        nested,
+        _COUNT.pack(count),
+        np.ascontiguousarray(ct.data, dtype="<u8").tobytes(),
+    ))
+    if compress:
+        body = zstandard.ZstdCompressor(level=1).compress(body)
+        mode = COMPR_ZSTD
+    else:
+        mode = COMPR_NONE
+    header = _HEADER.pack(MAGIC, _HEADER.size, *SEAL_VERSION, mode, 0, _HEADER.size + len(body))
+    return header + body
