@@ -1,0 +1,137 @@
+"""The client: holds the secret key, encrypts inputs and decrypts results.
+
+The secret key never leaves this object except through :meth:`Client.save`, which writes
+it to a local file chosen by the user.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tenseal as ts
+import tenseal.sealapi as sealapi
+
+from . import sealbytes, wire
+from .context import (
+    SealBridge,
+    check_matches,
+    level_specs,
+    new_secret_context,
+    public_context_bytes,
+)
+from .errors import FormatError, ParameterError
+from .params import EncryptionParameters
+
+#: Largest accepted serialised ciphertext (bytes).
+MAX_CIPHERTEXT_BYTES = 64 * 1024 * 1024
+
+
+class Client:
+    """Key owner for one model spec (see :meth:`she.compiler.Plan.spec`)."""
+
+    def __init__(self, spec: dict[str, Any], context: ts.Context | None = None) -> None:
+        self.spec = dict(spec)
+        self.params = EncryptionParameters.from_spec(spec)
+        if context is None:
+            context = new_secret_context(self.params)
+        else:
+            check_matches(context, self.params)
+        if not context.has_secret_key():
+            raise ParameterError("a client context must hold the secret key")
+        self.ctx = context
+        self._seal = context.seal_context().data
+        self._levels = level_specs(context)
+        self._encoder = sealapi.CKKSEncoder(self._seal)
+        secret = context.secret_key().data
+        self._encryptor = sealapi.Encryptor(self._seal, secret)
+        self._decryptor = sealapi.Decryptor(self._seal, secret)
+        self._bridge = SealBridge(context)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.params.fingerprint()
+
+    def public_context(self) -> bytes:
+        """The evaluation keys to send to the server (no secret key)."""
+        meta = {"fingerprint": self.fingerprint, "model": self.spec.get("model")}
+        return wire.pack(wire.KIND_CONTEXT, meta, [public_context_bytes(self.ctx)])
+
+    def encrypt(self, x: np.ndarray) -> bytes:
+        """Encrypt a batch of samples: ``x`` has shape ``(batch, *input_shape)``."""
+        shape = tuple(self.spec["input_shape"])
+        x = np.asarray(x, dtype=np.float64)
+        if x.shape[1:] != shape and x.shape != shape:
+            raise ParameterError(f"inputs must have shape (batch, {', '.join(map(str, shape))}), "
+                                 f"got {x.shape}")
+        x = x.reshape(-1, int(np.prod(shape)))
+        batch = x.shape[0]
+        if not 1 <= batch <= int(self.spec["batch_capacity"]):
+            raise ParameterError(f"batch of {batch} samples; this model takes 1 to "
+                                 f"{self.spec['batch_capacity']} per request")
+        if not np.all(np.isfinite(x)):
+            raise ParameterError("inputs contain NaN or infinity")
+        scale = float(self.spec["input_scale"])
+        items = []
+        for column in x.T:
+            plain = sealapi.Plaintext()
+            self._encoder.encode(column.tolist(), scale, plain)
+            ct = sealapi.Ciphertext(self._seal)
+            self._encryptor.encrypt_symmetric(plain, ct)
+            items.append(self._bridge.save_bytes(ct))
+        meta = {"fingerprint": self.fingerprint, "batch": batch, "model": self.spec.get("model")}
+        return wire.pack(wire.KIND_CIPHERTEXTS, meta, items)
+
+    def decrypt(self, data: bytes) -> np.ndarray:
+        """Decrypt a result message into an array of shape ``(batch, output_size)``."""
+        n_out = int(self.spec["output_ciphertexts"])
+        msg = wire.unpack(data, kind=wire.KIND_CIPHERTEXTS, max_items=n_out,
+                          max_item_bytes=MAX_CIPHERTEXT_BYTES)
+        if msg.meta.get("fingerprint") != self.fingerprint:
+            raise FormatError("result was computed for other encryption parameters")
+        batch = msg.meta.get("batch")
+        if not isinstance(batch, int) or not 1 <= batch <= int(self.spec["batch_capacity"]):
+            raise FormatError(f"result has an invalid batch size {batch!r}")
+        if len(msg.items) != n_out:
+            raise FormatError(f"expected {n_out} result ciphertexts, got {len(msg.items)}")
+        level = self._levels.get(int(self.spec["output_limbs"]))
+        if level is None:
+            raise ParameterError("model spec names an output level its parameters do not have")
+        out = np.empty((batch, n_out))
+        for j, blob in enumerate(msg.items):
+            raw = sealbytes.parse(blob, level)
+            ct = self._bridge.to_seal(raw)
+            plain = sealapi.Plaintext()
+            self._decryptor.decrypt(ct, plain)
+            out[:, j] = np.asarray(self._encoder.decode_double(plain))[:batch]
+        return out
+
+    # -- local persistence ----------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        """Write the secret context and the spec to a local file (keep it private)."""
+        body = self.ctx.serialize(save_public_key=True, save_secret_key=True,
+                                  save_galois_keys=False, save_relin_keys=True)
+        meta = {"spec": self.spec, "fingerprint": self.fingerprint}
+        Path(path).write_bytes(wire.pack(wire.KIND_CONTEXT, meta, [body]))
+        Path(path).chmod(0o600)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Client:
+        """Read a client saved with :meth:`save`."""
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise FormatError(f"cannot read key file {path}: {exc}") from exc
+        msg = wire.unpack(data, kind=wire.KIND_CONTEXT, max_items=1, max_item_bytes=len(data))
+        if len(msg.items) != 1 or "spec" not in msg.meta:
+            raise FormatError(f"{path} is not a SHE secret key file")
+        try:
+            ctx = ts.context_from(msg.items[0])
+        except Exception as exc:
+            raise FormatError(f"{path}: corrupt key file: {exc}") from exc
+        return cls(msg.meta["spec"], ctx)
+
+    def spec_json(self) -> str:
+        return json.dumps(self.spec, indent=2)

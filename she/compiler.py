@@ -1,0 +1,376 @@
+"""Compiling a lowered model into an encrypted execution plan.
+
+The compiler quantises every affine layer to integer weights ``W_int = round(W * 2^f)``
+(exact for power-of-two or fixed-point weights), so that a linear layer is an integer
+combination of ciphertexts that costs no multiplicative level: its ``2^-f`` goes into the
+ciphertext scale. Only the squares consume levels. From the value ranges (calibration data,
+or interval arithmetic over the declared input range) and a noise model it then chooses
+the modulus chain and the smallest ring size that keeps 128-bit security (or more).
+
+Modulus chain layout (SEAL rescales by the last ciphertext prime first)::
+
+    [ output primes | primes dropped by square K-1 | ... | by square 0 | special prime ]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import ParameterError
+from .lowering import Chain, lower
+from .model import Model
+from .params import MAX_MODULUS_BITS, MIN_PRIME_BITS, EncryptionParameters, smallest_ring
+
+SPEC_FORMAT = "she-spec/1"
+#: Largest ciphertext prime: keeps the float64 matrix products of :mod:`she.kernels` exact.
+MAX_CT_PRIME_BITS = 36
+#: Secret-key encryption noise (standard deviation per coefficient, SEAL's default).
+NOISE_SIGMA = 3.2
+
+
+@dataclass
+class PlanLayer:
+    """One affine layer of a plan, quantised for the integer kernel."""
+
+    weights: np.ndarray  # (n_out, n_in) int64: W_int = round(W * 2^shift)
+    shift: int  # f: the layer's real weights are weights * 2^-shift
+    bias: np.ndarray  # (n_out,) float64, added at the output scale
+    out_shape: tuple[int, ...]
+    rescale_primes: int  # primes dropped after the square that follows (0 for the last layer)
+    value_bound: float  # bound on |pre-square value| used for capacity
+    weight_error: float  # max over outputs of the weight-quantisation error (absolute)
+
+    @property
+    def exact(self) -> bool:
+        return self.weight_error == 0.0
+
+
+@dataclass
+class Plan:
+    """Everything needed to run a model encrypted: parameters, scales and layers."""
+
+    model_name: str
+    scheme: str
+    packing: str
+    input_shape: tuple[int, ...]
+    params: EncryptionParameters
+    input_scale: float
+    layers: list[PlanLayer]
+    predicted_error: float
+    chain: Chain = field(repr=False)
+    calibrated: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def depth(self) -> int:
+        return len(self.layers) - 1
+
+    @property
+    def n_inputs(self) -> int:
+        return int(np.prod(self.input_shape))
+
+    @property
+    def n_outputs(self) -> int:
+        return self.layers[-1].weights.shape[0]
+
+    @property
+    def batch_capacity(self) -> int:
+        """Samples per ciphertext (batch packing: one sample per slot)."""
+        return self.params.slots
+
+    def output_scale(self) -> float:
+        """Scale of the output ciphertexts (follows from the chain and the primes)."""
+        return self.scales()[-1][1]
+
+    def scales(self) -> list[tuple[float, float]]:
+        """(input scale, output scale) of every layer, from the actual primes."""
+        primes = list(self.params.ciphertext_primes)
+        delta = self.input_scale
+        out = []
+        for layer in self.layers:
+            s_out = delta * 2.0 ** layer.shift
+            out.append((delta, s_out))
+            delta = s_out * s_out
+            for _ in range(layer.rescale_primes):
+                delta /= primes.pop()
+        return out
+
+    def levels(self) -> list[int]:
+        """Number of ciphertext primes at the input of every layer."""
+        limbs = len(self.params.ciphertext_primes)
+        out = []
+        for layer in self.layers:
+            out.append(limbs)
+            limbs -= layer.rescale_primes
+        return out
+
+    def spec(self) -> dict[str, Any]:
+        """The public description a client needs (JSON-serialisable, no secrets)."""
+        return {
+            "format": SPEC_FORMAT,
+            "model": self.model_name,
+            "scheme": self.scheme,
+            "packing": self.packing,
+            "poly_modulus_degree": self.params.poly_modulus_degree,
+            "modulus_bits": list(self.params.modulus_bits),
+            "primes": [str(p) for p in self.params.primes],
+            "security_bits": self.params.security,
+            "input_shape": list(self.input_shape),
+            "input_scale": self.input_scale,
+            "input_ciphertexts": self.n_inputs,
+            "batch_capacity": self.batch_capacity,
+            "output_size": self.n_outputs,
+            "output_ciphertexts": self.n_outputs,
+            "output_limbs": self.levels()[-1] - self.layers[-1].rescale_primes,
+            "output_scale": self.output_scale(),
+            "depth": self.depth,
+            "layout": "batch: ciphertext i holds feature i (C-order) of every sample, "
+                      "sample b in slot b; output ciphertext j holds output j",
+        }
+
+    def describe(self) -> dict[str, Any]:
+        """A report of the plan for ``she inspect`` (JSON-serialisable)."""
+        n = self.params.poly_modulus_degree
+        ct_primes = len(self.params.ciphertext_primes)
+        ct_bytes = 2 * ct_primes * n * 8
+        relin_bytes = 2 * ct_primes * len(self.params.primes) * n * 8
+        pk_bytes = 2 * len(self.params.primes) * n * 8
+        layers = []
+        for i, (layer, (s_in, s_out), limbs) in enumerate(
+            zip(self.layers, self.scales(), self.levels(), strict=True)
+        ):
+            nnz = int(np.count_nonzero(layer.weights))
+            layers.append({
+                "index": i,
+                "inputs": int(layer.weights.shape[1]),
+                "outputs": int(layer.weights.shape[0]),
+                "nonzero_weights": nnz,
+                "weight_shift": layer.shift,
+                "max_abs_int_weight": int(np.abs(layer.weights).max(initial=0)),
+                "exact_weights": layer.exact,
+                "activation": "square" if i < self.depth else "none (output)",
+                "rescale_primes": layer.rescale_primes,
+                "input_limbs": limbs,
+                "log2_scale_in": round(math.log2(s_in), 2),
+                "log2_scale_out": round(math.log2(s_out), 2),
+                "value_bound": layer.value_bound,
+            })
+        return {
+            "model": self.model_name,
+            "scheme": self.scheme,
+            "packing": self.packing,
+            "depth": self.depth,
+            "security_bits": self.params.security,
+            "poly_modulus_degree": n,
+            "slots": self.params.slots,
+            "modulus_bits": list(self.params.modulus_bits),
+            "total_modulus_bits": self.params.total_bits,
+            "max_modulus_bits_for_ring": MAX_MODULUS_BITS[self.params.security][n],
+            "input_scale_log2": round(math.log2(self.input_scale), 2),
+            "input_ciphertexts": self.n_inputs,
+            "output_ciphertexts": self.n_outputs,
+            "predicted_max_output_error": self.predicted_error,
+            "calibrated": self.calibrated,
+            "estimated_bytes": {
+                "ciphertext_fresh": ct_bytes,
+                "public_key": pk_bytes,
+                "relin_keys": relin_bytes,
+                "upload_per_batch": ct_bytes * self.n_inputs,
+            },
+            "layers": layers,
+            "notes": self.notes,
+        }
+
+
+# -- quantisation ---------------------------------------------------------------------------
+
+def quantise(matrix: np.ndarray, weight_bits: int) -> tuple[np.ndarray, int, np.ndarray]:
+    """Integer weights ``W_int`` and shift ``f`` with ``W ~= W_int * 2^-f``.
+
+    If the weights are exactly representable with at most ``weight_bits`` significant bits
+    (power-of-two or fixed-point weights) the result is exact; otherwise the largest weight
+    gets ``weight_bits`` bits. Returns ``(W_int, f, abs_error)``.
+    """
+    amax = float(np.abs(matrix).max(initial=0.0))
+    if amax == 0.0:
+        return np.zeros(matrix.shape, dtype=np.int64), 0, np.zeros(matrix.shape)
+    f_approx = weight_bits - 1 - math.floor(math.log2(amax))
+    for f in range(min(0, f_approx), f_approx + 1):
+        scaled = matrix * 2.0 ** f
+        if np.array_equal(scaled, np.round(scaled)):
+            return scaled.astype(np.int64), f, np.zeros(matrix.shape)
+    w_int = np.round(matrix * 2.0 ** f_approx)
+    return w_int.astype(np.int64), f_approx, np.abs(matrix - w_int * 2.0 ** -f_approx)
+
+
+# -- value ranges ---------------------------------------------------------------------------
+
+def _interval_bounds(chain: Chain, lo: float, hi: float) -> list[np.ndarray]:
+    """Sound bounds on |pre-square value| of every unit of every layer (interval arithmetic)."""
+    low = np.full(chain.layers[0].n_in, lo)
+    high = np.full(chain.layers[0].n_in, hi)
+    bounds = []
+    for i, layer in enumerate(chain.layers):
+        if i:
+            sq_lo = np.where((low <= 0) & (high >= 0), 0.0, np.minimum(low * low, high * high))
+            low, high = sq_lo, np.maximum(low * low, high * high)
+        centre, radius = (low + high) / 2, (high - low) / 2
+        mid = layer.matrix @ centre + layer.bias
+        rad = np.abs(layer.matrix) @ radius
+        low, high = mid - rad, mid + rad
+        bounds.append(np.maximum(np.abs(low), np.abs(high)))
+    return bounds
+
+
+def _split_bits(bits: int, max_bits: int) -> list[int]:
+    """Split ``bits`` into as few primes of at most ``max_bits`` as possible, evenly."""
+    bits = max(bits, MIN_PRIME_BITS)
+    count = math.ceil(bits / max_bits)
+    base, extra = divmod(bits, count)
+    parts = [base + (1 if i < extra else 0) for i in range(count)]
+    return [max(p, MIN_PRIME_BITS) for p in parts]
+
+
+# -- the compiler ---------------------------------------------------------------------------
+
+def compile(  # noqa: A001 - the public name mirrors the documented API ``she.compile``
+    model: Model | Chain,
+    *,
+    scheme: str = "ckks",
+    packing: str = "batch",
+    calibration: np.ndarray | None = None,
+    scale_bits: int = 26,
+    weight_bits: int = 12,
+    security: int = 128,
+    poly_modulus_degree: int | None = None,
+    range_margin: float = 2.0,
+    name: str | None = None,
+) -> Plan:
+    """Compile an HE-friendly model into a :class:`Plan`.
+
+    Args:
+        model: a loaded :class:`~she.model.Model` (or an already lowered chain).
+        scheme: ``"ckks"`` (the only scheme of this release).
+        packing: ``"batch"``: one sample per slot.
+        calibration: optional sample inputs; value ranges then come from them (times
+            ``range_margin``) instead of interval arithmetic over the declared input range.
+        scale_bits: log2 of the scale of fresh ciphertexts and after every rescale.
+        weight_bits: significant bits kept for weights that are not exactly representable.
+        security: 128 (default), 192 or 256 bits; anything lower is refused.
+        poly_modulus_degree: force a ring size (refused if it cannot hold the plan securely).
+        range_margin: safety factor on calibrated value ranges.
+    """
+    if scheme != "ckks":
+        raise ParameterError(f"scheme {scheme!r} is not supported; use 'ckks'")
+    if packing != "batch":
+        raise ParameterError(f"packing {packing!r} is not supported; use 'batch'")
+    if not 16 <= scale_bits <= 40:
+        raise ParameterError(f"scale_bits={scale_bits} is outside the supported range 16..40")
+    if not 2 <= weight_bits <= 20:
+        raise ParameterError(f"weight_bits={weight_bits} is outside the supported range 2..20")
+    if security not in MAX_MODULUS_BITS:
+        raise ParameterError(f"security level {security} is not allowed: use 128, 192 or 256")
+    chain = model if isinstance(model, Chain) else lower(model)
+    model_name = name or (model.name if isinstance(model, Model) else "model")
+    notes: list[str] = []
+
+    if calibration is not None:
+        cal = np.asarray(calibration, dtype=np.float64)
+        if cal.ndim < 1 or cal[0].size != chain.layers[0].n_in:
+            raise ParameterError(
+                f"calibration samples must have {chain.layers[0].n_in} features each "
+                f"(input shape {chain.input_shape}), got array of shape {cal.shape}"
+            )
+        acts = chain.activations(cal.reshape(len(cal), -1))
+        bounds = [np.abs(a).max(axis=0) * range_margin for a in acts]
+        x_bound = float(np.abs(cal).max())
+    else:
+        lo, hi = model.input_range if isinstance(model, Model) else (0.0, 1.0)
+        bounds = _interval_bounds(chain, lo, hi)
+        x_bound = max(abs(lo), abs(hi))
+        notes.append("no calibration data: value ranges from interval arithmetic (pessimistic)")
+
+    quantised = [quantise(layer.matrix, weight_bits) for layer in chain.layers]
+
+    # Modulus chain: rescale primes per square, then the output primes.
+    rescale_bits = [scale_bits + 2 * f for _, f, _ in quantised[:-1]]
+    out_shift = quantised[-1][1]
+    y_out = float(bounds[-1].max(initial=0.0))
+    out_bits = math.ceil(math.log2(max(y_out, 1.0)) + scale_bits + out_shift) + 3
+    # Capacity before each rescale: value * scale^2 must fit the primes that remain after it.
+    rescale_parts = [_split_bits(b, MAX_CT_PRIME_BITS) for b in rescale_bits]
+    for k in range(len(rescale_parts)):
+        need = math.log2(max(float(bounds[k].max()), 1.0)) * 2 + scale_bits + 2
+        rest = out_bits + sum(sum(p) for p in rescale_parts[k + 1:])
+        out_bits += max(0, math.ceil(need - rest))
+    out_parts = _split_bits(out_bits, MAX_CT_PRIME_BITS)
+    ct_bits = out_parts + [b for parts in reversed(rescale_parts) for b in parts]
+    special = max(ct_bits)
+    modulus_bits = ct_bits + [special]
+    total = sum(modulus_bits)
+    ring = poly_modulus_degree or smallest_ring(total, security)
+    params = EncryptionParameters("ckks", ring, tuple(modulus_bits), security)
+
+    layers = []
+    for k, (layer, (w_int, shift, err)) in enumerate(zip(chain.layers, quantised, strict=True)):
+        layers.append(PlanLayer(
+            weights=w_int,
+            shift=shift,
+            bias=layer.bias.copy(),
+            out_shape=layer.out_shape,
+            rescale_primes=len(rescale_parts[k]) if k < len(rescale_parts) else 0,
+            value_bound=float(bounds[k].max(initial=0.0)),
+            weight_error=float(err.max(initial=0.0)),
+        ))
+    plan = Plan(model_name, scheme, packing, chain.input_shape, params, 2.0 ** scale_bits,
+                layers, 0.0, chain, calibrated=calibration is not None, notes=notes)
+    plan.predicted_error = _predicted_error(plan, bounds, x_bound, quantised)
+    if calibration is not None:
+        _check_argmax_margin(plan, cal)
+    return plan
+
+
+def _predicted_error(plan: Plan, bounds: list[np.ndarray], x_bound: float,
+                     quantised: list[tuple[np.ndarray, int, np.ndarray]]) -> float:
+    """A 6-sigma estimate of the absolute error of the decrypted outputs.
+
+    Noise terms are standard deviations (fresh encryption noise, rescale rounding, weight
+    rounding), propagated layer by layer; squares amplify by ``2 |y|``.
+    """
+    n = plan.params.poly_modulus_degree
+    fresh = NOISE_SIGMA * math.sqrt(n)
+    rescale = math.sqrt((1 + 2 * n / 3) / 12) * math.sqrt(n)
+    scales = plan.scales()
+    err = fresh / plan.input_scale
+    in_bound = np.full(plan.layers[0].weights.shape[1], x_bound)
+    for k, (layer, (w_int, shift, w_err)) in enumerate(zip(plan.layers, quantised, strict=True)):
+        real = w_int * 2.0 ** -shift
+        noise = math.sqrt(float((real * real).sum(axis=1).max(initial=0.0))) * err
+        # Weight rounding errors are independent and uniform (std 2^-f / sqrt(12)).
+        rounding = 0.0 if not w_err.any() else (
+            float(np.sqrt(in_bound @ in_bound)) * 2.0 ** -shift / math.sqrt(12))
+        err = noise + rounding + 0.5 / scales[k][1]
+        if k < plan.depth:
+            y = float(bounds[k].max(initial=0.0))
+            next_scale = scales[k + 1][0]
+            err = 2 * y * err + err * err + rescale / next_scale
+            in_bound = bounds[k] ** 2
+    return 6.0 * err
+
+
+def _check_argmax_margin(plan: Plan, cal: np.ndarray) -> None:
+    """Refuse a plan whose predicted error would flip the argmax of calibration samples."""
+    if plan.n_outputs < 2:
+        return
+    logits = np.sort(plan.chain.run(cal.reshape(len(cal), -1)), axis=1)
+    margins = logits[:, -1] - logits[:, -2]
+    at_risk = float(np.mean(margins < 2 * plan.predicted_error))
+    if at_risk > 0.01:
+        raise ParameterError(
+            f"predicted output error {plan.predicted_error:.3g} could change the predicted class "
+            f"of {at_risk:.1%} of the calibration samples; raise scale_bits or weight_bits"
+        )

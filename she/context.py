@@ -1,0 +1,137 @@
+"""TenSEAL contexts: creating them, exporting the public part, and checking uploads.
+
+Keys are generated and held by TenSEAL/SEAL only. The client creates a context that
+carries the secret key; what it sends is :func:`public_context_bytes` (public key and
+relinearisation keys, no secret key). A server accepts a context through
+:func:`load_public_context`, which refuses one that carries a secret key or whose
+parameters differ from the plan's.
+
+This module also moves ciphertexts between SEAL objects and the numpy arrays the engine
+computes on (:class:`SealBridge`): SEAL's Python bindings load and save ciphertexts
+through files only, so the bridge uses a private directory in shared memory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import tenseal as ts
+import tenseal.sealapi as sealapi
+
+from . import sealbytes
+from .errors import FormatError, ParameterError, SecurityError
+from .params import EncryptionParameters
+
+#: Refuse uploaded contexts larger than this many bytes.
+MAX_CONTEXT_BYTES = 256 * 1024 * 1024
+
+
+def new_secret_context(params: EncryptionParameters) -> ts.Context:
+    """A fresh CKKS context with secret, public and relinearisation keys."""
+    if params.scheme != "ckks":
+        raise ParameterError(f"scheme {params.scheme!r} is not supported")
+    try:
+        ctx = ts.context(ts.SCHEME_TYPE.CKKS, params.poly_modulus_degree,
+                         coeff_mod_bit_sizes=list(params.modulus_bits))
+    except ValueError as exc:
+        raise ParameterError(f"SEAL refused the parameters: {exc}") from exc
+    check_matches(ctx, params)
+    return ctx
+
+
+def public_context_bytes(ctx: ts.Context) -> bytes:
+    """Serialise the public part of ``ctx`` (no secret key)."""
+    return ctx.serialize(save_public_key=True, save_secret_key=False, save_galois_keys=False,
+                         save_relin_keys=True)
+
+
+def context_primes(ctx: ts.Context) -> tuple[int, ...]:
+    """All primes of ``ctx``'s coefficient modulus, special prime last."""
+    parms = ctx.seal_context().data.key_context_data().parms()
+    return tuple(m.value() for m in parms.coeff_modulus())
+
+
+def check_matches(ctx: ts.Context, params: EncryptionParameters) -> None:
+    """Raise :class:`ParameterError` if ``ctx`` was not made for ``params``."""
+    parms = ctx.seal_context().data.key_context_data().parms()
+    if parms.scheme().name != "CKKS":
+        raise ParameterError("context is not a CKKS context")
+    if parms.poly_modulus_degree() != params.poly_modulus_degree:
+        raise ParameterError(
+            f"context has N={parms.poly_modulus_degree()}, the model needs "
+            f"N={params.poly_modulus_degree}"
+        )
+    if context_primes(ctx) != params.primes:
+        raise ParameterError("context coefficient modulus differs from the model's parameters")
+
+
+def load_public_context(data: bytes, params: EncryptionParameters) -> ts.Context:
+    """Load an uploaded context for evaluation, refusing secret keys and foreign parameters."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise FormatError("context must be bytes")
+    if len(data) > MAX_CONTEXT_BYTES:
+        raise FormatError(f"context of {len(data)} bytes exceeds the {MAX_CONTEXT_BYTES} limit")
+    try:
+        ctx = ts.context_from(bytes(data))
+    except Exception as exc:  # TenSEAL raises ValueError / RuntimeError on garbage
+        raise FormatError(f"not a TenSEAL context: {exc}") from exc
+    if ctx.has_secret_key():
+        raise SecurityError(
+            "the uploaded context carries a secret key; send only the public context "
+            "(Context.serialize(save_secret_key=False)) and keep the secret key on the client"
+        )
+    check_matches(ctx, params)
+    if not ctx.has_relin_keys():
+        raise FormatError("the uploaded context has no relinearisation keys")
+    return ctx
+
+
+def level_specs(ctx: ts.Context) -> dict[int, sealbytes.LevelSpec]:
+    """The valid ciphertext shape at every level, keyed by its number of RNS limbs."""
+    specs = {}
+    data = ctx.seal_context().data.first_context_data()
+    while data is not None:
+        parms = data.parms()
+        moduli = tuple(m.value() for m in parms.coeff_modulus())
+        specs[len(moduli)] = sealbytes.LevelSpec(
+            tuple(data.parms_id()), moduli, parms.poly_modulus_degree(), ntt_form=True
+        )
+        data = data.next_context_data()
+    return specs
+
+
+class SealBridge:
+    """Moves ciphertexts between numpy (:class:`~she.sealbytes.RawCiphertext`) and SEAL."""
+
+    def __init__(self, ctx: ts.Context) -> None:
+        self.ctx = ctx
+        self.seal = ctx.seal_context().data
+        self.levels = level_specs(ctx)
+        shm = Path("/dev/shm")
+        root = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
+        self._dir = Path(tempfile.mkdtemp(prefix="she-", dir=root))
+        self._path = str(self._dir / "ct")
+
+    def to_seal(self, raw: sealbytes.RawCiphertext) -> sealapi.Ciphertext:
+        Path(self._path).write_bytes(sealbytes.serialize(raw))
+        ct = sealapi.Ciphertext(self.seal)
+        ct.load(self.seal, self._path)
+        return ct
+
+    def save_bytes(self, ct: sealapi.Ciphertext) -> bytes:
+        """SEAL's own (compressed) serialisation of ``ct``."""
+        ct.save(self._path)
+        return Path(self._path).read_bytes()
+
+    def from_seal(self, ct: sealapi.Ciphertext) -> sealbytes.RawCiphertext:
+        return sealbytes.parse(self.save_bytes(ct), self.levels[ct.coeff_modulus_size()],
+                               size=ct.size())
+
+    def close(self) -> None:
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __del__(self) -> None:
+        self.close()

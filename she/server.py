@@ -1,0 +1,89 @@
+"""The server: holds a model and computes on ciphertexts it cannot read.
+
+A :class:`Server` turns bytes into bytes. It accepts a client's public context through
+:meth:`Server.load_context` (refused if it carries a secret key or other parameters) and
+then evaluates ciphertext messages with :meth:`Server.evaluate`. Every byte it receives is
+checked before use: message framing, sizes, parameters, levels, scales, and coefficients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tenseal as ts
+
+from . import sealbytes, wire
+from .compiler import Plan, compile
+from .context import level_specs, load_public_context
+from .engine import Engine
+from .errors import FormatError
+from .model import load
+
+
+@dataclass
+class EvaluationKeys:
+    """A client's public context, checked against the server's plan."""
+
+    ctx: ts.Context
+    fingerprint: str
+
+
+class Server:
+    """Evaluates one compiled model for any number of clients."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.engine = Engine(plan)
+        self.fingerprint = plan.params.fingerprint()
+        self._top_limbs = len(plan.params.ciphertext_primes)
+
+    @classmethod
+    def from_model(cls, path: str | Path, **compile_options: Any) -> Server:
+        """Load an HE-friendly ONNX model and compile it (see :func:`she.compile`)."""
+        return cls(compile(load(path), **compile_options))
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """The public model spec clients need."""
+        return self.plan.spec()
+
+    def load_context(self, data: bytes) -> EvaluationKeys:
+        """Accept a client's public context message."""
+        msg = wire.unpack(data, kind=wire.KIND_CONTEXT, max_items=1,
+                          max_item_bytes=len(data))
+        if msg.meta.get("fingerprint") != self.fingerprint or len(msg.items) != 1:
+            raise FormatError("context was made for other encryption parameters")
+        ctx = load_public_context(msg.items[0], self.plan.params)
+        return EvaluationKeys(ctx, self.fingerprint)
+
+    def evaluate(self, keys: EvaluationKeys, data: bytes) -> bytes:
+        """Run the model on a ciphertext message; returns the encrypted result message."""
+        level = level_specs(keys.ctx)[self._top_limbs]
+        n_in = self.plan.n_inputs
+        max_item = 16 + level.raw_size() + 1024  # a compressed body is never much larger
+        msg = wire.unpack(data, kind=wire.KIND_CIPHERTEXTS, max_items=n_in,
+                          max_item_bytes=max_item)
+        if msg.meta.get("fingerprint") != self.fingerprint:
+            raise FormatError("ciphertexts were made for other encryption parameters")
+        batch = msg.meta.get("batch")
+        if not isinstance(batch, int) or not 1 <= batch <= self.plan.batch_capacity:
+            raise FormatError(f"invalid batch size {batch!r}")
+        if len(msg.items) != n_in:
+            raise FormatError(f"expected {n_in} input ciphertexts, got {len(msg.items)}")
+        inputs = np.empty((n_in, 2, level.limbs, level.poly_modulus_degree), dtype=np.uint64)
+        for i, blob in enumerate(msg.items):
+            raw = sealbytes.parse(blob, level)
+            if raw.scale != self.plan.input_scale:
+                raise FormatError(f"input ciphertext {i} has scale {raw.scale}, "
+                                  f"expected {self.plan.input_scale}")
+            inputs[i] = raw.data
+        msg.items.clear()
+        out, scale = self.engine.run(keys.ctx, inputs, self.plan.input_scale)
+        out_level = level_specs(keys.ctx)[out.shape[2]]
+        items = [sealbytes.serialize(sealbytes.RawCiphertext(unit, scale, out_level.parms_id),
+                                     compress=True) for unit in out]
+        meta = {"fingerprint": self.fingerprint, "batch": batch, "model": self.plan.model_name}
+        return wire.pack(wire.KIND_CIPHERTEXTS, meta, items)
