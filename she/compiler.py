@@ -30,6 +30,8 @@ SPEC_FORMAT = "she-spec/1"
 MAX_CT_PRIME_BITS = 36
 #: Secret-key encryption noise (standard deviation per coefficient, SEAL's default).
 NOISE_SIGMA = 3.2
+#: (scale_bits, weight_bits) settings tried in order when the caller fixes neither.
+PRECISION_LADDER = ((26, 12), (28, 14), (30, 16), (32, 18))
 
 
 @dataclass
@@ -243,8 +245,8 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
     scheme: str = "ckks",
     packing: str = "batch",
     calibration: np.ndarray | None = None,
-    scale_bits: int = 26,
-    weight_bits: int = 12,
+    scale_bits: int | None = None,
+    weight_bits: int | None = None,
     security: int = 128,
     poly_modulus_degree: int | None = None,
     range_margin: float = 2.0,
@@ -260,6 +262,9 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
             ``range_margin``) instead of interval arithmetic over the declared input range.
         scale_bits: log2 of the scale of fresh ciphertexts and after every rescale.
         weight_bits: significant bits kept for weights that are not exactly representable.
+            When neither is given, the compiler tries :data:`PRECISION_LADDER` in order and
+            keeps the first (cheapest) setting whose predicted error keeps the argmax of
+            the calibration samples.
         security: 128 (default), 192 or 256 bits; anything lower is refused.
         poly_modulus_degree: force a ring size (refused if it cannot hold the plan securely).
         range_margin: safety factor on calibrated value ranges.
@@ -268,13 +273,32 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
         raise ParameterError(f"scheme {scheme!r} is not supported; use 'ckks'")
     if packing != "batch":
         raise ParameterError(f"packing {packing!r} is not supported; use 'batch'")
+    if scale_bits is None and weight_bits is None:
+        ladder = PRECISION_LADDER
+    else:
+        ladder = ((scale_bits or 26, weight_bits or 12),)
+    chain = model if isinstance(model, Chain) else lower(model)
+    failure: ParameterError | None = None
+    for s_bits, w_bits in ladder:
+        try:
+            return _compile_once(model, chain, scheme, packing, calibration, s_bits, w_bits,
+                                 security, poly_modulus_degree, range_margin, name)
+        except ParameterError as exc:
+            failure = exc
+    assert failure is not None
+    raise failure
+
+
+def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
+                  calibration: np.ndarray | None, scale_bits: int, weight_bits: int,
+                  security: int, poly_modulus_degree: int | None, range_margin: float,
+                  name: str | None) -> Plan:
     if not 16 <= scale_bits <= 40:
         raise ParameterError(f"scale_bits={scale_bits} is outside the supported range 16..40")
     if not 2 <= weight_bits <= 20:
         raise ParameterError(f"weight_bits={weight_bits} is outside the supported range 2..20")
     if security not in MAX_MODULUS_BITS:
         raise ParameterError(f"security level {security} is not allowed: use 128, 192 or 256")
-    chain = model if isinstance(model, Chain) else lower(model)
     model_name = name or (model.name if isinstance(model, Model) else "model")
     notes: list[str] = []
 
@@ -286,11 +310,12 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
                 f"(input shape {chain.input_shape}), got array of shape {cal.shape}"
             )
         acts = chain.activations(cal.reshape(len(cal), -1))
-        bounds = [np.abs(a).max(axis=0) * range_margin for a in acts]
+        magnitudes = [np.abs(a).max(axis=0) for a in acts]
+        bounds = [m * range_margin for m in magnitudes]
         x_bound = float(np.abs(cal).max())
     else:
         lo, hi = model.input_range if isinstance(model, Model) else (0.0, 1.0)
-        bounds = _interval_bounds(chain, lo, hi)
+        bounds = magnitudes = _interval_bounds(chain, lo, hi)
         x_bound = max(abs(lo), abs(hi))
         notes.append("no calibration data: value ranges from interval arithmetic (pessimistic)")
 
@@ -328,13 +353,13 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
         ))
     plan = Plan(model_name, scheme, packing, chain.input_shape, params, 2.0 ** scale_bits,
                 layers, 0.0, chain, calibrated=calibration is not None, notes=notes)
-    plan.predicted_error = _predicted_error(plan, bounds, x_bound, quantised)
+    plan.predicted_error = _predicted_error(plan, magnitudes, x_bound, quantised)
     if calibration is not None:
         _check_argmax_margin(plan, cal)
     return plan
 
 
-def _predicted_error(plan: Plan, bounds: list[np.ndarray], x_bound: float,
+def _predicted_error(plan: Plan, magnitudes: list[np.ndarray], x_bound: float,
                      quantised: list[tuple[np.ndarray, int, np.ndarray]]) -> float:
     """A 6-sigma estimate of the absolute error of the decrypted outputs.
 
@@ -347,18 +372,17 @@ def _predicted_error(plan: Plan, bounds: list[np.ndarray], x_bound: float,
     scales = plan.scales()
     err = fresh / plan.input_scale
     in_bound = np.full(plan.layers[0].weights.shape[1], x_bound)
-    for k, (layer, (w_int, shift, w_err)) in enumerate(zip(plan.layers, quantised, strict=True)):
+    for k, (w_int, shift, w_err) in enumerate(quantised):
         real = w_int * 2.0 ** -shift
         noise = math.sqrt(float((real * real).sum(axis=1).max(initial=0.0))) * err
-        # Weight rounding errors are independent and uniform (std 2^-f / sqrt(12)).
-        rounding = 0.0 if not w_err.any() else (
-            float(np.sqrt(in_bound @ in_bound)) * 2.0 ** -shift / math.sqrt(12))
+        # Weight rounding errors are known; their signs are taken as independent.
+        rounding = float(np.sqrt(((w_err * w_err) @ (in_bound * in_bound)).max(initial=0.0)))
         err = noise + rounding + 0.5 / scales[k][1]
         if k < plan.depth:
-            y = float(bounds[k].max(initial=0.0))
+            y = float(magnitudes[k].max(initial=0.0))
             next_scale = scales[k + 1][0]
             err = 2 * y * err + err * err + rescale / next_scale
-            in_bound = bounds[k] ** 2
+            in_bound = magnitudes[k] ** 2
     return 6.0 * err
 
 
@@ -368,7 +392,7 @@ def _check_argmax_margin(plan: Plan, cal: np.ndarray) -> None:
         return
     logits = np.sort(plan.chain.run(cal.reshape(len(cal), -1)), axis=1)
     margins = logits[:, -1] - logits[:, -2]
-    at_risk = float(np.mean(margins < 2 * plan.predicted_error))
+    at_risk = float(np.mean(margins < plan.predicted_error))
     if at_risk > 0.01:
         raise ParameterError(
             f"predicted output error {plan.predicted_error:.3g} could change the predicted class "

@@ -67,16 +67,30 @@ class LinearKernel:
         n_out = self.digits[0].shape[0]
         out = np.empty((n_out, size, limbs, degree), dtype=np.uint64)
         shift = float(2 ** self.base_bits)
+        # Every step works in place: on this kind of machine fresh temporaries (page faults)
+        # cost more than the arithmetic.
         for j, q in enumerate(moduli):
-            coeffs = data[:, :, j, :].reshape(n_in, size * degree).astype(np.int64)
-            coeffs[coeffs > q // 2] -= q
-            c = coeffs.astype(np.float64)
-            acc = np.fmod(self.digits[0] @ c, q)
+            c = data[:, :, j, :].reshape(n_in, size * degree).astype(np.float64)
+            np.subtract(c, q, out=c, where=c > q / 2)
+            acc = self.digits[0] @ c
+            scratch = np.empty_like(acc)
+            _reduce(acc, q, scratch)
             for digit in self.digits[1:]:
-                acc = np.fmod(acc * shift + digit @ c, q)
-            acc[acc < 0] += q
-            out[:, :, j, :] = acc.astype(np.uint64).reshape(n_out, size, degree)
+                acc *= shift
+                acc += digit @ c
+                _reduce(acc, q, scratch)
+            out[:, :, j, :] = acc.reshape(n_out, size, degree)
         return out
+
+
+def _reduce(acc: np.ndarray, q: int, scratch: np.ndarray) -> None:
+    """``acc mod q`` into ``[0, q)``, in place; exact for integers ``|acc| < 2^53``."""
+    np.multiply(acc, 1.0 / q, out=scratch)
+    np.floor(scratch, out=scratch)
+    scratch *= q
+    acc -= scratch
+    np.add(acc, q, out=acc, where=acc < 0)
+    np.subtract(acc, q, out=acc, where=acc >= q)
 
 
 def _balanced_digits(weights: np.ndarray, base: int) -> list[np.ndarray]:

@@ -262,11 +262,11 @@ class _Tracer:
         if op == "Gather":
             return np.take(inputs[0], inputs[1], axis=int(attrs.get("axis", 0)))
         if op == "Unsqueeze":
-            axes = attrs.get("axes", None)
+            axes = attrs.get("axes")
             axes = list(np.asarray(inputs[1]).ravel()) if axes is None else axes
             return np.expand_dims(inputs[0], tuple(int(a) for a in axes))
         if op == "Squeeze":
-            axes = attrs.get("axes", None)
+            axes = attrs.get("axes")
             if axes is None and len(inputs) > 1:
                 axes = list(np.asarray(inputs[1]).ravel())
             return np.squeeze(inputs[0], None if axes is None else tuple(int(a) for a in axes))

@@ -1,0 +1,267 @@
+"""The ``she`` command line.
+
+Commands: ``demo``, ``inspect``, and the file-based offline flow ``keygen`` ->
+``encrypt`` -> ``eval`` -> ``decrypt``. Every command accepts ``--json`` and then prints
+exactly one JSON object on stdout. Errors are printed as one line (or a JSON object with
+an ``error`` key) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import assets
+from .client import Client
+from .compiler import Plan, compile
+from .data import load_idx_dataset
+from .errors import DataError, SheError
+from .model import load
+from .pipeline import encrypted_predict
+from .server import Server
+
+#: Calibration samples taken from a data set when compiling from the command line.
+CALIBRATION_SAMPLES = 1000
+
+
+def _add_compile_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="HE-friendly ONNX model")
+    p.add_argument("--calibration", metavar="NPZ",
+                   help="calibration inputs (.npz with 'images' or 'x', or .npy)")
+    p.add_argument("--data", metavar="DIR",
+                   help="calibrate on the first 1000 training images of an IDX data set")
+    p.add_argument("--scale-bits", type=int, help="log2 of the CKKS scale")
+    p.add_argument("--weight-bits", type=int, help="significant bits kept for weights")
+    p.add_argument("--security", type=int, default=128, help="security level (128/192/256)")
+    p.add_argument("--poly-modulus-degree", type=int, help="force a ring size")
+
+
+def _plan(args: argparse.Namespace) -> Plan:
+    model = load(args.model)
+    calibration = None
+    if args.calibration:
+        calibration, _ = assets.load_inputs(args.calibration)
+    elif args.data:
+        calibration = load_idx_dataset(args.data, "train")[0][:CALIBRATION_SAMPLES]
+    return compile(model, calibration=calibration, scale_bits=args.scale_bits,
+                   weight_bits=args.weight_bits, security=args.security,
+                   poly_modulus_degree=args.poly_modulus_degree)
+
+
+def _inputs(args: argparse.Namespace, shape: tuple[int, ...]) -> np.ndarray:
+    path = Path(args.input)
+    if args.index is not None or "idx" in path.name:
+        from .data import read_idx
+
+        images = read_idx(path)
+        sel = images if args.index is None else images[args.index:args.index + 1]
+        x = sel.astype(np.float32) / 255.0
+    else:
+        x, _ = assets.load_inputs(path)
+    return x.reshape((-1, *shape))
+
+
+# -- commands -------------------------------------------------------------------------------
+
+def cmd_inspect(args: argparse.Namespace) -> dict[str, Any]:
+    plan = _plan(args)
+    return plan.describe()
+
+
+def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
+    model = load(assets.demo_model_path())
+    calibration, _ = assets.demo_samples()
+    if args.data:
+        x, y = load_idx_dataset(args.data, "test")
+    else:
+        x, y = calibration, assets.demo_samples()[1]
+    n = min(args.n, len(x))
+    x, y = x[:n], y[:n]
+    t = time.perf_counter()
+    plan = compile(model, calibration=calibration)
+    compile_s = time.perf_counter() - t
+    plain = model.run_plain(x)
+    _log(args, f"compiled in {compile_s:.1f}s: N={plan.params.poly_modulus_degree}, "
+               f"{plan.params.total_bits}-bit modulus, depth {plan.depth}; "
+               f"encrypting {n} images...")
+    done = [0]
+
+    def progress(k: int) -> None:
+        done[0] += k
+        _log(args, f"  {done[0]}/{n} images evaluated")
+
+    enc, timings = encrypted_predict(plan, x, progress=progress)
+    return {
+        "images": n,
+        "data": args.data or "shipped samples",
+        "plaintext_accuracy": float(np.mean(plain.argmax(1) == y)),
+        "encrypted_accuracy": float(np.mean(enc.argmax(1) == y)),
+        "agreement": float(np.mean(enc.argmax(1) == plain.argmax(1))),
+        "max_abs_logit_error": float(np.abs(enc - plain).max()),
+        "per_image": timings.per_sample(),
+        "batches": timings.batches,
+        "keygen_s": timings.keygen,
+        "public_context_bytes": timings.public_context_bytes,
+        "compile_s": compile_s,
+        "poly_modulus_degree": plan.params.poly_modulus_degree,
+        "modulus_bits": list(plan.params.modulus_bits),
+        "security_bits": plan.params.security,
+        "depth": plan.depth,
+    }
+
+
+def cmd_keygen(args: argparse.Namespace) -> dict[str, Any]:
+    plan = _plan(args)
+    client = Client(plan.spec())
+    client.save(args.secret)
+    public = client.public_context()
+    Path(args.public).write_bytes(public)
+    return {"secret_key_file": args.secret, "public_context_file": args.public,
+            "public_context_bytes": len(public), "fingerprint": client.fingerprint}
+
+
+def cmd_encrypt(args: argparse.Namespace) -> dict[str, Any]:
+    client = Client.load(args.key)
+    x = _inputs(args, tuple(client.spec["input_shape"]))
+    data = client.encrypt(x)
+    Path(args.output).write_bytes(data)
+    return {"samples": len(x), "output": args.output, "bytes": len(data)}
+
+
+def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    server = Server(_plan(args))
+    keys = server.load_context(_read(args.context))
+    t = time.perf_counter()
+    result = server.evaluate(keys, _read(args.input))
+    elapsed = time.perf_counter() - t
+    Path(args.output).write_bytes(result)
+    return {"output": args.output, "bytes": len(result), "evaluate_s": elapsed}
+
+
+def cmd_decrypt(args: argparse.Namespace) -> dict[str, Any]:
+    client = Client.load(args.key)
+    logits = client.decrypt(_read(args.input))
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs = shifted / shifted.sum(axis=1, keepdims=True)
+    return {"predictions": logits.argmax(1).tolist(),
+            "probabilities": np.round(probs, 4).tolist(),
+            "logits": np.round(logits, 4).tolist()}
+
+
+def _read(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror}") from exc
+
+
+def _log(args: argparse.Namespace, text: str) -> None:
+    print(text, file=sys.stderr if args.json else sys.stdout, flush=True)
+
+
+def _print_human(command: str, result: dict[str, Any]) -> None:
+    if command == "demo":
+        p = result["per_image"]
+        print(f"images                 {result['images']} ({result['data']})")
+        print(f"plaintext accuracy     {result['plaintext_accuracy']:.2%}")
+        print(f"encrypted accuracy     {result['encrypted_accuracy']:.2%}")
+        print(f"agreement              {result['agreement']:.2%}")
+        print(f"max |logit error|      {result['max_abs_logit_error']:.2e}")
+        print(f"per image (amortised)  encrypt {p['encrypt_ms']:.2f} ms, evaluate "
+              f"{p['evaluate_ms']:.2f} ms, decrypt {p['decrypt_ms']:.3f} ms")
+        print(f"parameters             N={result['poly_modulus_degree']}, modulus bits "
+              f"{result['modulus_bits']}, {result['security_bits']}-bit security, "
+              f"depth {result['depth']}")
+    elif command == "inspect":
+        r = result
+        print(f"model {r['model']}: scheme {r['scheme']}, packing {r['packing']}, depth {r['depth']}")
+        print(f"ring size N={r['poly_modulus_degree']} ({r['slots']} slots), modulus bits "
+              f"{r['modulus_bits']} = {r['total_modulus_bits']} "
+              f"(<= {r['max_modulus_bits_for_ring']} for {r['security_bits']}-bit security)")
+        print(f"input scale 2^{r['input_scale_log2']}, predicted max output error "
+              f"{r['predicted_max_output_error']:.2e}")
+        for layer in r["layers"]:
+            print(f"  layer {layer['index']}: {layer['inputs']} -> {layer['outputs']} "
+                  f"({layer['nonzero_weights']} weights, shift {layer['weight_shift']}, "
+                  f"{'exact' if layer['exact_weights'] else 'rounded'}), then "
+                  f"{layer['activation']}; {layer['input_limbs']} limbs in, "
+                  f"scale 2^{layer['log2_scale_out']} out")
+        b = r["estimated_bytes"]
+        print(f"sizes: fresh ciphertext {b['ciphertext_fresh']:,} B, public key "
+              f"{b['public_key']:,} B, relin keys {b['relin_keys']:,} B, upload per batch "
+              f"{b['upload_per_batch']:,} B (uncompressed)")
+        for note in r["notes"]:
+            print(f"note: {note}")
+    else:
+        for key, value in result.items():
+            print(f"{key}: {value}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="she", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="offline encrypted MNIST demo on the shipped model")
+    p.add_argument("--n", type=int, default=300, help="number of test images (default 300)")
+    p.add_argument("--data", metavar="DIR", help="read MNIST IDX files from DIR instead")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("inspect", help="print the compiled plan of a model")
+    _add_compile_options(p)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("keygen", help="generate keys for a model (secret key stays local)")
+    _add_compile_options(p)
+    p.add_argument("--secret", required=True, help="where to write the secret key file")
+    p.add_argument("--public", required=True, help="where to write the public context")
+    p.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser("encrypt", help="encrypt inputs with a secret key file")
+    p.add_argument("--key", required=True, help="secret key file from `she keygen`")
+    p.add_argument("input", help=".npy/.npz inputs, or an IDX image file")
+    p.add_argument("--index", type=int, help="with an IDX file: encrypt only this image")
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(func=cmd_encrypt)
+
+    p = sub.add_parser("eval", help="evaluate a model on encrypted inputs (server side)")
+    _add_compile_options(p)
+    p.add_argument("--context", required=True, help="public context from `she keygen`")
+    p.add_argument("input", help="ciphertexts from `she encrypt`")
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("decrypt", help="decrypt a result with the secret key file")
+    p.add_argument("--key", required=True)
+    p.add_argument("input")
+    p.set_defaults(func=cmd_decrypt)
+
+    for sp in sub.choices.values():
+        sp.add_argument("--json", action="store_true", help="print one JSON summary")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.func(args)
+    except SheError as exc:
+        if args.json:
+            print(json.dumps({"error": str(exc), "type": type(exc).__name__}))
+        else:
+            print(f"she {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result))
+    else:
+        _print_human(args.command, result)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
