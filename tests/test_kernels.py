@@ -1,0 +1,102 @@
+"""The numpy hot loop must be bit-exact against SEAL's own evaluator."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tenseal as ts
+import tenseal.sealapi as sealapi
+
+from she.context import SealBridge
+from she.kernels import LinearKernel, add_constant
+
+
+@pytest.fixture(scope="module")
+def seal():
+    ctx = ts.context(ts.SCHEME_TYPE.CKKS, 8192, coeff_mod_bit_sizes=[34, 30, 36, 36])
+    bridge = SealBridge(ctx)
+    encoder = sealapi.CKKSEncoder(bridge.seal)
+    encryptor = sealapi.Encryptor(bridge.seal, ctx.secret_key().data)
+    evaluator = sealapi.Evaluator(bridge.seal)
+    rng = np.random.default_rng(1)
+    cts = []
+    for _ in range(12):
+        plain = sealapi.Plaintext()
+        encoder.encode(rng.uniform(-1, 1, 4096).tolist(), 2.0 ** 24, plain)
+        ct = sealapi.Ciphertext(bridge.seal)
+        encryptor.encrypt_symmetric(plain, ct)
+        cts.append(ct)
+    raws = [bridge.from_seal(ct) for ct in cts]
+    yield ctx, bridge, encoder, evaluator, cts, raws
+    bridge.close()
+
+
+def _seal_combination(seal, weights: np.ndarray) -> list[np.ndarray]:
+    """sum_k w[o, k] * ct_k computed by SEAL: multiply_plain by the constant w at scale 1."""
+    _, bridge, encoder, evaluator, cts, _ = seal
+    outs = []
+    for row in weights:
+        acc = None
+        for w, ct in zip(row, cts, strict=True):
+            if w == 0:
+                continue
+            plain = sealapi.Plaintext()
+            encoder.encode(float(w), ct.parms_id(), 1.0, plain)
+            term = sealapi.Ciphertext(bridge.seal)
+            evaluator.multiply_plain(ct, plain, term)
+            if acc is None:
+                acc = term
+            else:
+                evaluator.add_inplace(acc, term)
+        outs.append(bridge.from_seal(acc).data)
+    return outs
+
+
+@pytest.mark.parametrize("max_weight", [1, 7, 2 ** 12, 2 ** 20])
+def test_linear_combination_is_bit_exact(seal, max_weight):
+    *_, raws = seal
+    rng = np.random.default_rng(max_weight)
+    weights = rng.integers(-max_weight, max_weight + 1, size=(5, len(raws)))
+    weights[0, :] = 0
+    weights[0, 3] = max_weight  # a sparse row and a single-weight row
+    weights[1, 1::2] = 0
+    kernel = LinearKernel.build(weights, max(_moduli(seal)))
+    if max_weight >= 2 ** 20:
+        assert len(kernel.digits) > 1, "large weights must take the digit-split path"
+    data = np.stack([r.data for r in raws])
+    ours = kernel.apply(data, _moduli(seal))
+    theirs = _seal_combination(seal, weights)
+    for o in range(len(weights)):
+        assert np.array_equal(ours[o], theirs[o]), f"row {o}"
+
+
+def test_sparse_and_dense_paths_agree(seal):
+    *_, raws = seal
+    data = np.stack([r.data for r in raws])
+    rng = np.random.default_rng(5)
+    sparse = np.zeros((20, len(raws)), dtype=np.int64)
+    sparse[np.arange(20), rng.integers(0, len(raws), 20)] = rng.integers(-64, 64, 20)
+    dense = rng.integers(-64, 64, size=(20, len(raws)))
+    for weights in (sparse, dense):
+        kernel = LinearKernel.build(weights, max(_moduli(seal)))
+        expected = np.stack(_seal_combination(seal, weights[:3]))
+        assert np.array_equal(kernel.apply(data, _moduli(seal))[:3], expected)
+
+
+def test_add_constant_matches_seal_add_plain(seal):
+    _, bridge, encoder, evaluator, cts, raws = seal
+    values = np.array([0.75, -3.2, 0.0, 1e3])
+    data = np.stack([r.data for r in raws[:4]]).copy()
+    scale = raws[0].scale
+    add_constant(data, values, scale, _moduli(seal))
+    for i, value in enumerate(values):
+        plain = sealapi.Plaintext()
+        encoder.encode(float(value), cts[i].parms_id(), scale, plain)
+        out = sealapi.Ciphertext(bridge.seal)
+        evaluator.add_plain(cts[i], plain, out)
+        assert np.array_equal(data[i], bridge.from_seal(out).data), f"value {value}"
+
+
+def _moduli(seal) -> tuple[int, ...]:
+    bridge = seal[1]
+    return bridge.levels[max(bridge.levels)].moduli
