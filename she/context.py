@@ -115,6 +115,10 @@ class SealBridge:
         self._dir = Path(tempfile.mkdtemp(prefix="she-", dir=root))
         self._path = str(self._dir / "ct")
 
+    def unit_path(self, index: int) -> str:
+        """A scratch file path private to this bridge."""
+        return str(self._dir / f"u{index}")
+
     def to_seal(self, raw: sealbytes.RawCiphertext) -> sealapi.Ciphertext:
         Path(self._path).write_bytes(sealbytes.serialize(raw))
         ct = sealapi.Ciphertext(self.seal)

@@ -2,26 +2,42 @@
 
 Linear layers run in numpy through :mod:`she.kernels` (zero multiplicative depth: the
 ``2^-shift`` of the integer weights goes into the ciphertext scale). Squares run in SEAL:
-square, relinearise, and rescale by the primes the plan assigned to them.
+square, relinearise, and rescale by the primes the plan assigned to them. SEAL's bindings
+hold the GIL, so the squares of a layer are shared among ``workers`` forked processes;
+ciphertexts pass between them as files in the bridge's shared-memory directory.
 """
 
 from __future__ import annotations
+
+import multiprocessing
+import os
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tenseal as ts
 import tenseal.sealapi as sealapi
 
+from . import sealbytes
 from .compiler import Plan
 from .context import SealBridge
 from .kernels import LinearKernel, add_constant
-from .sealbytes import RawCiphertext
+
+#: What the forked square workers need; set by the parent just before it forks.
+_JOB: dict[str, Any] = {}
 
 
 class Engine:
-    """Runs one plan; the integer kernels are prepared once and shared by all sessions."""
+    """Runs one plan; the integer kernels are prepared once and shared by all sessions.
 
-    def __init__(self, plan: Plan) -> None:
+    Args:
+        plan: the compiled plan.
+        workers: processes used for the SEAL part (squares); default: every core.
+    """
+
+    def __init__(self, plan: Plan, workers: int | None = None) -> None:
         self.plan = plan
+        self.workers = max(1, workers or os.cpu_count() or 1)
         self.primes = plan.params.ciphertext_primes
         self.kernels = [LinearKernel.build(layer.weights, max(self.primes))
                         for layer in plan.layers]
@@ -37,8 +53,6 @@ class Engine:
         Returns the output coefficient arrays and their scale.
         """
         bridge = SealBridge(ctx)
-        evaluator = sealapi.Evaluator(bridge.seal)
-        relin = ctx.relin_keys().data
         try:
             data = inputs
             for k, (layer, kernel) in enumerate(zip(self.plan.layers, self.kernels, strict=True)):
@@ -47,26 +61,51 @@ class Engine:
                 scale *= 2.0 ** layer.shift
                 add_constant(data, layer.bias, scale, moduli)
                 if k < self.plan.depth:
-                    data, scale = _square(bridge, evaluator, relin, data, scale,
-                                          layer.rescale_primes)
+                    data, scale = self._square(bridge, ctx, data, scale, layer.rescale_primes)
             return data, scale
         finally:
             bridge.close()
 
+    def _square(self, bridge: SealBridge, ctx: ts.Context, data: np.ndarray, scale: float,
+                rescales: int) -> tuple[np.ndarray, float]:
+        """Square every ciphertext, relinearise, and drop ``rescales`` primes."""
+        level = bridge.levels[data.shape[2]]
+        out_level = bridge.levels[data.shape[2] - rescales]
+        paths = [bridge.unit_path(i) for i in range(len(data))]
+        for unit, path in zip(data, paths, strict=True):
+            raw = sealbytes.RawCiphertext(unit, scale, level.parms_id)
+            Path(path).write_bytes(sealbytes.serialize(raw))
+        _JOB.update(seal=bridge.seal, relin=ctx.relin_keys().data, rescales=rescales,
+                    paths=paths, level=out_level)
+        workers = min(self.workers, len(paths))
+        chunks = [range(i, len(paths), workers) for i in range(workers)]
+        try:
+            if workers > 1:
+                with multiprocessing.get_context("fork").Pool(workers) as pool:
+                    scales = pool.map(_square_chunk, chunks)
+            else:
+                scales = [_square_chunk(chunks[0])]
+        finally:
+            _JOB.clear()
+        shape = (2, out_level.limbs, out_level.poly_modulus_degree)
+        out = np.stack([np.fromfile(f"{p}.raw", dtype=np.uint64).reshape(shape) for p in paths])
+        return out, scales[0]
 
-def _square(bridge: SealBridge, evaluator: sealapi.Evaluator, relin: sealapi.RelinKeys,
-            data: np.ndarray, scale: float, rescales: int) -> tuple[np.ndarray, float]:
-    """Square every ciphertext, relinearise, and drop ``rescales`` primes."""
-    level = bridge.levels[data.shape[2]]
-    out = []
-    new_scale = scale
-    for unit in data:
-        ct = bridge.to_seal(RawCiphertext(unit, scale, level.parms_id))
+
+def _square_chunk(indices: range) -> float:
+    """Worker: square, relinearise and rescale the ciphertexts at ``indices`` (files)."""
+    seal, relin, paths = _JOB["seal"], _JOB["relin"], _JOB["paths"]
+    evaluator = sealapi.Evaluator(seal)
+    scale = 0.0
+    for i in indices:
+        ct = sealapi.Ciphertext(seal)
+        ct.load(seal, paths[i])
         evaluator.square_inplace(ct)
         evaluator.relinearize_inplace(ct, relin)
-        for _ in range(rescales):
+        for _ in range(_JOB["rescales"]):
             evaluator.rescale_to_next_inplace(ct)
-        raw = bridge.from_seal(ct)
-        out.append(raw.data)
-        new_scale = raw.scale
-    return np.stack(out), new_scale
+        ct.save(paths[i])
+        raw = sealbytes.parse(Path(paths[i]).read_bytes(), _JOB["level"])
+        raw.data.tofile(f"{paths[i]}.raw")
+        scale = raw.scale
+    return scale

@@ -32,11 +32,14 @@ class EvaluationKeys:
 
 
 class Server:
-    """Evaluates one compiled model for any number of clients."""
+    """Evaluates one compiled model for any number of clients.
 
-    def __init__(self, plan: Plan) -> None:
+    ``workers`` is the number of processes used for the SEAL operations (default: all cores).
+    """
+
+    def __init__(self, plan: Plan, workers: int | None = None) -> None:
         self.plan = plan
-        self.engine = Engine(plan)
+        self.engine = Engine(plan, workers)
         self.fingerprint = plan.params.fingerprint()
         self._top_limbs = len(plan.params.ciphertext_primes)
 

@@ -1,0 +1,106 @@
+"""The ``she`` command line, run in-process."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+import she
+from she import assets
+from she.cli import main
+
+
+def _run_json(capsys, *argv: str) -> tuple[int, dict]:
+    code = main([*argv, "--json"])
+    out = capsys.readouterr().out.strip().splitlines()
+    return code, json.loads(out[-1])
+
+
+def test_demo_json_reports_accuracy_agreement_and_latency(capsys):
+    code, result = _run_json(capsys, "demo", "--n", "24")
+    assert code == 0
+    assert result["images"] == 24
+    assert result["agreement"] >= 0.95
+    assert abs(result["encrypted_accuracy"] - result["plaintext_accuracy"]) <= 0.05
+    for key in ("encrypt_ms", "evaluate_ms", "decrypt_ms"):
+        assert result["per_image"][key] > 0
+    assert result["security_bits"] >= 128
+
+
+def test_inspect_prints_parameters(capsys):
+    code, result = _run_json(capsys, "inspect", str(assets.demo_model_path()))
+    assert code == 0
+    assert result["depth"] == 2
+    assert result["total_modulus_bits"] <= result["max_modulus_bits_for_ring"]
+    assert result["slots"] == result["poly_modulus_degree"] // 2
+    assert len(result["layers"]) == 3
+    assert result["estimated_bytes"]["relin_keys"] > 0
+    # human-readable form names the ring size and the security bound
+    assert main(["inspect", str(assets.demo_model_path())]) == 0
+    text = capsys.readouterr().out
+    assert "ring size N=" in text and "-bit security" in text
+
+
+def test_offline_file_flow_matches_plaintext(tmp_path, capsys):
+    x, _ = assets.demo_samples()
+    cal = tmp_path / "cal.npz"
+    np.savez(cal, images=x)
+    inputs = tmp_path / "in.npy"
+    np.save(inputs, x[:5])
+    model = str(assets.demo_model_path())
+    key, public = tmp_path / "client.key", tmp_path / "public.ctx"
+    code, res = _run_json(capsys, "keygen", model, "--calibration", str(cal),
+                          "--secret", str(key), "--public", str(public))
+    assert code == 0 and key.exists() and public.exists()
+    code, _ = _run_json(capsys, "encrypt", "--key", str(key), str(inputs),
+                        "-o", str(tmp_path / "in.ct"))
+    assert code == 0
+    code, _ = _run_json(capsys, "eval", model, "--calibration", str(cal), "--context",
+                        str(public), str(tmp_path / "in.ct"), "-o", str(tmp_path / "out.ct"))
+    assert code == 0
+    code, res = _run_json(capsys, "decrypt", "--key", str(key), str(tmp_path / "out.ct"))
+    assert code == 0
+    plain = she.load(model).run_plain(x[:5])
+    assert res["predictions"] == plain.argmax(1).tolist()
+    assert np.allclose(res["logits"], plain, atol=0.05)
+
+
+def test_public_context_file_has_no_secret_key(tmp_path, capsys):
+    x, _ = assets.demo_samples()
+    cal = tmp_path / "cal.npz"
+    np.savez(cal, images=x)
+    key, public = tmp_path / "client.key", tmp_path / "public.ctx"
+    assert main(["keygen", str(assets.demo_model_path()), "--calibration", str(cal),
+                 "--secret", str(key), "--public", str(public)]) == 0
+    msg = she.wire.unpack(public.read_bytes(), kind=she.wire.KIND_CONTEXT, max_items=1,
+                          max_item_bytes=1 << 30)
+    import tenseal as ts
+
+    assert not ts.context_from(msg.items[0]).has_secret_key()
+    assert ts.context_from(she.wire.unpack(key.read_bytes(), kind=she.wire.KIND_CONTEXT,
+                                           max_items=1, max_item_bytes=1 << 30)
+                           .items[0]).has_secret_key()
+
+
+def test_unsupported_model_is_a_clear_error(tmp_path, capsys):
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["input"], ["out"], name="relu_1")], "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 4])])
+    path = tmp_path / "relu.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                ir_version=9), path)
+    code, result = _run_json(capsys, "inspect", str(path))
+    assert code == 2
+    assert "relu_1" in result["error"] and "she convert" in result["error"]
+    assert main(["inspect", str(path)]) == 2
+    assert "relu_1" in capsys.readouterr().err
+
+
+def test_missing_input_file_is_a_clear_error(tmp_path, capsys):
+    code, result = _run_json(capsys, "decrypt", "--key", str(tmp_path / "nope.key"),
+                             str(tmp_path / "nope.ct"))
+    assert code == 2 and "nope.key" in result["error"]
