@@ -233,6 +233,11 @@ class _Tracer:
             if op in ("Add", "Sub") and a.source == b.source:
                 # f(e_i) + g(e_i) is the probe of f + g: sums of affine maps stay affine.
                 return _Traced(a.source, ops.ELEMENTWISE[op](a.probes, b.probes))
+            if op in ("Add", "Sub"):
+                raise ModelError(
+                    f"node '{name}' ({op}) combines encrypted values from before and after an "
+                    "activation (a skip connection); SHE supports chains of layers only"
+                )
             raise UnsupportedOperatorError(
                 name, op, "a product of two different encrypted values is not supported; "
                 "write squares as Mul(x, x) or Pow(x, 2)"
