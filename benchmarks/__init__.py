@@ -1,0 +1,1 @@
+"""Benchmarks for SHE (run as modules: ``python -m benchmarks.<name>``)."""
