@@ -112,12 +112,15 @@ bits {plan['modulus_bits']}, {plan['security_bits']}-bit security, depth {plan['
 | plaintext accuracy (onnxruntime) | {result['plaintext_accuracy']:.2%} |
 | encrypted accuracy | {result['encrypted_accuracy']:.2%} |
 | argmax agreement with plaintext | {result['agreement']:.2%} |
-| max \\|logit error\\| (predicted bound) | {result['max_abs_logit_error']:.3g} ({result['predicted_max_error']:.3g}) |
+| max \\|logit error\\| (predicted bound) | {result['max_abs_logit_error']:.3g} \
+({result['predicted_max_error']:.3g}) |
 | encrypt, per image (amortised) | {p['encrypt_ms']:.2f} ms |
 | server evaluation, per image (amortised) | {p['evaluate_ms']:.2f} ms |
 | decrypt, per image (amortised) | {p['decrypt_ms']:.3f} ms |
-| total encrypt / evaluate / decrypt | {s['encrypt']:.1f} s / {s['evaluate']:.1f} s / {s['decrypt']:.2f} s |
-| upload / download per image | {b['upload_per_image'] / 1024:.1f} KiB / {b['download_per_image'] / 1024:.2f} KiB |
+| total encrypt / evaluate / decrypt | {s['encrypt']:.1f} s / {s['evaluate']:.1f} s / \
+{s['decrypt']:.2f} s |
+| upload / download per image | {b['upload_per_image'] / 1024:.1f} KiB / \
+{b['download_per_image'] / 1024:.2f} KiB |
 | public context (public + relinearisation keys) | {b['public_context'] / 2**20:.1f} MiB |
 | peak resident memory | {result['peak_rss_mb']:.0f} MiB |
 
