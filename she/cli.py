@@ -20,7 +20,7 @@ import numpy as np
 from . import assets
 from .client import Client
 from .compiler import Plan, compile
-from .data import load_idx_dataset
+from .data import load_idx_dataset, read_idx
 from .errors import DataError, SheError
 from .model import load
 from .pipeline import encrypted_predict
@@ -56,15 +56,35 @@ def _plan(args: argparse.Namespace) -> Plan:
 
 def _inputs(args: argparse.Namespace, shape: tuple[int, ...]) -> np.ndarray:
     path = Path(args.input)
-    if args.index is not None or "idx" in path.name:
-        from .data import read_idx
-
+    if path.suffix.lower() in (".png", ".jpg", ".jpeg"):
+        x = _image(path, shape)
+    elif args.index is not None or "idx" in path.name:
         images = read_idx(path)
+        if args.index is not None and not 0 <= args.index < len(images):
+            raise DataError(f"--index {args.index} outside 0..{len(images) - 1}")
         sel = images if args.index is None else images[args.index:args.index + 1]
         x = sel.astype(np.float32) / 255.0
     else:
         x, _ = assets.load_inputs(path)
+    if x.size % int(np.prod(shape)):
+        raise DataError(f"{path}: {x.shape} cannot be read as samples of shape {shape}")
     return x.reshape((-1, *shape))
+
+
+def _image(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """A grayscale image resized to the model's input (pixels scaled to [0, 1])."""
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError as exc:
+        raise DataError("reading images needs Pillow: pip install 'she[serve]'") from exc
+    if len(shape) != 3 or shape[0] != 1:
+        raise DataError(f"images need a model input of shape (1, H, W), not {shape}")
+    try:
+        with Image.open(path) as img:
+            gray = img.convert("L").resize((shape[2], shape[1]))
+    except (OSError, UnidentifiedImageError) as exc:
+        raise DataError(f"{path}: not a readable image ({exc})") from exc
+    return np.asarray(gray, dtype=np.float32)[None, None] / 255.0
 
 
 # -- commands -------------------------------------------------------------------------------
@@ -146,7 +166,36 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_decrypt(args: argparse.Namespace) -> dict[str, Any]:
     client = Client.load(args.key)
-    logits = client.decrypt(_read(args.input))
+    return _classify(client.decrypt(_read(args.input)))
+
+
+def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
+    from .service import ServiceConfig, serve
+
+    servers = {}
+    for path in args.model:
+        plan = _plan(argparse.Namespace(**{**vars(args), "model": path}))
+        servers[plan.model_name] = Server(plan, workers=args.workers)
+        _log(args, f"serving {plan.model_name}: N={plan.params.poly_modulus_degree}, "
+                   f"depth {plan.depth}, fingerprint {plan.params.fingerprint()}")
+    config = ServiceConfig(session_ttl=args.session_ttl, max_sessions=args.max_sessions,
+                           max_body_bytes=args.max_body_mb * 1024 * 1024, api_key=args.api_key)
+    serve(servers, args.host, args.port, config)
+    return {"stopped": True}
+
+
+def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
+    from .remote import RemoteClient
+
+    remote = RemoteClient(args.server, args.model, api_key=args.api_key, key_dir=args.key_dir)
+    x = _inputs(args, tuple(remote.spec["input_shape"]))
+    t = time.perf_counter()
+    logits = remote.predict(x)
+    elapsed = time.perf_counter() - t
+    return {**_classify(logits), "seconds": elapsed, "server": args.server, "model": args.model}
+
+
+def _classify(logits: np.ndarray) -> dict[str, Any]:
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     probs = shifted / shifted.sum(axis=1, keepdims=True)
     return {"predictions": logits.argmax(1).tolist(),
@@ -241,6 +290,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input")
     p.set_defaults(func=cmd_decrypt)
 
+    p = sub.add_parser("serve", help="serve models over HTTP (MLaaS)")
+    _add_compile_options(p)
+    p.add_argument("more_models", nargs="*", metavar="MODEL", help="further models")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require this X-API-Key header")
+    p.add_argument("--session-ttl", type=float, default=3600.0, help="seconds (default 3600)")
+    p.add_argument("--max-sessions", type=int, default=64)
+    p.add_argument("--max-body-mb", type=int, default=1024, help="request body cap (MiB)")
+    p.add_argument("--workers", type=int, help="processes for HE work (default: all cores)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("predict", help="encrypted prediction from a `she serve` server")
+    p.add_argument("--server", required=True, help="base URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--model", required=True, help="model name (GET /v1/models)")
+    p.add_argument("input", help=".png/.jpg image, .npy/.npz array, or IDX file")
+    p.add_argument("--index", type=int, help="with an IDX file: only this image")
+    p.add_argument("--api-key", help="X-API-Key for the server")
+    p.add_argument("--key-dir", help="key cache directory (default ~/.cache/she/keys)")
+    p.set_defaults(func=cmd_predict)
+
     for sp in sub.choices.values():
         sp.add_argument("--json", action="store_true", help="print one JSON summary")
     return parser
@@ -248,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        args.model = [args.model, *args.more_models]
     try:
         result = args.func(args)
     except SheError as exc:

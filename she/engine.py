@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -81,8 +82,12 @@ class Engine:
         chunks = [range(i, len(paths), workers) for i in range(workers)]
         try:
             if workers > 1:
-                with multiprocessing.get_context("fork").Pool(workers) as pool:
+                pool = multiprocessing.get_context("fork").Pool(workers, _reset_signals)
+                try:
                     scales = pool.map(_square_chunk, chunks)
+                finally:
+                    pool.close()
+                    pool.join()
             else:
                 scales = [_square_chunk(chunks[0])]
         finally:
@@ -90,6 +95,13 @@ class Engine:
         shape = (2, out_level.limbs, out_level.poly_modulus_degree)
         out = np.stack([np.fromfile(f"{p}.raw", dtype=np.uint64).reshape(shape) for p in paths])
         return out, scales[0]
+
+
+def _reset_signals() -> None:
+    """Worker initialiser: default signal handling (a host such as uvicorn installs its own
+    SIGTERM/SIGINT handlers, which a forked worker must not inherit)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _square_chunk(indices: range) -> float:

@@ -42,6 +42,11 @@ class Server:
         self.engine = Engine(plan, workers)
         self.fingerprint = plan.params.fingerprint()
         self._top_limbs = len(plan.params.ciphertext_primes)
+        raw = 16 + 8 * 2 * self._top_limbs * plan.params.poly_modulus_degree + 128
+        #: Largest acceptable input ciphertext (a compressed body is never much larger).
+        self.max_item_bytes = raw + 1024
+        #: Largest acceptable request message.
+        self.max_request_bytes = plan.n_inputs * (self.max_item_bytes + 8) + wire.MAX_META_BYTES + 64
 
     @classmethod
     def from_model(cls, path: str | Path, **compile_options: Any) -> Server:
@@ -66,9 +71,8 @@ class Server:
         """Run the model on a ciphertext message; returns the encrypted result message."""
         level = level_specs(keys.ctx)[self._top_limbs]
         n_in = self.plan.n_inputs
-        max_item = 16 + level.raw_size() + 1024  # a compressed body is never much larger
         msg = wire.unpack(data, kind=wire.KIND_CIPHERTEXTS, max_items=n_in,
-                          max_item_bytes=max_item)
+                          max_item_bytes=self.max_item_bytes)
         if msg.meta.get("fingerprint") != self.fingerprint:
             raise FormatError("ciphertexts were made for other encryption parameters")
         batch = msg.meta.get("batch")

@@ -1,0 +1,136 @@
+"""A client of the SHE HTTP service (``she serve``), using only the standard library.
+
+Keys are generated locally and cached per server and model; the secret key never leaves
+this machine (only the public context is uploaded). A session id is cached beside the key
+and re-registered automatically when the server no longer knows it (after a restart or
+when it expired).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .client import Client
+from .errors import FormatError, SheError
+from .params import EncryptionParameters
+
+
+class RemoteError(SheError):
+    """The server answered with an error (the message carries its status and detail)."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        self.status = status
+        super().__init__(f"server answered {status}: {detail}")
+
+
+def default_key_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "she" / "keys"
+
+
+class RemoteClient:
+    """Encrypted predictions from a remote SHE server.
+
+    Args:
+        url: base URL of the server, e.g. ``http://127.0.0.1:8000``.
+        model: model name (see ``GET /v1/models``).
+        api_key: value of the ``X-API-Key`` header, if the server requires one.
+        key_dir: where keys and session ids are cached (default ``~/.cache/she/keys``).
+        timeout: seconds to wait for one HTTP request.
+    """
+
+    def __init__(self, url: str, model: str, *, api_key: str | None = None,
+                 key_dir: str | Path | None = None, timeout: float = 900.0) -> None:
+        self.url = url.rstrip("/")
+        self.model = model
+        self.api_key = api_key
+        self.timeout = timeout
+        self.spec: dict[str, Any] = self._request("GET", f"/v1/models/{model}")
+        self.spec.pop("fingerprint", None)
+        key_dir = Path(key_dir) if key_dir else default_key_dir()
+        key_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.client = self._load_or_create_client(key_dir)
+        self._session_file = self._key_file.with_suffix(".session")
+
+    # -- HTTP ----------------------------------------------------------------------------
+    def _request(self, method: str, path: str, body: bytes | None = None) -> Any:
+        headers = {"Accept": "application/json, application/octet-stream"}
+        if body is not None:
+            headers["Content-Type"] = "application/octet-stream"
+        if self.api_key:
+            headers["X-API-Key"] = self.api_key
+        request = urllib.request.Request(self.url + path, data=body, method=method,
+                                         headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                data = response.read()
+                if response.headers.get_content_type() == "application/json":
+                    return json.loads(data)
+                return data
+        except urllib.error.HTTPError as exc:
+            try:
+                detail = json.loads(exc.read()).get("detail", exc.reason)
+            except (ValueError, AttributeError):
+                detail = exc.reason
+            raise RemoteError(exc.code, str(detail)) from None
+        except urllib.error.URLError as exc:
+            raise RemoteError(0, f"cannot reach {self.url}: {exc.reason}") from None
+
+    # -- keys and sessions ---------------------------------------------------------------
+    def _load_or_create_client(self, key_dir: Path) -> Client:
+        server_id = hashlib.sha256(self.url.encode()).hexdigest()[:12]
+        fingerprint = EncryptionParameters.from_spec(self.spec).fingerprint()
+        safe_model = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.model)
+        self._key_file = key_dir / f"{server_id}-{safe_model}-{fingerprint}.key"
+        if self._key_file.exists():
+            try:
+                return Client.load(self._key_file)
+            except FormatError:
+                self._key_file.unlink()
+        client = Client(self.spec)
+        client.save(self._key_file)
+        return client
+
+    def _register(self) -> str:
+        answer = self._request("POST", f"/v1/models/{self.model}/sessions",
+                               self.client.public_context())
+        session = answer["session"]
+        self._session_file.write_text(session)
+        return session
+
+    def _session(self) -> str:
+        if self._session_file.exists():
+            return self._session_file.read_text().strip()
+        return self._register()
+
+    # -- predictions ---------------------------------------------------------------------
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Encrypt ``x`` (a batch), have the server evaluate it, return decrypted outputs."""
+        request = self.client.encrypt(x)
+        session = self._session()
+        try:
+            response = self._request("POST", f"/v1/sessions/{session}/predict", request)
+        except RemoteError as exc:
+            if exc.status != 404:
+                raise
+            session = self._register()
+            response = self._request("POST", f"/v1/sessions/{session}/predict", request)
+        return self.client.decrypt(response)
+
+    def close(self) -> None:
+        """Delete the server-side session (the local keys stay cached)."""
+        if self._session_file.exists():
+            try:
+                self._request("DELETE", f"/v1/sessions/{self._session()}")
+            except RemoteError as exc:
+                if exc.status != 404:
+                    raise
+            self._session_file.unlink(missing_ok=True)

@@ -1,0 +1,249 @@
+"""The HTTP service, tested against a real uvicorn server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import she
+from she import wire
+from she.data import load_idx_dataset
+from she.pipeline import encrypted_predict
+from she.remote import RemoteClient, RemoteError
+
+REPO = Path(__file__).resolve().parents[1]
+API_KEY = "test-key"
+
+
+def _small_mnist(mnist_dir: Path, split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """MNIST averaged down to 7x7 (4x4 blocks), so requests stay small."""
+    x, y = load_idx_dataset(mnist_dir, split)
+    x = x[:n].reshape(n, 1, 7, 4, 7, 4).mean(axis=(3, 5))
+    return x.astype(np.float32), y[:n]
+
+
+@pytest.fixture(scope="module")
+def small_model(mnist_dir, tmp_path_factory) -> tuple[Path, np.ndarray, np.ndarray]:
+    """A depth-1 model on 7x7 MNIST: random square features, least-squares readout."""
+    x, y = _small_mnist(mnist_dir, "train", 5000)
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(0, 0.5, (24, 49))
+    b1 = rng.normal(0, 0.2, 24)
+    feats = (x.reshape(len(x), -1) @ w1.T + b1) ** 2
+    feats = np.hstack([feats, np.ones((len(x), 1))])
+    readout = np.linalg.lstsq(feats, np.eye(10)[y], rcond=None)[0]
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in
+             (("w1", w1), ("b1", b1), ("w2", readout[:-1].T), ("b2", readout[-1]))]
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["input"], ["f"]),
+         helper.make_node("Gemm", ["f", "w1", "b1"], ["h"], transB=1),
+         helper.make_node("Mul", ["h", "h"], ["s"]),
+         helper.make_node("Gemm", ["s", "w2", "b2"], ["logits"], transB=1)],
+        "small", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 7, 7])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    proto.metadata_props.add(key="she.input_range", value="0,1")
+    path = tmp_path_factory.mktemp("model") / "small.onnx"
+    onnx.save(proto, path)
+    x_test, y_test = _small_mnist(mnist_dir, "test", 64)
+    return path, x_test, y_test
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    def __init__(self, model: Path, port: int, *extra: str) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.args = [sys.executable, "-m", "she", "serve", str(model), "--port", str(port),
+                     "--max-body-mb", "64", *extra]
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> LiveServer:
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        self.proc = subprocess.Popen(self.args, env=env, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(self.proc.stderr.read().decode())
+            try:
+                headers = {"X-API-Key": API_KEY}
+                if httpx.get(f"{self.url}/v1/health", headers=headers, timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError("server did not start")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(small_model):
+    live = LiveServer(small_model[0], _free_port(), "--api-key", API_KEY,
+                      "--max-sessions", "12").start()
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def local(small_model):
+    plan = she.compile(she.load(small_model[0]))
+    return plan, she.Server(plan, workers=1)
+
+
+def _client(server, tmp_path, name="keys") -> RemoteClient:
+    return RemoteClient(server.url, "small", api_key=API_KEY, key_dir=tmp_path / name)
+
+
+def _http(server, method, path, **kw) -> httpx.Response:
+    headers = {"X-API-Key": API_KEY, **kw.pop("headers", {})}
+    return httpx.request(method, server.url + path, headers=headers, timeout=300, **kw)
+
+
+def test_openapi_documents_versioned_endpoints(server):
+    schema = _http(server, "GET", "/openapi.json").json()
+    for path in ("/v1/health", "/v1/models", "/v1/models/{model}",
+                 "/v1/models/{model}/sessions", "/v1/sessions/{session}/predict",
+                 "/v1/sessions/{session}"):
+        assert path in schema["paths"], path
+    spec = _http(server, "GET", "/v1/models/small").json()
+    assert spec["input_ciphertexts"] == 49 and spec["packing"] == "batch"
+
+
+def test_remote_predictions_equal_local_server(server, local, small_model, tmp_path):
+    plan, local_server = local
+    _, x, _ = small_model
+    remote = _client(server, tmp_path)
+    remote_logits = remote.predict(x)
+    local_logits, _ = encrypted_predict(plan, x, server=local_server)
+    plain = she.load(small_model[0]).run_plain(x)
+    # Two encryptions of the same input differ only by fresh noise.
+    assert np.array_equal(remote_logits.argmax(1), local_logits.argmax(1))
+    assert np.abs(remote_logits - local_logits).max() < plan.predicted_error
+    assert np.mean(remote_logits.argmax(1) == plain.argmax(1)) >= 0.98
+    remote.close()
+
+
+def test_eight_concurrent_clients(server, small_model, tmp_path):
+    path, x, _ = small_model
+    plain = she.load(path).run_plain(x)
+
+    def one(i: int) -> bool:
+        remote = _client(server, tmp_path, f"k{i}")
+        chunk = slice(8 * i, 8 * i + 8)
+        logits = remote.predict(x[chunk])
+        remote.close()
+        return bool(np.mean(logits.argmax(1) == plain[chunk].argmax(1)) >= 0.875)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(one, range(8)))
+
+
+def test_bad_input_gets_4xx_never_500(server, small_model, tmp_path):
+    _, x, _ = small_model
+    remote = _client(server, tmp_path)
+    session = remote._register()
+    cases = {
+        "garbage predict": ("POST", f"/v1/sessions/{session}/predict", b"\x00" * 100, 400),
+        "garbage context": ("POST", "/v1/models/small/sessions", b"junk" * 10, 400),
+        "empty body": ("POST", f"/v1/sessions/{session}/predict", b"", 400),
+        "unknown session": ("POST", "/v1/sessions/nope/predict", remote.client.encrypt(x[:1]), 404),
+        "unknown model": ("GET", "/v1/models/nope", None, 404),
+        "delete unknown": ("DELETE", "/v1/sessions/nope", None, 404),
+        "oversized": ("POST", f"/v1/sessions/{session}/predict", b"\x00" * (65 << 20), 413),
+    }
+    for name, (method, path, body, status) in cases.items():
+        r = _http(server, method, path, content=body)
+        assert r.status_code == status, (name, r.status_code, r.text)
+        assert r.json()["detail"], name
+    # a truncated real request
+    request = remote.client.encrypt(x[:2])
+    r = _http(server, "POST", f"/v1/sessions/{session}/predict", content=request[:-10])
+    assert r.status_code == 400 and "truncated" in r.json()["detail"]
+    # wrong API key
+    r = httpx.get(f"{server.url}/v1/models", headers={"X-API-Key": "wrong"})
+    assert r.status_code == 401
+
+
+def test_secret_key_upload_is_refused(server, tmp_path):
+    remote = _client(server, tmp_path)
+    secret = remote.client.ctx.serialize(save_secret_key=True)
+    body = wire.pack(wire.KIND_CONTEXT, {"fingerprint": remote.client.fingerprint}, [secret])
+    r = _http(server, "POST", "/v1/models/small/sessions", content=body)
+    assert r.status_code == 403 and "secret key" in r.json()["detail"]
+
+
+def test_context_for_other_parameters_is_refused(server, small_model, tmp_path):
+    other = she.compile(she.load(small_model[0]), security=192)
+    client = she.Client(other.spec())
+    spec = _http(server, "GET", "/v1/models/small").json()
+    body = wire.pack(wire.KIND_CONTEXT, {"fingerprint": spec["fingerprint"]},
+                     [client.ctx.serialize(save_secret_key=False)])
+    r = _http(server, "POST", "/v1/models/small/sessions", content=body)
+    assert r.status_code == 422
+
+
+def test_restart_forgets_sessions_and_client_recovers(small_model, tmp_path):
+    path, x, _ = small_model
+    port = _free_port()
+    live = LiveServer(path, port, "--api-key", API_KEY).start()
+    try:
+        remote = _client(live, tmp_path)
+        first = remote.predict(x[:4])
+        session = remote._session()
+        live.stop()
+        live = LiveServer(path, port, "--api-key", API_KEY).start()
+        r = _http(live, "POST", f"/v1/sessions/{session}/predict",
+                  content=remote.client.encrypt(x[:4]))
+        assert r.status_code == 404 and "register" in r.json()["detail"]
+        again = remote.predict(x[:4])  # re-registers by itself, same cached keys
+        assert np.array_equal(first.argmax(1), again.argmax(1))
+        assert remote._session() != session
+    finally:
+        live.stop()
+
+
+def test_plain_tenseal_client_from_docs(server, small_model, tmp_path):
+    path, x, _ = small_model
+    text = (REPO / "docs" / "http-api.md").read_text()
+    code = re.search(r"plain-tenseal-client:start -->\n```python\n(.*?)```", text, re.S).group(1)
+    code = code.replace('headers={"Content-Type": "application/octet-stream"}',
+                        f'headers={{"Content-Type": "application/octet-stream", '
+                        f'"X-API-Key": "{API_KEY}"}}')
+    script = tmp_path / "client.py"
+    script.write_text(code)
+    np.save(tmp_path / "images.npy", x[:16])
+    env = {**os.environ, "SHE_URL": server.url, "SHE_MODEL": "small",
+           "SHE_IMAGES": str(tmp_path / "images.npy")}
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                         text=True, timeout=600, check=True).stdout
+    predictions = np.array(json.loads(out.strip().splitlines()[-1]))
+    plain = she.load(path).run_plain(x[:16]).argmax(1)
+    assert np.mean(predictions == plain) >= 0.9
+
+
+def test_remote_error_is_clear(tmp_path):
+    with pytest.raises(RemoteError, match="cannot reach"):
+        RemoteClient(f"http://127.0.0.1:{_free_port()}", "small", key_dir=tmp_path)
