@@ -135,6 +135,7 @@ def create_app(servers: dict[str, Server], config: ServiceConfig | None = None) 
     config = config or ServiceConfig()
     sessions = SessionStore(config.session_ttl, config.max_sessions)
     he_lock = threading.Lock()
+    max_request = min(config.max_body_bytes, max(s.max_request_bytes for s in servers.values()))
     app = FastAPI(
         title="SHE encrypted inference",
         version=__version__,
@@ -189,8 +190,10 @@ def create_app(servers: dict[str, Server], config: ServiceConfig | None = None) 
                           "carries a secret key, 422 if its parameters differ from the model's.",
               openapi_extra={"requestBody": {"content": _BINARY, "required": True}})
     async def register(model: str, request: Request) -> dict[str, Any]:
-        server = server_for(model)
+        # The body is read before anything can fail: answering early while the client is
+        # still sending makes many HTTP clients see a connection reset instead of the answer.
         body = await _read_body(request, min(config.max_context_bytes, MAX_CONTEXT_BYTES))
+        server = server_for(model)
         keys = await run_in_threadpool(guarded, server.load_context, body)
         sid = sessions.add(model, keys)
         return {"session": sid, "model": model, "ttl_seconds": config.session_ttl}
@@ -204,9 +207,12 @@ def create_app(servers: dict[str, Server], config: ServiceConfig | None = None) 
               responses={200: {"content": _BINARY, "description": "encrypted result"}},
               openapi_extra={"requestBody": {"content": _BINARY, "required": True}})
     async def predict(session: str, request: Request) -> Response:
+        body = await _read_body(request, max_request)
         entry = sessions.get(session)
         server = servers[entry.model]
-        body = await _read_body(request, min(config.max_body_bytes, server.max_request_bytes))
+        if len(body) > server.max_request_bytes:
+            raise HTTPException(413, f"request body larger than {server.max_request_bytes} "
+                                     f"bytes, the most model {entry.model!r} can take")
         result = await run_in_threadpool(guarded, server.evaluate, entry.keys, body)
         return Response(result, media_type="application/octet-stream")
 

@@ -196,9 +196,10 @@ def test_secret_key_upload_is_refused(server, tmp_path):
 
 
 def test_context_for_other_parameters_is_refused(server, small_model, tmp_path):
-    other = she.compile(she.load(small_model[0]), security=192)
+    other = she.compile(she.load(small_model[0]), scale_bits=30, weight_bits=16)
     client = she.Client(other.spec())
     spec = _http(server, "GET", "/v1/models/small").json()
+    assert client.fingerprint != spec["fingerprint"]
     body = wire.pack(wire.KIND_CONTEXT, {"fingerprint": spec["fingerprint"]},
                      [client.ctx.serialize(save_secret_key=False)])
     r = _http(server, "POST", "/v1/models/small/sessions", content=body)
