@@ -248,3 +248,29 @@ def test_plain_tenseal_client_from_docs(server, small_model, tmp_path):
 def test_remote_error_is_clear(tmp_path):
     with pytest.raises(RemoteError, match="cannot reach"):
         RemoteClient(f"http://127.0.0.1:{_free_port()}", "small", key_dir=tmp_path)
+
+
+def test_predict_command_with_png_and_idx(server, small_model, mnist_dir, tmp_path, capsys):
+    from PIL import Image
+
+    from she.cli import main
+
+    path, x, _ = small_model
+    png = tmp_path / "digit.png"
+    Image.fromarray(np.round(x[3, 0] * 255).astype(np.uint8)).save(png)
+    common = ["--server", server.url, "--model", "small", "--api-key", API_KEY,
+              "--key-dir", str(tmp_path / "keys"), "--json"]
+    assert main(["predict", *common, str(png)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    plain = she.load(path).run_plain(x[3:4])
+    assert result["predictions"] == plain.argmax(1).tolist()
+    assert abs(sum(result["probabilities"][0]) - 1) < 1e-3
+    # An IDX file with --index: the CLI resizes nothing here, so use a 7x7 IDX we write.
+    idx = tmp_path / "images-idx3-ubyte"
+    pixels = np.round(x[:5, 0] * 255).astype(np.uint8)
+    idx.write_bytes(bytes([0, 0, 8, 3]) + np.array([5, 7, 7], dtype=">u4").tobytes()
+                    + pixels.tobytes())
+    assert main(["predict", *common, str(idx), "--index", "2"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["predictions"] == she.load(path).run_plain(pixels[2:3, None] / 255.0).argmax(1).tolist()
+    assert main(["predict", *common, str(idx), "--index", "9"]) == 2
