@@ -1,0 +1,284 @@
+"""Conversion passes: each rewrites an ONNX model in place and is usable on its own.
+
+* :func:`remove_identities` drops Identity and Dropout (inference is the identity).
+* :func:`fold_constants` evaluates nodes whose inputs are all constant.
+* :func:`fold_batchnorm` folds BatchNormalization into the Conv/Gemm before it, or writes
+  it as ``Mul`` + ``Add`` by constants.
+* :func:`replace_pooling` turns MaxPool into AveragePool (same window) and GlobalMaxPool
+  into GlobalAveragePool.
+* :func:`replace_activations` replaces Relu, LeakyRelu, Clip, Sigmoid and Tanh by a
+  quadratic ``a (x + beta)^2 + gamma`` fitted per channel to the values the calibration
+  data actually produces at that node (least squares over the observed distribution).
+* :func:`quantise_pow2` rounds Conv/Gemm/MatMul weights to ``±2^k`` per output channel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+from she.errors import ModelError, ParameterError
+
+from . import onnx_graph as g
+
+ACTIVATIONS = ("Relu", "LeakyRelu", "Clip", "Sigmoid", "Tanh")
+#: Samples per channel used to fit an activation polynomial.
+FIT_SAMPLES = 20000
+
+
+def remove_identities(model: onnx.ModelProto) -> int:
+    """Remove Identity and Dropout nodes; returns how many were removed."""
+    removed = 0
+    for node in [n for n in model.graph.node if n.op_type in ("Identity", "Dropout")]:
+        graph_outputs = {o.name for o in model.graph.output}
+        if node.output[0] in graph_outputs:
+            # Keep the graph output name: rename the producer's output instead.
+            src = g.producer(model, node.input[0])
+            if src is None:
+                continue
+            for i, name in enumerate(src.output):
+                if name == node.input[0]:
+                    src.output[i] = node.output[0]
+            g.rename_input(model, node.input[0], node.output[0])
+        else:
+            g.rename_input(model, node.output[0], node.input[0])
+        model.graph.node.remove(node)
+        removed += 1
+    return removed
+
+
+def fold_constants(model: onnx.ModelProto) -> int:
+    """Replace nodes whose inputs are all constant by initializers; returns the count."""
+    folded = 0
+    for node in list(model.graph.node):
+        if node.op_type in ("Constant", "Shape"):
+            continue
+        values = [g.get_array(model, name) for name in node.input if name]
+        if not values or any(v is None for v in values):
+            continue
+        inputs = [helper.make_tensor_value_info(f"i{k}", numpy_helper.from_array(v).data_type,
+                                                v.shape) for k, v in enumerate(values)]
+        single = helper.make_node(node.op_type, [f"i{k}" for k in range(len(values))],
+                                  [f"o{k}" for k in range(len(node.output))],
+                                  domain=node.domain)
+        single.attribute.extend(node.attribute)
+        outs = [helper.make_tensor_value_info(f"o{k}", 0, None) for k in range(len(node.output))]
+        tiny = helper.make_model(helper.make_graph([single], "fold", inputs, outs),
+                                 opset_imports=list(model.opset_import), ir_version=9)
+        results = ReferenceEvaluator(tiny).run(None, {f"i{k}": v for k, v in enumerate(values)})
+        for name, value in zip(node.output, results, strict=True):
+            g.set_array(model, name, np.asarray(value))
+        model.graph.node.remove(node)
+        folded += 1
+    g.remove_unused_initializers(model)
+    return folded
+
+
+def fold_batchnorm(model: onnx.ModelProto) -> int:
+    """Fold every BatchNormalization; returns the count."""
+    count = 0
+    for node in [n for n in model.graph.node if n.op_type == "BatchNormalization"]:
+        scale, bias, mean, var = (g.get_array(model, n) for n in node.input[1:5])
+        if any(v is None for v in (scale, bias, mean, var)):
+            raise ModelError(f"node '{node.name}': batch-norm statistics must be constants")
+        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+        a = scale / np.sqrt(var + eps)
+        c = bias - a * mean
+        src = g.producer(model, node.input[0])
+        if src is not None and src.op_type == "Conv" and len(g.consumers(model, src.output[0])) == 1:
+            w = g.get_array(model, src.input[1])
+            b = g.get_array(model, src.input[2]) if len(src.input) > 2 else np.zeros(len(a))
+            g.set_array(model, src.input[1], (w * a.reshape(-1, *([1] * (w.ndim - 1))))
+                        .astype(np.float32))
+            new_bias = g.fresh("bias")
+            g.set_array(model, new_bias, (b * a + c).astype(np.float32))
+            if len(src.input) > 2:
+                src.input[2] = new_bias
+            else:
+                src.input.append(new_bias)
+            g.rename_input(model, node.output[0], node.input[0])
+            model.graph.node.remove(node)
+        else:
+            shape = (1, -1) + (1,) * (_rank(model, node.input[0]) - 2)
+            scaled = g.fresh("bn_scaled")
+            g.replace_node(model, node, [
+                helper.make_node("Mul", [node.input[0],
+                                         g.add_constant(model, a.reshape(shape), "bn_a")],
+                                 [scaled], name=f"{node.name}_scale"),
+                helper.make_node("Add", [scaled, g.add_constant(model, c.reshape(shape), "bn_c")],
+                                 [node.output[0]], name=f"{node.name}_shift"),
+            ])
+        count += 1
+    g.remove_unused_initializers(model)
+    return count
+
+
+def _rank(model: onnx.ModelProto, tensor: str) -> int:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    for info in list(inferred.graph.value_info) + list(inferred.graph.input):
+        if info.name == tensor and info.type.tensor_type.HasField("shape"):
+            return len(info.type.tensor_type.shape.dim)
+    raise ModelError(f"cannot infer the rank of '{tensor}' for batch-norm folding")
+
+
+def replace_pooling(model: onnx.ModelProto) -> int:
+    """MaxPool -> AveragePool (same window), GlobalMaxPool -> GlobalAveragePool."""
+    count = 0
+    for node in [n for n in model.graph.node if n.op_type in ("MaxPool", "GlobalMaxPool")]:
+        if node.op_type == "GlobalMaxPool":
+            new = helper.make_node("GlobalAveragePool", [node.input[0]], [node.output[0]],
+                                   name=node.name + "_avg")
+        else:
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if attrs.get("ceil_mode", 0) or any(d != 1 for d in attrs.get("dilations", [1])):
+                raise ModelError(f"node '{node.name}': MaxPool with ceil_mode or dilations "
+                                 "cannot be replaced")
+            keep = {k: v for k, v in attrs.items() if k in ("kernel_shape", "strides", "pads")}
+            new = helper.make_node("AveragePool", [node.input[0]], [node.output[0]],
+                                   name=node.name + "_avg", count_include_pad=1, **keep)
+        g.replace_node(model, node, [new])
+        count += 1
+    return count
+
+
+@dataclass
+class FittedActivation:
+    """What :func:`replace_activations` did to one node."""
+
+    node: str
+    op_type: str
+    channels: int
+    value_range: tuple[float, float]
+    rmse: float  # root-mean-square error of the fit on the calibration values
+
+
+def _activation(node: onnx.NodeProto, model: onnx.ModelProto):
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    op = node.op_type
+    if op == "Relu":
+        return lambda x: np.maximum(x, 0)
+    if op == "LeakyRelu":
+        alpha = float(attrs.get("alpha", 0.01))
+        return lambda x: np.where(x > 0, x, alpha * x)
+    if op == "Sigmoid":
+        return lambda x: 1 / (1 + np.exp(-x))
+    if op == "Tanh":
+        return np.tanh
+    lo = g.get_array(model, node.input[1]) if len(node.input) > 1 and node.input[1] else None
+    hi = g.get_array(model, node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    lo = -np.inf if lo is None else float(lo)
+    hi = np.inf if hi is None else float(hi)
+    return lambda x: np.clip(x, lo, hi)
+
+
+def fit_quadratic(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """Least-squares ``a x^2 + b x + c`` through the samples; returns (a, b, c)."""
+    design = np.stack([x * x, x, np.ones_like(x)], axis=1)
+    (a, b, c), *_ = np.linalg.lstsq(design, y, rcond=None)
+    return float(a), float(b), float(c)
+
+
+def replace_activations(model: onnx.ModelProto, calibration: np.ndarray, degree: int = 2,
+                        progress=None) -> list[FittedActivation]:
+    """Replace non-polynomial activations by per-channel quadratics fitted on calibration data.
+
+    The quadratic is written ``a (x + beta)^2 + gamma`` as Add, Mul(t, t), Mul, Add (a
+    linear ``b x + c`` where the fit has no curvature).
+    """
+    if degree != 2:
+        raise ParameterError(f"degree {degree} is not supported yet: the encrypted engine runs "
+                             "squares of affine maps, so activations are quadratics (degree 2)")
+    nodes = [n for n in model.graph.node if n.op_type in ACTIVATIONS]
+    if not nodes:
+        return []
+    values = g.run(model, calibration, [n.input[0] for n in nodes])
+    fitted = []
+    for node, x in zip(nodes, values, strict=True):
+        f = _activation(node, model)
+        channels = x.shape[1] if x.ndim >= 2 else 1
+        per_channel = np.moveaxis(x, 1, 0).reshape(channels, -1) if x.ndim >= 2 else x[None]
+        coeffs = np.empty((channels, 3))
+        rng = np.random.default_rng(0)
+        errors = []
+        for ch, v in enumerate(per_channel):
+            v = v.astype(np.float64)
+            if v.size > FIT_SAMPLES:
+                v = rng.choice(v, FIT_SAMPLES, replace=False)
+            coeffs[ch] = fit_quadratic(v, f(v))
+            a, b, c = coeffs[ch]
+            errors.append(np.mean((a * v * v + b * v + c - f(v)) ** 2))
+        shape = (1, channels) + (1,) * (x.ndim - 2) if x.ndim >= 2 else (channels,)
+        a, b, c = (coeffs[:, k].reshape(shape) for k in range(3))
+        a = np.where(np.abs(a) < 1e-8, 1e-8, a)  # keep the square form well defined
+        beta = b / (2 * a)
+        gamma = c - b * b / (4 * a)
+        t, sq, scaled = g.fresh("t"), g.fresh("sq"), g.fresh("scaled")
+        g.replace_node(model, node, [
+            helper.make_node("Add", [node.input[0], g.add_constant(model, beta, "beta")], [t],
+                             name=f"{node.name}_shift"),
+            helper.make_node("Mul", [t, t], [sq], name=f"{node.name}_square"),
+            helper.make_node("Mul", [sq, g.add_constant(model, a, "a")], [scaled],
+                             name=f"{node.name}_scale"),
+            helper.make_node("Add", [scaled, g.add_constant(model, gamma, "gamma")],
+                             [node.output[0]], name=f"{node.name}_offset"),
+        ])
+        fitted.append(FittedActivation(node.name, node.op_type, channels,
+                                       (float(x.min()), float(x.max())),
+                                       float(np.sqrt(np.mean(errors)))))
+        if progress is not None:
+            progress(1)
+    return fitted
+
+
+def _weight_axis(model: onnx.ModelProto, node: onnx.NodeProto) -> int | None:
+    """The output-channel axis of a linear node's weight (None if not a constant weight)."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "Gemm":
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        return 0 if trans_b else 1
+    if node.op_type == "MatMul":
+        return 1
+    return None
+
+
+def pow2_round(w: np.ndarray, axis: int, exponent_bits: int) -> np.ndarray:
+    """Round to ``±2^k`` with ``2^exponent_bits - 1`` exponents per output channel (and 0)."""
+    levels = 2 ** exponent_bits - 1
+    moved = np.moveaxis(w.astype(np.float64), axis, 0)
+    flat = moved.reshape(moved.shape[0], -1)
+    out = np.zeros_like(flat)
+    for ch, row in enumerate(flat):
+        top = np.max(np.abs(row))
+        if top == 0:
+            continue
+        e_max = np.round(np.log2(top))
+        e_min = e_max - (levels - 1)
+        mag = np.abs(row)
+        with np.errstate(divide="ignore"):
+            e = np.clip(np.round(np.log2(np.where(mag > 0, mag, 1))), e_min, e_max)
+        q = np.sign(row) * 2.0 ** e
+        q[mag < 2.0 ** (e_min - 1)] = 0.0  # too small for the smallest exponent: zero
+        out[ch] = q
+    return np.moveaxis(out.reshape(moved.shape), 0, axis).astype(np.float32)
+
+
+def quantise_pow2(model: onnx.ModelProto, exponent_bits: int = 4) -> int:
+    """Round every Conv/Gemm/MatMul constant weight to powers of two; returns the count."""
+    if not 1 <= exponent_bits <= 6:
+        raise ParameterError(f"exponent_bits={exponent_bits} is outside 1..6")
+    count = 0
+    for node in model.graph.node:
+        axis = _weight_axis(model, node)
+        if axis is None:
+            continue
+        w = g.get_array(model, node.input[1])
+        if w is None or w.ndim < 2:
+            continue
+        g.set_array(model, node.input[1], pow2_round(w, axis, exponent_bits))
+        count += 1
+    return count

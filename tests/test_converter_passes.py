@@ -1,0 +1,117 @@
+"""Conversion passes on small ONNX graphs (no torch needed), checked with onnxruntime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import she
+from converters import onnx_graph as g
+from converters import passes
+
+
+def _model(nodes, inits, in_shape=(1, 8, 8), out="out", out_shape=None) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", *in_shape])],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", *(out_shape or in_shape)])],
+        [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+@pytest.fixture()
+def x() -> np.ndarray:
+    return np.random.default_rng(0).uniform(-1, 1, (64, 1, 8, 8)).astype(np.float32)
+
+
+def _conv_bn() -> onnx.ModelProto:
+    rng = np.random.default_rng(1)
+    inits = {"w": rng.normal(0, 0.5, (3, 1, 3, 3)), "b": rng.normal(0, 0.1, 3),
+             "s": rng.uniform(0.5, 2, 3), "t": rng.normal(0, 1, 3), "m": rng.normal(0, 1, 3),
+             "v": rng.uniform(0.1, 2, 3)}
+    return _model([helper.make_node("Conv", ["input", "w", "b"], ["c"], kernel_shape=[3, 3]),
+                   helper.make_node("BatchNormalization", ["c", "s", "t", "m", "v"], ["bn"],
+                                    name="bn", epsilon=1e-5),
+                   helper.make_node("Dropout", ["bn"], ["out"])], inits, out_shape=(3, 6, 6))
+
+
+def test_batchnorm_folds_exactly_into_conv(x):
+    model = _conv_bn()
+    before = g.run(model, x)[0]
+    assert passes.remove_identities(model) == 1
+    assert passes.fold_batchnorm(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["Conv"]
+    np.testing.assert_allclose(g.run(model, x)[0], before, atol=1e-5)
+
+
+def test_batchnorm_without_conv_becomes_mul_add(x):
+    model = _model([helper.make_node("BatchNormalization", ["input", "s", "t", "m", "v"],
+                                     ["out"], name="bn")],
+                   {"s": [1.5], "t": [0.2], "m": [0.1], "v": [0.5]})
+    before = g.run(model, x)[0]
+    passes.fold_batchnorm(model)
+    assert [n.op_type for n in model.graph.node] == ["Mul", "Add"]
+    np.testing.assert_allclose(g.run(model, x)[0], before, atol=1e-5)
+
+
+def test_constant_subgraph_is_folded(x):
+    model = _model([helper.make_node("Mul", ["k", "two"], ["k2"]),
+                    helper.make_node("Add", ["input", "k2"], ["out"])],
+                   {"k": [0.25], "two": [2.0]})
+    before = g.run(model, x)[0]
+    assert passes.fold_constants(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["Add"]
+    np.testing.assert_allclose(g.run(model, x)[0], before)
+
+
+def test_maxpool_becomes_average_pool(x):
+    model = _model([helper.make_node("MaxPool", ["input"], ["out"], kernel_shape=[2, 2],
+                                     strides=[2, 2], name="pool")], {}, out_shape=(1, 4, 4))
+    assert passes.replace_pooling(model) == 1
+    out = g.run(model, x)[0]
+    np.testing.assert_allclose(out, x.reshape(64, 1, 4, 2, 4, 2).mean(axis=(3, 5)), atol=1e-6)
+    she.model.from_proto(model)  # now HE-friendly
+
+
+def test_relu_replaced_by_fitted_quadratic(x):
+    model = _model([helper.make_node("Relu", ["input"], ["out"], name="relu")], {})
+    fitted = passes.replace_activations(model, x, degree=2)
+    assert fitted[0].op_type == "Relu" and fitted[0].channels == 1
+    assert fitted[0].value_range[0] < 0 < fitted[0].value_range[1]
+    out = g.run(model, x)[0]
+    # The best quadratic to ReLU on U(-1, 1) has RMS error ~0.05; the fit reports it.
+    rmse = float(np.sqrt(np.mean((out - np.maximum(x, 0)) ** 2)))
+    assert rmse < 0.08 and abs(rmse - fitted[0].rmse) < 0.01
+    assert [n.op_type for n in model.graph.node] == ["Add", "Mul", "Mul", "Add"]
+    chain = she.lowering.lower(she.model.from_proto(model))
+    assert chain.depth == 1
+    with pytest.raises(she.ParameterError, match="degree"):
+        passes.replace_activations(_model([helper.make_node("Relu", ["input"], ["out"])], {}),
+                                   x, degree=3)
+
+
+def test_pow2_round_keeps_signs_and_exponent_range():
+    rng = np.random.default_rng(2)
+    w = rng.normal(0, 0.3, (4, 50))
+    q = passes.pow2_round(w, axis=0, exponent_bits=3)
+    nz = q != 0
+    assert np.all(np.sign(q[nz]) == np.sign(w[nz]))
+    exps = np.log2(np.abs(q[nz]))
+    assert np.allclose(exps, np.round(exps))
+    for row in range(4):
+        e = np.log2(np.abs(q[row][q[row] != 0]))
+        assert e.max() - e.min() <= 2 ** 3 - 2
+    assert np.all(np.abs(q - w)[nz] <= np.abs(w[nz]) * (np.sqrt(2) - 1) + 1e-12)
+
+
+def test_unsupported_operator_is_named():
+    model = _model([helper.make_node("Softmax", ["input"], ["out"], name="soft")], {})
+    with pytest.raises(she.ModelError, match="soft.*Softmax"):
+        g.check_importable(model)
+
+
+def test_calibration_of_wrong_shape_is_refused(x):
+    model = _model([helper.make_node("Relu", ["input"], ["out"])], {})
+    with pytest.raises(she.DataError, match="shape"):
+        passes.replace_activations(model, x[:, :, :4], degree=2)
