@@ -49,6 +49,7 @@ class ConversionReport:
     depth: int | None = None
     parameters: dict[str, Any] | None = None
     eval_samples: int = 0
+    finetune_losses: list[float] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -101,7 +102,8 @@ def _check_data(name: str, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 def convert(model: Any, calibration: np.ndarray, *, eval_x: np.ndarray | None = None,
             eval_y: np.ndarray | None = None, degree: int = 2, pow2: bool = True,
             exponent_bits: int = 4, input_shape: tuple[int, ...] | None = None,
-            input_range: tuple[float, float] | None = None,
+            input_range: tuple[float, float] | None = None, finetune_epochs: int = 0,
+            finetune_lr: float = 1e-3,
             progress: bool = False) -> tuple[onnx.ModelProto, ConversionReport]:
     """Convert ``model`` (ONNX path/proto or torch module) into an HE-friendly model.
 
@@ -115,6 +117,8 @@ def convert(model: Any, calibration: np.ndarray, *, eval_x: np.ndarray | None = 
         input_shape: one sample's shape, needed for torch modules.
         input_range: declared input range written to the model metadata (default: the
             calibration data's min and max).
+        finetune_epochs: epochs of distillation fine-tuning (needs torch); 0 to skip.
+        finetune_lr: its learning rate.
     """
     proto = _import(model, input_shape)
     _, shape = g.input_info(proto)
@@ -123,6 +127,7 @@ def convert(model: Any, calibration: np.ndarray, *, eval_x: np.ndarray | None = 
         eval_x = _check_data("evaluation data", eval_x, shape)
     report = ConversionReport(degree=degree, eval_samples=0 if eval_x is None else len(eval_x))
     reference = None if eval_x is None else g.run(proto, eval_x)[0].argmax(1)
+    teacher = g.run(proto, calibration)[0] if finetune_epochs else None
 
     def stage(name: str) -> None:
         if eval_x is None:
@@ -148,6 +153,13 @@ def convert(model: Any, calibration: np.ndarray, *, eval_x: np.ndarray | None = 
     if pow2:
         report.pow2_layers = passes.quantise_pow2(proto, exponent_bits)
         stage(f"power-of-two weights ({exponent_bits} exponent bits)")
+    if finetune_epochs:
+        from .finetune import finetune
+
+        report.finetune_losses = finetune(proto, calibration, teacher, epochs=finetune_epochs,
+                                          lr=finetune_lr, pow2_bits=exponent_bits if pow2 else None,
+                                          progress=progress)
+        stage(f"fine-tuned ({finetune_epochs} epochs)")
     lo, hi = input_range or (float(calibration.min()), float(calibration.max()))
     _set_metadata(proto, {"she.input_range": f"{lo},{hi}", "she.converted": "1",
                           "she.weights": "pow2" if pow2 else "float"})

@@ -363,27 +363,27 @@ def _predicted_error(plan: Plan, magnitudes: list[np.ndarray], x_bound: float,
                      quantised: list[tuple[np.ndarray, int, np.ndarray]]) -> float:
     """A 6-sigma estimate of the absolute error of the decrypted outputs.
 
-    Noise terms are standard deviations (fresh encryption noise, rescale rounding, weight
-    rounding), propagated layer by layer; squares amplify by ``2 |y|``.
+    Error standard deviations are propagated per unit: fresh encryption noise, weight
+    rounding and bias rounding through each affine map (independent errors add in
+    quadrature, weighted by the weights), then ``2 |y_j|`` amplification and rescale
+    rounding at each square, with ``|y_j|`` the unit's largest observed magnitude.
     """
     n = plan.params.poly_modulus_degree
     fresh = NOISE_SIGMA * math.sqrt(n)
     rescale = math.sqrt((1 + 2 * n / 3) / 12) * math.sqrt(n)
     scales = plan.scales()
-    err = fresh / plan.input_scale
+    err = np.full(plan.layers[0].weights.shape[1], fresh / plan.input_scale)
     in_bound = np.full(plan.layers[0].weights.shape[1], x_bound)
     for k, (w_int, shift, w_err) in enumerate(quantised):
         real = w_int * 2.0 ** -shift
-        noise = math.sqrt(float((real * real).sum(axis=1).max(initial=0.0))) * err
+        noise = np.sqrt((real * real) @ (err * err))
         # Weight rounding errors are known; their signs are taken as independent.
-        rounding = float(np.sqrt(((w_err * w_err) @ (in_bound * in_bound)).max(initial=0.0)))
+        rounding = np.sqrt((w_err * w_err) @ (in_bound * in_bound))
         err = noise + rounding + 0.5 / scales[k][1]
         if k < plan.depth:
-            y = float(magnitudes[k].max(initial=0.0))
-            next_scale = scales[k + 1][0]
-            err = 2 * y * err + err * err + rescale / next_scale
+            err = 2 * magnitudes[k] * err + err * err + rescale / scales[k + 1][0]
             in_bound = magnitudes[k] ** 2
-    return 6.0 * err
+    return 6.0 * float(err.max(initial=0.0))
 
 
 def _check_argmax_margin(plan: Plan, cal: np.ndarray) -> None:
