@@ -221,6 +221,7 @@ def replace_activations(model: onnx.ModelProto, calibration: np.ndarray, degree:
             helper.make_node("Add", [node.input[0], g.add_constant(model, beta, "beta")], [t],
                              name=f"{node.name}_shift"),
             helper.make_node("Mul", [t, t], [sq], name=f"{node.name}_square"),
+            # named she_a_<n> (SCALE_PREFIX): quantise_pow2 and fine-tuning find it by name
             helper.make_node("Mul", [sq, g.add_constant(model, a, "a")], [scaled],
                              name=f"{node.name}_scale"),
             helper.make_node("Add", [scaled, g.add_constant(model, gamma, "gamma")],
@@ -267,11 +268,29 @@ def pow2_round(w: np.ndarray, axis: int, exponent_bits: int) -> np.ndarray:
     return np.moveaxis(out.reshape(moved.shape), 0, axis).astype(np.float32)
 
 
+#: Prefix of the activation scale tensors written by :func:`replace_activations`.
+SCALE_PREFIX = "she_a_"
+
+
+def pow2_nearest(values: np.ndarray) -> np.ndarray:
+    """Each value rounded to the nearest ``±2^k`` (in the log domain)."""
+    mag = np.maximum(np.abs(values), 1e-30)
+    return (np.sign(values) * 2.0 ** np.round(np.log2(mag))).astype(np.float32)
+
+
 def quantise_pow2(model: onnx.ModelProto, exponent_bits: int = 4) -> int:
-    """Round every Conv/Gemm/MatMul constant weight to powers of two; returns the count."""
+    """Round Conv/Gemm/MatMul weights to powers of two, and the activation scales ``a`` too.
+
+    With both rounded, every affine map the engine sees is a product of powers of two, so
+    it runs as an exact integer shift-accumulate. Returns the number of tensors rounded.
+    """
     if not 1 <= exponent_bits <= 6:
         raise ParameterError(f"exponent_bits={exponent_bits} is outside 1..6")
     count = 0
+    for init in model.graph.initializer:
+        if init.name.startswith(SCALE_PREFIX):
+            g.set_array(model, init.name, pow2_nearest(numpy_helper.to_array(init)))
+            count += 1
     for node in model.graph.node:
         axis = _weight_axis(model, node)
         if axis is None:

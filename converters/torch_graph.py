@@ -19,6 +19,7 @@ from torch import nn
 from she.errors import ModelError
 
 from . import onnx_graph as g
+from .passes import SCALE_PREFIX
 
 LINEAR_OPS = ("Conv", "Gemm", "MatMul")
 
@@ -72,6 +73,9 @@ class TorchGraph(nn.Module):
             w = self.params[self._key[name]]
             if self.pow2_bits and name in self.weight_axis and w.ndim >= 2:
                 return pow2_ste(w, self.weight_axis[name], self.pow2_bits)
+            if self.pow2_bits and name.startswith(SCALE_PREFIX):
+                q = torch.sign(w) * torch.pow(2.0, torch.round(torch.log2(w.abs().clamp_min(1e-30))))
+                return w + (q - w).detach()
             return w
         return self.consts[name]
 

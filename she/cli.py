@@ -136,6 +136,30 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def cmd_convert(args: argparse.Namespace) -> dict[str, Any]:
+    try:
+        from converters import convert, save_atomically
+    except ImportError as exc:  # pragma: no cover - converters ships with the package
+        raise SheError(f"the converter is not installed: {exc}") from exc
+    eval_x = eval_y = None
+    if args.data:
+        calibration = load_idx_dataset(args.data, "train")[0][:args.calibration_samples]
+        eval_x, eval_y = load_idx_dataset(args.data, "test")
+    elif args.calibration:
+        calibration, _ = assets.load_inputs(args.calibration)
+    else:
+        raise DataError("give calibration data: --data DIR (IDX) or --calibration FILE.npz")
+    if args.eval:
+        eval_x, eval_y = assets.load_inputs(args.eval)
+    proto, report = convert(args.model, calibration, eval_x=eval_x, eval_y=eval_y,
+                            degree=args.degree, pow2=not args.no_pow2,
+                            exponent_bits=args.exponent_bits,
+                            finetune_epochs=args.finetune_epochs, finetune_lr=args.lr,
+                            progress=not args.json)
+    save_atomically(proto, args.output)
+    return {"output": args.output, **report.as_dict()}
+
+
 def cmd_keygen(args: argparse.Namespace) -> dict[str, Any]:
     plan = _plan(args)
     client = Client(plan.spec())
@@ -215,7 +239,16 @@ def _log(args: argparse.Namespace, text: str) -> None:
 
 
 def _print_human(command: str, result: dict[str, Any]) -> None:
-    if command == "demo":
+    if command == "convert":
+        for stage in result["stages"]:
+            acc = "n/a" if stage["accuracy"] is None else f"{stage['accuracy']:.2%}"
+            agree = "" if stage["agreement"] is None else f", agreement {stage['agreement']:.2%}"
+            print(f"{stage['name']:<45} accuracy {acc}{agree}")
+        params = result["parameters"]
+        print(f"depth {result['depth']}; N={params['poly_modulus_degree']}, modulus bits "
+              f"{params['modulus_bits']}, {params['security_bits']}-bit security")
+        print(f"written to {result['output']}")
+    elif command == "demo":
         p = result["per_image"]
         print(f"images                 {result['images']} ({result['data']})")
         print(f"plaintext accuracy     {result['plaintext_accuracy']:.2%}")
@@ -260,6 +293,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=300, help="number of test images (default 300)")
     p.add_argument("--data", metavar="DIR", help="read MNIST IDX files from DIR instead")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("convert", help="convert a trained ONNX model into an HE-friendly one")
+    p.add_argument("model", help="trained ONNX model (opset 13-20)")
+    p.add_argument("-o", "--output", required=True, help="where to write the HE-friendly model")
+    p.add_argument("--data", metavar="DIR", help="IDX data set: calibrate on its training "
+                   "split, report accuracy on its test split")
+    p.add_argument("--calibration", metavar="NPZ", help="calibration inputs (.npz/.npy)")
+    p.add_argument("--eval", metavar="NPZ", help="evaluation inputs and labels (.npz)")
+    p.add_argument("--calibration-samples", type=int, default=10000)
+    p.add_argument("--degree", type=int, default=2, help="activation polynomial degree")
+    p.add_argument("--no-pow2", action="store_true", help="keep float weights")
+    p.add_argument("--exponent-bits", type=int, default=4)
+    p.add_argument("--finetune-epochs", type=int, default=0,
+                   help="distillation epochs against the original (needs torch)")
+    p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("inspect", help="print the compiled plan of a model")
     _add_compile_options(p)

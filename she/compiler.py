@@ -30,6 +30,8 @@ SPEC_FORMAT = "she-spec/1"
 MAX_CT_PRIME_BITS = 36
 #: Secret-key encryption noise (standard deviation per coefficient, SEAL's default).
 NOISE_SIGMA = 3.2
+#: How many bits beyond ``weight_bits`` an exactly representable layer may use.
+EXACT_EXTRA_BITS = 8
 #: (scale_bits, weight_bits) settings tried in order when the caller fixes neither.
 PRECISION_LADDER = ((26, 12), (28, 14), (30, 16), (32, 18))
 
@@ -193,15 +195,18 @@ class Plan:
 def quantise(matrix: np.ndarray, weight_bits: int) -> tuple[np.ndarray, int, np.ndarray]:
     """Integer weights ``W_int`` and shift ``f`` with ``W ~= W_int * 2^-f``.
 
-    If the weights are exactly representable with at most ``weight_bits`` significant bits
-    (power-of-two or fixed-point weights) the result is exact; otherwise the largest weight
-    gets ``weight_bits`` bits. Returns ``(W_int, f, abs_error)``.
+    If the weights are exactly representable with at most ``weight_bits +``
+    :data:`EXACT_EXTRA_BITS` bits below the largest (power-of-two or fixed-point weights)
+    the result is exact; otherwise the largest weight gets ``weight_bits`` bits. Returns
+    ``(W_int, f, abs_error)``.
     """
     amax = float(np.abs(matrix).max(initial=0.0))
     if amax == 0.0:
         return np.zeros(matrix.shape, dtype=np.int64), 0, np.zeros(matrix.shape)
     f_approx = weight_bits - 1 - math.floor(math.log2(amax))
-    for f in range(min(0, f_approx), f_approx + 1):
+    # Exact power-of-two / fixed-point weights may span a few more bits than weight_bits:
+    # exactness is worth a larger shift (the kernel splits wide integers into digits).
+    for f in range(min(0, f_approx), f_approx + EXACT_EXTRA_BITS + 1):
         scaled = matrix * 2.0 ** f
         if np.array_equal(scaled, np.round(scaled)):
             return scaled.astype(np.int64), f, np.zeros(matrix.shape)
