@@ -176,9 +176,18 @@ def _activation(node: onnx.NodeProto, model: onnx.ModelProto):
 
 
 def fit_quadratic(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
-    """Least-squares ``a x^2 + b x + c`` through the samples; returns (a, b, c)."""
+    """Least-squares ``a x^2 + b x + c`` through the samples; returns (a, b, c).
+
+    The engine evaluates ``a (x + b/2a)^2 + c - b^2/4a``, which is ill-conditioned when the
+    vertex ``-b/2a`` lies far outside the data (a nearly linear fit). The curvature is then
+    raised until the vertex sits at twice the data's reach, and ``b, c`` are refitted.
+    """
     design = np.stack([x * x, x, np.ones_like(x)], axis=1)
     (a, b, c), *_ = np.linalg.lstsq(design, y, rcond=None)
+    reach = max(float(np.max(np.abs(x))), 1e-6)
+    if abs(b) > 4 * reach * abs(a):
+        a = np.copysign(abs(b) / (4 * reach), a if a != 0 else 1.0)
+        (b, c), *_ = np.linalg.lstsq(design[:, 1:], y - a * x * x, rcond=None)
     return float(a), float(b), float(c)
 
 
@@ -213,7 +222,7 @@ def replace_activations(model: onnx.ModelProto, calibration: np.ndarray, degree:
             errors.append(np.mean((a * v * v + b * v + c - f(v)) ** 2))
         shape = (1, channels) + (1,) * (x.ndim - 2) if x.ndim >= 2 else (channels,)
         a, b, c = (coeffs[:, k].reshape(shape) for k in range(3))
-        a = np.where(np.abs(a) < 1e-8, 1e-8, a)  # keep the square form well defined
+        a = np.where(a == 0, 1e-6, a)  # a constant channel: any small curvature will do
         beta = b / (2 * a)
         gamma = c - b * b / (4 * a)
         t, sq, scaled = g.fresh("t"), g.fresh("sq"), g.fresh("scaled")

@@ -1,0 +1,111 @@
+"""The conversion pipeline end to end on a small trained ReLU CNN (needs torch)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import she
+from she.data import load_idx_dataset
+from she.pipeline import encrypted_predict
+
+torch = pytest.importorskip("torch", reason="the converter tests need the 'convert' extra")
+nn = torch.nn
+
+
+def _export(net, path) -> onnx.ModelProto:
+    torch.onnx.export(net, (torch.zeros(1, 1, 28, 28),), str(path), input_names=["input"],
+                      output_names=["logits"], opset_version=17, dynamo=False,
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    return onnx.load(str(path))
+
+
+@pytest.fixture(scope="module")
+def trained(mnist_dir):
+    torch.manual_seed(0)
+    x, y = load_idx_dataset(mnist_dir, "train")
+    net = nn.Sequential(nn.Conv2d(1, 4, 5, stride=2, padding=2), nn.BatchNorm2d(4), nn.ReLU(),
+                        nn.MaxPool2d(2), nn.Flatten(), nn.Dropout(0.1), nn.Linear(196, 32),
+                        nn.ReLU(), nn.Linear(32, 10))
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+    xs, ys = torch.from_numpy(x[:20000]), torch.from_numpy(y[:20000])
+    for i in range(0, len(xs), 128):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(xs[i:i + 128]), ys[i:i + 128]).backward()
+        opt.step()
+    xt, yt = load_idx_dataset(mnist_dir, "test")
+    return net.eval(), x[:5000], xt[:1000], yt[:1000]
+
+
+def test_convert_torch_module_with_finetuning(trained, tmp_path):
+    import converters
+
+    net, cal, xt, yt = trained
+    proto, report = converters.convert(net, cal, eval_x=xt, eval_y=yt, input_shape=(1, 28, 28),
+                                       finetune_epochs=2, finetune_lr=2e-3)
+    names = [s.name for s in report.stages]
+    assert names[0] == "original" and names[-1].startswith("fine-tuned")
+    acc = {s.name: s.accuracy for s in report.stages}
+    assert acc["cleaned (batch norm folded)"] == acc["original"]  # folding is exact
+    assert acc[names[-1]] > acc[names[-2]]  # fine-tuning recovers accuracy
+    exported = _export(net, tmp_path / "exported.onnx")
+    ops = [n.op_type for n in exported.graph.node]
+    assert report.folded_batchnorms == ops.count("BatchNormalization")
+    assert report.replaced_pools == ops.count("MaxPool") == 1
+    assert report.removed_identities == ops.count("Identity") + ops.count("Dropout")
+    assert len(report.activations) == ops.count("Relu") == 2
+    assert report.depth == 2 and report.parameters["security_bits"] >= 128
+    path = tmp_path / "converted.onnx"
+    converters.save_atomically(proto, path)
+    onnx.checker.check_model(onnx.load(str(path)))
+    model = she.load(path)
+    plan = she.compile(model, calibration=cal[:1000])
+    assert all(layer.exact for layer in plan.layers), "power-of-two layers run exactly"
+    enc, _ = encrypted_predict(plan, xt[:128])
+    plain = model.run_plain(xt[:128])
+    assert np.mean(enc.argmax(1) == plain.argmax(1)) >= 0.99
+    assert np.abs(enc - plain).max() < plan.predicted_error
+
+
+def test_convert_onnx_file_without_pow2_and_bad_calibration(trained, tmp_path):
+    import converters
+
+    net, cal, xt, yt = trained
+    path = tmp_path / "relu.onnx"
+    _export(net, path)
+    proto, report = converters.convert(str(path), cal, pow2=False)
+    assert report.pow2_layers == 0 and report.stages[-1].accuracy is None
+    she.model.from_proto(proto)
+    with pytest.raises(she.DataError, match="shape"):
+        converters.convert(str(path), cal[:, :, :20])
+    with pytest.raises(she.DataError, match="NaN"):
+        converters.convert(str(path), np.full_like(cal[:10], np.nan))
+    with pytest.raises(she.ModelError, match="not a valid ONNX"):
+        bad = tmp_path / "bad.onnx"
+        bad.write_bytes(b"not onnx")
+        converters.convert(str(bad), cal)
+
+
+def test_she_convert_cli_leaves_no_partial_file(trained, tmp_path, capsys):
+    import json
+
+    from she.cli import main
+
+    net, cal, xt, yt = trained
+    src = tmp_path / "relu.onnx"
+    _export(net, src)
+    np.savez(tmp_path / "cal.npz", x=cal[:2000])
+    np.savez(tmp_path / "eval.npz", x=xt[:500], y=yt[:500])
+    out = tmp_path / "out.onnx"
+    code = main(["convert", str(src), "-o", str(out), "--calibration", str(tmp_path / "cal.npz"),
+                 "--eval", str(tmp_path / "eval.npz"), "--json"])
+    assert code == 0 and out.exists()
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["stages"][0]["accuracy"] > 0.8 and result["depth"] == 2
+    missing = tmp_path / "never.onnx"
+    np.savez(tmp_path / "bad.npz", x=cal[:10, :, :5])
+    assert main(["convert", str(src), "-o", str(missing), "--calibration",
+                 str(tmp_path / "bad.npz")]) == 2
+    assert not missing.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".she-")] == []
