@@ -15,11 +15,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from she.errors import DataError, ModelError
 
-#: Operators the converter accepts as input (anything else is named in an error).
+#: Operators the converter accepts as input (anything else is named in an error). ReduceMean
+#: is accepted for constant folding (GHN exports the mean of its weights that way).
 IMPORTABLE_OPS = frozenset({
     "Add", "AveragePool", "BatchNormalization", "Cast", "Clip", "Concat", "Constant", "Conv",
     "Div", "Dropout", "Flatten", "Gather", "Gemm", "GlobalAveragePool", "GlobalMaxPool",
-    "Identity", "LeakyRelu", "MatMul", "MaxPool", "Mul", "Neg", "Pad", "Relu", "Reshape",
+    "Identity", "LeakyRelu", "MatMul", "MaxPool", "Mul", "Neg", "Pad", "ReduceMean", "Relu", "Reshape",
     "Shape", "Sigmoid", "Squeeze", "Sub", "Tanh", "Transpose", "Unsqueeze",
 })
 MIN_OPSET, MAX_OPSET = 13, 20

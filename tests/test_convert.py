@@ -109,3 +109,24 @@ def test_she_convert_cli_leaves_no_partial_file(trained, tmp_path, capsys):
                  str(tmp_path / "bad.npz")]) == 2
     assert not missing.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".she-")] == []
+
+
+def test_ghn_network_converts_exactly(mnist_dir, tmp_path):
+    import converters
+    from converters.ghn import GHNConv2d, GHNLinear, Quadratic
+
+    torch.manual_seed(0)
+    net = nn.Sequential(GHNConv2d(1, 4, 5, stride=2, padding=2), Quadratic(4, spatial=True),
+                        nn.AvgPool2d(2), nn.Flatten(), GHNLinear(196, 32),
+                        Quadratic(32, spatial=False), GHNLinear(32, 10)).eval()
+    x, _ = load_idx_dataset(mnist_dir, "test")
+    x = x[:500]
+    with torch.no_grad():
+        reference = net(torch.from_numpy(x)).numpy()
+    # GHN layers are affine with an analytic bias: the converted model (before power-of-two
+    # quantisation) is the torch model, to float precision.
+    proto, report = converters.convert(net, x, input_shape=(1, 28, 28), pow2=False)
+    assert report.activations == [] and report.folded_batchnorms == 0
+    model = she.model.from_proto(proto)
+    assert np.abs(model.run_plain(x) - reference).max() <= 1e-4
+    assert np.abs(she.lowering.lower(model).run(x) - reference).max() <= 1e-4
