@@ -103,6 +103,7 @@ def convert(model: Any, calibration: np.ndarray, *, eval_x: np.ndarray | None = 
             eval_y: np.ndarray | None = None, degree: int = 2, pow2: bool = True,
             exponent_bits: int = 4, input_shape: tuple[int, ...] | None = None,
             input_range: tuple[float, float] | None = None, finetune_epochs: int = 0,
+            calibration_labels: np.ndarray | None = None,
             finetune_lr: float = 1e-3,
             progress: bool = False) -> tuple[onnx.ModelProto, ConversionReport]:
     """Convert ``model`` (ONNX path/proto or torch module) into an HE-friendly model.
@@ -118,11 +119,16 @@ def convert(model: Any, calibration: np.ndarray, *, eval_x: np.ndarray | None = 
         input_range: declared input range written to the model metadata (default: the
             calibration data's min and max).
         finetune_epochs: epochs of distillation fine-tuning (needs torch); 0 to skip.
+        calibration_labels: true classes of the calibration samples; fine-tuning then adds
+            a cross-entropy term to the distillation loss.
         finetune_lr: its learning rate.
     """
     proto = _import(model, input_shape)
     _, shape = g.input_info(proto)
     calibration = _check_data("calibration data", calibration, shape)
+    if calibration_labels is not None and len(calibration_labels) != len(calibration):
+        raise DataError(f"{len(calibration_labels)} calibration labels for "
+                        f"{len(calibration)} calibration samples")
     if eval_x is not None:
         eval_x = _check_data("evaluation data", eval_x, shape)
     report = ConversionReport(degree=degree, eval_samples=0 if eval_x is None else len(eval_x))
@@ -158,7 +164,7 @@ def convert(model: Any, calibration: np.ndarray, *, eval_x: np.ndarray | None = 
 
         report.finetune_losses = finetune(proto, calibration, teacher, epochs=finetune_epochs,
                                           lr=finetune_lr, pow2_bits=exponent_bits if pow2 else None,
-                                          progress=progress)
+                                          labels=calibration_labels, progress=progress)
         stage(f"fine-tuned ({finetune_epochs} epochs)")
     lo, hi = input_range or (float(calibration.min()), float(calibration.max()))
     _set_metadata(proto, {"she.input_range": f"{lo},{hi}", "she.converted": "1",

@@ -18,8 +18,14 @@ from .torch_graph import TorchGraph
 
 def finetune(model: onnx.ModelProto, x: np.ndarray, teacher_logits: np.ndarray, *,
              epochs: int = 3, lr: float = 1e-3, batch_size: int = 128,
-             pow2_bits: int | None = None, progress: bool = True, seed: int = 0) -> list[float]:
-    """Train ``model`` in place; returns the mean loss of every epoch."""
+             pow2_bits: int | None = None, labels: np.ndarray | None = None,
+             progress: bool = True, seed: int = 0) -> list[float]:
+    """Train ``model`` in place; returns the mean loss of every epoch.
+
+    The loss is the mean squared error to ``teacher_logits``, plus the cross-entropy to
+    ``labels`` when they are given (the true classes help where the student cannot
+    reproduce every logit of the teacher).
+    """
     torch.manual_seed(seed)
     student = TorchGraph(model, pow2_bits=pow2_bits)
     optimiser = torch.optim.Adam(student.parameters(), lr=lr)
@@ -27,6 +33,7 @@ def finetune(model: onnx.ModelProto, x: np.ndarray, teacher_logits: np.ndarray, 
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps)
     xs = torch.from_numpy(np.asarray(x, np.float32))
     ys = torch.from_numpy(np.asarray(teacher_logits, np.float32))
+    classes = None if labels is None else torch.from_numpy(np.asarray(labels, np.int64))
     losses = []
     bar = _bar(epochs * ((len(xs) + batch_size - 1) // batch_size), progress)
     for _ in range(epochs):
@@ -36,14 +43,17 @@ def finetune(model: onnx.ModelProto, x: np.ndarray, teacher_logits: np.ndarray, 
         for i in range(0, len(xs), batch_size):
             idx = order[i:i + batch_size]
             optimiser.zero_grad()
-            loss = nn.functional.mse_loss(student(xs[idx]), ys[idx])
+            out = student(xs[idx])
+            loss = nn.functional.mse_loss(out, ys[idx])
+            if classes is not None:
+                loss = loss + nn.functional.cross_entropy(out, classes[idx])
             if not torch.isfinite(loss):
                 raise FloatingPointError("fine-tuning diverged (non-finite loss); lower lr")
             loss.backward()
             nn.utils.clip_grad_norm_(student.parameters(), 1.0)
             optimiser.step()
             schedule.step()
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
             count += len(idx)
             if bar is not None:
                 bar.update(1)

@@ -51,3 +51,13 @@ def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
         pred = torch.cat([model(torch.from_numpy(x[i:i + 2000])).argmax(1)
                           for i in range(0, len(x), 2000)])
     return float((pred.numpy() == y).mean())
+
+
+def ghn_cnn(channels: int = 8, hidden: int = 64) -> nn.Module:
+    """A GHN network (analytic bias, no batch norm) with quadratic activations."""
+    from .ghn import GHNConv2d, GHNLinear, Quadratic
+
+    return nn.Sequential(
+        GHNConv2d(1, channels, 5, stride=2, padding=2), Quadratic(channels, spatial=True),
+        nn.AvgPool2d(2), nn.Flatten(), GHNLinear(channels * 7 * 7, hidden),
+        Quadratic(hidden, spatial=False), GHNLinear(hidden, 10))

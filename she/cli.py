@@ -143,15 +143,18 @@ def cmd_convert(args: argparse.Namespace) -> dict[str, Any]:
         raise SheError(f"the converter is not installed: {exc}") from exc
     eval_x = eval_y = None
     if args.data:
-        calibration = load_idx_dataset(args.data, "train")[0][:args.calibration_samples]
+        calibration, labels = load_idx_dataset(args.data, "train")
+        calibration, labels = (calibration[:args.calibration_samples],
+                               labels[:args.calibration_samples])
         eval_x, eval_y = load_idx_dataset(args.data, "test")
     elif args.calibration:
-        calibration, _ = assets.load_inputs(args.calibration)
+        calibration, labels = assets.load_inputs(args.calibration)
     else:
         raise DataError("give calibration data: --data DIR (IDX) or --calibration FILE.npz")
     if args.eval:
         eval_x, eval_y = assets.load_inputs(args.eval)
-    proto, report = convert(args.model, calibration, eval_x=eval_x, eval_y=eval_y,
+    proto, report = convert(args.model, calibration, calibration_labels=labels,
+                            eval_x=eval_x, eval_y=eval_y,
                             degree=args.degree, pow2=not args.no_pow2,
                             exponent_bits=args.exponent_bits,
                             finetune_epochs=args.finetune_epochs, finetune_lr=args.lr,

@@ -79,6 +79,8 @@ def test_convert_onnx_file_without_pow2_and_bad_calibration(trained, tmp_path):
     she.model.from_proto(proto)
     with pytest.raises(she.DataError, match="shape"):
         converters.convert(str(path), cal[:, :, :20])
+    with pytest.raises(she.DataError, match="labels"):
+        converters.convert(str(path), cal, calibration_labels=np.zeros(3, dtype=np.int64))
     with pytest.raises(she.DataError, match="NaN"):
         converters.convert(str(path), np.full_like(cal[:10], np.nan))
     with pytest.raises(she.ModelError, match="not a valid ONNX"):
