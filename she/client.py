@@ -7,6 +7,7 @@ it to a local file chosen by the user.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -91,9 +92,7 @@ class Client:
                           max_item_bytes=MAX_CIPHERTEXT_BYTES)
         if msg.meta.get("fingerprint") != self.fingerprint:
             raise FormatError("result was computed for other encryption parameters")
-        batch = msg.meta.get("batch")
-        if not isinstance(batch, int) or not 1 <= batch <= int(self.spec["batch_capacity"]):
-            raise FormatError(f"result has an invalid batch size {batch!r}")
+        batch = wire.batch_size(msg.meta, int(self.spec["batch_capacity"]))
         if len(msg.items) != n_out:
             raise FormatError(f"expected {n_out} result ciphertexts, got {len(msg.items)}")
         level = self._levels.get(int(self.spec["output_limbs"]))
@@ -102,6 +101,9 @@ class Client:
         out = np.empty((batch, n_out))
         for j, blob in enumerate(msg.items):
             raw = sealbytes.parse(blob, level)
+            if not math.isclose(raw.scale, float(self.spec["output_scale"]), rel_tol=1e-9):
+                raise FormatError(f"result ciphertext {j} has scale {raw.scale}, expected "
+                                  f"{self.spec['output_scale']}")
             ct = self._bridge.to_seal(raw)
             plain = sealapi.Plaintext()
             self._decryptor.decrypt(ct, plain)

@@ -66,21 +66,53 @@ class RawCiphertext:
 
 
 def _decompress(mode: int, payload: bytes, limit: int) -> bytes:
-    """Decompress ``payload`` without ever producing more than ``limit`` bytes."""
-    try:
-        if mode == COMPR_NONE:
-            out = payload
-        elif mode == COMPR_ZSTD:
-            out = zstandard.ZstdDecompressor().decompress(payload, max_output_size=limit + 1)
-        elif mode == COMPR_ZLIB:
-            out = zlib.decompressobj().decompress(payload, limit + 1)
-        else:
-            raise FormatError(f"unknown SEAL compression mode {mode}")
-    except (zstandard.ZstdError, zlib.error) as exc:
-        raise FormatError(f"ciphertext body does not decompress: {exc}") from exc
+    """Decompress exactly one stream from ``payload``, never producing more than ``limit`` bytes.
+
+    Trailing bytes after the compressed stream, a truncated stream and an oversized
+    output are all rejected.
+    """
+    if mode == COMPR_NONE:
+        out, complete, trailing = payload, True, b""
+    elif mode == COMPR_ZSTD:
+        out, complete, trailing = _zstd_bounded(payload, limit)
+    elif mode == COMPR_ZLIB:
+        inflater = zlib.decompressobj()
+        try:
+            out = inflater.decompress(payload, limit + 1)
+        except zlib.error as exc:
+            raise FormatError(f"ciphertext body does not decompress: {exc}") from exc
+        complete, trailing = inflater.eof, inflater.unused_data
+    else:
+        raise FormatError(f"unknown SEAL compression mode {mode}")
     if len(out) > limit:
         raise FormatError("ciphertext body is larger than the model allows")
+    if not complete:
+        raise FormatError("ciphertext body is truncated")
+    if trailing:
+        raise FormatError(f"{len(trailing)} unexpected bytes after the ciphertext body")
     return out
+
+
+#: Input fed to zstd per step: one RLE block expands 4 bytes to at most 128 KiB, so a
+#: 2 KiB step can never produce more than 64 MiB past the limit before it is noticed.
+_ZSTD_STEP = 2048
+
+
+def _zstd_bounded(payload: bytes, limit: int) -> tuple[bytes, bool, bytes]:
+    inflater = zstandard.ZstdDecompressor().decompressobj()
+    parts: list[bytes] = []
+    produced = 0
+    view = memoryview(payload)
+    try:
+        for start in range(0, len(view), _ZSTD_STEP):
+            chunk = inflater.decompress(view[start:start + _ZSTD_STEP])
+            parts.append(chunk)
+            produced += len(chunk)
+            if produced > limit or inflater.eof:
+                break
+    except zstandard.ZstdError as exc:
+        raise FormatError(f"ciphertext body does not decompress: {exc}") from exc
+    return b"".join(parts), inflater.eof, inflater.unused_data
 
 
 def parse(blob: bytes, level: LevelSpec, *, size: int = 2) -> RawCiphertext:
@@ -118,6 +150,8 @@ def parse(blob: bytes, level: LevelSpec, *, size: int = 2) -> RawCiphertext:
         raise FormatError("ciphertext NTT form does not match the scheme")
     if not np.isfinite(scale) or scale <= 0:
         raise FormatError(f"ciphertext scale {scale!r} is not a positive number")
+    if corr != 1:
+        raise FormatError(f"ciphertext correction factor {corr} is not supported (expected 1)")
     nested = _BODY.size
     n_magic, n_hsize, _, _, n_mode, _, _ = _HEADER.unpack_from(body, nested)
     if n_magic != MAGIC or n_hsize != _HEADER.size or n_mode != COMPR_NONE:

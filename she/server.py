@@ -75,9 +75,7 @@ class Server:
                           max_item_bytes=self.max_item_bytes)
         if msg.meta.get("fingerprint") != self.fingerprint:
             raise FormatError("ciphertexts were made for other encryption parameters")
-        batch = msg.meta.get("batch")
-        if not isinstance(batch, int) or not 1 <= batch <= self.plan.batch_capacity:
-            raise FormatError(f"invalid batch size {batch!r}")
+        batch = wire.batch_size(msg.meta, self.plan.batch_capacity)
         if len(msg.items) != n_in:
             raise FormatError(f"expected {n_in} input ciphertexts, got {len(msg.items)}")
         inputs = np.empty((n_in, 2, level.limbs, level.poly_modulus_degree), dtype=np.uint64)

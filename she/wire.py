@@ -77,7 +77,7 @@ def unpack(data: bytes, *, kind: int, max_items: int, max_item_bytes: int) -> Me
         raise FormatError("message truncated in its metadata")
     try:
         meta = json.loads(bytes(view[pos:pos + meta_len]).decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise FormatError(f"message metadata is not JSON: {exc}") from exc
     if not isinstance(meta, dict):
         raise FormatError("message metadata must be a JSON object")
@@ -101,3 +101,11 @@ def unpack(data: bytes, *, kind: int, max_items: int, max_item_bytes: int) -> Me
     if pos != len(view):
         raise FormatError(f"{len(view) - pos} unexpected bytes after the last item")
     return Message(kind, meta, items)
+
+
+def batch_size(meta: dict[str, Any], capacity: int) -> int:
+    """The ``batch`` field of a ciphertext message, checked to be an integer in 1..capacity."""
+    batch = meta.get("batch")
+    if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= capacity:
+        raise FormatError(f"invalid batch size {batch!r} (expected an integer from 1 to {capacity})")
+    return batch

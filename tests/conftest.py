@@ -1,19 +1,39 @@
-"""Shared fixtures: real data sets from ../shared/data (skipped with a reason when absent)."""
+"""Shared fixtures.
+
+* ``mnist_dir``: the real MNIST IDX files from ``../shared/data`` (skipped with a reason
+  when absent).
+* ``toy_model_path`` / ``toy_plan`` / ``toy_server_client``: a small HE-friendly ONNX model
+  (Conv -> +c -> square -> Gemm -> square -> Gemm), its plan calibrated on real MNIST
+  images, and a server/client pair with the client's evaluation keys loaded. Key generation
+  and encryption take seconds, so these (and one encrypted request) are session-scoped.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
+import tenseal as ts
+import tenseal.sealapi as sealapi
+from onnx import TensorProto, helper, numpy_helper
+
+import she
+from she import wire
+from she.context import SealBridge
+from she.data import load_idx_dataset
 
 REPO = Path(__file__).resolve().parents[1]
+#: Training images the toy plan is calibrated on.
+TOY_CALIBRATION_SAMPLES = 200
 
 
 def data_root() -> Path:
     """``$SHE_DATA_DIR`` if set, else ``../shared/data`` beside the repository."""
     env = os.environ.get("SHE_DATA_DIR")
-    return Path(env) if env else REPO.parent / "shared" / "data"
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +42,109 @@ def mnist_dir() -> Path:
     if not (path / "t10k-images-idx3-ubyte.gz").exists():
         pytest.skip(f"MNIST IDX files not found in {path}; set SHE_DATA_DIR")
     return path
+
+
+def toy_model_proto(seed: int = 1234) -> onnx.ModelProto:
+    """Conv(1->3, 5x5, stride 2, pads 1) -> Add(c) -> Mul(t, t) -> Flatten -> Gemm(507->16)
+    -> Pow(g, 2) -> Gemm(16->10), with seeded random weights."""
+    rng = np.random.default_rng(seed)
+
+    def init(name: str, value: np.ndarray | float) -> onnx.TensorProto:
+        return numpy_helper.from_array(np.asarray(value, dtype=np.float32), name)
+
+    inits = [
+        init("conv_w", rng.normal(0, 0.3, (3, 1, 5, 5))),
+        init("conv_b", rng.normal(0, 0.1, 3)),
+        init("shift", rng.normal(0, 0.1, (1, 3, 1, 1))),
+        init("fc1_w", rng.normal(0, 0.1, (16, 3 * 13 * 13))),
+        init("fc1_b", rng.normal(0, 0.1, 16)),
+        init("two", 2.0),
+        init("fc2_w", rng.normal(0, 0.1, (16, 10))),
+        init("fc2_b", rng.normal(0, 0.1, 10)),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["input", "conv_w", "conv_b"], ["c"], name="conv",
+                         kernel_shape=[5, 5], strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c", "shift"], ["t"], name="shift_add"),
+        helper.make_node("Mul", ["t", "t"], ["sq"], name="square1"),
+        helper.make_node("Flatten", ["sq"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "fc1_w", "fc1_b"], ["g"], name="fc1", transB=1),
+        helper.make_node("Pow", ["g", "two"], ["g2"], name="square2"),
+        helper.make_node("Gemm", ["g2", "fc2_w", "fc2_b"], ["logits"], name="fc2"),
+    ]
+    graph = helper.make_graph(
+        nodes, "toy",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 28, 28])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.fixture(scope="session")
+def toy_model_path(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("toy") / "toy.onnx"
+    onnx.save(toy_model_proto(), str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def toy_calibration(mnist_dir) -> np.ndarray:
+    """The first training images of real MNIST, shape (200, 1, 28, 28), float32 in [0, 1]."""
+    x, _ = load_idx_dataset(mnist_dir, "train")
+    return x[:TOY_CALIBRATION_SAMPLES].copy()
+
+
+@pytest.fixture(scope="session")
+def toy_plan(toy_model_path, toy_calibration) -> she.Plan:
+    return she.compile(she.load(toy_model_path), calibration=toy_calibration)
+
+
+@pytest.fixture(scope="session")
+def toy_server_client(toy_plan) -> tuple[she.Server, she.Client, she.EvaluationKeys]:
+    server = she.Server(toy_plan)
+    client = she.Client(toy_plan.spec())
+    keys = server.load_context(client.public_context())
+    return server, client, keys
+
+
+@pytest.fixture(scope="session")
+def toy_inputs(toy_calibration) -> np.ndarray:
+    """Two real MNIST images: the samples of :func:`toy_request`."""
+    return toy_calibration[:2]
+
+
+@pytest.fixture(scope="session")
+def toy_request(toy_server_client, toy_inputs) -> bytes:
+    """A valid ciphertext message from the toy client (one ciphertext per pixel)."""
+    _, client, _ = toy_server_client
+    return client.encrypt(toy_inputs)
+
+
+@pytest.fixture(scope="session")
+def toy_message(toy_request, toy_plan) -> wire.Message:
+    """:func:`toy_request` decoded: its metadata and its SEAL-serialised ciphertexts."""
+    return wire.unpack(toy_request, kind=wire.KIND_CIPHERTEXTS, max_items=toy_plan.n_inputs,
+                       max_item_bytes=1 << 26)
+
+
+@pytest.fixture(scope="session")
+def foreign_ciphertext(toy_plan) -> bytes:
+    """A SEAL ciphertext of the same shape as the toy plan's inputs (same ring size, same
+    number of RNS limbs) but made under other primes and other keys."""
+    params = toy_plan.params
+    bits = [30] * len(params.modulus_bits)
+    if tuple(bits) == params.modulus_bits:
+        bits = [31] * len(bits)
+    ctx = ts.context(ts.SCHEME_TYPE.CKKS, params.poly_modulus_degree, coeff_mod_bit_sizes=bits)
+    bridge = SealBridge(ctx)
+    try:
+        plain = sealapi.Plaintext()
+        sealapi.CKKSEncoder(bridge.seal).encode([0.25] * params.slots, toy_plan.input_scale, plain)
+        ct = sealapi.Ciphertext(bridge.seal)
+        sealapi.Encryptor(bridge.seal, ctx.secret_key().data).encrypt_symmetric(plain, ct)
+        return bridge.save_bytes(ct)
+    finally:
+        bridge.close()
