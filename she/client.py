@@ -19,15 +19,19 @@ from . import sealbytes, wire
 from .context import (
     SealBridge,
     check_matches,
+    galois_key_bytes,
     level_specs,
     new_secret_context,
     public_context_bytes,
 )
 from .errors import FormatError, ParameterError
+from .layout import tile
 from .params import EncryptionParameters
 
 #: Largest accepted serialised ciphertext (bytes).
 MAX_CIPHERTEXT_BYTES = 64 * 1024 * 1024
+#: Most Galois keys a spec may ask the client to generate.
+MAX_GALOIS_STEPS = 64
 
 
 class Client:
@@ -36,6 +40,11 @@ class Client:
     def __init__(self, spec: dict[str, Any], context: ts.Context | None = None) -> None:
         self.spec = dict(spec)
         self.params = EncryptionParameters.from_spec(spec)
+        self.packing = self.spec.get("packing", "batch")
+        if self.packing not in ("batch", "single"):
+            raise ParameterError(f"model spec has an unknown packing {self.packing!r}")
+        self.galois_steps = _galois_steps(self.spec, self.params.slots)
+        self._galois: bytes | None = None
         if context is None:
             context = new_secret_context(self.params)
         else:
@@ -58,7 +67,12 @@ class Client:
     def public_context(self) -> bytes:
         """The evaluation keys to send to the server (no secret key)."""
         meta = {"fingerprint": self.fingerprint, "model": self.spec.get("model")}
-        return wire.pack(wire.KIND_CONTEXT, meta, [public_context_bytes(self.ctx)])
+        items = [public_context_bytes(self.ctx)]
+        if self.galois_steps:
+            if self._galois is None:
+                self._galois = galois_key_bytes(self.ctx, self.galois_steps)
+            items.append(self._galois)
+        return wire.pack(wire.KIND_CONTEXT, meta, items)
 
     def encrypt(self, x: np.ndarray) -> bytes:
         """Encrypt a batch of samples: ``x`` has shape ``(batch, *input_shape)``."""
@@ -75,8 +89,9 @@ class Client:
         if not np.all(np.isfinite(x)):
             raise ParameterError("inputs contain NaN or infinity")
         scale = float(self.spec["input_scale"])
+        columns = x.T if self.packing == "batch" else [tile(x[0], self.params.slots)]
         items = []
-        for column in x.T:
+        for column in columns:
             plain = sealapi.Plaintext()
             self._encoder.encode(column.tolist(), scale, plain)
             ct = sealapi.Ciphertext(self._seal)
@@ -98,7 +113,8 @@ class Client:
         level = self._levels.get(int(self.spec["output_limbs"]))
         if level is None:
             raise ParameterError("model spec names an output level its parameters do not have")
-        out = np.empty((batch, n_out))
+        n_values = n_out if self.packing == "batch" else int(self.spec["output_size"])
+        out = np.empty((batch, n_values))
         for j, blob in enumerate(msg.items):
             raw = sealbytes.parse(blob, level)
             if not math.isclose(raw.scale, float(self.spec["output_scale"]), rel_tol=1e-9):
@@ -107,7 +123,11 @@ class Client:
             ct = self._bridge.to_seal(raw)
             plain = sealapi.Plaintext()
             self._decryptor.decrypt(ct, plain)
-            out[:, j] = np.asarray(self._encoder.decode_double(plain))[:batch]
+            values = np.asarray(self._encoder.decode_double(plain))
+            if self.packing == "batch":
+                out[:, j] = values[:batch]
+            else:
+                out[0] = values[:n_values]
         return out
 
     # -- local persistence ----------------------------------------------------------------
@@ -137,3 +157,15 @@ class Client:
 
     def spec_json(self) -> str:
         return json.dumps(self.spec, indent=2)
+
+
+def _galois_steps(spec: dict[str, Any], slots: int) -> list[int]:
+    """The rotation steps a spec asks keys for, checked (a spec may come from a server)."""
+    steps = spec.get("galois_steps", [])
+    if not isinstance(steps, list) or len(steps) > MAX_GALOIS_STEPS or not all(
+        isinstance(s, int) and not isinstance(s, bool) and 0 < s < slots for s in steps
+    ):
+        raise ParameterError(f"model spec has invalid galois_steps (at most {MAX_GALOIS_STEPS} "
+                             f"integers in 1..{slots - 1})")
+    return sorted(set(steps))
+

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from . import layout
 from .errors import ParameterError
 from .lowering import Chain, lower
 from .model import Model
@@ -28,6 +29,12 @@ from .params import MAX_MODULUS_BITS, MIN_PRIME_BITS, EncryptionParameters, smal
 SPEC_FORMAT = "she-spec/1"
 #: Largest ciphertext prime: keeps the float64 matrix products of :mod:`she.kernels` exact.
 MAX_CT_PRIME_BITS = 36
+#: Largest ciphertext prime in single packing (SEAL's own arithmetic: any NTT prime).
+SINGLE_MAX_CT_PRIME_BITS = 60
+#: Extra bits of the plaintext diagonals in single packing: CKKS encoding rounds every
+#: coefficient, which costs about log2(sqrt(N/12)) ~ 5 bits of weight precision.
+ENCODE_GUARD_BITS = 6
+PACKINGS = ("batch", "single")
 #: Secret-key encryption noise (standard deviation per coefficient, SEAL's default).
 NOISE_SIGMA = 3.2
 #: How many bits beyond ``weight_bits`` an exactly representable layer may use.
@@ -47,6 +54,10 @@ class PlanLayer:
     rescale_primes: int  # primes dropped after the square that follows (0 for the last layer)
     value_bound: float  # bound on |pre-square value| used for capacity
     weight_error: float  # max over outputs of the weight-quantisation error (absolute)
+    #: Single packing: primes dropped right after the product (its diagonals are encoded at
+    #: their product, so the scale is unchanged). Batch packing: 0, the 2^-shift goes into
+    #: the scale instead.
+    product_primes: int = 0
 
     @property
     def exact(self) -> bool:
@@ -83,8 +94,25 @@ class Plan:
 
     @property
     def batch_capacity(self) -> int:
-        """Samples per ciphertext (batch packing: one sample per slot)."""
-        return self.params.slots
+        """Samples per request: one per slot in batch packing, one in single packing."""
+        return self.params.slots if self.packing == "batch" else 1
+
+    @property
+    def input_ciphertexts(self) -> int:
+        return self.n_inputs if self.packing == "batch" else 1
+
+    @property
+    def output_ciphertexts(self) -> int:
+        return self.n_outputs if self.packing == "batch" else 1
+
+    def layouts(self) -> list[layout.LayerLayout]:
+        """Single packing: the slot layout and diagonal schedule of every layer."""
+        shapes = [layer.weights.shape for layer in self.layers]
+        return layout.layouts(shapes, self.params.slots)
+
+    def rotation_steps(self) -> list[int]:
+        """Galois steps the plan rotates by (none in batch packing)."""
+        return layout.rotation_steps(self.layouts()) if self.packing == "single" else []
 
     def output_scale(self) -> float:
         """Scale of the output ciphertexts (follows from the chain and the primes)."""
@@ -96,7 +124,11 @@ class Plan:
         delta = self.input_scale
         out = []
         for layer in self.layers:
-            s_out = delta * 2.0 ** layer.shift
+            if layer.product_primes:
+                s_out = delta
+                del primes[len(primes) - layer.product_primes:]
+            else:
+                s_out = delta * 2.0 ** layer.shift
             out.append((delta, s_out))
             delta = s_out * s_out
             for _ in range(layer.rescale_primes):
@@ -109,8 +141,19 @@ class Plan:
         out = []
         for layer in self.layers:
             out.append(limbs)
-            limbs -= layer.rescale_primes
+            limbs -= layer.product_primes + layer.rescale_primes
         return out
+
+    @property
+    def output_limbs(self) -> int:
+        last = self.layers[-1]
+        return self.levels()[-1] - last.product_primes - last.rescale_primes
+
+    def diagonal_scales(self) -> list[float]:
+        """Single packing: the scale each layer's diagonals are encoded at (the prime its
+        product drops)."""
+        primes = self.params.ciphertext_primes
+        return [float(primes[limbs - 1]) for limbs in self.levels()]
 
     def spec(self) -> dict[str, Any]:
         """The public description a client needs (JSON-serialisable, no secrets)."""
@@ -125,16 +168,25 @@ class Plan:
             "security_bits": self.params.security,
             "input_shape": list(self.input_shape),
             "input_scale": self.input_scale,
-            "input_ciphertexts": self.n_inputs,
+            "input_ciphertexts": self.input_ciphertexts,
             "batch_capacity": self.batch_capacity,
             "output_size": self.n_outputs,
-            "output_ciphertexts": self.n_outputs,
-            "output_limbs": self.levels()[-1] - self.layers[-1].rescale_primes,
+            "output_ciphertexts": self.output_ciphertexts,
+            "output_limbs": self.output_limbs,
             "output_scale": self.output_scale(),
             "depth": self.depth,
-            "layout": "batch: ciphertext i holds feature i (C-order) of every sample, "
-                      "sample b in slot b; output ciphertext j holds output j",
+            "galois_steps": self.rotation_steps(),
+            "layout": self._layout_text(),
         }
+
+    def _layout_text(self) -> str:
+        if self.packing == "batch":
+            return ("batch: ciphertext i holds feature i (C-order) of every sample, sample b in "
+                    "slot b; output ciphertext j holds output j")
+        p_in, p_out = layout.period(self.n_inputs), layout.period(self.n_outputs)
+        return (f"single: one ciphertext holds the sample's features (C-order) zero-padded to "
+                f"{p_in} and repeated over all slots; the output ciphertext holds the outputs "
+                f"in slots 0..{self.n_outputs - 1} (repeated every {p_out} slots)")
 
     def describe(self) -> dict[str, Any]:
         """A report of the plan for ``she inspect`` (JSON-serialisable)."""
@@ -142,6 +194,7 @@ class Plan:
         ct_primes = len(self.params.ciphertext_primes)
         ct_bytes = 2 * ct_primes * n * 8
         relin_bytes = 2 * ct_primes * len(self.params.primes) * n * 8
+        steps = self.rotation_steps()
         pk_bytes = 2 * len(self.params.primes) * n * 8
         layers = []
         for i, (layer, (s_in, s_out), limbs) in enumerate(
@@ -175,15 +228,18 @@ class Plan:
             "total_modulus_bits": self.params.total_bits,
             "max_modulus_bits_for_ring": MAX_MODULUS_BITS[self.params.security][n],
             "input_scale_log2": round(math.log2(self.input_scale), 2),
-            "input_ciphertexts": self.n_inputs,
-            "output_ciphertexts": self.n_outputs,
+            "input_ciphertexts": self.input_ciphertexts,
+            "output_ciphertexts": self.output_ciphertexts,
+            "galois_steps": steps,
+            "rotations": sum(lay.rotations for lay in self.layouts()) if steps else 0,
             "predicted_max_output_error": self.predicted_error,
             "calibrated": self.calibrated,
             "estimated_bytes": {
                 "ciphertext_fresh": ct_bytes,
                 "public_key": pk_bytes,
                 "relin_keys": relin_bytes,
-                "upload_per_batch": ct_bytes * self.n_inputs,
+                "galois_keys": relin_bytes * len(steps),
+                "upload_per_request": ct_bytes * self.input_ciphertexts,
             },
             "layers": layers,
             "notes": self.notes,
@@ -262,7 +318,8 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
     Args:
         model: a loaded :class:`~she.model.Model` (or an already lowered chain).
         scheme: ``"ckks"`` (the only scheme of this release).
-        packing: ``"batch"``: one sample per slot.
+        packing: ``"batch"``: one sample per slot, every feature its own ciphertext (best
+            throughput); ``"single"``: one sample in one ciphertext (lowest latency).
         calibration: optional sample inputs; value ranges then come from them (times
             ``range_margin``) instead of interval arithmetic over the declared input range.
         scale_bits: log2 of the scale of fresh ciphertexts and after every rescale.
@@ -276,8 +333,8 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
     """
     if scheme != "ckks":
         raise ParameterError(f"scheme {scheme!r} is not supported; use 'ckks'")
-    if packing != "batch":
-        raise ParameterError(f"packing {packing!r} is not supported; use 'batch'")
+    if packing not in PACKINGS:
+        raise ParameterError(f"packing {packing!r} is not supported; use one of {PACKINGS}")
     if scale_bits is None and weight_bits is None:
         ladder = PRECISION_LADDER
     else:
@@ -325,24 +382,38 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
         notes.append("no calibration data: value ranges from interval arithmetic (pessimistic)")
 
     quantised = [quantise(layer.matrix, weight_bits) for layer in chain.layers]
+    if packing == "single":
+        # Each layer's diagonals are CKKS-encoded at (exactly) one prime, dropped right after
+        # the product; the guard bits absorb the encoding rounding.
+        product_bits = [min(SINGLE_MAX_CT_PRIME_BITS, max(MIN_PRIME_BITS, f + ENCODE_GUARD_BITS))
+                        for _, f, _ in quantised]
+        shifts = [0] * len(quantised)
+        max_prime_bits = SINGLE_MAX_CT_PRIME_BITS
+    else:
+        product_bits, shifts = [], [f for _, f, _ in quantised]
+        max_prime_bits = MAX_CT_PRIME_BITS
 
-    # Modulus chain: rescale primes per square, then the output primes.
-    rescale_bits = [scale_bits + 2 * f for _, f, _ in quantised[:-1]]
-    out_shift = quantised[-1][1]
+    # Modulus chain: primes dropped after each square (and product), then the output primes.
+    rescale_bits = [scale_bits + 2 * f for f in shifts[:-1]]
     y_out = float(bounds[-1].max(initial=0.0))
-    out_bits = math.ceil(math.log2(max(y_out, 1.0)) + scale_bits + out_shift) + 3
+    out_bits = math.ceil(math.log2(max(y_out, 1.0)) + scale_bits + shifts[-1]) + 3
     # Capacity before each rescale: value * scale^2 must fit the primes that remain after it.
-    rescale_parts = [_split_bits(b, MAX_CT_PRIME_BITS) for b in rescale_bits]
+    rescale_parts = [_split_bits(b, max_prime_bits) for b in rescale_bits]
     for k in range(len(rescale_parts)):
         need = math.log2(max(float(bounds[k].max()), 1.0)) * 2 + scale_bits + 2
-        rest = out_bits + sum(sum(p) for p in rescale_parts[k + 1:])
+        rest = out_bits + sum(sum(p) for p in rescale_parts[k + 1:]) + sum(product_bits[k + 1:])
         out_bits += max(0, math.ceil(need - rest))
-    out_parts = _split_bits(out_bits, MAX_CT_PRIME_BITS)
-    ct_bits = out_parts + [b for parts in reversed(rescale_parts) for b in parts]
+    out_parts = _split_bits(out_bits, max_prime_bits)
+    ct_bits = list(out_parts)
+    for k in reversed(range(len(chain.layers))):  # SEAL drops the last prime first
+        ct_bits += rescale_parts[k] if k < len(rescale_parts) else []
+        ct_bits += [product_bits[k]] if product_bits else []
     special = max(ct_bits)
     modulus_bits = ct_bits + [special]
     total = sum(modulus_bits)
     ring = poly_modulus_degree or smallest_ring(total, security)
+    if packing == "single" and poly_modulus_degree is None:
+        ring = max(ring, layout.min_ring_for([layer.matrix.shape for layer in chain.layers]))
     params = EncryptionParameters("ckks", ring, tuple(modulus_bits), security)
 
     layers = []
@@ -350,6 +421,7 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
         layers.append(PlanLayer(
             weights=w_int,
             shift=shift,
+            product_primes=1 if product_bits else 0,
             bias=layer.bias.copy(),
             out_shape=layer.out_shape,
             rescale_primes=len(rescale_parts[k]) if k < len(rescale_parts) else 0,
@@ -358,6 +430,8 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
         ))
     plan = Plan(model_name, scheme, packing, chain.input_shape, params, 2.0 ** scale_bits,
                 layers, 0.0, chain, calibrated=calibration is not None, notes=notes)
+    if packing == "single":
+        plan.layouts()  # refuses layers wider than a ciphertext
     plan.predicted_error = _predicted_error(plan, magnitudes, x_bound, quantised)
     if calibration is not None:
         _check_argmax_margin(plan, cal)
@@ -377,6 +451,7 @@ def _predicted_error(plan: Plan, magnitudes: list[np.ndarray], x_bound: float,
     fresh = NOISE_SIGMA * math.sqrt(n)
     rescale = math.sqrt((1 + 2 * n / 3) / 12) * math.sqrt(n)
     scales = plan.scales()
+    diag_scales = plan.diagonal_scales()
     err = np.full(plan.layers[0].weights.shape[1], fresh / plan.input_scale)
     in_bound = np.full(plan.layers[0].weights.shape[1], x_bound)
     for k, (w_int, shift, w_err) in enumerate(quantised):
@@ -384,6 +459,11 @@ def _predicted_error(plan: Plan, magnitudes: list[np.ndarray], x_bound: float,
         noise = np.sqrt((real * real) @ (err * err))
         # Weight rounding errors are known; their signs are taken as independent.
         rounding = np.sqrt((w_err * w_err) @ (in_bound * in_bound))
+        if plan.packing == "single":
+            # Encoding rounds each diagonal coefficient (slot error std sqrt(N/12) / prime);
+            # the rescale after the product adds rounding at the output scale.
+            rounding = (rounding + math.sqrt(n / 12) / diag_scales[k] * np.sqrt(np.sum(in_bound ** 2))
+                        + rescale / scales[k][1])
         err = noise + rounding + 0.5 / scales[k][1]
         if k < plan.depth:
             err = 2 * magnitudes[k] * err + err * err + rescale / scales[k + 1][0]

@@ -89,6 +89,45 @@ def load_public_context(data: bytes, params: EncryptionParameters) -> ts.Context
     return ctx
 
 
+def galois_elements(steps: list[int], poly_modulus_degree: int) -> list[int]:
+    """SEAL's Galois elements for left rotations by ``steps`` (generator 3 modulo 2N)."""
+    return [pow(3, step, 2 * poly_modulus_degree) for step in steps]
+
+
+def galois_key_bytes(ctx: ts.Context, steps: list[int]) -> bytes:
+    """Galois keys for exactly ``steps`` (SEAL's seeded serialisation; needs the secret key)."""
+    seal = ctx.seal_context().data
+    n = seal.key_context_data().parms().poly_modulus_degree()
+    keygen = sealapi.KeyGenerator(seal, ctx.secret_key().data)
+    serializable = keygen.create_galois_keys(galois_elements(steps, n))
+    bridge = SealBridge(ctx)
+    try:
+        serializable.save(bridge.unit_path(0))
+        return Path(bridge.unit_path(0)).read_bytes()
+    finally:
+        bridge.close()
+
+
+def load_galois_keys(ctx: ts.Context, data: bytes, steps: list[int]) -> sealapi.GaloisKeys:
+    """Load uploaded Galois keys, checking SEAL's validity and that ``steps`` are covered."""
+    seal = ctx.seal_context().data
+    n = seal.key_context_data().parms().poly_modulus_degree()
+    keys = sealapi.GaloisKeys()
+    bridge = SealBridge(ctx)
+    try:
+        Path(bridge.unit_path(0)).write_bytes(data)
+        keys.load(seal, bridge.unit_path(0))
+    except Exception as exc:  # SEAL raises ValueError / RuntimeError on malformed keys
+        raise FormatError(f"Galois keys do not load for these parameters: {exc}") from exc
+    finally:
+        bridge.close()
+    missing = [s for s, elt in zip(steps, galois_elements(steps, n), strict=True)
+               if not keys.has_key(elt)]
+    if missing:
+        raise FormatError(f"Galois keys for rotation steps {missing} are missing")
+    return keys
+
+
 def level_specs(ctx: ts.Context) -> dict[int, sealbytes.LevelSpec]:
     """The valid ciphertext shape at every level, keyed by its number of RNS limbs."""
     specs = {}

@@ -8,19 +8,21 @@ checked before use: message framing, sizes, parameters, levels, scales, and coef
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tenseal as ts
+import tenseal.sealapi as sealapi
 
 from . import sealbytes, wire
 from .compiler import Plan, compile
-from .context import level_specs, load_public_context
+from .context import SealBridge, level_specs, load_galois_keys, load_public_context
 from .engine import Engine
 from .errors import FormatError
 from .model import load
+from .single import SingleEngine
 
 
 @dataclass
@@ -29,6 +31,7 @@ class EvaluationKeys:
 
     ctx: ts.Context
     fingerprint: str
+    galois: sealapi.GaloisKeys | None = field(default=None, repr=False)
 
 
 class Server:
@@ -39,14 +42,16 @@ class Server:
 
     def __init__(self, plan: Plan, workers: int | None = None) -> None:
         self.plan = plan
-        self.engine = Engine(plan, workers)
+        self.engine: Engine | SingleEngine = (
+            Engine(plan, workers) if plan.packing == "batch" else SingleEngine(plan))
         self.fingerprint = plan.params.fingerprint()
         self._top_limbs = len(plan.params.ciphertext_primes)
         raw = 16 + 8 * 2 * self._top_limbs * plan.params.poly_modulus_degree + 128
         #: Largest acceptable input ciphertext (a compressed body is never much larger).
         self.max_item_bytes = raw + 1024
         #: Largest acceptable request message.
-        self.max_request_bytes = plan.n_inputs * (self.max_item_bytes + 8) + wire.MAX_META_BYTES + 64
+        self.max_request_bytes = (plan.input_ciphertexts * (self.max_item_bytes + 8)
+                                  + wire.MAX_META_BYTES + 64)
 
     @classmethod
     def from_model(cls, path: str | Path, **compile_options: Any) -> Server:
@@ -60,17 +65,22 @@ class Server:
 
     def load_context(self, data: bytes) -> EvaluationKeys:
         """Accept a client's public context message."""
-        msg = wire.unpack(data, kind=wire.KIND_CONTEXT, max_items=1,
+        steps = self.plan.rotation_steps()
+        msg = wire.unpack(data, kind=wire.KIND_CONTEXT, max_items=2,
                           max_item_bytes=len(data))
-        if msg.meta.get("fingerprint") != self.fingerprint or len(msg.items) != 1:
+        if msg.meta.get("fingerprint") != self.fingerprint:
             raise FormatError("context was made for other encryption parameters")
+        if len(msg.items) != 1 + bool(steps):
+            raise FormatError(f"expected {1 + bool(steps)} items (public context"
+                              f"{' and Galois keys' if steps else ''}), got {len(msg.items)}")
         ctx = load_public_context(msg.items[0], self.plan.params)
-        return EvaluationKeys(ctx, self.fingerprint)
+        galois = load_galois_keys(ctx, msg.items[1], steps) if steps else None
+        return EvaluationKeys(ctx, self.fingerprint, galois)
 
     def evaluate(self, keys: EvaluationKeys, data: bytes) -> bytes:
         """Run the model on a ciphertext message; returns the encrypted result message."""
         level = level_specs(keys.ctx)[self._top_limbs]
-        n_in = self.plan.n_inputs
+        n_in = self.plan.input_ciphertexts
         msg = wire.unpack(data, kind=wire.KIND_CIPHERTEXTS, max_items=n_in,
                           max_item_bytes=self.max_item_bytes)
         if msg.meta.get("fingerprint") != self.fingerprint:
@@ -86,9 +96,25 @@ class Server:
                                   f"expected {self.plan.input_scale}")
             inputs[i] = raw.data
         msg.items.clear()
-        out, scale = self.engine.run(keys.ctx, inputs, self.plan.input_scale)
-        out_level = level_specs(keys.ctx)[out.shape[2]]
-        items = [sealbytes.serialize(sealbytes.RawCiphertext(unit, scale, out_level.parms_id),
-                                     compress=True) for unit in out]
+        if isinstance(self.engine, SingleEngine):
+            items = [self._evaluate_single(keys, sealbytes.RawCiphertext(
+                inputs[0], self.plan.input_scale, level.parms_id))]
+        else:
+            out, scale = self.engine.run(keys.ctx, inputs, self.plan.input_scale)
+            out_level = level_specs(keys.ctx)[out.shape[2]]
+            items = [sealbytes.serialize(sealbytes.RawCiphertext(unit, scale, out_level.parms_id),
+                                         compress=True) for unit in out]
         meta = {"fingerprint": self.fingerprint, "batch": batch, "model": self.plan.model_name}
         return wire.pack(wire.KIND_CIPHERTEXTS, meta, items)
+
+    def _evaluate_single(self, keys: EvaluationKeys, raw: sealbytes.RawCiphertext) -> bytes:
+        if keys.galois is None:
+            raise FormatError("these evaluation keys carry no Galois keys")
+        assert isinstance(self.engine, SingleEngine)
+        bridge = SealBridge(keys.ctx)
+        try:
+            out = self.engine.run(keys.ctx, keys.galois, bridge.to_seal(raw))
+            return bridge.save_bytes(out)
+        finally:
+            bridge.close()
+
