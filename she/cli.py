@@ -40,6 +40,9 @@ def _add_compile_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-bits", type=int, help="significant bits kept for weights")
     p.add_argument("--security", type=int, default=128, help="security level (128/192/256)")
     p.add_argument("--poly-modulus-degree", type=int, help="force a ring size")
+    p.add_argument("--packing", choices=["batch", "single"], default="batch",
+                   help="batch: one sample per slot, best throughput (default); "
+                        "single: one sample per ciphertext, lowest latency")
 
 
 def _plan(args: argparse.Namespace) -> Plan:
@@ -51,7 +54,7 @@ def _plan(args: argparse.Namespace) -> Plan:
         calibration = load_idx_dataset(args.data, "train")[0][:CALIBRATION_SAMPLES]
     return compile(model, calibration=calibration, scale_bits=args.scale_bits,
                    weight_bits=args.weight_bits, security=args.security,
-                   poly_modulus_degree=args.poly_modulus_degree)
+                   poly_modulus_degree=args.poly_modulus_degree, packing=args.packing)
 
 
 def _inputs(args: argparse.Namespace, shape: tuple[int, ...]) -> np.ndarray:
@@ -279,8 +282,12 @@ def _print_human(command: str, result: dict[str, Any]) -> None:
                   f"scale 2^{layer['log2_scale_out']} out")
         b = r["estimated_bytes"]
         print(f"sizes: fresh ciphertext {b['ciphertext_fresh']:,} B, public key "
-              f"{b['public_key']:,} B, relin keys {b['relin_keys']:,} B, upload per batch "
-              f"{b['upload_per_batch']:,} B (uncompressed)")
+              f"{b['public_key']:,} B, relin keys {b['relin_keys']:,} B, Galois keys "
+              f"{b['galois_keys']:,} B, upload per request {b['upload_per_request']:,} B "
+              f"(uncompressed)")
+        if r["galois_steps"]:
+            print(f"single packing: {r['rotations']} rotations per sample, Galois steps "
+                  f"{r['galois_steps']}")
         for note in r["notes"]:
             print(f"note: {note}")
     else:

@@ -41,6 +41,9 @@ NOISE_SIGMA = 3.2
 EXACT_EXTRA_BITS = 8
 #: (scale_bits, weight_bits) settings tried in order when the caller fixes neither.
 PRECISION_LADDER = ((26, 12), (28, 14), (30, 16), (32, 18))
+#: The same for single packing: its diagonals need guard bits, so a smaller scale first
+#: keeps the rescale primes single and the ring at N=8192 when the precision allows it.
+SINGLE_PRECISION_LADDER = ((22, 12), (24, 12), (26, 12), (28, 14), (30, 16), (32, 18))
 
 
 @dataclass
@@ -153,7 +156,8 @@ class Plan:
         """Single packing: the scale each layer's diagonals are encoded at (the prime its
         product drops)."""
         primes = self.params.ciphertext_primes
-        return [float(primes[limbs - 1]) for limbs in self.levels()]
+        return [float(primes[limbs - 1]) if layer.product_primes else 2.0 ** layer.shift
+                for layer, limbs in zip(self.layers, self.levels(), strict=True)]
 
     def spec(self) -> dict[str, Any]:
         """The public description a client needs (JSON-serialisable, no secrets)."""
@@ -336,7 +340,7 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
     if packing not in PACKINGS:
         raise ParameterError(f"packing {packing!r} is not supported; use one of {PACKINGS}")
     if scale_bits is None and weight_bits is None:
-        ladder = PRECISION_LADDER
+        ladder = PRECISION_LADDER if packing == "batch" else SINGLE_PRECISION_LADDER
     else:
         ladder = ((scale_bits or 26, weight_bits or 12),)
     chain = model if isinstance(model, Chain) else lower(model)
@@ -373,30 +377,31 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
             )
         acts = chain.activations(cal.reshape(len(cal), -1))
         magnitudes = [np.abs(a).max(axis=0) for a in acts]
+        layer_inputs = [cal.reshape(len(cal), -1)] + [a * a for a in acts[:-1]]
+        input_norms = [float(np.linalg.norm(h, axis=1).max()) for h in layer_inputs]
         bounds = [m * range_margin for m in magnitudes]
         x_bound = float(np.abs(cal).max())
     else:
         lo, hi = model.input_range if isinstance(model, Model) else (0.0, 1.0)
         bounds = magnitudes = _interval_bounds(chain, lo, hi)
         x_bound = max(abs(lo), abs(hi))
+        input_norms = [x_bound * math.sqrt(chain.layers[0].n_in)]
+        input_norms += [float(np.linalg.norm(b * b)) for b in bounds[:-1]]
         notes.append("no calibration data: value ranges from interval arithmetic (pessimistic)")
 
     quantised = [quantise(layer.matrix, weight_bits) for layer in chain.layers]
+    y_out = float(bounds[-1].max(initial=0.0))
     if packing == "single":
-        # Each layer's diagonals are CKKS-encoded at (exactly) one prime, dropped right after
-        # the product; the guard bits absorb the encoding rounding.
-        product_bits = [min(SINGLE_MAX_CT_PRIME_BITS, max(MIN_PRIME_BITS, f + ENCODE_GUARD_BITS))
-                        for _, f, _ in quantised]
-        shifts = [0] * len(quantised)
+        product_bits, shifts = _single_products(quantised, scale_bits, y_out)
         max_prime_bits = SINGLE_MAX_CT_PRIME_BITS
     else:
-        product_bits, shifts = [], [f for _, f, _ in quantised]
+        product_bits, shifts = [0] * len(quantised), [f for _, f, _ in quantised]
         max_prime_bits = MAX_CT_PRIME_BITS
 
     # Modulus chain: primes dropped after each square (and product), then the output primes.
-    rescale_bits = [scale_bits + 2 * f for f in shifts[:-1]]
-    y_out = float(bounds[-1].max(initial=0.0))
-    out_bits = math.ceil(math.log2(max(y_out, 1.0)) + scale_bits + shifts[-1]) + 3
+    scale_shifts = [0 if prod else f for f, prod in zip(shifts, product_bits, strict=True)]
+    rescale_bits = [scale_bits + 2 * f for f in scale_shifts[:-1]]
+    out_bits = math.ceil(math.log2(max(y_out, 1.0)) + scale_bits + scale_shifts[-1]) + 3
     # Capacity before each rescale: value * scale^2 must fit the primes that remain after it.
     rescale_parts = [_split_bits(b, max_prime_bits) for b in rescale_bits]
     for k in range(len(rescale_parts)):
@@ -407,7 +412,7 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
     ct_bits = list(out_parts)
     for k in reversed(range(len(chain.layers))):  # SEAL drops the last prime first
         ct_bits += rescale_parts[k] if k < len(rescale_parts) else []
-        ct_bits += [product_bits[k]] if product_bits else []
+        ct_bits += [product_bits[k]] if product_bits[k] else []
     special = max(ct_bits)
     modulus_bits = ct_bits + [special]
     total = sum(modulus_bits)
@@ -417,11 +422,11 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
     params = EncryptionParameters("ckks", ring, tuple(modulus_bits), security)
 
     layers = []
-    for k, (layer, (w_int, shift, err)) in enumerate(zip(chain.layers, quantised, strict=True)):
+    for k, (layer, (w_int, f, err)) in enumerate(zip(chain.layers, quantised, strict=True)):
         layers.append(PlanLayer(
-            weights=w_int,
-            shift=shift,
-            product_primes=1 if product_bits else 0,
+            weights=w_int << (shifts[k] - f),
+            shift=shifts[k],
+            product_primes=1 if product_bits[k] else 0,
             bias=layer.bias.copy(),
             out_shape=layer.out_shape,
             rescale_primes=len(rescale_parts[k]) if k < len(rescale_parts) else 0,
@@ -432,20 +437,48 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
                 layers, 0.0, chain, calibrated=calibration is not None, notes=notes)
     if packing == "single":
         plan.layouts()  # refuses layers wider than a ciphertext
-    plan.predicted_error = _predicted_error(plan, magnitudes, x_bound, quantised)
+    plan.predicted_error = _predicted_error(plan, magnitudes, x_bound, quantised, input_norms)
     if calibration is not None:
         _check_argmax_margin(plan, cal)
     return plan
 
 
+def _single_products(quantised: list[tuple[np.ndarray, int, np.ndarray]], scale_bits: int,
+                     y_out: float) -> tuple[list[int], list[int]]:
+    """Single packing: how each layer's plaintext diagonals are scaled.
+
+    Diagonals carry ``f + ENCODE_GUARD_BITS`` bits (``f``: the weights' quantisation shift).
+    A layer is *fused* when the rescale after its square (or, for the last layer, the output
+    prime) can absorb those bits within one prime: its diagonals are encoded at ``2^p`` and
+    ``p`` becomes its shift. Otherwise its diagonals are encoded at a prime of their own,
+    dropped right after the product (its shift then stays ``f`` and leaves the scale alone).
+    Returns (product prime bits or 0, shifts) per layer.
+    """
+    products, shifts = [], []
+    last = len(quantised) - 1
+    for k, (_, f, _) in enumerate(quantised):
+        p = f + ENCODE_GUARD_BITS
+        if k < last:
+            fused = scale_bits + 2 * p <= SINGLE_MAX_CT_PRIME_BITS
+        else:
+            fused = math.ceil(math.log2(max(y_out, 1.0)) + scale_bits + p) + 3 <= SINGLE_MAX_CT_PRIME_BITS
+        products.append(0 if fused else min(SINGLE_MAX_CT_PRIME_BITS, max(MIN_PRIME_BITS, p)))
+        shifts.append(p if fused else f)
+    return products, shifts
+
+
 def _predicted_error(plan: Plan, magnitudes: list[np.ndarray], x_bound: float,
-                     quantised: list[tuple[np.ndarray, int, np.ndarray]]) -> float:
+                     quantised: list[tuple[np.ndarray, int, np.ndarray]],
+                     input_norms: list[float]) -> float:
     """A 6-sigma estimate of the absolute error of the decrypted outputs.
 
     Error standard deviations are propagated per unit: fresh encryption noise, weight
     rounding and bias rounding through each affine map (independent errors add in
     quadrature, weighted by the weights), then ``2 |y_j|`` amplification and rescale
-    rounding at each square, with ``|y_j|`` the unit's largest observed magnitude.
+    rounding at each square, with ``|y_j|`` the unit's largest observed magnitude. In single
+    packing every diagonal entry also carries CKKS encoding noise, which reaches an output
+    in proportion to the norm of the layer's input vector (``input_norms``: the largest
+    over the calibration samples, or a bound).
     """
     n = plan.params.poly_modulus_degree
     fresh = NOISE_SIGMA * math.sqrt(n)
@@ -462,7 +495,7 @@ def _predicted_error(plan: Plan, magnitudes: list[np.ndarray], x_bound: float,
         if plan.packing == "single":
             # Encoding rounds each diagonal coefficient (slot error std sqrt(N/12) / prime);
             # the rescale after the product adds rounding at the output scale.
-            rounding = (rounding + math.sqrt(n / 12) / diag_scales[k] * np.sqrt(np.sum(in_bound ** 2))
+            rounding = (rounding + math.sqrt(n / 12) / diag_scales[k] * input_norms[k]
                         + rescale / scales[k][1])
         err = noise + rounding + 0.5 / scales[k][1]
         if k < plan.depth:

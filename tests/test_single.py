@@ -1,0 +1,91 @@
+"""Single packing end to end: one real MNIST image per ciphertext, checked against the
+plaintext references (the plan's float64 chain and onnxruntime), plus the key checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import she
+from she import wire
+from she.data import load_idx_dataset
+
+
+@pytest.fixture(scope="module")
+def single(toy_model_path, toy_calibration):
+    plan = she.compile(she.load(toy_model_path), calibration=toy_calibration, packing="single")
+    server = she.Server(plan)
+    client = she.Client(plan.spec())
+    context = client.public_context()
+    return plan, server, client, context, server.load_context(context)
+
+
+@pytest.fixture(scope="module")
+def test_images(mnist_dir):
+    x, _ = load_idx_dataset(mnist_dir, "test")
+    return x[:4]
+
+
+def test_plan_uses_one_ciphertext_and_few_power_of_two_keys(single):
+    plan, *_ = single
+    spec = plan.spec()
+    assert spec["packing"] == "single"
+    assert spec["input_ciphertexts"] == spec["output_ciphertexts"] == spec["batch_capacity"] == 1
+    steps = spec["galois_steps"]
+    assert steps and all(s & (s - 1) == 0 for s in steps)
+    assert plan.params.security >= 128
+    # Layers are rescaled right after their product: one extra prime per layer, not 2x bits.
+    assert all(layer.product_primes == 1 for layer in plan.layers)
+
+
+def test_encrypted_single_matches_plaintext(single, test_images, toy_model_path):
+    plan, server, client, _, keys = single
+    session = ort.InferenceSession(str(toy_model_path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    reference = session.run(None, {name: test_images.astype(np.float32)})[0]
+    for i, image in enumerate(test_images):
+        out = client.decrypt(server.evaluate(keys, client.encrypt(image[None])))
+        assert out.shape == (1, plan.n_outputs)
+        chain = plan.chain.run(image[None].reshape(1, -1))
+        assert np.max(np.abs(out - chain)) <= plan.predicted_error
+        np.testing.assert_allclose(out[0], reference[i], atol=max(plan.predicted_error, 1e-3))
+        assert out.argmax() == reference[i].argmax()
+
+
+def test_more_than_one_sample_is_refused(single, test_images):
+    _, _, client, _, _ = single
+    with pytest.raises(she.ParameterError, match="1 to 1 per request"):
+        client.encrypt(test_images[:2])
+
+
+def test_context_without_galois_keys_is_refused(single):
+    _, server, client, context, _ = single
+    msg = wire.unpack(context, kind=wire.KIND_CONTEXT, max_items=2, max_item_bytes=1 << 30)
+    stripped = wire.pack(wire.KIND_CONTEXT, msg.meta, msg.items[:1])
+    with pytest.raises(she.FormatError, match="Galois keys"):
+        server.load_context(stripped)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "other-steps"])
+def test_bad_galois_keys_are_refused(single, damage):
+    plan, server, client, context, _ = single
+    msg = wire.unpack(context, kind=wire.KIND_CONTEXT, max_items=2, max_item_bytes=1 << 30)
+    keys = msg.items[1]
+    if damage == "garbage":
+        keys = np.random.default_rng(0).bytes(len(keys))
+    elif damage == "truncated":
+        keys = keys[: len(keys) // 2]
+    else:
+        from she.context import galois_key_bytes
+        keys = galois_key_bytes(client.ctx, plan.rotation_steps()[:-1])
+    with pytest.raises(she.FormatError, match="Galois keys"):
+        server.load_context(wire.pack(wire.KIND_CONTEXT, msg.meta, [msg.items[0], keys]))
+
+
+def test_spec_asking_for_too_many_keys_is_refused(single):
+    plan, *_ = single
+    spec = plan.spec()
+    spec["galois_steps"] = list(range(1, 200))
+    with pytest.raises(she.ParameterError, match="galois_steps"):
+        she.Client(spec)
