@@ -328,9 +328,10 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
             ``range_margin``) instead of interval arithmetic over the declared input range.
         scale_bits: log2 of the scale of fresh ciphertexts and after every rescale.
         weight_bits: significant bits kept for weights that are not exactly representable.
-            When neither is given, the compiler tries :data:`PRECISION_LADDER` in order and
-            keeps the first (cheapest) setting whose predicted error keeps the argmax of
-            the calibration samples.
+            When neither is given, the compiler tries every setting of
+            :data:`PRECISION_LADDER` (:data:`SINGLE_PRECISION_LADDER` for single packing) and
+            keeps the cheapest (smallest ring, then fewest primes) whose predicted error keeps
+            the argmax of the calibration samples.
         security: 128 (default), 192 or 256 bits; anything lower is refused.
         poly_modulus_degree: force a ring size (refused if it cannot hold the plan securely).
         range_margin: safety factor on calibrated value ranges.
@@ -345,14 +346,25 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
         ladder = ((scale_bits or 26, weight_bits or 12),)
     chain = model if isinstance(model, Chain) else lower(model)
     failure: ParameterError | None = None
+    best: Plan | None = None
     for s_bits, w_bits in ladder:
         try:
-            return _compile_once(model, chain, scheme, packing, calibration, s_bits, w_bits,
+            plan = _compile_once(model, chain, scheme, packing, calibration, s_bits, w_bits,
                                  security, poly_modulus_degree, range_margin, name)
         except ParameterError as exc:
             failure = exc
-    assert failure is not None
-    raise failure
+            continue
+        # Cheapest first: ring size, then number of primes (earlier rungs win ties).
+        if best is None or _cost(plan) < _cost(best):
+            best = plan
+    if best is None:
+        assert failure is not None
+        raise failure
+    return best
+
+
+def _cost(plan: Plan) -> tuple[int, int]:
+    return plan.params.poly_modulus_degree, len(plan.params.primes)
 
 
 def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
