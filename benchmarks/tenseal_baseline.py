@@ -47,13 +47,14 @@ import onnx
 import tenseal as ts
 from onnx import numpy_helper
 
+from she import assets
+
 try:  # progress bars are optional
     from tqdm import tqdm
 except ImportError:  # pragma: no cover - depends on the environment
     tqdm = None
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = REPO / "she" / "assets" / "tutorial_cnn.onnx"
+DEFAULT_MODEL = assets.tutorial_model_path()
 DEFAULT_DATA = "../shared/data/mnist"
 #: The TenSEAL tutorial's encryption parameters (used by both baselines by default).
 TUTORIAL_POLY_MODULUS_DEGREE = 8192

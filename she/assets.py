@@ -15,6 +15,12 @@ def demo_model_path() -> Path:
     return Path(str(resources.files("she") / "assets" / "mnist_demo.onnx"))
 
 
+def tutorial_model_path() -> Path:
+    """Path of the TenSEAL-tutorial MNIST network (float weights, trained by
+    ``converters/train_tutorial.py``): the network of the plain-TenSEAL peer benchmarks."""
+    return Path(str(resources.files("she") / "assets" / "tutorial_cnn.onnx"))
+
+
 def demo_samples() -> tuple[np.ndarray, np.ndarray]:
     """The shipped MNIST test digits: float images ``(n, 1, 28, 28)`` in [0, 1] and labels."""
     resource = resources.files("she") / "assets" / "mnist_samples.npz"

@@ -23,6 +23,7 @@ from .context import (
     level_specs,
     new_secret_context,
     public_context_bytes,
+    relin_key_bytes,
 )
 from .errors import FormatError, ParameterError
 from .layout import tile
@@ -44,7 +45,7 @@ class Client:
         if self.packing not in ("batch", "single"):
             raise ParameterError(f"model spec has an unknown packing {self.packing!r}")
         self.galois_steps = _galois_steps(self.spec, self.params.slots)
-        self._galois: bytes | None = None
+        self._public: bytes | None = None
         if context is None:
             context = new_secret_context(self.params)
         else:
@@ -65,14 +66,15 @@ class Client:
         return self.params.fingerprint()
 
     def public_context(self) -> bytes:
-        """The evaluation keys to send to the server (no secret key)."""
-        meta = {"fingerprint": self.fingerprint, "model": self.spec.get("model")}
-        items = [public_context_bytes(self.ctx)]
-        if self.galois_steps:
-            if self._galois is None:
-                self._galois = galois_key_bytes(self.ctx, self.galois_steps)
-            items.append(self._galois)
-        return wire.pack(wire.KIND_CONTEXT, meta, items)
+        """What the server needs (no secret key): the parameters, the relinearisation keys
+        and, for single packing, the Galois keys of the plan's rotations. Made once."""
+        if self._public is None:
+            items = [public_context_bytes(self.ctx), relin_key_bytes(self.ctx)]
+            if self.galois_steps:
+                items.append(galois_key_bytes(self.ctx, self.galois_steps))
+            meta = {"fingerprint": self.fingerprint, "model": self.spec.get("model")}
+            self._public = wire.pack(wire.KIND_CONTEXT, meta, items)
+        return self._public
 
     def encrypt(self, x: np.ndarray) -> bytes:
         """Encrypt a batch of samples: ``x`` has shape ``(batch, *input_shape)``."""

@@ -22,7 +22,7 @@ import numpy as np
 
 from . import layout
 from .errors import ParameterError
-from .lowering import Chain, lower
+from .lowering import Affine, Chain, lower
 from .model import Model
 from .params import MAX_MODULUS_BITS, MIN_PRIME_BITS, EncryptionParameters, smallest_ring
 
@@ -449,7 +449,11 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
                 layers, 0.0, chain, calibrated=calibration is not None, notes=notes)
     if packing == "single":
         plan.layouts()  # refuses layers wider than a ciphertext
-    plan.predicted_error = _predicted_error(plan, magnitudes, x_bound, quantised, input_norms)
+    deviation = None
+    if calibration is not None:
+        deviation = range_margin * _quantisation_deviation(chain, quantised, cal)
+    plan.predicted_error = _predicted_error(plan, magnitudes, x_bound, quantised, input_norms,
+                                            deviation)
     if calibration is not None:
         _check_argmax_margin(plan, cal)
     return plan
@@ -479,10 +483,24 @@ def _single_products(quantised: list[tuple[np.ndarray, int, np.ndarray]], scale_
     return products, shifts
 
 
+def _quantisation_deviation(chain: Chain, quantised: list[tuple[np.ndarray, int, np.ndarray]],
+                            cal: np.ndarray) -> float:
+    """Largest |output change| that weight quantisation causes on the calibration samples."""
+    rounded = Chain([Affine(w_int * 2.0 ** -f, layer.bias, layer.out_shape)
+                     for layer, (w_int, f, _) in zip(chain.layers, quantised, strict=True)],
+                    chain.input_shape)
+    flat = cal.reshape(len(cal), -1)
+    return float(np.abs(rounded.run(flat) - chain.run(flat)).max(initial=0.0))
+
+
 def _predicted_error(plan: Plan, magnitudes: list[np.ndarray], x_bound: float,
                      quantised: list[tuple[np.ndarray, int, np.ndarray]],
-                     input_norms: list[float]) -> float:
+                     input_norms: list[float], deviation: float | None = None) -> float:
     """A 6-sigma estimate of the absolute error of the decrypted outputs.
+
+    ``deviation``: the weight-quantisation error measured on calibration samples (with a
+    margin); when given it replaces the propagated worst-case weight-rounding term, which
+    is far more pessimistic because it assumes every input at its largest magnitude.
 
     Error standard deviations are propagated per unit: fresh encryption noise, weight
     rounding and bias rounding through each affine map (independent errors add in
@@ -503,7 +521,7 @@ def _predicted_error(plan: Plan, magnitudes: list[np.ndarray], x_bound: float,
         real = w_int * 2.0 ** -shift
         noise = np.sqrt((real * real) @ (err * err))
         # Weight rounding errors are known; their signs are taken as independent.
-        rounding = np.sqrt((w_err * w_err) @ (in_bound * in_bound))
+        rounding = np.sqrt((w_err * w_err) @ (in_bound * in_bound)) if deviation is None else 0.0
         if plan.packing == "single":
             # Encoding rounds each diagonal coefficient (slot error std sqrt(N/12) / prime);
             # the rescale after the product adds rounding at the output scale.
@@ -513,7 +531,7 @@ def _predicted_error(plan: Plan, magnitudes: list[np.ndarray], x_bound: float,
         if k < plan.depth:
             err = 2 * magnitudes[k] * err + err * err + rescale / scales[k + 1][0]
             in_bound = magnitudes[k] ** 2
-    return 6.0 * float(err.max(initial=0.0))
+    return 6.0 * float(err.max(initial=0.0)) + (deviation or 0.0)
 
 
 def _check_argmax_margin(plan: Plan, cal: np.ndarray) -> None:

@@ -1,10 +1,12 @@
 """TenSEAL contexts: creating them, exporting the public part, and checking uploads.
 
 Keys are generated and held by TenSEAL/SEAL only. The client creates a context that
-carries the secret key; what it sends is :func:`public_context_bytes` (public key and
-relinearisation keys, no secret key). A server accepts a context through
-:func:`load_public_context`, which refuses one that carries a secret key or whose
-parameters differ from the plan's.
+carries the secret key; what it sends is :func:`public_context_bytes` (the parameters, no
+key at all) with :func:`relin_key_bytes` and, for single packing, :func:`galois_key_bytes`
+(evaluation keys in SEAL's seeded form, half the size of their expanded form). A server
+accepts a context through :func:`load_public_context`, which refuses one that carries a
+secret key or whose parameters differ from the plan's, and the keys through
+:func:`load_relin_keys` and :func:`load_galois_keys`.
 
 This module also moves ciphertexts between SEAL objects and the numpy arrays the engine
 computes on (:class:`SealBridge`): SEAL's Python bindings load and save ciphertexts
@@ -16,7 +18,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import tenseal as ts
 import tenseal.sealapi as sealapi
@@ -24,6 +28,9 @@ import tenseal.sealapi as sealapi
 from . import sealbytes
 from .errors import FormatError, ParameterError, SecurityError
 from .params import EncryptionParameters
+
+KeysT = TypeVar("KeysT", sealapi.RelinKeys, sealapi.GaloisKeys)
+_SEAL_MAGIC = sealbytes.MAGIC.to_bytes(2, "little")
 
 #: Refuse uploaded contexts larger than this many bytes.
 MAX_CONTEXT_BYTES = 256 * 1024 * 1024
@@ -43,9 +50,11 @@ def new_secret_context(params: EncryptionParameters) -> ts.Context:
 
 
 def public_context_bytes(ctx: ts.Context) -> bytes:
-    """Serialise the public part of ``ctx`` (no secret key)."""
-    return ctx.serialize(save_public_key=True, save_secret_key=False, save_galois_keys=False,
-                         save_relin_keys=True)
+    """Serialise the parameters of ``ctx`` only: no secret key, no public key (the client
+    encrypts with its secret key, so the server never needs one) and no evaluation keys,
+    which travel separately in SEAL's smaller seeded form (:func:`relin_key_bytes`)."""
+    return ctx.serialize(save_public_key=False, save_secret_key=False, save_galois_keys=False,
+                         save_relin_keys=False)
 
 
 def context_primes(ctx: ts.Context) -> tuple[int, ...]:
@@ -84,8 +93,6 @@ def load_public_context(data: bytes, params: EncryptionParameters) -> ts.Context
             "(Context.serialize(save_secret_key=False)) and keep the secret key on the client"
         )
     check_matches(ctx, params)
-    if not ctx.has_relin_keys():
-        raise FormatError("the uploaded context has no relinearisation keys")
     return ctx
 
 
@@ -94,37 +101,55 @@ def galois_elements(steps: list[int], poly_modulus_degree: int) -> list[int]:
     return [pow(3, step, 2 * poly_modulus_degree) for step in steps]
 
 
+def relin_key_bytes(ctx: ts.Context) -> bytes:
+    """Relinearisation keys in SEAL's seeded serialisation (needs the secret key)."""
+    return _save_serializable(ctx, lambda keygen: keygen.create_relin_keys())
+
+
 def galois_key_bytes(ctx: ts.Context, steps: list[int]) -> bytes:
     """Galois keys for exactly ``steps`` (SEAL's seeded serialisation; needs the secret key)."""
-    seal = ctx.seal_context().data
-    n = seal.key_context_data().parms().poly_modulus_degree()
-    keygen = sealapi.KeyGenerator(seal, ctx.secret_key().data)
-    serializable = keygen.create_galois_keys(galois_elements(steps, n))
+    n = ctx.seal_context().data.key_context_data().parms().poly_modulus_degree()
+    return _save_serializable(ctx, lambda keygen: keygen.create_galois_keys(galois_elements(steps, n)))
+
+
+def _save_serializable(ctx: ts.Context, create: Callable[[sealapi.KeyGenerator], Any]) -> bytes:
+    keygen = sealapi.KeyGenerator(ctx.seal_context().data, ctx.secret_key().data)
     bridge = SealBridge(ctx)
     try:
-        serializable.save(bridge.unit_path(0))
+        create(keygen).save(bridge.unit_path(0))
         return Path(bridge.unit_path(0)).read_bytes()
     finally:
         bridge.close()
 
 
+def load_relin_keys(ctx: ts.Context, data: bytes) -> sealapi.RelinKeys:
+    """Load uploaded relinearisation keys, checked by SEAL against ``ctx``'s parameters."""
+    return _load_keys(ctx, data, sealapi.RelinKeys(), "relinearisation")
+
+
 def load_galois_keys(ctx: ts.Context, data: bytes, steps: list[int]) -> sealapi.GaloisKeys:
     """Load uploaded Galois keys, checking SEAL's validity and that ``steps`` are covered."""
-    seal = ctx.seal_context().data
-    n = seal.key_context_data().parms().poly_modulus_degree()
-    keys = sealapi.GaloisKeys()
-    bridge = SealBridge(ctx)
-    try:
-        Path(bridge.unit_path(0)).write_bytes(data)
-        keys.load(seal, bridge.unit_path(0))
-    except Exception as exc:  # SEAL raises ValueError / RuntimeError on malformed keys
-        raise FormatError(f"Galois keys do not load for these parameters: {exc}") from exc
-    finally:
-        bridge.close()
+    n = ctx.seal_context().data.key_context_data().parms().poly_modulus_degree()
+    keys = _load_keys(ctx, data, sealapi.GaloisKeys(), "Galois")
     missing = [s for s, elt in zip(steps, galois_elements(steps, n), strict=True)
                if not keys.has_key(elt)]
     if missing:
         raise FormatError(f"Galois keys for rotation steps {missing} are missing")
+    return keys
+
+
+def _load_keys(ctx: ts.Context, data: bytes, keys: KeysT, what: str) -> KeysT:
+    """``keys.load`` from ``data`` (SEAL validates the keys against ``ctx``)."""
+    if bytes(data[:2]) != _SEAL_MAGIC:
+        raise FormatError(f"{what} keys are not in SEAL's serialised format")
+    bridge = SealBridge(ctx)
+    try:
+        Path(bridge.unit_path(0)).write_bytes(data)
+        keys.load(ctx.seal_context().data, bridge.unit_path(0))
+    except Exception as exc:  # SEAL raises ValueError / RuntimeError on malformed keys
+        raise FormatError(f"{what} keys do not load for these parameters: {exc}") from exc
+    finally:
+        bridge.close()
     return keys
 
 
@@ -154,7 +179,7 @@ class SealBridge:
         self._dir = Path(tempfile.mkdtemp(prefix="she-", dir=root))
         self._path = str(self._dir / "ct")
 
-    def unit_path(self, index: int) -> str:
+    def unit_path(self, index: int | str) -> str:
         """A scratch file path private to this bridge."""
         return str(self._dir / f"u{index}")
 

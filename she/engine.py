@@ -12,8 +12,9 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import tenseal as ts
@@ -24,7 +25,9 @@ from .compiler import Plan
 from .context import SealBridge
 from .kernels import LinearKernel, add_constant
 
-#: What the forked square workers need; set by the parent just before it forks.
+T = TypeVar("T")
+
+#: What the forked workers need; set by the parent just before it forks.
 _JOB: dict[str, Any] = {}
 
 
@@ -43,11 +46,13 @@ class Engine:
         self.kernels = [LinearKernel.build(layer.weights, max(self.primes))
                         for layer in plan.layers]
 
-    def run(self, ctx: ts.Context, inputs: np.ndarray, scale: float) -> tuple[np.ndarray, float]:
+    def run(self, ctx: ts.Context, relin: sealapi.RelinKeys, inputs: np.ndarray,
+            scale: float) -> tuple[np.ndarray, float]:
         """Evaluate the plan.
 
         Args:
-            ctx: the client's public context (relinearisation keys).
+            ctx: the client's public context (its parameters).
+            relin: the client's relinearisation keys.
             inputs: ``(n_inputs, 2, limbs, N)`` uint64 coefficient arrays at the top level.
             scale: their CKKS scale.
 
@@ -57,17 +62,37 @@ class Engine:
         try:
             data = inputs
             for k, (layer, kernel) in enumerate(zip(self.plan.layers, self.kernels, strict=True)):
-                moduli = self.primes[: data.shape[2]]
-                data = kernel.apply(data, moduli)
+                data = self._linear(bridge, kernel, data, k)
                 scale *= 2.0 ** layer.shift
-                add_constant(data, layer.bias, scale, moduli)
+                add_constant(data, layer.bias, scale, self.primes[: data.shape[2]])
                 if k < self.plan.depth:
-                    data, scale = self._square(bridge, ctx, data, scale, layer.rescale_primes)
+                    data, scale = self._square(bridge, relin, data, scale, layer.rescale_primes)
             return data, scale
         finally:
             bridge.close()
 
-    def _square(self, bridge: SealBridge, ctx: ts.Context, data: np.ndarray, scale: float,
+    def _linear(self, bridge: SealBridge, kernel: LinearKernel, data: np.ndarray,
+                index: int) -> np.ndarray:
+        """``kernel`` on every limb of ``data``; the limbs are shared among the workers, which
+        write their part of the result into a shared-memory file."""
+        moduli = self.primes[: data.shape[2]]
+        workers = min(self.workers, len(moduli))
+        if workers == 1:
+            return kernel.apply(data, moduli)
+        shape = (kernel.n_out, data.shape[1], len(moduli), data.shape[3])
+        path = bridge.unit_path(f"linear{index}")
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint64, shape=shape)
+        del out  # the workers fill the file
+        _JOB.update(kernel=kernel, data=data, moduli=moduli, out=path)
+        try:
+            _run_pool(workers, _linear_limbs, [range(i, len(moduli), workers) for i in range(workers)])
+        finally:
+            _JOB.clear()
+        result = np.load(path, mmap_mode="r+")
+        Path(path).unlink()  # the mapping stays valid; the memory goes with it
+        return result
+
+    def _square(self, bridge: SealBridge, relin: sealapi.RelinKeys, data: np.ndarray, scale: float,
                 rescales: int) -> tuple[np.ndarray, float]:
         """Square every ciphertext, relinearise, and drop ``rescales`` primes."""
         level = bridge.levels[data.shape[2]]
@@ -76,25 +101,38 @@ class Engine:
         for unit, path in zip(data, paths, strict=True):
             raw = sealbytes.RawCiphertext(unit, scale, level.parms_id)
             Path(path).write_bytes(sealbytes.serialize(raw))
-        _JOB.update(seal=bridge.seal, relin=ctx.relin_keys().data, rescales=rescales,
+        _JOB.update(seal=bridge.seal, relin=relin, rescales=rescales,
                     paths=paths, level=out_level)
         workers = min(self.workers, len(paths))
-        chunks = [range(i, len(paths), workers) for i in range(workers)]
         try:
-            if workers > 1:
-                pool = multiprocessing.get_context("fork").Pool(workers, _reset_signals)
-                try:
-                    scales = pool.map(_square_chunk, chunks)
-                finally:
-                    pool.close()
-                    pool.join()
-            else:
-                scales = [_square_chunk(chunks[0])]
+            scales = _run_pool(workers, _square_chunk,
+                               [range(i, len(paths), workers) for i in range(workers)])
         finally:
             _JOB.clear()
         shape = (2, out_level.limbs, out_level.poly_modulus_degree)
         out = np.stack([np.fromfile(f"{p}.raw", dtype=np.uint64).reshape(shape) for p in paths])
         return out, scales[0]
+
+
+def _run_pool(workers: int, fn: Callable[[range], T], chunks: list[range]) -> list[T]:
+    """``[fn(chunk) for chunk in chunks]``, in ``workers`` forked processes when above one."""
+    if workers <= 1:
+        return [fn(chunk) for chunk in chunks]
+    pool = multiprocessing.get_context("fork").Pool(workers, _reset_signals)
+    try:
+        return pool.map(fn, chunks)
+    finally:
+        pool.close()
+        pool.join()
+
+
+def _linear_limbs(limbs: range) -> None:
+    """Worker: apply the kernel to the limbs ``limbs`` and store them in the shared output."""
+    kernel, data, moduli = _JOB["kernel"], _JOB["data"], _JOB["moduli"]
+    out = np.load(_JOB["out"], mmap_mode="r+")
+    for j in limbs:
+        out[:, :, j:j + 1, :] = kernel.apply(data[:, :, j:j + 1, :], (moduli[j],))
+    out.flush()
 
 
 def _reset_signals() -> None:

@@ -57,6 +57,11 @@ class LinearKernel:
             as_float = [sp.csr_matrix(p) for p in as_float]
         return cls(as_float, base)
 
+    @property
+    def n_out(self) -> int:
+        """Output ciphertexts of the layer."""
+        return int(self.digits[0].shape[0])
+
     def apply(self, data: np.ndarray, moduli: tuple[int, ...]) -> np.ndarray:
         """``W @ data mod q`` for every limb.
 
@@ -64,7 +69,7 @@ class LinearKernel:
         ``(n_out, size, limbs, N)``.
         """
         n_in, size, limbs, degree = data.shape
-        n_out = self.digits[0].shape[0]
+        n_out = self.n_out
         out = np.empty((n_out, size, limbs, degree), dtype=np.uint64)
         shift = float(2 ** self.base_bits)
         # Every step works in place: on this kind of machine fresh temporaries (page faults)

@@ -18,7 +18,13 @@ import tenseal.sealapi as sealapi
 
 from . import sealbytes, wire
 from .compiler import Plan, compile
-from .context import SealBridge, level_specs, load_galois_keys, load_public_context
+from .context import (
+    SealBridge,
+    level_specs,
+    load_galois_keys,
+    load_public_context,
+    load_relin_keys,
+)
 from .engine import Engine
 from .errors import FormatError
 from .model import load
@@ -31,6 +37,7 @@ class EvaluationKeys:
 
     ctx: ts.Context
     fingerprint: str
+    relin: sealapi.RelinKeys = field(repr=False)
     galois: sealapi.GaloisKeys | None = field(default=None, repr=False)
 
 
@@ -66,16 +73,19 @@ class Server:
     def load_context(self, data: bytes) -> EvaluationKeys:
         """Accept a client's public context message."""
         steps = self.plan.rotation_steps()
-        msg = wire.unpack(data, kind=wire.KIND_CONTEXT, max_items=2,
+        msg = wire.unpack(data, kind=wire.KIND_CONTEXT, max_items=3,
                           max_item_bytes=len(data))
         if msg.meta.get("fingerprint") != self.fingerprint:
             raise FormatError("context was made for other encryption parameters")
-        if len(msg.items) != 1 + bool(steps):
-            raise FormatError(f"expected {1 + bool(steps)} items (public context"
-                              f"{' and Galois keys' if steps else ''}), got {len(msg.items)}")
-        ctx = load_public_context(msg.items[0], self.plan.params)
-        galois = load_galois_keys(ctx, msg.items[1], steps) if steps else None
-        return EvaluationKeys(ctx, self.fingerprint, galois)
+        if msg.items:  # a context that carries a secret key is refused whatever follows it
+            ctx = load_public_context(msg.items[0], self.plan.params)
+        if len(msg.items) != 2 + bool(steps):
+            raise FormatError(f"expected {2 + bool(steps)} items (public context, "
+                              f"relinearisation keys{', Galois keys' if steps else ''}), "
+                              f"got {len(msg.items)}")
+        relin = load_relin_keys(ctx, msg.items[1])
+        galois = load_galois_keys(ctx, msg.items[2], steps) if steps else None
+        return EvaluationKeys(ctx, self.fingerprint, relin, galois)
 
     def evaluate(self, keys: EvaluationKeys, data: bytes) -> bytes:
         """Run the model on a ciphertext message; returns the encrypted result message."""
@@ -100,7 +110,7 @@ class Server:
             items = [self._evaluate_single(keys, sealbytes.RawCiphertext(
                 inputs[0], self.plan.input_scale, level.parms_id))]
         else:
-            out, scale = self.engine.run(keys.ctx, inputs, self.plan.input_scale)
+            out, scale = self.engine.run(keys.ctx, keys.relin, inputs, self.plan.input_scale)
             out_level = level_specs(keys.ctx)[out.shape[2]]
             items = [sealbytes.serialize(sealbytes.RawCiphertext(unit, scale, out_level.parms_id),
                                          compress=True) for unit in out]
@@ -113,7 +123,7 @@ class Server:
         assert isinstance(self.engine, SingleEngine)
         bridge = SealBridge(keys.ctx)
         try:
-            out = self.engine.run(keys.ctx, keys.galois, bridge.to_seal(raw))
+            out = self.engine.run(keys.ctx, keys.relin, keys.galois, bridge.to_seal(raw))
             return bridge.save_bytes(out)
         finally:
             bridge.close()

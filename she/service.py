@@ -185,8 +185,9 @@ def create_app(servers: dict[str, Server], config: ServiceConfig | None = None) 
 
     @app.post(f"{API}/models/{{model}}/sessions", status_code=201,
               summary="Register a session by uploading the public context",
-              description="Body: a SHE context message holding TenSEAL's serialised public "
-                          "context (public and relinearisation keys). Refused with 403 if it "
+              description="Body: a SHE context message holding TenSEAL's serialised context "
+                          "(parameters only), the relinearisation keys and, for single "
+                          "packing, the Galois keys (SEAL format). Refused with 403 if it "
                           "carries a secret key, 422 if its parameters differ from the model's.",
               openapi_extra={"requestBody": {"content": _BINARY, "required": True}})
     async def register(model: str, request: Request) -> dict[str, Any]:

@@ -62,13 +62,13 @@ class SingleEngine:
                 self._diagonals = []  # the encoded form is all that is needed from now on
             return self._plain
 
-    def run(self, ctx: ts.Context, galois: sealapi.GaloisKeys, ct: sealapi.Ciphertext) -> sealapi.Ciphertext:
+    def run(self, ctx: ts.Context, relin: sealapi.RelinKeys, galois: sealapi.GaloisKeys,
+            ct: sealapi.Ciphertext) -> sealapi.Ciphertext:
         """Evaluate the plan on one input ciphertext (consumed) and return the output."""
         seal = ctx.seal_context().data
         plain = self._encode_diagonals(seal)
         evaluator = sealapi.Evaluator(seal)
         encoder = sealapi.CKKSEncoder(seal)
-        relin = ctx.relin_keys().data
         for k, (lay, layer) in enumerate(zip(self.layouts, self.plan.layers, strict=True)):
             ct = _diagonal_product(evaluator, galois, lay, plain[k], ct)
             for _ in range(layer.product_primes):

@@ -71,3 +71,30 @@ def test_full_mnist_test_set_agreement(mnist_dir, demo_plan):
           f"{np.abs(enc - plain).max():.3e}, batches {timings.batches}")
     assert agreement >= 0.995
     assert float(np.mean(enc.argmax(1) == y)) >= 0.985
+
+
+def test_worker_count_does_not_change_the_result(mnist_dir, demo_plan):
+    """The kernels and squares split among processes give bit-identical ciphertexts."""
+    _, plan = demo_plan
+    x, _ = load_idx_dataset(mnist_dir, "test")
+    client = she.Client(plan.spec())
+    request = client.encrypt(x[:32])
+    responses = []
+    for workers in (1, 2):
+        server = she.Server(plan, workers=workers)
+        responses.append(server.evaluate(server.load_context(client.public_context()), request))
+    assert responses[0] == responses[1]
+
+
+def test_float_weights_stay_within_the_predicted_error(mnist_dir):
+    """The TenSEAL-tutorial network has ordinary float weights: weight rounding is measured
+    on the calibration samples, and the encrypted logits stay within the predicted bound."""
+    model = she.load(assets.tutorial_model_path())
+    train, _ = load_idx_dataset(mnist_dir, "train")
+    x, _ = load_idx_dataset(mnist_dir, "test")
+    plan = she.compile(model, calibration=train[:1000])
+    plain = model.run_plain(x[:512])
+    enc, _ = encrypted_predict(plan, x[:512])
+    assert np.mean(enc.argmax(1) == plain.argmax(1)) >= 0.995
+    err = np.abs(enc - plain).max()
+    assert err < plan.predicted_error, (err, plan.predicted_error)

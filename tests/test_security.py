@@ -9,7 +9,7 @@ import tenseal.sealapi as sealapi
 
 import she
 from she import wire
-from she.context import public_context_bytes
+from she.context import public_context_bytes, relin_key_bytes
 from she.params import MAX_MODULUS_BITS, RING_SIZES, EncryptionParameters, check_security
 
 SEAL_LEVELS = {128: sealapi.SEC_LEVEL_TYPE.TC128, 192: sealapi.SEC_LEVEL_TYPE.TC192,
@@ -125,7 +125,17 @@ def test_spec_with_insecure_parameters_is_refused(toy_plan):
 def test_public_context_is_accepted_and_has_no_secret_key(toy_server_client):
     server, client, keys = toy_server_client
     assert keys.fingerprint == client.fingerprint == server.fingerprint
-    assert not keys.ctx.has_secret_key() and keys.ctx.has_relin_keys()
+    # Parameters only: no secret key, and no public key either (the client encrypts with
+    # its secret key); the relinearisation keys travel separately in seeded form.
+    assert not keys.ctx.has_secret_key() and not keys.ctx.has_public_key()
+    assert keys.relin.size() == 1  # the key-switching key for s^2
+    msg = wire.unpack(client.public_context(), kind=wire.KIND_CONTEXT, max_items=3,
+                      max_item_bytes=1 << 30)
+    assert len(msg.items[0]) < 1024
+    # Seeded: about half of the expanded keys TenSEAL itself would serialise.
+    expanded = client.ctx.serialize(save_public_key=False, save_secret_key=False,
+                                    save_galois_keys=False, save_relin_keys=True)
+    assert len(msg.items[1]) < 0.6 * len(expanded)
     again = server.load_context(client.public_context())
     assert not again.ctx.has_secret_key()
 
@@ -167,12 +177,16 @@ def test_server_refuses_a_context_for_other_parameters(toy_server_client, reques
         server.load_context(relabelled)
 
 
-def test_server_refuses_a_context_without_relinearisation_keys(toy_server_client):
+def test_server_refuses_missing_or_foreign_relinearisation_keys(toy_server_client, plan_192):
     server, client, _ = toy_server_client
-    body = client.ctx.serialize(save_public_key=True, save_secret_key=False,
-                                save_galois_keys=False, save_relin_keys=False)
+    body = public_context_bytes(client.ctx)
     message = wire.pack(wire.KIND_CONTEXT, {"fingerprint": client.fingerprint}, [body])
     with pytest.raises(she.FormatError, match="relinearisation"):
+        server.load_context(message)
+    # Keys made for other parameters: SEAL's own validation refuses them.
+    foreign = relin_key_bytes(she.Client(plan_192.spec()).ctx)
+    message = wire.pack(wire.KIND_CONTEXT, {"fingerprint": client.fingerprint}, [body, foreign])
+    with pytest.raises(she.FormatError, match="relinearisation keys do not load"):
         server.load_context(message)
 
 
