@@ -77,7 +77,11 @@ class Client:
         return self._public
 
     def encrypt(self, x: np.ndarray) -> bytes:
-        """Encrypt a batch of samples: ``x`` has shape ``(batch, *input_shape)``."""
+        """Encrypt a batch of samples: ``x`` has shape ``(batch, *input_shape)``.
+
+        Single packing sends its one ciphertext in SEAL's seeded form (the second polynomial
+        replaced by the seed it is drawn from), which halves the upload.
+        """
         shape = tuple(self.spec["input_shape"])
         x = np.asarray(x, dtype=np.float64)
         if x.shape[1:] != shape and x.shape != shape:
@@ -96,9 +100,12 @@ class Client:
         for column in columns:
             plain = sealapi.Plaintext()
             self._encoder.encode(column.tolist(), scale, plain)
-            ct = sealapi.Ciphertext(self._seal)
-            self._encryptor.encrypt_symmetric(plain, ct)
-            items.append(self._bridge.save_bytes(ct))
+            if self.packing == "single":  # seeded: half the bytes; SEAL expands it on load
+                items.append(self._bridge.save_serializable(self._encryptor.encrypt_symmetric(plain)))
+            else:  # the server's kernels need both polynomials as coefficient arrays
+                ct = sealapi.Ciphertext(self._seal)
+                self._encryptor.encrypt_symmetric(plain, ct)
+                items.append(self._bridge.save_serializable(ct))
         meta = {"fingerprint": self.fingerprint, "batch": batch, "model": self.spec.get("model")}
         return wire.pack(wire.KIND_CIPHERTEXTS, meta, items)
 

@@ -116,8 +116,7 @@ def _save_serializable(ctx: ts.Context, create: Callable[[sealapi.KeyGenerator],
     keygen = sealapi.KeyGenerator(ctx.seal_context().data, ctx.secret_key().data)
     bridge = SealBridge(ctx)
     try:
-        create(keygen).save(bridge.unit_path(0))
-        return Path(bridge.unit_path(0)).read_bytes()
+        return bridge.save_serializable(create(keygen))
     finally:
         bridge.close()
 
@@ -184,18 +183,23 @@ class SealBridge:
         return str(self._dir / f"u{index}")
 
     def to_seal(self, raw: sealbytes.RawCiphertext) -> sealapi.Ciphertext:
-        Path(self._path).write_bytes(sealbytes.serialize(raw))
+        return self.load(sealbytes.serialize(raw))
+
+    def load(self, blob: bytes) -> sealapi.Ciphertext:
+        """A SEAL ciphertext from its serialisation (validate it with
+        :func:`she.sealbytes.parse` first; SEAL expands a seeded one)."""
+        Path(self._path).write_bytes(blob)
         ct = sealapi.Ciphertext(self.seal)
         ct.load(self.seal, self._path)
         return ct
 
-    def save_bytes(self, ct: sealapi.Ciphertext) -> bytes:
-        """SEAL's own (compressed) serialisation of ``ct``."""
-        ct.save(self._path)
+    def save_serializable(self, obj: Any) -> bytes:
+        """The bytes SEAL writes for ``obj`` (a ciphertext, keys or a seeded Serializable)."""
+        obj.save(self._path)
         return Path(self._path).read_bytes()
 
     def from_seal(self, ct: sealapi.Ciphertext) -> sealbytes.RawCiphertext:
-        return sealbytes.parse(self.save_bytes(ct), self.levels[ct.coeff_modulus_size()],
+        return sealbytes.parse(self.save_serializable(ct), self.levels[ct.coeff_modulus_size()],
                                size=ct.size())
 
     def close(self) -> None:

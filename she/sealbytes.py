@@ -32,6 +32,10 @@ _HEADER = struct.Struct("<HBBBBHQ")
 _BODY = struct.Struct("<4QBQQQdQ")
 _COUNT = struct.Struct("<Q")
 COMPR_NONE, COMPR_ZLIB, COMPR_ZSTD = 0, 1, 2
+#: A seeded ciphertext ends with SEAL's UniformRandomGeneratorInfo: a 16-byte header, the
+#: generator type (u8: 1 Blake2xb, 2 SHAKE-256) and a 512-bit seed.
+_SEED_INFO_SIZE = _HEADER.size + 1 + 64
+_PRNG_TYPES = (1, 2)
 #: The SEAL format version TenSEAL 0.3.18 writes and accepts (SEAL 4.3); checked by the tests.
 SEAL_VERSION = (4, 3)
 
@@ -49,9 +53,12 @@ class LevelSpec:
     def limbs(self) -> int:
         return len(self.moduli)
 
-    def raw_size(self, size: int = 2) -> int:
-        """Bytes of the uncompressed body for a ciphertext of ``size`` polynomials."""
-        return _BODY.size + _HEADER.size + _COUNT.size + 8 * size * self.limbs * self.poly_modulus_degree
+    def raw_size(self, size: int = 2, *, seeded: bool = False) -> int:
+        """Bytes of the uncompressed body for a ciphertext of ``size`` polynomials (only the
+        first of which is stored, followed by the seed of the second, when ``seeded``)."""
+        stored = 1 if seeded else size
+        return (_BODY.size + _HEADER.size + _COUNT.size
+                + 8 * stored * self.limbs * self.poly_modulus_degree + (_SEED_INFO_SIZE if seeded else 0))
 
 
 @dataclass
@@ -115,8 +122,12 @@ def _zstd_bounded(payload: bytes, limit: int) -> tuple[bytes, bool, bytes]:
     return b"".join(parts), inflater.eof, inflater.unused_data
 
 
-def parse(blob: bytes, level: LevelSpec, *, size: int = 2) -> RawCiphertext:
+def parse(blob: bytes, level: LevelSpec, *, size: int = 2, seeded: bool = False) -> RawCiphertext:
     """Parse and validate one serialised SEAL ciphertext expected at ``level``.
+
+    ``seeded``: the ciphertext must be in SEAL's seeded form (what a symmetric encryption
+    saves: the first polynomial, then the seed SEAL expands the second from); the result
+    then holds the first polynomial only, ``data`` of shape ``(1, limbs, N)``.
 
     Raises :class:`FormatError` with a precise reason on anything unexpected.
     """
@@ -129,7 +140,7 @@ def parse(blob: bytes, level: LevelSpec, *, size: int = 2) -> RawCiphertext:
         raise FormatError(f"SEAL format version {major} is not supported (expected 4)")
     if total != len(blob):
         raise FormatError(f"SEAL header says {total} bytes but {len(blob)} were given")
-    expected = level.raw_size(size)
+    expected = level.raw_size(size, seeded=seeded)
     payload = bytes(memoryview(blob)[_HEADER.size :])
     body = _decompress(mode, payload, expected)
     if len(body) != expected:
@@ -156,15 +167,28 @@ def parse(blob: bytes, level: LevelSpec, *, size: int = 2) -> RawCiphertext:
     n_magic, n_hsize, _, _, n_mode, _, _ = _HEADER.unpack_from(body, nested)
     if n_magic != MAGIC or n_hsize != _HEADER.size or n_mode != COMPR_NONE:
         raise FormatError("malformed coefficient array header")
+    stored = 1 if seeded else size
     (count,) = _COUNT.unpack_from(body, nested + _HEADER.size)
-    if count != size * level.limbs * level.poly_modulus_degree:
+    if count != stored * level.limbs * level.poly_modulus_degree:
         raise FormatError("coefficient count does not match the ciphertext shape")
     start = nested + _HEADER.size + _COUNT.size
-    data = np.frombuffer(body, dtype="<u8", offset=start).reshape(size, level.limbs, -1)
+    if seeded:
+        _check_seed_info(body, start + 8 * count)
+    data = np.frombuffer(body, dtype="<u8", offset=start, count=count).reshape(stored, level.limbs, -1)
     moduli = np.asarray(level.moduli, dtype=np.uint64)[None, :, None]
     if np.any(data >= moduli):
         raise FormatError("ciphertext coefficient out of range for its modulus")
     return RawCiphertext(data.copy(), float(scale), level.parms_id, bool(ntt), int(corr))
+
+
+def _check_seed_info(body: bytes, offset: int) -> None:
+    """Validate the UniformRandomGeneratorInfo that ends a seeded ciphertext body."""
+    magic, hsize, major, _minor, mode, _reserved, total = _HEADER.unpack_from(body, offset)
+    if (magic, hsize, major, mode, total) != (MAGIC, _HEADER.size, SEAL_VERSION[0], COMPR_NONE,
+                                               _SEED_INFO_SIZE):
+        raise FormatError("malformed seed of a seeded ciphertext")
+    if body[offset + _HEADER.size] not in _PRNG_TYPES:
+        raise FormatError("seeded ciphertext names an unknown random generator")
 
 
 def serialize(ct: RawCiphertext, *, compress: bool = False) -> bytes:

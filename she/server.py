@@ -98,18 +98,20 @@ class Server:
         batch = wire.batch_size(msg.meta, self.plan.batch_capacity)
         if len(msg.items) != n_in:
             raise FormatError(f"expected {n_in} input ciphertexts, got {len(msg.items)}")
-        inputs = np.empty((n_in, 2, level.limbs, level.poly_modulus_degree), dtype=np.uint64)
+        single = isinstance(self.engine, SingleEngine)
+        inputs = None if single else np.empty((n_in, 2, level.limbs, level.poly_modulus_degree),
+                                              dtype=np.uint64)
         for i, blob in enumerate(msg.items):
-            raw = sealbytes.parse(blob, level)
+            raw = sealbytes.parse(blob, level, seeded=single)
             if raw.scale != self.plan.input_scale:
                 raise FormatError(f"input ciphertext {i} has scale {raw.scale}, "
                                   f"expected {self.plan.input_scale}")
-            inputs[i] = raw.data
-        msg.items.clear()
-        if isinstance(self.engine, SingleEngine):
-            items = [self._evaluate_single(keys, sealbytes.RawCiphertext(
-                inputs[0], self.plan.input_scale, level.parms_id))]
+            if inputs is not None:
+                inputs[i] = raw.data
+        if inputs is None:
+            items = [self._evaluate_single(keys, msg.items[0])]
         else:
+            msg.items.clear()
             out, scale = self.engine.run(keys.ctx, keys.relin, inputs, self.plan.input_scale)
             out_level = level_specs(keys.ctx)[out.shape[2]]
             items = [sealbytes.serialize(sealbytes.RawCiphertext(unit, scale, out_level.parms_id),
@@ -117,14 +119,15 @@ class Server:
         meta = {"fingerprint": self.fingerprint, "batch": batch, "model": self.plan.model_name}
         return wire.pack(wire.KIND_CIPHERTEXTS, meta, items)
 
-    def _evaluate_single(self, keys: EvaluationKeys, raw: sealbytes.RawCiphertext) -> bytes:
+    def _evaluate_single(self, keys: EvaluationKeys, seeded: bytes) -> bytes:
+        """Single packing: ``seeded`` is the validated input ciphertext, which SEAL expands."""
         if keys.galois is None:
             raise FormatError("these evaluation keys carry no Galois keys")
         assert isinstance(self.engine, SingleEngine)
         bridge = SealBridge(keys.ctx)
         try:
-            out = self.engine.run(keys.ctx, keys.relin, keys.galois, bridge.to_seal(raw))
-            return bridge.save_bytes(out)
+            out = self.engine.run(keys.ctx, keys.relin, keys.galois, bridge.load(seeded))
+            return bridge.save_serializable(out)
         finally:
             bridge.close()
 

@@ -145,6 +145,6 @@ def foreign_ciphertext(toy_plan) -> bytes:
         sealapi.CKKSEncoder(bridge.seal).encode([0.25] * params.slots, toy_plan.input_scale, plain)
         ct = sealapi.Ciphertext(bridge.seal)
         sealapi.Encryptor(bridge.seal, ctx.secret_key().data).encrypt_symmetric(plain, ct)
-        return bridge.save_bytes(ct)
+        return bridge.save_serializable(ct)
     finally:
         bridge.close()

@@ -29,7 +29,7 @@ def material():
     sealapi.CKKSEncoder(bridge.seal).encode([0.5] * 2048, 2.0 ** 20, plain)
     ct = sealapi.Ciphertext(bridge.seal)
     sealapi.Encryptor(bridge.seal, ctx.secret_key().data).encrypt_symmetric(plain, ct)
-    blob = bridge.save_bytes(ct)
+    blob = bridge.save_serializable(ct)
     raw = sealbytes.parse(blob, bridge.levels[2])
     message = wire.pack(wire.KIND_CIPHERTEXTS, {"fingerprint": "x", "batch": 1}, [blob, blob])
     yield {

@@ -329,3 +329,48 @@ def test_scale_is_read_from_its_field(setup, plain_blob):
     assert raw.scale == 12.5
     with pytest.raises(she.FormatError, match="scale"):
         sealbytes.parse(_patch(plain_blob, OFF_SCALE, "<d", -12.5), level)
+
+
+# -- seeded ciphertexts (single-packing uploads) ---------------------------------------------------
+
+def _seeded_blob(client: she.Client, bridge: SealBridge, values: np.ndarray) -> bytes:
+    seal = client.ctx.seal_context().data
+    plain = sealapi.Plaintext()
+    sealapi.CKKSEncoder(seal).encode(values.tolist(), 2.0 ** 30, plain)
+    encryptor = sealapi.Encryptor(seal, client.ctx.secret_key().data)
+    return bridge.save_serializable(encryptor.encrypt_symmetric(plain))
+
+
+def test_seeded_ciphertext_parses_and_matches_seals_expansion(setup, tmp_path):
+    client, level, bridge, blob, _ = setup
+    values = np.linspace(-1, 1, client.params.slots)
+    seeded = _seeded_blob(client, bridge, values)
+    assert len(seeded) < 0.6 * len(blob)  # the second polynomial is a 64-byte seed
+    raw = sealbytes.parse(seeded, level, seeded=True)
+    assert raw.data.shape == (1, level.limbs, level.poly_modulus_degree)
+    expanded = bridge.from_seal(_load_seal(client, seeded, tmp_path / "ct"))
+    np.testing.assert_array_equal(raw.data[0], expanded.data[0])
+    assert np.abs(_decrypt(client, bridge.load(seeded)) - values).max() < 1e-6
+    # Each form is refused where the other is expected.
+    with pytest.raises(she.FormatError, match="bytes, expected"):
+        sealbytes.parse(seeded, level)
+    with pytest.raises(she.FormatError, match="larger than the model allows"):
+        sealbytes.parse(blob, level, seeded=True)
+
+
+@pytest.mark.parametrize("damage", ["prng-type", "seed-header", "coefficient"])
+def test_damaged_seeded_ciphertext_is_refused(setup, damage):
+    client, level, bridge, _, _ = setup
+    seeded = _seeded_blob(client, bridge, np.zeros(4))
+    body = bytearray(zstandard.ZstdDecompressor().decompress(
+        seeded[HEADER.size:], max_output_size=level.raw_size(seeded=True)))
+    info = len(body) - (HEADER.size + 1 + 64)
+    if damage == "prng-type":
+        body[info + HEADER.size] = 7
+    elif damage == "seed-header":
+        body[info] ^= 0xFF
+    else:
+        struct.pack_into("<Q", body, OFF_COEFFS - HEADER.size, level.moduli[0])
+    damaged = _with_header(seeded, bytes(body), mode=sealbytes.COMPR_NONE)
+    with pytest.raises(she.FormatError, match="seed|random generator|out of range"):
+        sealbytes.parse(damaged, level, seeded=True)

@@ -53,6 +53,22 @@ def test_encrypted_single_matches_plaintext(single, test_images, toy_model_path)
         assert out.argmax() == reference[i].argmax()
 
 
+def test_upload_is_seeded_and_an_expanded_ciphertext_is_refused(single, test_images):
+    plan, server, client, _, keys = single
+    request = client.encrypt(test_images[:1])
+    expanded_size = 8 * 2 * len(plan.params.ciphertext_primes) * plan.params.poly_modulus_degree
+    assert len(request) < 0.55 * expanded_size
+    # The same image as a full (two-polynomial) ciphertext is not what the server expects.
+    msg = wire.unpack(request, kind=wire.KIND_CIPHERTEXTS, max_items=1, max_item_bytes=1 << 30)
+    bridge = she.context.SealBridge(client.ctx)
+    try:
+        full = bridge.save_serializable(bridge.load(msg.items[0]))
+    finally:
+        bridge.close()
+    with pytest.raises(she.FormatError, match="larger than the model allows"):
+        server.evaluate(keys, wire.pack(wire.KIND_CIPHERTEXTS, msg.meta, [full]))
+
+
 def test_more_than_one_sample_is_refused(single, test_images):
     _, _, client, _, _ = single
     with pytest.raises(she.ParameterError, match="1 to 1 per request"):
