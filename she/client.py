@@ -26,7 +26,7 @@ from .context import (
     relin_key_bytes,
 )
 from .errors import FormatError, ParameterError
-from .layout import tile
+from .layout import period, replicate
 from .params import EncryptionParameters
 
 #: Largest accepted serialised ciphertext (bytes).
@@ -45,6 +45,7 @@ class Client:
         if self.packing not in ("batch", "single"):
             raise ParameterError(f"model spec has an unknown packing {self.packing!r}")
         self.galois_steps = _galois_steps(self.spec, self.params.slots)
+        self._replicas = _input_replicas(self.spec, self.params.slots)
         self._public: bytes | None = None
         if context is None:
             context = new_secret_context(self.params)
@@ -95,7 +96,8 @@ class Client:
         if not np.all(np.isfinite(x)):
             raise ParameterError("inputs contain NaN or infinity")
         scale = float(self.spec["input_scale"])
-        columns = x.T if self.packing == "batch" else [tile(x[0], self.params.slots)]
+        columns = x.T if self.packing == "batch" else [
+            replicate(x[0], self.params.slots, *self._replicas)]
         items = []
         for column in columns:
             plain = sealapi.Plaintext()
@@ -178,3 +180,15 @@ def _galois_steps(spec: dict[str, Any], slots: int) -> list[int]:
                              f"integers in 1..{slots - 1})")
     return sorted(set(steps))
 
+
+
+def _input_replicas(spec: dict[str, Any], slots: int) -> tuple[int, int]:
+    """Single packing's ``(replicas, shift)`` input layout from a spec, checked."""
+    replicas, shift = spec.get("input_replicas", 1), spec.get("input_shift", 0)
+    p = period(int(np.prod(spec["input_shape"])))
+    if not (isinstance(replicas, int) and isinstance(shift, int) and not isinstance(replicas, bool)
+            and not isinstance(shift, bool) and replicas >= 1 and replicas & (replicas - 1) == 0
+            and replicas * p <= slots and 0 <= shift < p):
+        raise ParameterError(f"model spec has an invalid input layout (input_replicas {replicas!r}, "
+                             f"input_shift {shift!r})")
+    return replicas, shift

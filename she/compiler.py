@@ -180,6 +180,8 @@ class Plan:
             "output_scale": self.output_scale(),
             "depth": self.depth,
             "galois_steps": self.rotation_steps(),
+            "input_replicas": self.layouts()[0].replicas if self.packing == "single" else 1,
+            "input_shift": self.layouts()[0].n_diagonals if self.packing == "single" else 0,
             "layout": self._layout_text(),
         }
 
@@ -187,10 +189,13 @@ class Plan:
         if self.packing == "batch":
             return ("batch: ciphertext i holds feature i (C-order) of every sample, sample b in "
                     "slot b; output ciphertext j holds output j")
-        p_in, p_out = layout.period(self.n_inputs), layout.period(self.n_outputs)
+        first = self.layouts()[0]
+        p_out = layout.period(self.n_outputs)
         return (f"single: one ciphertext holds the sample's features (C-order) zero-padded to "
-                f"{p_in} and repeated over all slots; the output ciphertext holds the outputs "
-                f"in slots 0..{self.n_outputs - 1} (repeated every {p_out} slots)")
+                f"{first.p_in} and repeated over all slots, copy r (slots r*{first.p_in} and up, r "
+                f"modulo {first.replicas}) rotated left by r*{first.n_diagonals}; the output "
+                f"ciphertext holds the outputs in slots 0..{self.n_outputs - 1} (repeated every "
+                f"{p_out} slots)")
 
     def describe(self) -> dict[str, Any]:
         """A report of the plan for ``she inspect`` (JSON-serialisable)."""

@@ -12,6 +12,11 @@ that a slot rotation acts cyclically inside every period. A linear layer ``y = W
   by one slot each, ``g - 1`` giant rotations by ``b`` in Horner form);
 * if ``P_out < P_in``: ``y = sum_t rot(z, t P_out)`` (``log2(P_in / P_out)`` rotations).
 
+The first layer's input comes from the client, which can lay it out more cleverly: copy
+``r`` of the input is rotated by ``r * D / R`` (``R`` copies), so one product covers ``R``
+diagonals and the diagonal count drops ``R``-fold, for ``log2 R`` rotations that sum the
+copies (see :class:`LayerLayout`).
+
 The result is ``y`` replicated with period ``P_out``: the layout the next layer expects.
 Every rotation step is a power of two, so the client generates a handful of Galois keys.
 This module is pure numpy; :mod:`she.single` runs it in SEAL.
@@ -32,21 +37,37 @@ def period(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
 
-def tile(values: np.ndarray, slots: int) -> np.ndarray:
-    """``values`` zero-padded to its period and repeated over ``slots`` slots."""
-    p = period(len(values))
-    block = np.zeros(p)
-    block[: len(values)] = values
-    return np.tile(block, slots // p)
+def replicate(values: np.ndarray, slots: int, replicas: int = 1, shift: int = 0) -> np.ndarray:
+    """``values`` in the input layout of a layer: zero-padded to its period ``P`` and tiled
+    over ``slots``, replica ``r`` (slots ``[rP, (r+1)P)``, counted modulo ``replicas``)
+    rotated left by ``r * shift`` inside its period."""
+    columns = input_columns(len(values), slots, replicas, shift)
+    padded = np.append(np.asarray(values, dtype=np.float64), 0.0)
+    return padded[np.where(columns < len(values), columns, len(values))]
+
+
+def input_columns(n: int, slots: int, replicas: int = 1, shift: int = 0) -> np.ndarray:
+    """Which input index every slot holds in :func:`replicate`'s layout (``>= n``: zero)."""
+    p = period(n)
+    s = np.arange(slots)
+    return (s % p + (s // p % replicas) * shift) % p
 
 
 @dataclass(frozen=True)
 class LayerLayout:
-    """The diagonal schedule of one ``n_out x n_in`` layer."""
+    """The diagonal schedule of one ``n_out x n_in`` layer.
+
+    ``replicas``: the input's copies hold it rotated by ``r * n_diagonals``
+    (:func:`replicate`), so that each copy serves its own share of the ``min(P_in, P_out)``
+    diagonals: every product then covers ``replicas`` diagonals at once, and
+    ``log2(replicas)`` extra rotations sum the copies. Only the client can lay out an input
+    this way, so only the first layer uses it.
+    """
 
     n_in: int
     n_out: int
     slots: int
+    replicas: int = 1
 
     @property
     def p_in(self) -> int:
@@ -58,7 +79,8 @@ class LayerLayout:
 
     @property
     def n_diagonals(self) -> int:
-        return min(self.p_in, self.p_out)
+        """Diagonal products per evaluation."""
+        return min(self.p_in, self.p_out) // self.replicas
 
     @property
     def baby(self) -> int:
@@ -71,9 +93,10 @@ class LayerLayout:
 
     @property
     def fold_steps(self) -> list[int]:
-        """Rotation steps that sum the ``P_in / P_out`` partial results (hybrid method)."""
+        """Rotation steps that sum the ``P_in / P_out`` partial results (hybrid method) and
+        the input's replicas."""
         steps, s = [], self.p_out
-        while s < self.p_in:
+        while s < self.p_in * self.replicas:
             steps.append(s)
             s *= 2
         return steps
@@ -96,36 +119,43 @@ class LayerLayout:
     def diagonals(self, weights: np.ndarray) -> np.ndarray:
         """The baby-step-ready diagonals, shape ``(giant, baby, slots)``.
 
-        Entry ``[j, i]`` is ``diag_{j*b+i}`` rotated by ``-j*b``, tiled over the slots.
+        Entry ``[j, i]`` is ``diag_{j*b+i}`` rotated by ``-j*b``: slot ``s`` of ``diag_d``
+        holds the weight that joins the output row of slot ``s`` to the input that a rotation
+        by ``d`` brings to it.
         """
         w = np.asarray(weights, dtype=np.float64)
         if w.shape != (self.n_out, self.n_in):
             raise ParameterError(f"weights of shape {w.shape}, expected {(self.n_out, self.n_in)}")
-        block = max(self.p_in, self.p_out)
         padded = np.zeros((self.p_out, self.p_in))
         padded[: self.n_out, : self.n_in] = w
-        rows = np.arange(block) % self.p_out
+        rows = np.arange(self.slots) % max(self.p_in, self.p_out) % self.p_out
+        columns = input_columns(self.n_in, self.slots, self.replicas, self.n_diagonals)
         out = np.empty((self.giant, self.baby, self.slots))
         for j in range(self.giant):
             for i in range(self.baby):
                 d = j * self.baby + i
-                diag = padded[rows, (np.arange(block) + d) % self.p_in]
-                out[j, i] = np.roll(np.tile(diag, self.slots // block), j * self.baby)
+                out[j, i] = np.roll(padded[rows, np.roll(columns, -d)], j * self.baby)
         return out
 
 
 def layouts(shapes: list[tuple[int, int]], slots: int) -> list[LayerLayout]:
-    """Layouts of a chain of layers given as ``(n_out, n_in)`` shapes; checks they fit."""
+    """Layouts of a chain of layers given as ``(n_out, n_in)`` shapes; checks they fit.
+
+    The first layer spreads its diagonals over as many input replicas as the slots hold
+    (when it does not widen its input: ``P_out <= P_in``).
+    """
     out = []
     for k, (n_out, n_in) in enumerate(shapes):
-        layout = LayerLayout(n_in, n_out, slots)
-        widest = max(layout.p_in, layout.p_out)
+        lay = LayerLayout(n_in, n_out, slots)
+        widest = max(lay.p_in, lay.p_out)
         if widest > slots:
             raise ParameterError(
                 f"layer {k} ({n_in} -> {n_out} values) needs {widest} slots but a ciphertext "
                 f"has {slots}; use batch packing or a larger poly_modulus_degree"
             )
-        out.append(layout)
+        if k == 0 and lay.p_out <= lay.p_in:
+            lay = LayerLayout(n_in, n_out, slots, min(slots // lay.p_in, lay.p_out))
+        out.append(lay)
     return out
 
 

@@ -33,7 +33,7 @@ class SingleEngine:
         self.slots = plan.params.slots
         self._diagonals = [lay.diagonals(layer.weights * 2.0 ** -layer.shift)
                            for lay, layer in zip(self.layouts, plan.layers, strict=True)]
-        self._biases = [layout.tile(layer.bias, self.slots) for layer in plan.layers]
+        self._biases = [layout.replicate(layer.bias, self.slots) for layer in plan.layers]
         self._plain: list[list[list[sealapi.Plaintext | None]]] | None = None
         self._lock = threading.Lock()
 

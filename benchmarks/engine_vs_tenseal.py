@@ -1,0 +1,264 @@
+"""SHE's engine against plain TenSEAL on the TenSEAL-tutorial MNIST network, in one run.
+
+Both sides evaluate the same trained network (``she/assets/tutorial_cnn.onnx``: conv 4x7x7
+stride 3 -> x^2 -> dense 256->64 -> x^2 -> dense 64->10) on the same real MNIST test images:
+
+* **single** (one image per request): the TenSEAL tutorial implementation
+  (:func:`benchmarks.tenseal_baseline.run_single`) against SHE's single packing;
+* **batch** (4096 images per request): the hand-written TenSEAL batch implementation
+  (client-side im2col, :func:`benchmarks.tenseal_baseline.run_batch`) against SHE's batch
+  packing. Each batch runs in a fresh process, so its peak RSS is its own.
+
+Reported as ratios measured in the same run, against the targets of the engine issue:
+single p50 server latency <= 1/8 of the baseline's, batch server time per image <= 1/16,
+upload per image and public-key bytes >= 4x smaller, accuracy and agreement at least
+equal, a 4096-image batch under 4 GB peak RSS. Writes ``docs/results/engine_vs_tenseal.json``
+and ``docs/engine.md``::
+
+    python -m benchmarks.engine_vs_tenseal --data ../shared/data/mnist [--single 30] [--batch 4096]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime
+import json
+import multiprocessing
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+import she
+from she import assets
+from she.data import load_idx_dataset
+
+from . import tenseal_baseline as tb
+from .mnist_demo import machine
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+CALIBRATION = 1000
+MEMORY_LIMIT_BYTES = 4 * 2 ** 30
+
+
+def _compile(packing: str, train_x: np.ndarray) -> tuple[she.Model, she.Plan]:
+    model = she.load(assets.tutorial_model_path())
+    return model, she.compile(model, calibration=train_x[:CALIBRATION], packing=packing)
+
+
+def _accuracy(out: np.ndarray, plain: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    return {"accuracy": float(np.mean(out.argmax(1) == labels)),
+            "plain_accuracy": float(np.mean(plain.argmax(1) == labels)),
+            "argmax_agreement": float(np.mean(out.argmax(1) == plain.argmax(1))),
+            "max_abs_error": float(np.abs(out - plain).max())}
+
+
+def _params(plan: she.Plan) -> dict[str, Any]:
+    return {"poly_modulus_degree": plan.params.poly_modulus_degree,
+            "modulus_bits": list(plan.params.modulus_bits), "depth": plan.depth,
+            "security_bits": plan.params.security, "predicted_error": plan.predicted_error}
+
+
+def she_single(train_x: np.ndarray, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    """SHE single packing, one image per request; latencies per image (the first request,
+    which also encodes the plan's diagonals once, is reported apart)."""
+    model, plan = _compile("single", train_x)
+    server, client = she.Server(plan), she.Client(plan.spec())
+    public, keygen_s = tb.timed(client.public_context)
+    keys = server.load_context(public)
+    stages: dict[str, list[float]] = {"encrypt": [], "server": [], "decrypt": []}
+    out = np.empty((len(x), plan.n_outputs))
+    upload = download = 0
+    for i in tqdm(range(len(x)), desc="SHE single", unit="img", file=sys.stderr):
+        request, enc_s = tb.timed(lambda i=i: client.encrypt(x[i:i + 1]))
+        response, server_s = tb.timed(lambda r=request: server.evaluate(keys, r))
+        decrypted, dec_s = tb.timed(lambda r=response: client.decrypt(r))
+        out[i] = decrypted[0]
+        for key, value in zip(stages, (enc_s, server_s, dec_s), strict=True):
+            stages[key].append(value)
+        upload, download = len(request), len(response)
+    warm = {k: v[1:] if len(v) > 1 else v for k, v in stages.items()}
+    return {"images": len(x), "keygen_s": keygen_s, "public_key_bytes": len(public),
+            "first_server_s": stages["server"][0],
+            **{f"{k}_s": tb.percentiles(v) for k, v in warm.items()},
+            "upload_bytes": upload, "download_bytes": download,
+            "rotations": plan.describe()["rotations"], **_params(plan),
+            **_accuracy(out, model.run_plain(x), y)}
+
+
+def she_batch(train_x: np.ndarray, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    """SHE batch packing: all of ``x`` in one request (run it in a fresh process)."""
+    rss_start = tb.peak_rss_bytes()
+    model, plan = _compile("batch", train_x)
+    server, client = she.Server(plan), she.Client(plan.spec())
+    public, keygen_s = tb.timed(client.public_context)
+    keys = server.load_context(public)
+    request, encrypt_s = tb.timed(lambda: client.encrypt(x))
+    response, server_s = tb.timed(lambda: server.evaluate(keys, request))
+    out, decrypt_s = tb.timed(lambda: client.decrypt(response))
+    return {"images": len(x), "keygen_s": keygen_s, "public_key_bytes": len(public),
+            "encrypt_s": encrypt_s, "server_s": server_s, "server_s_per_image": server_s / len(x),
+            "decrypt_s": decrypt_s, "upload_bytes": len(request), "download_bytes": len(response),
+            "workers": server.engine.workers, "peak_rss_bytes": tb.peak_rss_bytes(),
+            "rss_before_bytes": rss_start, **_params(plan),
+            **_accuracy(out, model.run_plain(x), y)}
+
+
+def _in_fresh_process(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def comparisons(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every target of the engine issue: measured ratio, target, met or not."""
+    rows = []
+
+    def add(name: str, ratio: float, target: float, higher_is_better: bool = True) -> None:
+        met = ratio >= target if higher_is_better else ratio <= target
+        rows.append({"measure": name, "ratio": ratio, "target": target, "met": bool(met)})
+
+    s_she, s_base = result["she"].get("single"), result["tenseal"].get("single")
+    if s_she and s_base:
+        add("single: baseline p50 server latency / SHE p50", s_base["server_s"]["p50"]
+            / s_she["server_s"]["p50"], 8)
+        add("single: baseline upload / SHE upload", s_base["upload_bytes"] / s_she["upload_bytes"], 4)
+        add("single: baseline public keys / SHE public keys",
+            s_base["public_key_bytes"] / s_she["public_key_bytes"], 4)
+        add("single: SHE accuracy - baseline accuracy (points)",
+            100 * (s_she["accuracy"] - s_base["accuracy"]), 0)
+        add("single: SHE agreement - baseline agreement (points)",
+            100 * (s_she["argmax_agreement"] - s_base["argmax_agreement"]), 0)
+    b_she, b_base = result["she"].get("batch"), result["tenseal"].get("batch")
+    if b_she and b_base:
+        add("batch: baseline server time per image / SHE's",
+            b_base["server_s_per_image"] / b_she["server_s_per_image"], 16)
+        add("batch: baseline upload per image / SHE's", b_base["upload_bytes"] / b_she["upload_bytes"], 4)
+        add("batch: baseline public keys / SHE public keys",
+            b_base["public_key_bytes"] / b_she["public_key_bytes"], 4)
+        add("batch: SHE accuracy - baseline accuracy (points)",
+            100 * (b_she["accuracy"] - b_base["accuracy"]), 0)
+        add("batch: SHE agreement - baseline agreement (points)",
+            100 * (b_she["argmax_agreement"] - b_base["argmax_agreement"]), 0)
+    if b_she:
+        add("batch: SHE peak RSS of one batch (GiB)", b_she["peak_rss_bytes"] / 2 ** 30,
+            MEMORY_LIMIT_BYTES / 2 ** 30, higher_is_better=False)
+    return rows
+
+
+def run(data_dir: str, n_single: int, n_batch: int) -> dict[str, Any]:
+    """Measure both implementations; returns the JSON-ready result."""
+    started = time.perf_counter()
+    train_x, _ = load_idx_dataset(data_dir, "train")
+    x, y = load_idx_dataset(data_dir, "test")
+    model_path = str(assets.tutorial_model_path())
+    result: dict[str, Any] = {
+        "command": "python -m benchmarks.engine_vs_tenseal " + " ".join(sys.argv[1:]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(), "model": Path(model_path).name, "she": {}, "tenseal": {}}
+    if n_single:
+        result["she"]["single"] = she_single(train_x, x[:n_single], y[:n_single])
+        base = tb.run_single(model_path, x[:n_single], y[:n_single])
+        result["tenseal"]["single"] = {k: v for k, v in base.items() if k != "logits"}
+    if n_batch:
+        result["she"]["batch"] = _in_fresh_process(she_batch, train_x, x[:n_batch], y[:n_batch])
+        base = tb.run_batch(model_path, x, y, n_batch)
+        result["tenseal"]["batch"] = {k: v for k, v in base.items() if k != "logits"}
+    result["comparisons"] = comparisons(result)
+    result["wall_s"] = time.perf_counter() - started
+    return result
+
+
+def _size(n: float) -> str:
+    return f"{n / 2 ** 20:,.2f} MiB" if n < 2 ** 30 else f"{n / 2 ** 30:,.2f} GiB"
+
+
+def render(result: dict[str, Any]) -> str:
+    """``docs/engine.md`` from a result."""
+    m = result["machine"]
+    lines = [
+        "# SHE's engine against plain TenSEAL",
+        "",
+        f"Generated from `docs/results/engine_vs_tenseal.json` by `{result['command']}` on "
+        f"{result['date']} ({m['cores']} cores, {m['cpu']}; TenSEAL {m['tenseal']}, SHE "
+        f"{m['she']}); wall time {result['wall_s'] / 60:.1f} min. Network: "
+        f"`{result['model']}` (the TenSEAL tutorial's MNIST network, float weights); real MNIST "
+        "test images; both sides in the same run. The baselines are plain TenSEAL code "
+        "(`benchmarks/tenseal_baseline.py`): the tutorial's one-image implementation, and a "
+        "4096-image batch with client-side im2col.",
+        "",
+        "## Targets",
+        "",
+        "| measure | measured | target | met |",
+        "| --- | --- | --- | --- |",
+    ]
+    for row in result["comparisons"]:
+        op = "≤" if "RSS" in row["measure"] else "≥"
+        lines.append(f"| {row['measure']} | {row['ratio']:.2f} | {op} {row['target']:g} | "
+                     f"{'yes' if row['met'] else '**no**'} |")
+    lines += ["", "## Single: one image per request", "",
+              "| | images | server p50 / p90 | encrypt p50 | upload | download | public keys | "
+              "ring, modulus bits | accuracy | agreement | max \\|error\\| |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for who in ("she", "tenseal"):
+        r = result[who].get("single")
+        if not r:
+            continue
+        bits = r.get("modulus_bits") or r.get("coeff_mod_bit_sizes")
+        lines.append(
+            f"| {'SHE' if who == 'she' else 'TenSEAL'} | {r['images']} | "
+            f"{r['server_s']['p50'] * 1e3:.0f} / {r['server_s']['p90'] * 1e3:.0f} ms | "
+            f"{r['encrypt_s']['p50'] * 1e3:.1f} ms | {_size(r['upload_bytes'])} | "
+            f"{_size(r['download_bytes'])} | {_size(r['public_key_bytes'])} | "
+            f"N={r['poly_modulus_degree']}, {bits} | {r['accuracy']:.2%} | "
+            f"{r['argmax_agreement']:.2%} | {r['max_abs_error']:.1e} |")
+    lines += ["", "## Batch: 4096 images per request", "",
+              "| | images | server total | per image | upload / image | public keys | peak RSS | "
+              "ring, modulus bits | accuracy | agreement | max \\|error\\| |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for who in ("she", "tenseal"):
+        r = result[who].get("batch")
+        if not r:
+            continue
+        bits = r.get("modulus_bits") or r.get("coeff_mod_bit_sizes")
+        lines.append(
+            f"| {'SHE' if who == 'she' else 'TenSEAL'} | {r['images']} | {r['server_s']:.1f} s | "
+            f"{r['server_s_per_image'] * 1e3:.2f} ms | {r['upload_bytes'] / r['images'] / 1024:.1f} KiB | "
+            f"{_size(r['public_key_bytes'])} | {_size(r['peak_rss_bytes'])} | "
+            f"N={r['poly_modulus_degree']}, {bits} | {r['accuracy']:.2%} | "
+            f"{r['argmax_agreement']:.2%} | {r['max_abs_error']:.1e} |")
+    b = result["she"].get("batch")
+    if b:
+        lines += ["", f"SHE batch server processes: {b['workers']} (setting: `she serve --workers`, "
+                  "`she.Server(plan, workers=...)`)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.engine_vs_tenseal",
+                                     description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--data", required=True, help="directory with the MNIST IDX files")
+    parser.add_argument("--single", type=int, default=30, help="images for single packing (0 skips)")
+    parser.add_argument("--batch", type=int, default=4096, help="images in the batch (0 skips)")
+    parser.add_argument("--out", default=str(DOCS / "results" / "engine_vs_tenseal.json"))
+    args = parser.parse_args(argv)
+    result = run(args.data, args.single, args.batch)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    if out.resolve() == (DOCS / "results" / "engine_vs_tenseal.json").resolve():
+        (DOCS / "engine.md").write_text(render(result))
+    for row in result["comparisons"]:
+        print(f"{row['measure']}: {row['ratio']:.2f} (target {row['target']:g}) "
+              f"{'met' if row['met'] else 'NOT met'}")
+    print(f"wall time {result['wall_s']:.0f} s on {os.cpu_count()} cores")
+
+
+if __name__ == "__main__":
+    main()
