@@ -197,8 +197,23 @@ def percentiles(values: Sequence[float]) -> dict[str, float]:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (``ru_maxrss`` is KiB on Linux)."""
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    """Peak resident set size of this process so far.
+
+    Linux's ``VmHWM`` belongs to the process image, whereas ``ru_maxrss`` survives
+    ``execve``: a process spawned by a large parent would report the parent's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
+
+
+def children_peak_rss_bytes() -> int:
+    """Largest peak RSS among this process's finished child processes (``ru_maxrss``)."""
+    return int(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) * 1024
 
 
 def make_context(

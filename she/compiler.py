@@ -27,10 +27,10 @@ from .model import Model
 from .params import MAX_MODULUS_BITS, MIN_PRIME_BITS, EncryptionParameters, smallest_ring
 
 SPEC_FORMAT = "she-spec/1"
-#: Largest ciphertext prime: keeps the float64 matrix products of :mod:`she.kernels` exact.
-MAX_CT_PRIME_BITS = 36
-#: Largest ciphertext prime in single packing (SEAL's own arithmetic: any NTT prime).
-SINGLE_MAX_CT_PRIME_BITS = 60
+#: Largest ciphertext prime (SEAL's limit; :mod:`she.kernels` cuts wide coefficients into
+#: pieces, so fewer, larger primes cost the kernels nothing and make every SEAL operation
+#: and key smaller).
+MAX_CT_PRIME_BITS = 60
 #: Extra bits of the plaintext diagonals in single packing: CKKS encoding rounds every
 #: coefficient, which costs about log2(sqrt(N/12)) ~ 5 bits of weight precision.
 ENCODE_GUARD_BITS = 6
@@ -410,22 +410,20 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
     y_out = float(bounds[-1].max(initial=0.0))
     if packing == "single":
         product_bits, shifts = _single_products(quantised, scale_bits, y_out)
-        max_prime_bits = SINGLE_MAX_CT_PRIME_BITS
     else:
         product_bits, shifts = [0] * len(quantised), [f for _, f, _ in quantised]
-        max_prime_bits = MAX_CT_PRIME_BITS
 
     # Modulus chain: primes dropped after each square (and product), then the output primes.
     scale_shifts = [0 if prod else f for f, prod in zip(shifts, product_bits, strict=True)]
     rescale_bits = [scale_bits + 2 * f for f in scale_shifts[:-1]]
     out_bits = math.ceil(math.log2(max(y_out, 1.0)) + scale_bits + scale_shifts[-1]) + 3
     # Capacity before each rescale: value * scale^2 must fit the primes that remain after it.
-    rescale_parts = [_split_bits(b, max_prime_bits) for b in rescale_bits]
+    rescale_parts = [_split_bits(b, MAX_CT_PRIME_BITS) for b in rescale_bits]
     for k in range(len(rescale_parts)):
         need = math.log2(max(float(bounds[k].max()), 1.0)) * 2 + scale_bits + 2
         rest = out_bits + sum(sum(p) for p in rescale_parts[k + 1:]) + sum(product_bits[k + 1:])
         out_bits += max(0, math.ceil(need - rest))
-    out_parts = _split_bits(out_bits, max_prime_bits)
+    out_parts = _split_bits(out_bits, MAX_CT_PRIME_BITS)
     ct_bits = list(out_parts)
     for k in reversed(range(len(chain.layers))):  # SEAL drops the last prime first
         ct_bits += rescale_parts[k] if k < len(rescale_parts) else []
@@ -480,10 +478,10 @@ def _single_products(quantised: list[tuple[np.ndarray, int, np.ndarray]], scale_
     for k, (_, f, _) in enumerate(quantised):
         p = f + ENCODE_GUARD_BITS
         if k < last:
-            fused = scale_bits + 2 * p <= SINGLE_MAX_CT_PRIME_BITS
+            fused = scale_bits + 2 * p <= MAX_CT_PRIME_BITS
         else:
-            fused = math.ceil(math.log2(max(y_out, 1.0)) + scale_bits + p) + 3 <= SINGLE_MAX_CT_PRIME_BITS
-        products.append(0 if fused else min(SINGLE_MAX_CT_PRIME_BITS, max(MIN_PRIME_BITS, p)))
+            fused = math.ceil(math.log2(max(y_out, 1.0)) + scale_bits + p) + 3 <= MAX_CT_PRIME_BITS
+        products.append(0 if fused else min(MAX_CT_PRIME_BITS, max(MIN_PRIME_BITS, p)))
         shifts.append(p if fused else f)
     return products, shifts
 

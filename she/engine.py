@@ -73,10 +73,10 @@ class Engine:
 
     def _linear(self, bridge: SealBridge, kernel: LinearKernel, data: np.ndarray,
                 index: int) -> np.ndarray:
-        """``kernel`` on every limb of ``data``; the limbs are shared among the workers, which
-        write their part of the result into a shared-memory file."""
+        """``kernel`` on every limb of ``data``; the coefficients are shared among the workers,
+        which write their part of the result into a shared-memory file."""
         moduli = self.primes[: data.shape[2]]
-        workers = min(self.workers, len(moduli))
+        workers = self.workers
         if workers == 1:
             return kernel.apply(data, moduli)
         shape = (kernel.n_out, data.shape[1], len(moduli), data.shape[3])
@@ -85,7 +85,9 @@ class Engine:
         del out  # the workers fill the file
         _JOB.update(kernel=kernel, data=data, moduli=moduli, out=path)
         try:
-            _run_pool(workers, _linear_limbs, [range(i, len(moduli), workers) for i in range(workers)])
+            bounds = np.linspace(0, data.shape[3], workers + 1).astype(int)
+            _run_pool(workers, _linear_part,
+                      [range(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
         finally:
             _JOB.clear()
         result = np.load(path, mmap_mode="r+")
@@ -126,12 +128,12 @@ def _run_pool(workers: int, fn: Callable[[range], T], chunks: list[range]) -> li
         pool.join()
 
 
-def _linear_limbs(limbs: range) -> None:
-    """Worker: apply the kernel to the limbs ``limbs`` and store them in the shared output."""
+def _linear_part(coefficients: range) -> None:
+    """Worker: apply the kernel to a range of coefficients of every limb, into the shared output."""
     kernel, data, moduli = _JOB["kernel"], _JOB["data"], _JOB["moduli"]
+    part = slice(coefficients.start, coefficients.stop)
     out = np.load(_JOB["out"], mmap_mode="r+")
-    for j in limbs:
-        out[:, :, j:j + 1, :] = kernel.apply(data[:, :, j:j + 1, :], (moduli[j],))
+    out[..., part] = kernel.apply(data[..., part], moduli)
     out.flush()
 
 

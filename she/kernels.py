@@ -7,10 +7,12 @@ limb, modulo each RNS prime ``q``. So a whole layer is one matrix product per li
 ``W @ C_q mod q`` with ``C_q`` the ``(inputs, 2 * N)`` coefficient matrix of limb ``q``.
 
 The product runs in float64 (BLAS, or scipy's sparse kernel for convolutions), which is
-exact while every partial sum stays below 2^53: coefficients are centred to ``|c| <= q/2``
-and, when a row's weight mass is too large for one product, the weights are split into
-balanced base-``2^b`` digits and recombined with Horner's rule, reducing after each step.
-The result is bit-exact against SEAL's evaluator (see ``tests/test_kernels.py``).
+exact while every partial sum stays below 2^53. When ``max|row| * q/2`` fits, coefficients
+are centred to ``|c| <= q/2`` and multiplied at once; otherwise (wide layers, primes of up to
+60 bits) each coefficient is cut into ``k``-bit pieces, ``W @ piece`` is exact for each, and
+the pieces are recombined modulo ``q`` in uint64 (shifts of at most ``63 - log2 q`` bits
+before each reduction). The result is bit-exact against SEAL's evaluator (see
+``tests/test_kernels.py``).
 """
 
 from __future__ import annotations
@@ -23,44 +25,44 @@ import scipy.sparse as sp
 
 from .errors import ParameterError
 
-_EXACT = 2.0 ** 53
+_EXACT_BITS = 53
 #: Use a sparse product below this weight density.
 SPARSE_DENSITY = 0.25
+#: Narrowest coefficient piece worth a product (narrower: the layer is refused).
+MIN_PIECE_BITS = 8
 
 
 @dataclass
 class LinearKernel:
-    """Precomputed digits of an integer weight matrix for one prime size."""
+    """An integer weight matrix prepared for the exact modular product."""
 
-    digits: list[np.ndarray | sp.csr_matrix]  # most significant first, float64
-    base_bits: int
+    weights: np.ndarray | sp.csr_matrix  # float64 (dense or sparse)
+    row_mass: float  # max_o sum_k |W[o, k]|
 
     @classmethod
     def build(cls, weights: np.ndarray, max_prime: int) -> LinearKernel:
         """Prepare ``weights`` (int64, (n_out, n_in)) for primes up to ``max_prime``."""
-        half = max_prime / 2
         row_mass = float(np.abs(weights).sum(axis=1).max(initial=0))
-        if row_mass * half < _EXACT:
-            parts, base = [weights], 0
-        else:
-            nnz = int(np.count_nonzero(weights, axis=1).max(initial=1))
-            base = min(16, math.floor(52 - math.log2(half) - math.log2(nnz)))
-            if base < 1:
-                raise ParameterError(
-                    f"a layer with {nnz} inputs per output is too wide for exact arithmetic "
-                    f"with {max_prime.bit_length()}-bit primes"
-                )
-            parts = _balanced_digits(weights, base)
-        density = np.count_nonzero(weights) / max(weights.size, 1)
-        as_float = [p.astype(np.float64) for p in parts]
-        if density < SPARSE_DENSITY:
-            as_float = [sp.csr_matrix(p) for p in as_float]
-        return cls(as_float, base)
+        kernel = cls(weights.astype(np.float64), row_mass)
+        if kernel.piece_bits(max_prime) < MIN_PIECE_BITS:
+            raise ParameterError(
+                f"a layer whose rows sum to {row_mass:.3g} in absolute value is too wide for "
+                f"exact float64 arithmetic"
+            )
+        if np.count_nonzero(weights) / max(weights.size, 1) < SPARSE_DENSITY:
+            kernel.weights = sp.csr_matrix(kernel.weights)
+        return kernel
 
     @property
     def n_out(self) -> int:
         """Output ciphertexts of the layer."""
-        return int(self.digits[0].shape[0])
+        return int(self.weights.shape[0])
+
+    def piece_bits(self, q: int) -> int:
+        """Bits per coefficient piece for prime ``q`` (``q``'s full width: one product)."""
+        if self.row_mass * (q / 2) < 2.0 ** _EXACT_BITS:
+            return q.bit_length()
+        return _EXACT_BITS - 1 - math.ceil(math.log2(max(self.row_mass, 1.0)))
 
     def apply(self, data: np.ndarray, moduli: tuple[int, ...]) -> np.ndarray:
         """``W @ data mod q`` for every limb.
@@ -69,45 +71,46 @@ class LinearKernel:
         ``(n_out, size, limbs, N)``.
         """
         n_in, size, limbs, degree = data.shape
-        n_out = self.n_out
-        out = np.empty((n_out, size, limbs, degree), dtype=np.uint64)
-        shift = float(2 ** self.base_bits)
-        # Every step works in place: on this kind of machine fresh temporaries (page faults)
-        # cost more than the arithmetic.
+        out = np.empty((self.n_out, size, limbs, degree), dtype=np.uint64)
         for j, q in enumerate(moduli):
-            c = data[:, :, j, :].reshape(n_in, size * degree).astype(np.float64)
-            np.subtract(c, q, out=c, where=c > q / 2)
-            acc = self.digits[0] @ c
-            scratch = np.empty_like(acc)
-            _reduce(acc, q, scratch)
-            for digit in self.digits[1:]:
-                acc *= shift
-                acc += digit @ c
-                _reduce(acc, q, scratch)
-            out[:, :, j, :] = acc.reshape(n_out, size, degree)
+            c = data[:, :, j, :].reshape(n_in, size * degree)
+            bits = self.piece_bits(q)
+            if bits >= q.bit_length():
+                out[:, :, j, :] = self._centred_product(c, q).reshape(self.n_out, size, degree)
+            else:
+                out[:, :, j, :] = self._piecewise_product(c, q, bits).reshape(self.n_out, size, degree)
         return out
 
+    def _centred_product(self, c: np.ndarray, q: int) -> np.ndarray:
+        x = c.astype(np.float64)
+        np.subtract(x, q, out=x, where=x > q / 2)
+        return _reduced(self.weights @ x, q)
 
-def _reduce(acc: np.ndarray, q: int, scratch: np.ndarray) -> None:
-    """``acc mod q`` into ``[0, q)``, in place; exact for integers ``|acc| < 2^53``."""
-    np.multiply(acc, 1.0 / q, out=scratch)
-    np.floor(scratch, out=scratch)
-    scratch *= q
-    acc -= scratch
-    np.add(acc, q, out=acc, where=acc < 0)
-    np.subtract(acc, q, out=acc, where=acc >= q)
+    def _piecewise_product(self, c: np.ndarray, q: int, bits: int) -> np.ndarray:
+        """``W @ c mod q`` from ``bits``-bit pieces of ``c``, most significant first."""
+        step = 63 - q.bit_length()  # x < q, so x << step stays below 2^63
+        mask = np.uint64((1 << bits) - 1)
+        acc: np.ndarray | None = None
+        for p in reversed(range(math.ceil(q.bit_length() / bits))):
+            piece = ((c >> np.uint64(bits * p)) & mask).astype(np.float64)
+            part = _reduced(self.weights @ piece, q)
+            if acc is not None:
+                for shift in range(bits, 0, -step):
+                    acc <<= np.uint64(min(step, shift))
+                    acc %= np.uint64(q)
+                acc += part
+                acc[acc >= q] -= np.uint64(q)
+            else:
+                acc = part
+        assert acc is not None
+        return acc
 
 
-def _balanced_digits(weights: np.ndarray, base: int) -> list[np.ndarray]:
-    """Digits ``d_i`` in ``[-2^(base-1), 2^(base-1))`` with ``W = sum d_i 2^(base*i)``."""
-    digits = []
-    rest = weights.astype(np.int64)
-    radix = 1 << base
-    while np.any(rest):
-        d = ((rest + radix // 2) % radix) - radix // 2
-        digits.append(d)
-        rest = (rest - d) // radix
-    return digits[::-1] or [np.zeros_like(weights)]
+def _reduced(acc: np.ndarray, q: int) -> np.ndarray:
+    """``acc mod q`` in ``[0, q)`` as uint64; exact for integers ``|acc| < 2^53``."""
+    out = acc.astype(np.int64)
+    np.mod(out, np.int64(q), out=out)
+    return out.view(np.uint64)
 
 
 def add_constant(data: np.ndarray, values: np.ndarray, scale: float,

@@ -11,9 +11,9 @@ from she.context import SealBridge
 from she.kernels import LinearKernel, add_constant
 
 
-@pytest.fixture(scope="module")
-def seal():
-    ctx = ts.context(ts.SCHEME_TYPE.CKKS, 8192, coeff_mod_bit_sizes=[34, 30, 36, 36])
+@pytest.fixture(scope="module", params=[[34, 30, 36, 36], [60, 52, 60]], ids=["36-bit", "60-bit"])
+def seal(request):
+    ctx = ts.context(ts.SCHEME_TYPE.CKKS, 8192, coeff_mod_bit_sizes=request.param)
     bridge = SealBridge(ctx)
     encoder = sealapi.CKKSEncoder(bridge.seal)
     encryptor = sealapi.Encryptor(bridge.seal, ctx.secret_key().data)
@@ -61,8 +61,9 @@ def test_linear_combination_is_bit_exact(seal, max_weight):
     weights[0, 3] = max_weight  # a sparse row and a single-weight row
     weights[1, 1::2] = 0
     kernel = LinearKernel.build(weights, max(_moduli(seal)))
-    if max_weight >= 2 ** 20:
-        assert len(kernel.digits) > 1, "large weights must take the digit-split path"
+    q = max(_moduli(seal))
+    if max_weight >= 2 ** 20 or q.bit_length() > 40:
+        assert kernel.piece_bits(q) < q.bit_length(), "wide sums must take the piecewise path"
     data = np.stack([r.data for r in raws])
     ours = kernel.apply(data, _moduli(seal))
     theirs = _seal_combination(seal, weights)
