@@ -23,6 +23,7 @@ import tenseal.sealapi as sealapi
 from . import sealbytes
 from .compiler import Plan
 from .context import SealBridge
+from .errors import FormatError
 from .kernels import LinearKernel, add_constant
 
 T = TypeVar("T")
@@ -71,22 +72,46 @@ class Engine:
         finally:
             bridge.close()
 
+    def parse_inputs(self, ctx: ts.Context, blobs: list[bytes], level: sealbytes.LevelSpec,
+                     scale: float) -> np.ndarray:
+        """Validate and decode the input ciphertexts (shared among the workers).
+
+        Raises :class:`~she.errors.FormatError` naming the first bad ciphertext.
+        """
+        shape = (len(blobs), 2, level.limbs, level.poly_modulus_degree)
+        bridge = SealBridge(ctx)
+        try:
+            return self._in_workers(bridge, "inputs", shape, _parse_part, len(blobs),
+                                    blobs=blobs, level=level, scale=scale)
+        finally:
+            bridge.close()
+
     def _linear(self, bridge: SealBridge, kernel: LinearKernel, data: np.ndarray,
                 index: int) -> np.ndarray:
-        """``kernel`` on every limb of ``data``; the coefficients are shared among the workers,
-        which write their part of the result into a shared-memory file."""
+        """``kernel`` on every limb of ``data``, the coefficients shared among the workers."""
         moduli = self.primes[: data.shape[2]]
-        workers = self.workers
-        if workers == 1:
-            return kernel.apply(data, moduli)
         shape = (kernel.n_out, data.shape[1], len(moduli), data.shape[3])
-        path = bridge.unit_path(f"linear{index}")
-        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint64, shape=shape)
-        del out  # the workers fill the file
-        _JOB.update(kernel=kernel, data=data, moduli=moduli, out=path)
+        return self._in_workers(bridge, f"linear{index}", shape, _linear_part, data.shape[3],
+                                kernel=kernel, data=data, moduli=moduli)
+
+    def _in_workers(self, bridge: SealBridge, name: str, shape: tuple[int, ...],
+                    part: Callable[[range], None], length: int, **job: Any) -> np.ndarray:
+        """Fill a new uint64 array of ``shape`` with ``part(range)`` over ``range(length)``,
+        split among the workers, which write into a shared-memory file."""
+        workers = min(self.workers, length)
+        if workers == 1:
+            _JOB.update(job, out=np.empty(shape, dtype=np.uint64))
+            try:
+                part(range(length))
+                return _JOB["out"]
+            finally:
+                _JOB.clear()
+        path = bridge.unit_path(name)
+        np.lib.format.open_memmap(path, mode="w+", dtype=np.uint64, shape=shape).flush()
+        _JOB.update(job, out=path)
         try:
-            bounds = np.linspace(0, data.shape[3], workers + 1).astype(int)
-            _run_pool(workers, _linear_part,
+            bounds = np.linspace(0, length, workers + 1).astype(int)
+            _run_pool(workers, part,
                       [range(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
         finally:
             _JOB.clear()
@@ -128,13 +153,28 @@ def _run_pool(workers: int, fn: Callable[[range], T], chunks: list[range]) -> li
         pool.join()
 
 
+def _output() -> np.ndarray:
+    """The array a worker writes into: in memory, or the shared-memory file's mapping."""
+    out = _JOB["out"]
+    return out if isinstance(out, np.ndarray) else np.load(out, mmap_mode="r+")
+
+
 def _linear_part(coefficients: range) -> None:
-    """Worker: apply the kernel to a range of coefficients of every limb, into the shared output."""
+    """Worker: apply the kernel to a range of coefficients of every limb."""
     kernel, data, moduli = _JOB["kernel"], _JOB["data"], _JOB["moduli"]
     part = slice(coefficients.start, coefficients.stop)
-    out = np.load(_JOB["out"], mmap_mode="r+")
+    out = _output()
     out[..., part] = kernel.apply(data[..., part], moduli)
-    out.flush()
+
+
+def _parse_part(indices: range) -> None:
+    """Worker: validate and decode the input ciphertexts at ``indices``."""
+    blobs, level, scale = _JOB["blobs"], _JOB["level"], _JOB["scale"]
+    out = _output()
+    for i in indices:
+        raw = sealbytes.parse(blobs[i], level, out=out[i])
+        if raw.scale != scale:
+            raise FormatError(f"input ciphertext {i} has scale {raw.scale}, expected {scale}")
 
 
 def _reset_signals() -> None:

@@ -122,12 +122,15 @@ def _zstd_bounded(payload: bytes, limit: int) -> tuple[bytes, bool, bytes]:
     return b"".join(parts), inflater.eof, inflater.unused_data
 
 
-def parse(blob: bytes, level: LevelSpec, *, size: int = 2, seeded: bool = False) -> RawCiphertext:
+def parse(blob: bytes, level: LevelSpec, *, size: int = 2, seeded: bool = False,
+          out: np.ndarray | None = None) -> RawCiphertext:
     """Parse and validate one serialised SEAL ciphertext expected at ``level``.
 
     ``seeded``: the ciphertext must be in SEAL's seeded form (what a symmetric encryption
     saves: the first polynomial, then the seed SEAL expands the second from); the result
     then holds the first polynomial only, ``data`` of shape ``(1, limbs, N)``.
+
+    ``out``: an array of the data's shape to copy the coefficients into (else a new one).
 
     Raises :class:`FormatError` with a precise reason on anything unexpected.
     """
@@ -178,7 +181,11 @@ def parse(blob: bytes, level: LevelSpec, *, size: int = 2, seeded: bool = False)
     moduli = np.asarray(level.moduli, dtype=np.uint64)[None, :, None]
     if np.any(data >= moduli):
         raise FormatError("ciphertext coefficient out of range for its modulus")
-    return RawCiphertext(data.copy(), float(scale), level.parms_id, bool(ntt), int(corr))
+    if out is None:
+        out = data.copy()
+    else:
+        out[...] = data
+    return RawCiphertext(out, float(scale), level.parms_id, bool(ntt), int(corr))
 
 
 def _check_seed_info(body: bytes, offset: int) -> None:

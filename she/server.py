@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import tenseal as ts
 import tenseal.sealapi as sealapi
 
@@ -98,19 +97,14 @@ class Server:
         batch = wire.batch_size(msg.meta, self.plan.batch_capacity)
         if len(msg.items) != n_in:
             raise FormatError(f"expected {n_in} input ciphertexts, got {len(msg.items)}")
-        single = isinstance(self.engine, SingleEngine)
-        inputs = None if single else np.empty((n_in, 2, level.limbs, level.poly_modulus_degree),
-                                              dtype=np.uint64)
-        for i, blob in enumerate(msg.items):
-            raw = sealbytes.parse(blob, level, seeded=single)
+        if isinstance(self.engine, SingleEngine):
+            raw = sealbytes.parse(msg.items[0], level, seeded=True)
             if raw.scale != self.plan.input_scale:
-                raise FormatError(f"input ciphertext {i} has scale {raw.scale}, "
+                raise FormatError(f"input ciphertext 0 has scale {raw.scale}, "
                                   f"expected {self.plan.input_scale}")
-            if inputs is not None:
-                inputs[i] = raw.data
-        if inputs is None:
             items = [self._evaluate_single(keys, msg.items[0])]
         else:
+            inputs = self.engine.parse_inputs(keys.ctx, msg.items, level, self.plan.input_scale)
             msg.items.clear()
             out, scale = self.engine.run(keys.ctx, keys.relin, inputs, self.plan.input_scale)
             out_level = level_specs(keys.ctx)[out.shape[2]]
