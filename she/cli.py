@@ -281,10 +281,10 @@ def _print_human(command: str, result: dict[str, Any]) -> None:
                   f"{layer['activation']}; {layer['input_limbs']} limbs in, "
                   f"scale 2^{layer['log2_scale_out']} out")
         b = r["estimated_bytes"]
-        print(f"sizes: fresh ciphertext {b['ciphertext_fresh']:,} B, public key "
-              f"{b['public_key']:,} B, relin keys {b['relin_keys']:,} B, Galois keys "
-              f"{b['galois_keys']:,} B, upload per request {b['upload_per_request']:,} B "
-              f"(uncompressed)")
+        print(f"sizes: fresh ciphertext {b['ciphertext_fresh']:,} B, relin keys "
+              f"{b['relin_keys']:,} B, Galois keys {b['galois_keys']:,} B, upload per request "
+              f"{b['upload_per_request']:,} B (uncompressed; keys and single-packing inputs "
+              f"seeded)")
         if r["galois_steps"]:
             print(f"single packing: {r['rotations']} rotations per sample, Galois steps "
                   f"{r['galois_steps']}")

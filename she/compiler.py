@@ -202,9 +202,10 @@ class Plan:
         n = self.params.poly_modulus_degree
         ct_primes = len(self.params.ciphertext_primes)
         ct_bytes = 2 * ct_primes * n * 8
-        relin_bytes = 2 * ct_primes * len(self.params.primes) * n * 8
+        # Seeded serialisations store one polynomial of each pair (keys; single-packing input).
+        relin_bytes = ct_primes * len(self.params.primes) * n * 8
+        upload = ct_bytes // 2 if self.packing == "single" else ct_bytes * self.input_ciphertexts
         steps = self.rotation_steps()
-        pk_bytes = 2 * len(self.params.primes) * n * 8
         layers = []
         for i, (layer, (s_in, s_out), limbs) in enumerate(
             zip(self.layers, self.scales(), self.levels(), strict=True)
@@ -245,10 +246,9 @@ class Plan:
             "calibrated": self.calibrated,
             "estimated_bytes": {
                 "ciphertext_fresh": ct_bytes,
-                "public_key": pk_bytes,
                 "relin_keys": relin_bytes,
                 "galois_keys": relin_bytes * len(steps),
-                "upload_per_request": ct_bytes * self.input_ciphertexts,
+                "upload_per_request": upload,
             },
             "layers": layers,
             "notes": self.notes,
