@@ -121,7 +121,7 @@ bits {plan['modulus_bits']}, {plan['security_bits']}-bit security, depth {plan['
 {s['decrypt']:.2f} s |
 | upload / download per image | {b['upload_per_image'] / 1024:.1f} KiB / \
 {b['download_per_image'] / 1024:.2f} KiB |
-| public context (public + relinearisation keys) | {b['public_context'] / 2**20:.1f} MiB |
+| public context (parameters + seeded relinearisation keys) | {b['public_context'] / 2**20:.1f} MiB |
 | peak resident memory | {result['peak_rss_mb']:.0f} MiB |
 
 Batch packing puts one image per slot: a request of up to {plan['slots']} images costs the

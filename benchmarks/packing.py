@@ -119,7 +119,7 @@ def write_markdown(result: dict, path: Path) -> None:
         f"{lat['decrypt']['p50']:.1f} ms |",
         f"| upload / download per image | {result['upload_bytes'] / 1024:.0f} KiB / "
         f"{result['download_bytes'] / 1024:.0f} KiB |",
-        f"| public keys (relinearisation + Galois) | "
+        f"| public keys (seeded relinearisation + Galois keys) | "
         f"{result['public_key_bytes'] / 2 ** 20:.1f} MiB |",
         f"| parameters | N={result['poly_modulus_degree']}, modulus bits "
         f"{result['modulus_bits']}, {result['security_bits']}-bit security, depth "
