@@ -1,0 +1,319 @@
+"""The benchmark report: every model x every mode, peers measured in the same run, published
+results beside them.
+
+``python -m benchmarks --data ../shared/data [--quick]`` measures, on real MNIST test images:
+
+* models: the shipped demo model (HE-friendly MNIST CNN) and the TenSEAL-tutorial network;
+* modes: plaintext (onnxruntime), CKKS batch packing (full test set; ``--quick``: one
+  batch of 512 images), CKKS single packing (500 images; ``--quick``: 5);
+* peers: the plain-TenSEAL tutorial implementations of the tutorial network, one image per
+  ciphertext (50 images; ``--quick``: 3) and a 4096-image batch (skipped by ``--quick``);
+* converted models: the rows of the last ``python -m benchmarks.convert_targets`` run
+  (``docs/results/convert_targets.json``), cited with its command and date;
+* published results, marked as not measured here, with their sources.
+
+It writes ``docs/benchmarks.md``, ``docs/results/benchmarks.json`` and two plots:
+``docs/results/accuracy_latency.png`` (accuracy against latency per image, log axis) and
+``docs/results/stages.png`` (encrypt / upload / evaluate / download / decrypt per image).
+Upload and download times are the measured byte counts at an assumed link speed
+(:data:`LINK_MBIT_S`), since client and server share this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import she
+from she import assets
+from she.data import load_idx_dataset
+
+from . import tenseal_baseline as tb
+from .engine_vs_tenseal import _in_fresh_process, she_batch, she_single
+from .mnist_demo import machine
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+RESULTS = DOCS / "results"
+#: Link speed used to turn measured bytes into transfer times (client and server are local).
+LINK_MBIT_S = 100.0
+#: Published results (not measured here): (system, model, accuracy, latency s per image,
+#: amortised s per image or None, hardware, source).
+PUBLISHED = (
+    ("CryptoNets", "CryptoNets CNN, MNIST", 0.9895, 250.0, 250.0 / 8192,
+     "Xeon E5-1620 3.5 GHz", "Gilad-Bachrach et al., ICML 2016"),
+    ("LoLa", "CryptoNets CNN, MNIST", 0.9895, 2.2, None, "Azure B8ms (8 vCPU)",
+     "Brutzkus et al., ICML 2019"),
+    ("nGraph-HE2", "CryptoNets CNN, MNIST", 0.9895, None, 1 / 1998,
+     "Xeon Platinum 8180 (56 cores)", "Boemer et al., WAHC 2019, arXiv:1908.04172 (1,998 images/s)"),
+    ("SHE (TFHE)", "SHE MNIST CNN", 0.9954, 9.3, None, "Xeon E7-4850 (16 threads)",
+     "Lou & Jiang, NeurIPS 2019"),
+    ("Concrete ML", "MNIST CNNs", 0.96, 2.9, None, "2-core machine of this project",
+     "range 96-98 % at 2.9-8.2 s quoted in the benchmark issue; not measured by this script"),
+)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How many images each measurement uses."""
+
+    batch_images: int
+    single_images: int
+    peer_single_images: int
+    peer_batch_images: int  # 0: skipped
+
+    @classmethod
+    def for_run(cls, quick: bool) -> Sizes:
+        return cls(512, 5, 3, 0) if quick else cls(10_000, 500, 50, 4096)
+
+
+def _plain_row(name: str, path: Path, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    model = she.load(path)
+    started = time.perf_counter()
+    logits = model.run_plain(x)
+    seconds = time.perf_counter() - started
+    return {"model": name, "mode": "plaintext (onnxruntime)", "images": len(x),
+            "accuracy": float(np.mean(logits.argmax(1) == y)), "argmax_agreement": 1.0,
+            "eval_s_per_image": seconds / len(x), "latency_s": seconds / len(x)}
+
+
+def _single_row(name: str, r: dict[str, Any], mode: str) -> dict[str, Any]:
+    return {"model": name, "mode": mode, "images": r["images"], "accuracy": r["accuracy"],
+            "argmax_agreement": r["argmax_agreement"], "max_abs_error": r["max_abs_error"],
+            "encrypt_s": r["encrypt_s"], "eval_s": r["server_s"], "decrypt_s": r["decrypt_s"],
+            "latency_s": r["encrypt_s"]["p50"] + r["server_s"]["p50"] + r["decrypt_s"]["p50"],
+            "eval_s_per_image": r["server_s"]["p50"], "upload_bytes": r["upload_bytes"],
+            "download_bytes": r["download_bytes"], "public_key_bytes": r["public_key_bytes"],
+            "poly_modulus_degree": r["poly_modulus_degree"],
+            "modulus_bits": r.get("modulus_bits") or r.get("coeff_mod_bit_sizes"),
+            "depth": r.get("depth", 2), "threads": 1}
+
+
+def _batch_row(name: str, r: dict[str, Any], mode: str) -> dict[str, Any]:
+    n = r["images"]
+    return {"model": name, "mode": mode, "images": n, "accuracy": r["accuracy"],
+            "argmax_agreement": r["argmax_agreement"], "max_abs_error": r["max_abs_error"],
+            "encrypt_s_per_image": r["encrypt_s"] / n, "eval_s_per_image": r["server_s_per_image"],
+            "decrypt_s_per_image": r["decrypt_s"] / n,
+            "latency_s": r["encrypt_s"] + r["server_s"] + r["decrypt_s"],
+            "throughput_images_s": 1 / r["server_s_per_image"],
+            "upload_bytes": r["upload_bytes"] / n, "download_bytes": r["download_bytes"] / n,
+            "public_key_bytes": r["public_key_bytes"], "poly_modulus_degree": r["poly_modulus_degree"],
+            "modulus_bits": r.get("modulus_bits") or r.get("coeff_mod_bit_sizes"),
+            "depth": r.get("depth", 2), "peak_rss_bytes": r["peak_rss_bytes"],
+            "threads": r.get("workers", 1)}
+
+
+def _converted_rows() -> tuple[list[dict[str, Any]], str | None]:
+    """Rows of the last conversion benchmark, if it was run, and where they come from."""
+    path = RESULTS / "convert_targets.json"
+    if not path.exists():
+        return [], None
+    data = json.loads(path.read_text())
+    rows = []
+    for m in data.get("models", []):
+        rows.append({"model": f"{m['dataset']} {m['network']}", "mode": "SHE CKKS batch",
+                     "images": m["encrypted_images"], "accuracy": m["encrypted_accuracy"],
+                     "argmax_agreement": m["encrypted_agreement"],
+                     "eval_s_per_image": m["evaluate_ms_per_image"] / 1e3})
+    return rows, f"`{data.get('command', 'python -m benchmarks.convert_targets')}` ({data.get('date', '?')})"
+
+
+def run(data_dir: str, quick: bool) -> dict[str, Any]:
+    """Measure everything; returns the JSON-ready report."""
+    started = time.perf_counter()
+    sizes = Sizes.for_run(quick)
+    mnist = Path(data_dir) / "mnist"
+    train_x, _ = load_idx_dataset(mnist, "train")
+    x, y = load_idx_dataset(mnist, "test")
+    models = (("shipped demo model", assets.demo_model_path()),
+              ("TenSEAL-tutorial network", assets.tutorial_model_path()))
+    rows: list[dict[str, Any]] = []
+    steps = len(models) * 3 + 1 + bool(sizes.peer_batch_images)
+    done = 0
+
+    def progress(what: str) -> None:
+        nonlocal done
+        done += 1
+        print(f"[{done}/{steps}] {what} ({time.perf_counter() - started:.0f} s)", file=sys.stderr,
+              flush=True)
+
+    for name, path in models:
+        rows.append(_plain_row(name, path, x, y))
+        progress(f"{name}: plaintext")
+        nb = sizes.batch_images
+        rows.append(_batch_row(name, _in_fresh_process(she_batch, str(path), train_x, x[:nb], y[:nb]),
+                               "SHE CKKS batch"))
+        progress(f"{name}: CKKS batch, {nb} images")
+        ns = sizes.single_images
+        rows.append(_single_row(name, she_single(str(path), train_x, x[:ns], y[:ns]), "SHE CKKS single"))
+        progress(f"{name}: CKKS single, {ns} images")
+    tutorial = str(assets.tutorial_model_path())
+    n = sizes.peer_single_images
+    peer = tb.run_single(tutorial, x[:n], y[:n])
+    rows.append(_single_row("TenSEAL-tutorial network", peer, "plain TenSEAL, one image"))
+    progress(f"plain TenSEAL single, {n} images")
+    if sizes.peer_batch_images:
+        peer = tb.run_batch(tutorial, x, y, sizes.peer_batch_images)
+        rows.append(_batch_row("TenSEAL-tutorial network", peer, "plain TenSEAL, 4096-image batch"))
+        progress(f"plain TenSEAL batch, {sizes.peer_batch_images} images")
+    converted, converted_source = _converted_rows()
+    return {
+        "command": "python -m benchmarks " + " ".join(sys.argv[1:]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(), "quick": quick, "sizes": sizes.__dict__, "rows": rows,
+        "converted_rows": converted, "converted_source": converted_source,
+        "published": [dict(zip(("system", "model", "accuracy", "latency_s", "amortised_s",
+                                "hardware", "source"), p, strict=True)) for p in PUBLISHED],
+        "link_mbit_s": LINK_MBIT_S, "wall_s": time.perf_counter() - started,
+    }
+
+
+def stage_seconds(row: dict[str, Any], link_mbit_s: float) -> dict[str, float]:
+    """Per-image seconds of encrypt / upload / evaluate / download / decrypt for one row."""
+    per_byte = 8 / (link_mbit_s * 1e6)
+    if "encrypt_s" in row:  # single: p50 per request
+        enc, ev, dec = row["encrypt_s"]["p50"], row["eval_s"]["p50"], row["decrypt_s"]["p50"]
+    else:
+        enc, ev, dec = row["encrypt_s_per_image"], row["eval_s_per_image"], row["decrypt_s_per_image"]
+    return {"encrypt": enc, "upload": row["upload_bytes"] * per_byte, "evaluate": ev,
+            "download": row["download_bytes"] * per_byte, "decrypt": dec}
+
+
+def plot(report: dict[str, Any], out_dir: Path) -> list[Path]:
+    """The two PNG plots of the report."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for row in report["rows"]:
+        if row["mode"].startswith("plaintext"):
+            continue
+        seconds = row["latency_s"] if "encrypt_s" in row else row["eval_s_per_image"]
+        marker = "o" if row["mode"].startswith("SHE") else "s"
+        ax.scatter(seconds, 100 * row["accuracy"], marker=marker, s=60,
+                   label=f"{row['model']}: {row['mode']} ({row['images']} images)")
+    for p in report["published"]:
+        seconds = p["latency_s"] or p["amortised_s"]
+        ax.scatter(seconds, 100 * p["accuracy"], marker="x", color="grey", s=50)
+        ax.annotate(f"{p['system']} (published)", (seconds, 100 * p["accuracy"]), fontsize=7,
+                    color="grey", xytext=(4, -10), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("seconds per image (single: latency p50; batch: amortised server time)")
+    ax.set_ylabel("accuracy on MNIST test images (%)")
+    ax.set_title("Encrypted MNIST inference: accuracy against time per image")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    paths.append(out_dir / "accuracy_latency.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    encrypted = [r for r in report["rows"] if not r["mode"].startswith("plaintext")]
+    fig, ax = plt.subplots(figsize=(8, 0.6 * len(encrypted) + 1.5))
+    labels = [f"{r['model']}: {r['mode']}" for r in encrypted]
+    left = np.zeros(len(encrypted))
+    for stage in ("encrypt", "upload", "evaluate", "download", "decrypt"):
+        values = np.array([1e3 * stage_seconds(r, report["link_mbit_s"])[stage] for r in encrypted])
+        ax.barh(labels, values, left=left, label=stage)
+        left += values
+    ax.set_xscale("log")
+    ax.set_xlabel(f"milliseconds per image (transfer at {report['link_mbit_s']:g} Mbit/s)")
+    ax.legend(fontsize=8)
+    ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    paths.append(out_dir / "stages.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{1e3 * seconds:,.2f} ms"
+
+
+def _bytes(n: float | None) -> str:
+    return "-" if n is None else f"{n / 1024:,.1f} KiB" if n < 2 ** 20 else f"{n / 2 ** 20:,.2f} MiB"
+
+
+def render(report: dict[str, Any]) -> str:
+    """``docs/benchmarks.md`` from a report."""
+    m = report["machine"]
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Every measured number comes from `docs/results/benchmarks.json`, written by "
+        f"`{report['command']}` on {report['date']} in {report['wall_s'] / 60:.1f} min "
+        f"({m['cores']} cores, {m['cpu']}; Python {m['python']}, TenSEAL {m['tenseal']}, "
+        f"onnxruntime {m['onnxruntime']}, SHE {m['she']})"
+        + (" — a `--quick` run: few images, no 4096-image TenSEAL batch." if report["quick"] else "."),
+        "",
+        "![accuracy against time per image](results/accuracy_latency.png)",
+        "",
+        "## Measured in this run",
+        "",
+        "| model | mode | images | accuracy | agreement | evaluate / image | encrypt (p50 or per image) | "
+        "p90 evaluate | throughput | upload / image | download / image | public keys | ring, modulus bits "
+        "| depth | peak RSS | threads |",
+        "|" + " --- |" * 16,
+    ]
+    for r in report["rows"]:
+        single = "encrypt_s" in r
+        encrypt = r["encrypt_s"]["p50"] if single else r.get("encrypt_s_per_image")
+        throughput = r.get("throughput_images_s", 1 / r["eval_s_per_image"])
+        params = (f"N={r['poly_modulus_degree']}, {r['modulus_bits']} | {r['depth']}"
+                  if "poly_modulus_degree" in r else "- | -")
+        lines.append(f"| {r['model']} | {r['mode']} | {r['images']} | {r['accuracy']:.2%} | "
+                     f"{r['argmax_agreement']:.2%} | {_ms(r['eval_s_per_image'])} | {_ms(encrypt)} | "
+                     f"{_ms(r['eval_s']['p90']) if single else '-'} | {throughput:,.1f}/s | "
+                     f"{_bytes(r.get('upload_bytes'))} | {_bytes(r.get('download_bytes'))} | "
+                     f"{_bytes(r.get('public_key_bytes'))} | {params} | "
+                     f"{_bytes(r.get('peak_rss_bytes'))} | {r.get('threads', 1)} |")
+    lines += ["", "Single-packing rows: per request (one image), p50 unless marked p90; batch rows: "
+              "amortised over the batch. Plaintext rows: onnxruntime on the whole test set at once.",
+              "", "![time per image by stage](results/stages.png)", ""]
+    if report["converted_rows"]:
+        lines += ["## Models converted by `she convert`", "",
+                  f"From `docs/results/convert_targets.json`, written by {report['converted_source']} "
+                  "(see `docs/conversion.md`).", "",
+                  "| model | mode | encrypted images | encrypted accuracy | agreement | "
+                  "server time / image |", "| --- | --- | --- | --- | --- | --- |"]
+        for r in report["converted_rows"]:
+            lines.append(f"| {r['model']} | {r['mode']} | {r['images']} | {r['accuracy']:.2%} | "
+                         f"{r['argmax_agreement']:.2%} | {_ms(r['eval_s_per_image'])} |")
+        lines.append("")
+    lines += ["## Published results (not measured here)", "",
+              "| system | model | accuracy | latency / image | amortised / image | hardware | source |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for p in report["published"]:
+        lat = "-" if p["latency_s"] is None else f"{p['latency_s']:g} s"
+        lines.append(f"| {p['system']} | {p['model']} | {p['accuracy']:.2%} | {lat} | "
+                     f"{_ms(p['amortised_s'])} | {p['hardware']} | {p['source']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks",
+                                     description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--data", required=True, help="directory holding mnist/ (IDX files)")
+    parser.add_argument("--quick", action="store_true", help="few images, no TenSEAL batch (< 3 min)")
+    parser.add_argument("--out", default=str(DOCS), help="docs directory to write into")
+    args = parser.parse_args(argv)
+    report = run(args.data, args.quick)
+    out = Path(args.out)
+    (out / "results").mkdir(parents=True, exist_ok=True)
+    (out / "results" / "benchmarks.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, out / "results")
+    (out / "benchmarks.md").write_text(render(report))
+    print(f"wrote {out / 'benchmarks.md'} in {report['wall_s']:.0f} s")
+    return report

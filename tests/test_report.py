@@ -1,0 +1,54 @@
+"""The benchmark report (``python -m benchmarks --quick``, what CI runs) on real MNIST."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import report
+
+
+@pytest.fixture(scope="module")
+def quick(mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("docs")
+    return report.main(["--data", str(mnist_dir.parent), "--quick", "--out", str(out)]), out
+
+
+def test_every_model_and_mode_is_measured(quick):
+    result, _ = quick
+    modes = {(r["model"], r["mode"]) for r in result["rows"]}
+    for model in ("shipped demo model", "TenSEAL-tutorial network"):
+        for mode in ("plaintext (onnxruntime)", "SHE CKKS batch", "SHE CKKS single"):
+            assert (model, mode) in modes
+    assert ("TenSEAL-tutorial network", "plain TenSEAL, one image") in modes
+    for r in result["rows"]:
+        assert r["images"] >= 3 and 0.9 <= r["accuracy"] <= 1.0, r
+        if r["mode"].startswith("SHE"):
+            assert r["argmax_agreement"] >= 0.99, r
+            assert r["upload_bytes"] > 0 and r["public_key_bytes"] > 0
+    # Plaintext rows use the full test set; the encrypted ones what --quick allows.
+    assert {r["images"] for r in result["rows"] if r["mode"].startswith("plaintext")} == {10_000}
+
+
+def test_files_agree_with_the_run(quick):
+    result, out = quick
+    saved = json.loads((out / "results" / "benchmarks.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(result["rows"]))
+    text = (out / "benchmarks.md").read_text()
+    for r in result["rows"]:
+        assert f"| {r['model']} | {r['mode']} | {r['images']} | {r['accuracy']:.2%} |" in text
+    for p in report.PUBLISHED:
+        assert p[0] in text and p[-1] in text
+    assert "--quick" in text
+    for png in ("accuracy_latency.png", "stages.png"):
+        assert (out / "results" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_stage_times_come_from_measured_bytes(quick):
+    result, _ = quick
+    single = next(r for r in result["rows"] if r["mode"] == "SHE CKKS single")
+    stages = report.stage_seconds(single, 8.0)  # 8 Mbit/s: one byte per microsecond
+    assert stages["upload"] == pytest.approx(single["upload_bytes"] * 1e-6)
+    assert stages["evaluate"] == single["eval_s"]["p50"]
