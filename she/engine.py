@@ -3,8 +3,9 @@
 Linear layers run in numpy through :mod:`she.kernels` (zero multiplicative depth: the
 ``2^-shift`` of the integer weights goes into the ciphertext scale). Squares run in SEAL:
 square, relinearise, and rescale by the primes the plan assigned to them. SEAL's bindings
-hold the GIL, so the squares of a layer are shared among ``workers`` forked processes;
-ciphertexts pass between them as files in the bridge's shared-memory directory.
+hold the GIL, so all the work (decoding the uploaded ciphertexts, the kernels over ranges of
+coefficients, the squares) is shared among ``workers`` forked processes, which exchange
+arrays and ciphertexts through files in the bridge's shared-memory directory.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class Engine:
 
     Args:
         plan: the compiled plan.
-        workers: processes used for the SEAL part (squares); default: every core.
+        workers: processes sharing the work (the thread-count setting); default: every core.
     """
 
     def __init__(self, plan: Plan, workers: int | None = None) -> None:
