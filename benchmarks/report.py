@@ -220,13 +220,15 @@ def plot(report: dict[str, Any], out_dir: Path) -> list[Path]:
     plt.close(fig)
 
     encrypted = [r for r in report["rows"] if not r["mode"].startswith("plaintext")]
-    fig, ax = plt.subplots(figsize=(8, 0.6 * len(encrypted) + 1.5))
-    labels = [f"{r['model']}: {r['mode']}" for r in encrypted]
-    left = np.zeros(len(encrypted))
-    for stage in ("encrypt", "upload", "evaluate", "download", "decrypt"):
-        values = np.array([1e3 * stage_seconds(r, report["link_mbit_s"])[stage] for r in encrypted])
-        ax.barh(labels, values, left=left, label=stage)
-        left += values
+    stages = ("encrypt", "upload", "evaluate", "download", "decrypt")
+    fig, ax = plt.subplots(figsize=(8, 1.0 * len(encrypted) + 1.5))
+    rows = np.arange(len(encrypted))
+    height = 0.8 / len(stages)
+    for k, stage in enumerate(stages):  # one bar per stage: a log axis cannot stack
+        values = [1e3 * stage_seconds(r, report["link_mbit_s"])[stage] for r in encrypted]
+        ax.barh(rows + (k - 2) * height, values, height=height, label=stage)
+    ax.set_yticks(rows, [f"{r['model']}: {r['mode']}" for r in encrypted])
+    ax.invert_yaxis()
     ax.set_xscale("log")
     ax.set_xlabel(f"milliseconds per image (transfer at {report['link_mbit_s']:g} Mbit/s)")
     ax.legend(fontsize=8)
