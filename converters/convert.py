@@ -55,7 +55,8 @@ class ConversionReport:
         return asdict(self)
 
 
-def _from_torch(module: Any, input_shape: tuple[int, ...]) -> onnx.ModelProto:
+def torch_to_onnx(module: Any, input_shape: tuple[int, ...]) -> onnx.ModelProto:
+    """Export a torch module to ONNX (opset 17, dynamic batch axis)."""
     import torch
 
     module = module.eval()
@@ -76,7 +77,7 @@ def _import(model: Any, input_shape: tuple[int, ...] | None) -> onnx.ModelProto:
     elif hasattr(model, "forward") and hasattr(model, "eval"):
         if input_shape is None:
             raise ModelError("converting a torch module needs input_shape (one sample's shape)")
-        proto = _from_torch(model, input_shape)
+        proto = torch_to_onnx(model, input_shape)
     else:
         raise ModelError(f"cannot convert an object of type {type(model).__name__}; give an "
                          "ONNX file, an onnx.ModelProto or a torch.nn.Module")

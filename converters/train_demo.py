@@ -38,6 +38,8 @@ from torch import nn
 
 from she.data import load_idx_dataset
 
+from .zoo import random_shift
+
 try:  # progress bars are optional
     from tqdm import tqdm
 except ImportError:  # pragma: no cover - depends on the environment
@@ -134,19 +136,6 @@ def progress(items: Iterable[torch.Tensor], total: int, desc: str) -> Iterable[t
     if tqdm is None:
         return items
     return tqdm(items, total=total, desc=desc, leave=False, dynamic_ncols=True)
-
-
-def random_shift(batch: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
-    """Shift every image independently by up to ``max_shift`` pixels in x and y (zero fill)."""
-    if max_shift == 0:
-        return batch
-    n, _, height, width = batch.shape
-    padded = nn.functional.pad(batch, (max_shift,) * 4)
-    offsets = torch.randint(0, 2 * max_shift + 1, (n, 2), generator=generator)
-    rows = offsets[:, 0, None] + torch.arange(height)  # (n, H)
-    cols = offsets[:, 1, None] + torch.arange(width)  # (n, W)
-    index = torch.arange(n)[:, None, None]
-    return padded[:, 0][index, rows[:, :, None], cols[:, None, :]].unsqueeze(1)
 
 
 @torch.no_grad()

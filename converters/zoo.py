@@ -20,11 +20,41 @@ def small_relu_cnn(channels: int = 8, hidden: int = 64) -> nn.Module:
         nn.Linear(channels * 7 * 7, hidden), nn.ReLU(), nn.Linear(hidden, 10))
 
 
+def two_conv_relu_cnn(channels: tuple[int, int] = (32, 64), hidden: int = 128) -> nn.Module:
+    """Two Conv + BatchNorm + ReLU blocks (5x5 and 3x3, stride 2), MaxPool, Dropout,
+    Linear + ReLU, Linear: an ordinary MNIST-class CNN near 99.5 % on MNIST."""
+    c1, c2 = channels
+    return nn.Sequential(
+        nn.Conv2d(1, c1, 5, stride=2, padding=2), nn.BatchNorm2d(c1), nn.ReLU(),
+        nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.BatchNorm2d(c2), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Flatten(), nn.Dropout(0.2),
+        nn.Linear(c2 * 3 * 3, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+
+def random_shift(batch: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Shift every image independently by up to ``max_shift`` pixels in x and y (zero fill)."""
+    if max_shift == 0:
+        return batch
+    n, _, height, width = batch.shape
+    padded = nn.functional.pad(batch, (max_shift,) * 4)
+    offsets = torch.randint(0, 2 * max_shift + 1, (n, 2), generator=generator)
+    rows = offsets[:, 0, None] + torch.arange(height)  # (n, H)
+    cols = offsets[:, 1, None] + torch.arange(width)  # (n, W)
+    index = torch.arange(n)[:, None, None]
+    return padded[:, 0][index, rows[:, :, None], cols[:, None, :]].unsqueeze(1)
+
+
 def train(model: nn.Module, data_dir: str, epochs: int = 5, lr: float = 3e-3,
-          seed: int = 0, log=print) -> tuple[nn.Module, float]:
-    """Train on the IDX training split; returns the model (eval mode) and test accuracy."""
+          seed: int = 0, log=print, max_shift: int = 0,
+          threads: int = 2) -> tuple[nn.Module, float]:
+    """Train on the IDX training split; returns the model (eval mode) and test accuracy.
+
+    ``max_shift`` > 0 augments every batch with random translations of up to that many
+    pixels; ``threads`` is torch's thread count.
+    """
     torch.manual_seed(seed)
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
+    generator = torch.Generator().manual_seed(seed)
     x, y = (torch.from_numpy(a) for a in load_idx_dataset(data_dir, "train"))
     xt, yt = load_idx_dataset(data_dir, "test")
     opt = torch.optim.Adam(model.parameters(), lr)
@@ -33,11 +63,12 @@ def train(model: nn.Module, data_dir: str, epochs: int = 5, lr: float = 3e-3,
     for epoch in range(epochs):
         model.train()
         start = time.time()
-        order = torch.randperm(len(x))
+        order = torch.randperm(len(x), generator=generator)
         for i in range(0, len(x), 128):
             idx = order[i:i + 128]
             opt.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            images = random_shift(x[idx], max_shift, generator)
+            nn.functional.cross_entropy(model(images), y[idx]).backward()
             opt.step()
             schedule.step()
         log(f"  epoch {epoch + 1}/{epochs}: test accuracy {accuracy(model, xt, yt):.2%} "

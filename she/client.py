@@ -15,7 +15,7 @@ import numpy as np
 import tenseal as ts
 import tenseal.sealapi as sealapi
 
-from . import sealbytes, wire
+from . import bfv, sealbytes, wire
 from .context import (
     SealBridge,
     check_matches,
@@ -42,8 +42,10 @@ class Client:
         self.spec = dict(spec)
         self.params = EncryptionParameters.from_spec(spec)
         self.packing = self.spec.get("packing", "batch")
-        if self.packing not in ("batch", "single"):
-            raise ParameterError(f"model spec has an unknown packing {self.packing!r}")
+        if self.packing not in ("batch", "single") or (
+                self.params.scheme == "bfv" and self.packing != "batch"):
+            raise ParameterError(f"model spec has an unsupported packing {self.packing!r}")
+        self._int_range = _input_int_range(self.spec) if self.params.scheme == "bfv" else None
         self.galois_steps = _galois_steps(self.spec, self.params.slots)
         self._replicas = _input_replicas(self.spec, self.params.slots)
         self._public: bytes | None = None
@@ -56,7 +58,8 @@ class Client:
         self.ctx = context
         self._seal = context.seal_context().data
         self._levels = level_specs(context)
-        self._encoder = sealapi.CKKSEncoder(self._seal)
+        self._encoder = (sealapi.BatchEncoder(self._seal) if self.params.scheme == "bfv"
+                         else sealapi.CKKSEncoder(self._seal))
         secret = context.secret_key().data
         self._encryptor = sealapi.Encryptor(self._seal, secret)
         self._decryptor = sealapi.Decryptor(self._seal, secret)
@@ -81,7 +84,8 @@ class Client:
         """Encrypt a batch of samples: ``x`` has shape ``(batch, *input_shape)``.
 
         Single packing sends its one ciphertext in SEAL's seeded form (the second polynomial
-        replaced by the seed it is drawn from), which halves the upload.
+        replaced by the seed it is drawn from), which halves the upload. BFV quantises the
+        inputs to integers first (refusing values outside the model's declared range).
         """
         shape = tuple(self.spec["input_shape"])
         x = np.asarray(x, dtype=np.float64)
@@ -96,12 +100,17 @@ class Client:
         if not np.all(np.isfinite(x)):
             raise ParameterError("inputs contain NaN or infinity")
         scale = float(self.spec["input_scale"])
+        if self._int_range is not None:
+            x = bfv.quantise_inputs(x, scale, self._int_range)
         columns = x.T if self.packing == "batch" else [
             replicate(x[0], self.params.slots, *self._replicas)]
         items = []
         for column in columns:
             plain = sealapi.Plaintext()
-            self._encoder.encode(column.tolist(), scale, plain)
+            if self._int_range is not None:
+                self._encoder.encode(column.tolist(), plain)
+            else:
+                self._encoder.encode(column.tolist(), scale, plain)
             if self.packing == "single":  # seeded: half the bytes; SEAL expands it on load
                 items.append(self._bridge.save_serializable(self._encryptor.encrypt_symmetric(plain)))
             else:  # the server's kernels need both polynomials as coefficient arrays
@@ -113,6 +122,14 @@ class Client:
 
     def decrypt(self, data: bytes) -> np.ndarray:
         """Decrypt a result message into an array of shape ``(batch, output_size)``."""
+        values = self.decrypt_raw(data)
+        if self._int_range is not None:
+            return values / float(self.spec["output_scale"])
+        return values
+
+    def decrypt_raw(self, data: bytes) -> np.ndarray:
+        """The decrypted slot values: CKKS outputs (float64) or, in BFV, the quantised
+        model's exact integer outputs (int64, at the spec's ``output_scale``)."""
         n_out = int(self.spec["output_ciphertexts"])
         msg = wire.unpack(data, kind=wire.KIND_CIPHERTEXTS, max_items=n_out,
                           max_item_bytes=MAX_CIPHERTEXT_BYTES)
@@ -125,16 +142,19 @@ class Client:
         if level is None:
             raise ParameterError("model spec names an output level its parameters do not have")
         n_values = n_out if self.packing == "batch" else int(self.spec["output_size"])
-        out = np.empty((batch, n_values))
+        bfv_scheme = self._int_range is not None
+        out = np.empty((batch, n_values), dtype=np.int64 if bfv_scheme else np.float64)
+        expected = 1.0 if bfv_scheme else float(self.spec["output_scale"])
         for j, blob in enumerate(msg.items):
             raw = sealbytes.parse(blob, level)
-            if not math.isclose(raw.scale, float(self.spec["output_scale"]), rel_tol=1e-9):
+            if not math.isclose(raw.scale, expected, rel_tol=1e-9):
                 raise FormatError(f"result ciphertext {j} has scale {raw.scale}, expected "
-                                  f"{self.spec['output_scale']}")
+                                  f"{expected}")
             ct = self._bridge.to_seal(raw)
             plain = sealapi.Plaintext()
             self._decryptor.decrypt(ct, plain)
-            values = np.asarray(self._encoder.decode_double(plain))
+            values = np.asarray(self._encoder.decode_int64(plain) if bfv_scheme
+                                else self._encoder.decode_double(plain))
             if self.packing == "batch":
                 out[:, j] = values[:batch]
             else:
@@ -180,6 +200,19 @@ def _galois_steps(spec: dict[str, Any], slots: int) -> list[int]:
                              f"integers in 1..{slots - 1})")
     return sorted(set(steps))
 
+
+
+def _input_int_range(spec: dict[str, Any]) -> tuple[int, int]:
+    """BFV's integer input range from a spec, checked."""
+    bounds = spec.get("input_int_range")
+    if not (isinstance(bounds, list) and len(bounds) == 2
+            and all(isinstance(b, int) and not isinstance(b, bool) and abs(b) < 2 ** 24
+                    for b in bounds) and bounds[0] <= bounds[1]):
+        raise ParameterError(f"model spec has an invalid input_int_range {bounds!r}")
+    scale = spec.get("input_scale")
+    if not (isinstance(scale, float | int) and math.isfinite(scale) and scale > 0):
+        raise ParameterError(f"model spec has an invalid input_scale {scale!r}")
+    return bounds[0], bounds[1]
 
 
 def _input_replicas(spec: dict[str, Any], slots: int) -> tuple[int, int]:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from . import layout
+from . import bfv, layout
 from .errors import ParameterError
 from .lowering import Affine, Chain, lower
 from .model import Model
@@ -82,6 +82,8 @@ class Plan:
     chain: Chain = field(repr=False)
     calibrated: bool = False
     notes: list[str] = field(default_factory=list)
+    #: BFV: the integer range of quantised inputs ``round(x * input_scale)``.
+    input_int_range: tuple[int, int] | None = None
 
     @property
     def depth(self) -> int:
@@ -118,8 +120,26 @@ class Plan:
         return layout.rotation_steps(self.layouts()) if self.packing == "single" else []
 
     def output_scale(self) -> float:
-        """Scale of the output ciphertexts (follows from the chain and the primes)."""
+        """Scale of the outputs: the CKKS ciphertext scale (follows from the chain and the
+        primes), or the integer scale of BFV's quantised outputs."""
         return self.scales()[-1][1]
+
+    @property
+    def ciphertext_scale(self) -> float:
+        """The scale field of input ciphertexts (BFV's is always 1)."""
+        return self.input_scale if self.scheme == "ckks" else 1.0
+
+    def quantise_inputs(self, x: np.ndarray) -> np.ndarray:
+        """BFV: the quantised model's integer inputs for ``x`` (batch, *input_shape)."""
+        if self.input_int_range is None:
+            raise ParameterError("only BFV plans have integer inputs")
+        return bfv.quantise_inputs(np.asarray(x).reshape(len(x), -1), self.input_scale,
+                                   self.input_int_range)
+
+    def run_integers(self, x_int: np.ndarray) -> np.ndarray:
+        """BFV: the quantised model, exactly (int64 outputs at :meth:`output_scale`)."""
+        return bfv.run_integers([layer.weights for layer in self.layers],
+                                [layer.bias for layer in self.layers], x_int)
 
     def scales(self) -> list[tuple[float, float]]:
         """(input scale, output scale) of every layer, from the actual primes."""
@@ -183,6 +203,8 @@ class Plan:
             "input_replicas": self.layouts()[0].replicas if self.packing == "single" else 1,
             "input_shift": self.layouts()[0].n_diagonals if self.packing == "single" else 0,
             "layout": self._layout_text(),
+            **({"plain_modulus": str(self.params.plain_modulus),
+                "input_int_range": list(self.input_int_range or ())} if self.scheme == "bfv" else {}),
         }
 
     def _layout_text(self) -> str:
@@ -321,12 +343,14 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
     poly_modulus_degree: int | None = None,
     range_margin: float = 2.0,
     name: str | None = None,
+    input_bits: int = bfv.INPUT_BITS,
 ) -> Plan:
     """Compile an HE-friendly model into a :class:`Plan`.
 
     Args:
         model: a loaded :class:`~she.model.Model` (or an already lowered chain).
-        scheme: ``"ckks"`` (the only scheme of this release).
+        scheme: ``"ckks"`` (approximate, any depth) or ``"bfv"`` (batch packing: an
+            integer-quantised model reproduced exactly; see :mod:`she.bfv`).
         packing: ``"batch"``: one sample per slot, every feature its own ciphertext (best
             throughput); ``"single"``: one sample in one ciphertext (lowest latency).
         calibration: optional sample inputs; value ranges then come from them (times
@@ -340,11 +364,15 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
         security: 128 (default), 192 or 256 bits; anything lower is refused.
         poly_modulus_degree: force a ring size (refused if it cannot hold the plan securely).
         range_margin: safety factor on calibrated value ranges.
+        input_bits: BFV: bits of the quantised inputs' magnitude.
     """
-    if scheme != "ckks":
-        raise ParameterError(f"scheme {scheme!r} is not supported; use 'ckks'")
+    if scheme not in ("ckks", "bfv"):
+        raise ParameterError(f"scheme {scheme!r} is not supported; use 'ckks' or 'bfv'")
     if packing not in PACKINGS:
         raise ParameterError(f"packing {packing!r} is not supported; use one of {PACKINGS}")
+    if scheme == "bfv":
+        return _compile_bfv(model, packing, calibration, input_bits, weight_bits or bfv.WEIGHT_BITS,
+                            security, poly_modulus_degree, name)
     if scale_bits is None and weight_bits is None:
         ladder = PRECISION_LADDER if packing == "batch" else SINGLE_PRECISION_LADDER
     else:
@@ -459,6 +487,45 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
                                             deviation)
     if calibration is not None:
         _check_argmax_margin(plan, cal)
+    return plan
+
+
+def _compile_bfv(model: Model | Chain, packing: str, calibration: np.ndarray | None,
+                 input_bits: int, weight_bits: int, security: int,
+                 poly_modulus_degree: int | None, name: str | None) -> Plan:
+    if packing != "batch":
+        raise ParameterError("BFV runs in batch packing only; use scheme='ckks' for single packing")
+    if security not in MAX_MODULUS_BITS:
+        raise ParameterError(f"security level {security} is not allowed: use 128, 192 or 256")
+    chain = model if isinstance(model, Chain) else lower(model)
+    input_range = model.input_range if isinstance(model, Model) else (0.0, 1.0)
+    q = bfv.plan_parameters(chain, input_range, input_bits=input_bits, weight_bits=weight_bits,
+                            security=security, poly_modulus_degree=poly_modulus_degree,
+                            max_prime_bits=MAX_CT_PRIME_BITS)
+    layers = [PlanLayer(weights=w, shift=f, bias=b, out_shape=layer.out_shape, rescale_primes=0,
+                        value_bound=float(bound.max(initial=0.0)) / scale,
+                        weight_error=float(np.abs(layer.matrix - w * 2.0 ** -f).max(initial=0.0)))
+              for layer, w, f, b, bound, scale in zip(chain.layers, q["weights"], q["shifts"],
+                                                      q["biases"], q["bounds"], q["scales"],
+                                                      strict=True)]
+    notes = [f"BFV: inputs quantised to {input_bits} bits, weights to {weight_bits} bits; the "
+             f"{q['params'].plain_modulus.bit_length()}-bit plaintext modulus holds every value "
+             "for any input in the declared range, so decryption equals the quantised model exactly"]
+    plan = Plan(name or (model.name if isinstance(model, Model) else "model"), "bfv", "batch",
+                chain.input_shape, q["params"], q["input_scale"], layers, 0.0, chain,
+                calibrated=calibration is not None, notes=notes,
+                input_int_range=q["input_int_range"])
+    if calibration is not None:
+        cal = np.asarray(calibration, dtype=np.float64).reshape(len(calibration), -1)
+        if cal.shape[1] != chain.layers[0].n_in:
+            raise ParameterError(f"calibration samples must have {chain.layers[0].n_in} features "
+                                 f"each, got array of shape {np.shape(calibration)}")
+        cal = np.clip(cal, *input_range)
+        quantised = plan.run_integers(plan.quantise_inputs(cal)) / plan.output_scale()
+        plan.predicted_error = float(np.abs(quantised - chain.run(cal)).max(initial=0.0))
+        agree = float(np.mean(quantised.argmax(1) == chain.run(cal).argmax(1)))
+        notes.append(f"quantised vs float model on {len(cal)} calibration samples: max |logit "
+                     f"difference| {plan.predicted_error:.3g}, argmax agreement {agree:.2%}")
     return plan
 
 

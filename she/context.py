@@ -37,12 +37,15 @@ MAX_CONTEXT_BYTES = 256 * 1024 * 1024
 
 
 def new_secret_context(params: EncryptionParameters) -> ts.Context:
-    """A fresh CKKS context with secret, public and relinearisation keys."""
-    if params.scheme != "ckks":
-        raise ParameterError(f"scheme {params.scheme!r} is not supported")
+    """A fresh CKKS or BFV context with secret, public and relinearisation keys."""
     try:
-        ctx = ts.context(ts.SCHEME_TYPE.CKKS, params.poly_modulus_degree,
-                         coeff_mod_bit_sizes=list(params.modulus_bits))
+        if params.scheme == "bfv":
+            ctx = ts.context(ts.SCHEME_TYPE.BFV, params.poly_modulus_degree,
+                             plain_modulus=params.plain_modulus,
+                             coeff_mod_bit_sizes=list(params.modulus_bits))
+        else:
+            ctx = ts.context(ts.SCHEME_TYPE.CKKS, params.poly_modulus_degree,
+                             coeff_mod_bit_sizes=list(params.modulus_bits))
     except ValueError as exc:
         raise ParameterError(f"SEAL refused the parameters: {exc}") from exc
     check_matches(ctx, params)
@@ -66,8 +69,11 @@ def context_primes(ctx: ts.Context) -> tuple[int, ...]:
 def check_matches(ctx: ts.Context, params: EncryptionParameters) -> None:
     """Raise :class:`ParameterError` if ``ctx`` was not made for ``params``."""
     parms = ctx.seal_context().data.key_context_data().parms()
-    if parms.scheme().name != "CKKS":
-        raise ParameterError("context is not a CKKS context")
+    if parms.scheme().name != params.scheme.upper():
+        raise ParameterError(f"context is a {parms.scheme().name} context, the model needs "
+                             f"{params.scheme.upper()}")
+    if params.scheme == "bfv" and parms.plain_modulus().value() != params.plain_modulus:
+        raise ParameterError("context plaintext modulus differs from the model's parameters")
     if parms.poly_modulus_degree() != params.poly_modulus_degree:
         raise ParameterError(
             f"context has N={parms.poly_modulus_degree()}, the model needs "
@@ -159,8 +165,9 @@ def level_specs(ctx: ts.Context) -> dict[int, sealbytes.LevelSpec]:
     while data is not None:
         parms = data.parms()
         moduli = tuple(m.value() for m in parms.coeff_modulus())
-        specs[len(moduli)] = sealbytes.LevelSpec(
-            tuple(data.parms_id()), moduli, parms.poly_modulus_degree(), ntt_form=True
+        specs[len(moduli)] = sealbytes.LevelSpec(  # SEAL keeps CKKS in NTT form, BFV not
+            tuple(data.parms_id()), moduli, parms.poly_modulus_degree(),
+            ntt_form=parms.scheme().name == "CKKS"
         )
         data = data.next_context_data()
     return specs

@@ -1,8 +1,9 @@
-"""Server-side execution of a plan on encrypted data (CKKS, batch packing).
+"""Server-side execution of a plan on encrypted data (batch packing, CKKS or BFV).
 
-Linear layers run in numpy through :mod:`she.kernels` (zero multiplicative depth: the
-``2^-shift`` of the integer weights goes into the ciphertext scale). Squares run in SEAL:
-square, relinearise, and rescale by the primes the plan assigned to them. SEAL's bindings
+Linear layers run in numpy through :mod:`she.kernels` (zero multiplicative depth: in CKKS
+the ``2^-shift`` of the integer weights goes into the ciphertext scale; in BFV the integer
+weights are the quantised model's own). Squares run in SEAL: square, relinearise, and (CKKS)
+rescale by the primes the plan assigned to them. SEAL's bindings
 hold the GIL, so all the work (decoding the uploaded ciphertexts, the kernels over ranges of
 coefficients, the squares) is shared among ``workers`` forked processes, which exchange
 arrays and ciphertexts through files in the bridge's shared-memory directory.
@@ -25,7 +26,7 @@ from . import sealbytes
 from .compiler import Plan
 from .context import SealBridge
 from .errors import FormatError
-from .kernels import LinearKernel, add_constant
+from .kernels import LinearKernel, add_constant, add_constant_bfv
 
 T = TypeVar("T")
 
@@ -56,7 +57,7 @@ class Engine:
             ctx: the client's public context (its parameters).
             relin: the client's relinearisation keys.
             inputs: ``(n_inputs, 2, limbs, N)`` uint64 coefficient arrays at the top level.
-            scale: their CKKS scale.
+            scale: their CKKS scale (1 in BFV).
 
         Returns the output coefficient arrays and their scale.
         """
@@ -65,8 +66,12 @@ class Engine:
             data = inputs
             for k, (layer, kernel) in enumerate(zip(self.plan.layers, self.kernels, strict=True)):
                 data = self._linear(bridge, kernel, data, k)
-                scale *= 2.0 ** layer.shift
-                add_constant(data, layer.bias, scale, self.primes[: data.shape[2]])
+                moduli = self.primes[: data.shape[2]]
+                if self.plan.scheme == "bfv":
+                    add_constant_bfv(data, layer.bias, self.plan.params.plain_modulus, moduli)
+                else:
+                    scale *= 2.0 ** layer.shift
+                    add_constant(data, layer.bias, scale, moduli)
                 if k < self.plan.depth:
                     data, scale = self._square(bridge, relin, data, scale, layer.rescale_primes)
             return data, scale
@@ -127,7 +132,7 @@ class Engine:
         out_level = bridge.levels[data.shape[2] - rescales]
         paths = [bridge.unit_path(i) for i in range(len(data))]
         for unit, path in zip(data, paths, strict=True):
-            raw = sealbytes.RawCiphertext(unit, scale, level.parms_id)
+            raw = sealbytes.RawCiphertext(unit, scale, level.parms_id, level.ntt_form)
             Path(path).write_bytes(sealbytes.serialize(raw))
         _JOB.update(seal=bridge.seal, relin=relin, rescales=rescales,
                     paths=paths, level=out_level)

@@ -133,3 +133,23 @@ def add_constant(data: np.ndarray, values: np.ndarray, scale: float,
             row = data[o, 0, j]
             np.add(row, residue, out=row)
             row[row >= q] -= np.uint64(q)
+
+
+def add_constant_bfv(data: np.ndarray, values: np.ndarray, plain_modulus: int,
+                     moduli: tuple[int, ...]) -> None:
+    """BFV: add the integer ``values[o]`` to every slot of ciphertext ``o``, in place.
+
+    A constant batched plaintext is the constant polynomial ``v = values[o] mod t``; SEAL's
+    ``add_plain`` adds ``floor((Q * v + floor((t + 1) / 2)) / t)`` (``Q``: the product of the
+    ciphertext's primes) to coefficient 0 of the first polynomial, which is in coefficient
+    form. The same is done here, limb by limb.
+    """
+    t = plain_modulus
+    big_q = math.prod(moduli)
+    for o, value in enumerate(values):
+        v = int(value) % t
+        if v == 0:
+            continue
+        delta = (big_q * v + (t + 1) // 2) // t
+        for j, q in enumerate(moduli):
+            data[o, 0, j, 0] = np.uint64((int(data[o, 0, j, 0]) + delta) % q)

@@ -25,6 +25,9 @@ RING_SIZES = (4096, 8192, 16384, 32768)
 MIN_SECURITY = 128
 MIN_PRIME_BITS = 20
 MAX_PRIME_BITS = 60
+SCHEMES = ("ckks", "bfv")
+#: SEAL's largest plaintext modulus (BFV).
+MAX_PLAIN_MODULUS_BITS = 60
 
 
 def check_security(poly_modulus_degree: int, modulus_bits: list[int], security: int = 128) -> None:
@@ -67,17 +70,40 @@ def smallest_ring(total_bits: int, security: int = 128, minimum: int = 4096) -> 
     )
 
 
+def batching_prime(bits: int, poly_modulus_degree: int) -> int:
+    """A ``bits``-bit prime ``t = 1 mod 2N``: a BFV plaintext modulus with ``N`` slots."""
+    if not 2 <= bits <= MAX_PLAIN_MODULUS_BITS:
+        raise ParameterError(f"a {bits}-bit plaintext modulus is outside 2..{MAX_PLAIN_MODULUS_BITS}")
+    try:
+        return int(sealapi.PlainModulus.Batching(poly_modulus_degree, bits).value())
+    except (ValueError, RuntimeError) as exc:
+        raise ParameterError(f"SEAL finds no {bits}-bit batching prime for "
+                             f"N={poly_modulus_degree}: {exc}") from exc
+
+
 @dataclass(frozen=True)
 class EncryptionParameters:
-    """A scheme, a ring size and a coefficient modulus (special prime last)."""
+    """A scheme, a ring size and a coefficient modulus (special prime last); BFV adds its
+    plaintext modulus (a prime ``= 1 mod 2N``, so that every coefficient is a slot)."""
 
     scheme: str
     poly_modulus_degree: int
     modulus_bits: tuple[int, ...]
     security: int = 128
     primes: tuple[int, ...] = field(default=(), compare=False)
+    plain_modulus: int = 0
 
     def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise ParameterError(f"scheme {self.scheme!r} is not supported; use one of {SCHEMES}")
+        if (self.scheme == "bfv") != (self.plain_modulus > 0):
+            raise ParameterError("a BFV context needs a plaintext modulus, a CKKS one has none")
+        if self.plain_modulus and (self.plain_modulus <= 2 * self.poly_modulus_degree
+                                   or self.plain_modulus % (2 * self.poly_modulus_degree) != 1
+                                   or self.plain_modulus.bit_length() > MAX_PLAIN_MODULUS_BITS):
+            raise ParameterError(f"plaintext modulus {self.plain_modulus} is not a batching "
+                                 f"modulus (= 1 mod {2 * self.poly_modulus_degree}, at most "
+                                 f"{MAX_PLAIN_MODULUS_BITS} bits)")
         check_security(self.poly_modulus_degree, list(self.modulus_bits), self.security)
         if not self.primes:
             try:
@@ -101,11 +127,14 @@ class EncryptionParameters:
 
     @property
     def slots(self) -> int:
-        return self.poly_modulus_degree // 2
+        """Values per ciphertext: N/2 complex slots in CKKS, N integer slots in BFV."""
+        return self.poly_modulus_degree // (1 if self.scheme == "bfv" else 2)
 
     def fingerprint(self) -> str:
         """A short hash that identifies these parameters (used to match keys and data)."""
         text = f"{self.scheme}|{self.poly_modulus_degree}|{','.join(map(str, self.primes))}"
+        if self.plain_modulus:
+            text += f"|t={self.plain_modulus}"
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     @classmethod
@@ -114,7 +143,8 @@ class EncryptionParameters:
         try:
             params = cls(str(spec["scheme"]), int(spec["poly_modulus_degree"]),
                          tuple(int(b) for b in spec["modulus_bits"]),
-                         int(spec.get("security_bits", 128)))
+                         int(spec.get("security_bits", 128)),
+                         plain_modulus=int(spec.get("plain_modulus", 0)))
             primes = tuple(int(p) for p in spec["primes"])
         except (KeyError, TypeError, ValueError) as exc:
             raise ParameterError(f"malformed model spec: {exc!r}") from exc

@@ -104,11 +104,13 @@ class Server:
                                   f"expected {self.plan.input_scale}")
             items = [self._evaluate_single(keys, msg.items[0])]
         else:
-            inputs = self.engine.parse_inputs(keys.ctx, msg.items, level, self.plan.input_scale)
+            scale = self.plan.ciphertext_scale
+            inputs = self.engine.parse_inputs(keys.ctx, msg.items, level, scale)
             msg.items.clear()
-            out, scale = self.engine.run(keys.ctx, keys.relin, inputs, self.plan.input_scale)
+            out, scale = self.engine.run(keys.ctx, keys.relin, inputs, scale)
             out_level = level_specs(keys.ctx)[out.shape[2]]
-            items = [sealbytes.serialize(sealbytes.RawCiphertext(unit, scale, out_level.parms_id),
+            items = [sealbytes.serialize(sealbytes.RawCiphertext(unit, scale, out_level.parms_id,
+                                                                 out_level.ntt_form),
                                          compress=True) for unit in out]
         meta = {"fingerprint": self.fingerprint, "batch": batch, "model": self.plan.model_name}
         return wire.pack(wire.KIND_CIPHERTEXTS, meta, items)
