@@ -47,9 +47,10 @@ CALIBRATION = 1000
 MEMORY_LIMIT_BYTES = 4 * 2 ** 30
 
 
-def _compile(model_path: str, packing: str, train_x: np.ndarray) -> tuple[she.Model, she.Plan]:
+def _compile(model_path: str, packing: str, train_x: np.ndarray,
+             **options: Any) -> tuple[she.Model, she.Plan]:
     model = she.load(model_path)
-    return model, she.compile(model, calibration=train_x[:CALIBRATION], packing=packing)
+    return model, she.compile(model, calibration=train_x[:CALIBRATION], packing=packing, **options)
 
 
 def _accuracy(out: np.ndarray, plain: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -92,11 +93,14 @@ def she_single(model_path: str, train_x: np.ndarray, x: np.ndarray, y: np.ndarra
             **_accuracy(out, model.run_plain(x), y)}
 
 
-def she_batch(model_path: str, train_x: np.ndarray, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+def she_batch(model_path: str, train_x: np.ndarray, x: np.ndarray, y: np.ndarray,
+              **options: Any) -> dict[str, Any]:
     """SHE batch packing: ``x`` in as few requests as the batch capacity allows (run it in a
-    fresh process); times and bytes are summed over the requests."""
+    fresh process); times and bytes are summed over the requests. ``options`` go to
+    :func:`she.compile` (``scheme="bfv"``: the result is also checked against the quantised
+    model, exactly)."""
     rss_start = tb.peak_rss_bytes()
-    model, plan = _compile(model_path, "batch", train_x)
+    model, plan = _compile(model_path, "batch", train_x, **options)
     server, client = she.Server(plan), she.Client(plan.spec())
     public, keygen_s = tb.timed(client.public_context)
     keys = server.load_context(public)
@@ -111,7 +115,12 @@ def she_batch(model_path: str, train_x: np.ndarray, x: np.ndarray, y: np.ndarray
                               strict=True):
             totals[key] += value
     out = np.concatenate(outs)
-    return {"images": len(x), "batches": len(outs), "keygen_s": keygen_s,
+    exact = None
+    if plan.scheme == "bfv":
+        quantised = plan.run_integers(plan.quantise_inputs(x)) / plan.output_scale()
+        exact = bool(np.array_equal(out, quantised))
+    return {"images": len(x), "batches": len(outs), "keygen_s": keygen_s, "scheme": plan.scheme,
+            "equals_quantised_model": exact,
             "public_key_bytes": len(public), **totals,
             "server_s_per_image": totals["server_s"] / len(x),
             "workers": server.engine.workers, "peak_rss_bytes": tb.peak_rss_bytes(),
@@ -120,10 +129,11 @@ def she_batch(model_path: str, train_x: np.ndarray, x: np.ndarray, y: np.ndarray
             **_accuracy(out, model.run_plain(x), y)}
 
 
-def _in_fresh_process(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+def _in_fresh_process(fn: Callable[..., dict[str, Any]], *args: Any,
+                      **kwargs: Any) -> dict[str, Any]:
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        return pool.submit(fn, *args).result()
+        return pool.submit(fn, *args, **kwargs).result()
 
 
 def comparisons(result: dict[str, Any]) -> list[dict[str, Any]]:

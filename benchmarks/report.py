@@ -3,9 +3,13 @@ results beside them.
 
 ``python -m benchmarks --data ../shared/data [--quick]`` measures, on real MNIST test images:
 
-* models: the shipped demo model (HE-friendly MNIST CNN) and the TenSEAL-tutorial network;
-* modes: plaintext (onnxruntime), CKKS batch packing (full test set; ``--quick``: one
-  batch of 512 images), CKKS single packing (500 images; ``--quick``: 5);
+* models (:data:`SUBJECTS`): the shipped demo model (HE-friendly MNIST CNN), the
+  TenSEAL-tutorial network, and the ordinary ReLU CNNs converted by ``she convert`` that
+  ``converters.train_targets`` ships (MNIST, Fashion-MNIST, a shallow MNIST CNN for BFV);
+* modes: original plaintext (the trained model before conversion), HE-friendly plaintext
+  (onnxruntime), CKKS batch packing (full test set; ``--quick``: one batch of 512 images),
+  CKKS single packing (500 images, fewer for the slow wide models; ``--quick``: 2-5), BFV
+  batch packing where the model's integer range fits a plaintext modulus;
 * peers: the plain-TenSEAL tutorial implementations of the tutorial network, one image per
   ciphertext (50 images; ``--quick``: 3) and a 4096-image batch (skipped by ``--quick``);
 * converted models: the rows of the last ``python -m benchmarks.convert_targets`` run
@@ -32,7 +36,6 @@ from typing import Any
 
 import numpy as np
 
-import she
 from she import assets
 from she.data import load_idx_dataset
 
@@ -66,20 +69,50 @@ class Sizes:
 
     batch_images: int
     single_images: int
+    wide_single_images: int  # single packing of models with wide layers (seconds per image)
     peer_single_images: int
     peer_batch_images: int  # 0: skipped
 
     @classmethod
     def for_run(cls, quick: bool) -> Sizes:
-        return cls(512, 5, 3, 0) if quick else cls(10_000, 500, 50, 4096)
+        return cls(512, 5, 2, 3, 0) if quick else cls(10_000, 500, 20, 50, 4096)
 
 
-def _plain_row(name: str, path: Path, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
-    model = she.load(path)
+@dataclass(frozen=True)
+class Subject:
+    """A model of the report and the modes it runs in."""
+
+    name: str
+    dataset: str  # folder under --data
+    asset: str  # HE-friendly ONNX in she/assets
+    original: str | None = None  # the trained model before `she convert`
+    wide: bool = False  # wide layers: single packing takes seconds, so fewer images
+    bfv: dict[str, int] | None = None  # BFV compile options; None: not run in BFV
+
+
+SUBJECTS = (
+    Subject("shipped demo model", "mnist", "mnist_demo.onnx"),
+    Subject("TenSEAL-tutorial network", "mnist", "tutorial_cnn.onnx"),
+    Subject("MNIST ReLU CNN (converted)", "mnist", "mnist_cnn.she.onnx", "mnist_cnn.onnx",
+            wide=True),
+    Subject("Fashion-MNIST ReLU CNN (converted)", "fashion-mnist", "fashion_cnn.she.onnx",
+            "fashion_cnn.onnx", wide=True),
+    Subject("MNIST shallow ReLU CNN (converted)", "mnist", "shallow_cnn.she.onnx",
+            "shallow_cnn.onnx", bfv={"input_bits": 8, "weight_bits": 8}),
+)
+
+
+def _plain_row(name: str, path: Path, x: np.ndarray, y: np.ndarray,
+               mode: str = "plaintext (onnxruntime)") -> dict[str, Any]:
+    """onnxruntime on the whole test set (the original trained model too, whose ReLU and
+    MaxPool SHE itself refuses to load)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     started = time.perf_counter()
-    logits = model.run_plain(x)
+    logits = session.run(None, {session.get_inputs()[0].name: x.astype(np.float32)})[0]
     seconds = time.perf_counter() - started
-    return {"model": name, "mode": "plaintext (onnxruntime)", "images": len(x),
+    return {"model": name, "mode": mode, "images": len(x),
             "accuracy": float(np.mean(logits.argmax(1) == y)), "argmax_agreement": 1.0,
             "eval_s_per_image": seconds / len(x), "latency_s": seconds / len(x)}
 
@@ -108,7 +141,7 @@ def _batch_row(name: str, r: dict[str, Any], mode: str) -> dict[str, Any]:
             "public_key_bytes": r["public_key_bytes"], "poly_modulus_degree": r["poly_modulus_degree"],
             "modulus_bits": r.get("modulus_bits") or r.get("coeff_mod_bit_sizes"),
             "depth": r.get("depth", 2), "peak_rss_bytes": r["peak_rss_bytes"],
-            "threads": r.get("workers", 1)}
+            "threads": r.get("workers", 1), "equals_quantised_model": r.get("equals_quantised_model")}
 
 
 def _converted_rows() -> tuple[list[dict[str, Any]], str | None]:
@@ -130,13 +163,12 @@ def run(data_dir: str, quick: bool) -> dict[str, Any]:
     """Measure everything; returns the JSON-ready report."""
     started = time.perf_counter()
     sizes = Sizes.for_run(quick)
-    mnist = Path(data_dir) / "mnist"
-    train_x, _ = load_idx_dataset(mnist, "train")
-    x, y = load_idx_dataset(mnist, "test")
-    models = (("shipped demo model", assets.demo_model_path()),
-              ("TenSEAL-tutorial network", assets.tutorial_model_path()))
+    subjects = [s for s in SUBJECTS if assets.asset_path(s.asset).exists()
+                and (Path(data_dir) / s.dataset).is_dir()]
+    missing = [s.name for s in SUBJECTS if s not in subjects]
     rows: list[dict[str, Any]] = []
-    steps = len(models) * 3 + 1 + bool(sizes.peer_batch_images)
+    steps = (sum(3 + bool(s.original) + bool(s.bfv) for s in subjects) + 1
+             + bool(sizes.peer_batch_images))
     done = 0
 
     def progress(what: str) -> None:
@@ -145,16 +177,34 @@ def run(data_dir: str, quick: bool) -> dict[str, Any]:
         print(f"[{done}/{steps}] {what} ({time.perf_counter() - started:.0f} s)", file=sys.stderr,
               flush=True)
 
-    for name, path in models:
-        rows.append(_plain_row(name, path, x, y))
+    data: dict[str, tuple[np.ndarray, ...]] = {}
+    for subject in subjects:
+        if subject.dataset not in data:
+            folder = Path(data_dir) / subject.dataset
+            data[subject.dataset] = (load_idx_dataset(folder, "train")[0],
+                                     *load_idx_dataset(folder, "test"))
+        train_x, x, y = data[subject.dataset]
+        name, path = subject.name, assets.asset_path(subject.asset)
+        if subject.original:
+            rows.append(_plain_row(name, assets.asset_path(subject.original), x, y,
+                                   "original plaintext (onnxruntime)"))
+            progress(f"{name}: original plaintext")
+        rows.append(_plain_row(name, path, x, y, "HE-friendly plaintext (onnxruntime)"
+                               if subject.original else "plaintext (onnxruntime)"))
         progress(f"{name}: plaintext")
         nb = sizes.batch_images
         rows.append(_batch_row(name, _in_fresh_process(she_batch, str(path), train_x, x[:nb], y[:nb]),
                                "SHE CKKS batch"))
         progress(f"{name}: CKKS batch, {nb} images")
-        ns = sizes.single_images
+        if subject.bfv:
+            result = _in_fresh_process(she_batch, str(path), train_x, x[:nb], y[:nb],
+                                       scheme="bfv", **subject.bfv)
+            rows.append(_batch_row(name, result, "SHE BFV batch"))
+            progress(f"{name}: BFV batch, {nb} images")
+        ns = sizes.wide_single_images if subject.wide else sizes.single_images
         rows.append(_single_row(name, she_single(str(path), train_x, x[:ns], y[:ns]), "SHE CKKS single"))
         progress(f"{name}: CKKS single, {ns} images")
+    x, y = data["mnist"][1:]
     tutorial = str(assets.tutorial_model_path())
     n = sizes.peer_single_images
     peer = tb.run_single(tutorial, x[:n], y[:n])
@@ -170,6 +220,7 @@ def run(data_dir: str, quick: bool) -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(), "quick": quick, "sizes": sizes.__dict__, "rows": rows,
         "converted_rows": converted, "converted_source": converted_source,
+        "missing_models": missing,
         "published": [dict(zip(("system", "model", "accuracy", "latency_s", "amortised_s",
                                 "hardware", "source"), p, strict=True)) for p in PUBLISHED],
         "link_mbit_s": LINK_MBIT_S, "wall_s": time.perf_counter() - started,
@@ -210,7 +261,7 @@ def plot(report: dict[str, Any], out_dir: Path) -> list[Path]:
                     color="grey", xytext=(4, -10), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_xlabel("seconds per image (single: latency p50; batch: amortised server time)")
-    ax.set_ylabel("accuracy on MNIST test images (%)")
+    ax.set_ylabel("accuracy on the test images (%)")
     ax.set_title("Encrypted MNIST inference: accuracy against time per image")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")
@@ -275,8 +326,12 @@ def render(report: dict[str, Any]) -> str:
         throughput = r.get("throughput_images_s", 1 / r["eval_s_per_image"])
         params = (f"N={r['poly_modulus_degree']}, {r['modulus_bits']} | {r['depth']}"
                   if "poly_modulus_degree" in r else "- | -")
+        exact = r.get("equals_quantised_model")
+        agreement = f"{r['argmax_agreement']:.2%}" + (
+            "" if exact is None else " (= quantised model, exactly)" if exact
+            else " (DIFFERS from the quantised model)")
         lines.append(f"| {r['model']} | {r['mode']} | {r['images']} | {r['accuracy']:.2%} | "
-                     f"{r['argmax_agreement']:.2%} | {_ms(r['eval_s_per_image'])} | {_ms(encrypt)} | "
+                     f"{agreement} | {_ms(r['eval_s_per_image'])} | {_ms(encrypt)} | "
                      f"{_ms(r['eval_s']['p90']) if single else '-'} | {throughput:,.1f}/s | "
                      f"{_bytes(r.get('upload_bytes'))} | {_bytes(r.get('download_bytes'))} | "
                      f"{_bytes(r.get('public_key_bytes'))} | {params} | "
@@ -284,6 +339,10 @@ def render(report: dict[str, Any]) -> str:
     lines += ["", "Single-packing rows: per request (one image), p50 unless marked p90; batch rows: "
               "amortised over the batch. Plaintext rows: onnxruntime on the whole test set at once.",
               "", "![time per image by stage](results/stages.png)", ""]
+    if report.get("missing_models"):
+        lines += [f"Not measured (model not shipped in `she/assets`, or its data set not found; "
+                  f"models are trained by `python -m converters.train_targets`): "
+                  f"{', '.join(report['missing_models'])}.", ""]
     if report["converted_rows"]:
         lines += ["## Models converted by `she convert`", "",
                   f"From `docs/results/convert_targets.json`, written by {report['converted_source']} "
@@ -291,7 +350,11 @@ def render(report: dict[str, Any]) -> str:
                   "| model | mode | encrypted images | encrypted accuracy | agreement | "
                   "server time / image |", "| --- | --- | --- | --- | --- | --- |"]
         for r in report["converted_rows"]:
-            lines.append(f"| {r['model']} | {r['mode']} | {r['images']} | {r['accuracy']:.2%} | "
+            mode = r["mode"]
+        if r.get("equals_quantised_model") is not None:
+            mode += (" (equals the quantised model exactly)" if r["equals_quantised_model"]
+                     else " (DIFFERS from the quantised model)")
+        lines.append(f"| {r['model']} | {mode} | {r['images']} | {r['accuracy']:.2%} | "
                          f"{r['argmax_agreement']:.2%} | {_ms(r['eval_s_per_image'])} |")
         lines.append("")
     lines += ["## Published results (not measured here)", "",

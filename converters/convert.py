@@ -197,7 +197,10 @@ def save_atomically(proto: onnx.ModelProto, path: str | Path) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=".she-", suffix=".onnx", dir=path.parent or ".")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a model is an ordinary file
         onnx.save(proto, tmp)
         os.replace(tmp, path)
     finally:

@@ -31,6 +31,14 @@ def two_conv_relu_cnn(channels: tuple[int, int] = (32, 64), hidden: int = 128) -
         nn.Linear(c2 * 3 * 3, hidden), nn.ReLU(), nn.Linear(hidden, 10))
 
 
+def shallow_relu_cnn(channels: int = 16) -> nn.Module:
+    """Conv(5x5, stride 2) + BatchNorm + ReLU + MaxPool, Flatten, Linear: one activation,
+    so its converted model has depth 1 (what BFV's exact integer arithmetic can hold)."""
+    return nn.Sequential(
+        nn.Conv2d(1, channels, 5, stride=2, padding=2), nn.BatchNorm2d(channels), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(channels * 7 * 7, 10))
+
+
 def random_shift(batch: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
     """Shift every image independently by up to ``max_shift`` pixels in x and y (zero fill)."""
     if max_shift == 0:

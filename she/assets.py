@@ -21,6 +21,11 @@ def tutorial_model_path() -> Path:
     return Path(str(resources.files("she") / "assets" / "tutorial_cnn.onnx"))
 
 
+def asset_path(filename: str) -> Path:
+    """Path of a file shipped in ``she/assets`` (it may be absent: check ``.exists()``)."""
+    return Path(str(resources.files("she") / "assets" / filename))
+
+
 def demo_samples() -> tuple[np.ndarray, np.ndarray]:
     """The shipped MNIST test digits: float images ``(n, 1, 28, 28)`` in [0, 1] and labels."""
     resource = resources.files("she") / "assets" / "mnist_samples.npz"

@@ -43,6 +43,10 @@ def _add_compile_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--packing", choices=["batch", "single"], default="batch",
                    help="batch: one sample per slot, best throughput (default); "
                         "single: one sample per ciphertext, lowest latency")
+    p.add_argument("--scheme", choices=["ckks", "bfv"], default="ckks",
+                   help="ckks (default, any depth) or bfv (batch packing: the integer-quantised "
+                        "model exactly; refused when its values exceed a 60-bit plaintext modulus)")
+    p.add_argument("--input-bits", type=int, default=8, help="BFV: bits of the quantised inputs")
 
 
 def _plan(args: argparse.Namespace) -> Plan:
@@ -54,7 +58,8 @@ def _plan(args: argparse.Namespace) -> Plan:
         calibration = load_idx_dataset(args.data, "train")[0][:CALIBRATION_SAMPLES]
     return compile(model, calibration=calibration, scale_bits=args.scale_bits,
                    weight_bits=args.weight_bits, security=args.security,
-                   poly_modulus_degree=args.poly_modulus_degree, packing=args.packing)
+                   poly_modulus_degree=args.poly_modulus_degree, packing=args.packing,
+                   scheme=args.scheme, input_bits=args.input_bits)
 
 
 def _inputs(args: argparse.Namespace, shape: tuple[int, ...]) -> np.ndarray:
@@ -272,6 +277,8 @@ def _print_human(command: str, result: dict[str, Any]) -> None:
         print(f"ring size N={r['poly_modulus_degree']} ({r['slots']} slots), modulus bits "
               f"{r['modulus_bits']} = {r['total_modulus_bits']} "
               f"(<= {r['max_modulus_bits_for_ring']} for {r['security_bits']}-bit security)")
+        if r["plain_modulus_bits"]:
+            print(f"BFV plaintext modulus: {r['plain_modulus_bits']} bits (from range analysis)")
         print(f"input scale 2^{r['input_scale_log2']}, predicted max output error "
               f"{r['predicted_max_output_error']:.2e}")
         for layer in r["layers"]:

@@ -258,6 +258,7 @@ class Plan:
             "slots": self.params.slots,
             "modulus_bits": list(self.params.modulus_bits),
             "total_modulus_bits": self.params.total_bits,
+            "plain_modulus_bits": self.params.plain_modulus.bit_length() or None,
             "max_modulus_bits_for_ring": MAX_MODULUS_BITS[self.params.security][n],
             "input_scale_log2": round(math.log2(self.input_scale), 2),
             "input_ciphertexts": self.input_ciphertexts,

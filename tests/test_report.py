@@ -23,13 +23,24 @@ def test_every_model_and_mode_is_measured(quick):
         for mode in ("plaintext (onnxruntime)", "SHE CKKS batch", "SHE CKKS single"):
             assert (model, mode) in modes
     assert ("TenSEAL-tutorial network", "plain TenSEAL, one image") in modes
+    shipped = [s for s in report.SUBJECTS if s.original]
+    assert result["missing_models"] == []  # every converted model is shipped
+    for subject in shipped:
+        for mode in ("original plaintext (onnxruntime)", "HE-friendly plaintext (onnxruntime)",
+                     "SHE CKKS batch", "SHE CKKS single") + (("SHE BFV batch",) if subject.bfv else ()):
+            assert (subject.name, mode) in modes
     for r in result["rows"]:
-        assert r["images"] >= 3 and 0.9 <= r["accuracy"] <= 1.0, r
-        if r["mode"].startswith("SHE"):
+        assert r["images"] >= 2 and 0.0 < r["accuracy"] <= 1.0, r
+        if r["images"] >= 500:  # Fashion-MNIST models reach about 90 %, MNIST ones 97-99.5 %
+            assert r["accuracy"] >= 0.85, r
+        if r["mode"] == "SHE BFV batch":  # exact against the integer-quantised model
+            assert r["equals_quantised_model"] is True and r["argmax_agreement"] >= 0.95, r
+        elif r["mode"].startswith("SHE"):
             assert r["argmax_agreement"] >= 0.99, r
+        if r["mode"].startswith("SHE"):
             assert r["upload_bytes"] > 0 and r["public_key_bytes"] > 0
     # Plaintext rows use the full test set; the encrypted ones what --quick allows.
-    assert {r["images"] for r in result["rows"] if r["mode"].startswith("plaintext")} == {10_000}
+    assert {r["images"] for r in result["rows"] if "plaintext" in r["mode"]} == {10_000}
 
 
 def test_files_agree_with_the_run(quick):
