@@ -102,13 +102,19 @@ class LayerLayout:
         return steps
 
     @property
+    def split_step(self) -> int:
+        """Rotation that joins the two halves of the giant steps when two processes share
+        them (``giant // 2`` giant steps); 0 when there is one giant step."""
+        return (self.giant // 2) * self.baby if self.giant > 1 else 0
+
+    @property
     def rotation_steps(self) -> set[int]:
         """Distinct rotation steps (each needs one Galois key)."""
         steps = set(self.fold_steps)
         if self.baby > 1:
             steps.add(1)
         if self.giant > 1:
-            steps.add(self.baby)
+            steps.update((self.baby, self.split_step))
         return steps
 
     @property

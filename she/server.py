@@ -49,7 +49,7 @@ class Server:
     def __init__(self, plan: Plan, workers: int | None = None) -> None:
         self.plan = plan
         self.engine: Engine | SingleEngine = (
-            Engine(plan, workers) if plan.packing == "batch" else SingleEngine(plan))
+            Engine(plan, workers) if plan.packing == "batch" else SingleEngine(plan, workers))
         self.fingerprint = plan.params.fingerprint()
         self._top_limbs = len(plan.params.ciphertext_primes)
         raw = 16 + 8 * 2 * self._top_limbs * plan.params.poly_modulus_degree + 128

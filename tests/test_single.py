@@ -105,3 +105,19 @@ def test_spec_asking_for_too_many_keys_is_refused(single):
     spec["galois_steps"] = list(range(1, 200))
     with pytest.raises(she.ParameterError, match="galois_steps"):
         she.Client(spec)
+
+
+def test_two_processes_compute_the_same_result(single, test_images):
+    """The thread-count setting: with workers=2 a forked process sums half of every layer's
+    giant steps; the decrypted result matches the one-process run within the noise."""
+    plan, _, client, context, _ = single
+    assert all(lay.split_step in plan.rotation_steps() for lay in plan.layouts()
+               if lay.giant > 1)
+    outputs = []
+    for workers in (1, 2):
+        server = she.Server(plan, workers=workers)
+        assert server.engine.workers == workers
+        keys = server.load_context(context)
+        outputs.append(client.decrypt(server.evaluate(keys, client.encrypt(test_images[:1]))))
+    assert np.max(np.abs(outputs[0] - outputs[1])) <= plan.predicted_error
+    assert outputs[0].argmax() == outputs[1].argmax()
