@@ -9,6 +9,7 @@
 * :func:`replace_activations` replaces Relu, LeakyRelu, Clip, Sigmoid and Tanh by a
   quadratic ``a (x + beta)^2 + gamma`` fitted per channel to the values the calibration
   data actually produces at that node (least squares over the observed distribution).
+  GHN's double threshold, exported as ``h - k * Clip(h)``, is fitted as one function.
 * :func:`quantise_pow2` rounds Conv/Gemm/MatMul weights to ``±2^k`` per output channel.
 """
 
@@ -175,6 +176,32 @@ def _activation(node: onnx.NodeProto, model: onnx.ModelProto):
     return lambda x: np.clip(x, lo, hi)
 
 
+def _with_residual(model: onnx.ModelProto, node: onnx.NodeProto, f):
+    """GHN's double threshold ``h - k * clip(h, -t, t)`` (and ``h + k * act(h)``) exports as
+    ``Sub(h, Mul(act(h), k))``. A polynomial for ``act`` alone would leave ``h`` beside its
+    own square, which no chain of affine maps and squares can express, so the whole
+    expression is fitted instead. Returns the extra nodes it spans, its output tensor and
+    its function (no extra nodes: the activation alone)."""
+    h, out = node.input[0], node.output[0]
+    users = g.consumers(model, out)
+    if len(users) != 1 or users[0].op_type != "Mul":
+        return [], out, f
+    mul = users[0]
+    other = [name for name in mul.input if name != out]
+    k = g.get_array(model, other[0]) if len(other) == 1 else None
+    if k is None or k.size != 1:
+        return [], out, f
+    combine = g.consumers(model, mul.output[0])
+    if len(combine) != 1 or sorted(combine[0].input) != sorted([h, mul.output[0]]):
+        return [], out, f
+    k = float(k.reshape(()))
+    if combine[0].op_type == "Sub" and combine[0].input[0] == h:
+        return [mul, combine[0]], combine[0].output[0], lambda x: x - k * f(x)
+    if combine[0].op_type == "Add":
+        return [mul, combine[0]], combine[0].output[0], lambda x: x + k * f(x)
+    return [], out, f
+
+
 def fit_quadratic(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
     """Least-squares ``a x^2 + b x + c`` through the samples; returns (a, b, c).
 
@@ -207,7 +234,9 @@ def replace_activations(model: onnx.ModelProto, calibration: np.ndarray, degree:
     values = g.run(model, calibration, [n.input[0] for n in nodes])
     fitted = []
     for node, x in zip(nodes, values, strict=True):
-        f = _activation(node, model)
+        spanned, output, f = _with_residual(model, node, _activation(node, model))
+        for extra in spanned:
+            model.graph.node.remove(extra)
         channels = x.shape[1] if x.ndim >= 2 else 1
         per_channel = np.moveaxis(x, 1, 0).reshape(channels, -1) if x.ndim >= 2 else x[None]
         coeffs = np.empty((channels, 3))
@@ -234,9 +263,10 @@ def replace_activations(model: onnx.ModelProto, calibration: np.ndarray, degree:
             helper.make_node("Mul", [sq, g.add_constant(model, a, "a")], [scaled],
                              name=f"{node.name}_scale"),
             helper.make_node("Add", [scaled, g.add_constant(model, gamma, "gamma")],
-                             [node.output[0]], name=f"{node.name}_offset"),
+                             [output], name=f"{node.name}_offset"),
         ])
-        fitted.append(FittedActivation(node.name, node.op_type, channels,
+        kind = f"{node.op_type} (double threshold)" if spanned else node.op_type
+        fitted.append(FittedActivation(node.name, kind, channels,
                                        (float(x.min()), float(x.max())),
                                        float(np.sqrt(np.mean(errors)))))
         if progress is not None:

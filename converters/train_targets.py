@@ -3,7 +3,8 @@
 For one data set (MNIST or Fashion-MNIST): train :func:`converters.zoo.two_conv_relu_cnn`
 (two Conv + BatchNorm + ReLU blocks, MaxPool, Dropout, two dense layers; nothing
 HE-specific; or with ``--arch shallow`` :func:`converters.zoo.shallow_relu_cnn`, one
-activation, for BFV) with random-shift augmentation, export it to ONNX, convert it exactly as
+activation, for BFV; or with ``--arch ghn`` the GHN network :func:`converters.zoo.ghn_cnn`)
+with random-shift augmentation, export it to ONNX, convert it exactly as
 ``she convert`` does (batch norm folded, max pool to average pool, quadratic activations
 fitted on the calibration data, power-of-two weights, distillation fine-tuning on the
 60 000 training images), and write into ``--out-dir``::
@@ -37,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", required=True, help="IDX directory (train and t10k files)")
     parser.add_argument("--name", required=True, help="asset name prefix, e.g. mnist")
     parser.add_argument("--out-dir", default="she/assets")
-    parser.add_argument("--arch", choices=("two_conv", "shallow"), default="two_conv")
+    parser.add_argument("--arch", choices=("two_conv", "shallow", "ghn"), default="two_conv")
     parser.add_argument("--channels", type=int, nargs="+", default=[32, 64],
                         help="conv channels (two for two_conv, one for shallow)")
     parser.add_argument("--hidden", type=int, default=128)
@@ -57,6 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     if args.arch == "shallow":
         net = zoo.shallow_relu_cnn(args.channels[0])
+    elif args.arch == "ghn":
+        net = zoo.ghn_cnn(args.channels[0], args.hidden)
     else:
         net = zoo.two_conv_relu_cnn(tuple(args.channels), args.hidden)
     net, accuracy = zoo.train(net, args.data, epochs=args.epochs, seed=args.seed,

@@ -132,3 +132,27 @@ def test_ghn_network_converts_exactly(mnist_dir, tmp_path):
     model = she.model.from_proto(proto)
     assert np.abs(model.run_plain(x) - reference).max() <= 1e-4
     assert np.abs(she.lowering.lower(model).run(x) - reference).max() <= 1e-4
+
+
+def test_ghn_double_threshold_becomes_one_quadratic(mnist_dir):
+    """GHN's double threshold ``h - k * clip(h)`` is fitted as a whole (a quadratic of
+    ``clip`` alone would leave ``h`` beside its own square, which cannot run encrypted)."""
+    import converters
+    from converters.ghn import DoubleThreshold, GHNConv2d, GHNLinear
+
+    torch.manual_seed(0)
+    net = nn.Sequential(GHNConv2d(1, 4, 5, stride=2, padding=2), DoubleThreshold(0.05, 0.2),
+                        nn.Flatten(), GHNLinear(784, 10)).eval()
+    x, _ = load_idx_dataset(mnist_dir, "test")
+    x = x[:500]
+    with torch.no_grad():
+        reference = net(torch.from_numpy(x)).numpy()
+    proto, report = converters.convert(net, x, input_shape=(1, 28, 28), pow2=False)
+    assert [a["op_type"] for a in report.activations] == ["Clip (double threshold)"]
+    assert report.depth == 1
+    model = she.model.from_proto(proto)
+    ops = {n.op_type for n in proto.graph.node}
+    assert "Clip" not in ops
+    out = model.run_plain(x)
+    assert np.mean(out.argmax(1) == reference.argmax(1)) >= 0.9
+    assert np.abs(out - reference).max() <= 0.2 * np.abs(reference).max()

@@ -115,3 +115,35 @@ def test_calibration_of_wrong_shape_is_refused(x):
     model = _model([helper.make_node("Relu", ["input"], ["out"])], {})
     with pytest.raises(she.DataError, match="shape"):
         passes.replace_activations(model, x[:, :, :4], degree=2)
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "dynamic", "unsupported", "dtype"])
+def test_bad_input_is_a_clear_error_and_writes_nothing(x, tmp_path, damage):
+    """A corrupt file, an unresolved dynamic dimension, an operator that cannot be
+    converted, calibration data of the wrong dtype: a named error, no output file."""
+    from she.cli import main
+
+    src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    cal = tmp_path / "cal.npy"
+    np.save(cal, x)
+    if damage == "corrupt":
+        src.write_bytes(b"\x08\x09not an onnx model")
+        expected = "in.onnx"
+    elif damage == "dynamic":
+        onnx.save(_model([helper.make_node("Relu", ["input"], ["out"])], {},
+                         in_shape=("H", 8, 8)), str(src))
+        expected = "dynamic"
+    elif damage == "unsupported":
+        onnx.save(_model([helper.make_node("Softmax", ["input"], ["out"], name="soft")], {}),
+                  str(src))
+        expected = "soft"
+    else:
+        onnx.save(_model([helper.make_node("Relu", ["input"], ["out"])], {}), str(src))
+        np.save(cal, np.full(x.shape, "a"))
+        expected = "numeric"
+    with pytest.raises(she.SheError, match=expected):
+        import converters
+
+        converters.convert(str(src), np.load(cal))
+    assert main(["convert", str(src), "-o", str(out), "--calibration", str(cal)]) == 2
+    assert not out.exists() and list(tmp_path.glob(".she-*")) == []
