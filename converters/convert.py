@@ -43,6 +43,7 @@ class ConversionReport:
     removed_identities: int = 0
     folded_constants: int = 0
     folded_batchnorms: int = 0
+    moved_pools: int = 0  # max pools moved ahead of their activation (exact)
     replaced_pools: int = 0
     pow2_layers: int = 0
     degree: int = 2
@@ -151,6 +152,7 @@ def convert(model: Any, calibration: np.ndarray, *, eval_x: np.ndarray | None = 
     report.folded_constants = passes.fold_constants(proto)
     report.folded_batchnorms = passes.fold_batchnorm(proto)
     stage("cleaned (batch norm folded)")
+    report.moved_pools = passes.pool_before_activation(proto)
     report.replaced_pools = passes.replace_pooling(proto)
     if report.replaced_pools:
         stage("average pooling")
