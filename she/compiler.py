@@ -172,6 +172,15 @@ class Plan:
         last = self.layers[-1]
         return self.levels()[-1] - last.product_primes - last.rescale_primes
 
+    def batch_memory_bytes(self) -> int:
+        """Batch packing: about the server's peak memory for one request: a linear layer
+        holds its input and output ciphertexts; a square holds its input three times (the
+        array, SEAL's copy in shared memory, and the squared result before rescaling)."""
+        unit = 8 * 2 * self.params.poly_modulus_degree
+        return max(unit * limbs * max(layer.weights.shape[0] + layer.weights.shape[1],
+                                      3 * layer.weights.shape[0] if k < self.depth else 0)
+                   for k, (layer, limbs) in enumerate(zip(self.layers, self.levels(), strict=True)))
+
     def diagonal_scales(self) -> list[float]:
         """Single packing: the scale each layer's diagonals are encoded at (the prime its
         product drops)."""
@@ -272,6 +281,8 @@ class Plan:
                 "relin_keys": relin_bytes,
                 "galois_keys": relin_bytes * len(steps),
                 "upload_per_request": upload,
+                "server_memory_per_request": (self.batch_memory_bytes()
+                                              if self.packing == "batch" else None),
             },
             "layers": layers,
             "notes": self.notes,

@@ -25,7 +25,7 @@ import tenseal.sealapi as sealapi
 from . import sealbytes
 from .compiler import Plan
 from .context import SealBridge
-from .errors import FormatError
+from .errors import FormatError, ParameterError
 from .kernels import LinearKernel, add_constant, add_constant_bfv
 
 T = TypeVar("T")
@@ -45,6 +45,12 @@ class Engine:
     def __init__(self, plan: Plan, workers: int | None = None) -> None:
         self.plan = plan
         self.workers = max(1, workers or os.cpu_count() or 1)
+        need, have = plan.batch_memory_bytes(), _physical_memory()
+        if have and need > 0.6 * have:
+            raise ParameterError(
+                f"one batch of this plan holds about {need / 2**30:.1f} GiB of ciphertexts, more "
+                f"than this machine's {have / 2**30:.1f} GiB allow; use single packing, or a model "
+                "whose activations act on fewer values (pool before the activation)")
         self.primes = plan.params.ciphertext_primes
         self.kernels = [LinearKernel.build(layer.weights, max(self.primes))
                         for layer in plan.layers]
@@ -145,6 +151,14 @@ class Engine:
         shape = (2, out_level.limbs, out_level.poly_modulus_degree)
         out = np.stack([np.fromfile(f"{p}.raw", dtype=np.uint64).reshape(shape) for p in paths])
         return out, scales[0]
+
+
+def _physical_memory() -> int:
+    """Bytes of physical memory (0 if unknown)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 def _run_pool(workers: int, fn: Callable[[range], T], chunks: list[range]) -> list[T]:
