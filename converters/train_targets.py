@@ -43,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="conv channels (two for two_conv, one for shallow)")
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (one-cycle)")
     parser.add_argument("--max-shift", type=int, default=2, help="augmentation (pixels)")
     parser.add_argument("--finetune-epochs", type=int, default=15)
     parser.add_argument("--finetune-lr", type=float, default=2e-3)
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         net = zoo.ghn_cnn(args.channels[0], args.hidden)
     else:
         net = zoo.two_conv_relu_cnn(tuple(args.channels), args.hidden)
-    net, accuracy = zoo.train(net, args.data, epochs=args.epochs, seed=args.seed,
+    net, accuracy = zoo.train(net, args.data, epochs=args.epochs, lr=args.lr, seed=args.seed,
                               max_shift=args.max_shift, threads=args.threads)
     train_s = time.perf_counter() - start
     print(f"trained: test accuracy {accuracy:.2%} ({train_s:.0f} s)", flush=True)

@@ -96,10 +96,11 @@ def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def ghn_cnn(channels: int = 8, hidden: int = 64) -> nn.Module:
-    """A GHN network (analytic bias, no batch norm) with quadratic activations."""
+    """A GHN network (analytic bias, no batch norm) with quadratic activations; pooling
+    before the activation keeps the squares on the 7x7 map."""
     from .ghn import GHNConv2d, GHNLinear, Quadratic
 
     return nn.Sequential(
-        GHNConv2d(1, channels, 5, stride=2, padding=2), Quadratic(channels, spatial=True),
-        nn.AvgPool2d(2), nn.Flatten(), GHNLinear(channels * 7 * 7, hidden),
+        GHNConv2d(1, channels, 5, stride=2, padding=2), nn.AvgPool2d(2),
+        Quadratic(channels, spatial=True), nn.Flatten(), GHNLinear(channels * 7 * 7, hidden),
         Quadratic(hidden, spatial=False), GHNLinear(hidden, 10))
