@@ -166,7 +166,7 @@ def cmd_convert(args: argparse.Namespace) -> dict[str, Any]:
                             degree=args.degree, pow2=not args.no_pow2,
                             exponent_bits=args.exponent_bits,
                             finetune_epochs=args.finetune_epochs, finetune_lr=args.lr,
-                            progress=not args.json)
+                            pool_first=args.pool_first, progress=not args.json)
     save_atomically(proto, args.output)
     return {"output": args.output, **report.as_dict()}
 
@@ -325,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-epochs", type=int, default=0,
                    help="distillation epochs against the original (needs torch)")
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate")
+    p.add_argument("--pool-first", action="store_true",
+                   help="move MaxPool ahead of its activation: 4x fewer squares, some accuracy")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("inspect", help="print the compiled plan of a model")

@@ -35,6 +35,9 @@ MAX_CT_PRIME_BITS = 60
 #: coefficient, which costs about log2(sqrt(N/12)) ~ 5 bits of weight precision.
 ENCODE_GUARD_BITS = 6
 PACKINGS = ("batch", "single")
+#: Batch packing streams wide layers: at most about this many bytes of one layer's
+#: ciphertexts (before and after its square) are held at once.
+BATCH_CHUNK_BYTES = 1 << 30
 #: Secret-key encryption noise (standard deviation per coefficient, SEAL's default).
 NOISE_SIGMA = 3.2
 #: How many bits beyond ``weight_bits`` an exactly representable layer may use.
@@ -172,14 +175,28 @@ class Plan:
         last = self.layers[-1]
         return self.levels()[-1] - last.product_primes - last.rescale_primes
 
+    def chunk_units(self, index: int) -> int:
+        """Batch packing: units of layer ``index`` computed, squared and passed on to the
+        next layer at a time (all of them when they fit :data:`BATCH_CHUNK_BYTES`)."""
+        unit = 3 * 8 * 2 * self.params.poly_modulus_degree * self.levels()[index]
+        return max(1, min(self.layers[index].weights.shape[0], BATCH_CHUNK_BYTES // unit))
+
     def batch_memory_bytes(self) -> int:
-        """Batch packing: about the server's peak memory for one request: a linear layer
-        holds its input and output ciphertexts; a square holds its input three times (the
-        array, SEAL's copy in shared memory, and the squared result before rescaling)."""
+        """Batch packing: about the server's peak memory for one request. A layer's
+        input and the next layer's accumulated output are held whole; the layer's own
+        outputs and their squares only one chunk at a time (:meth:`chunk_units`)."""
         unit = 8 * 2 * self.params.poly_modulus_degree
-        return max(unit * limbs * max(layer.weights.shape[0] + layer.weights.shape[1],
-                                      3 * layer.weights.shape[0] if k < self.depth else 0)
-                   for k, (layer, limbs) in enumerate(zip(self.layers, self.levels(), strict=True)))
+        levels = self.levels() + [self.output_limbs]
+        peak = 0
+        for k, layer in enumerate(self.layers):
+            held = layer.weights.shape[1] * levels[k]
+            if k < self.depth:
+                held += (self.layers[k + 1].weights.shape[0] * levels[k + 1]
+                         + 3 * self.chunk_units(k) * levels[k])
+            else:
+                held += layer.weights.shape[0] * levels[k]
+            peak = max(peak, unit * held)
+        return peak
 
     def diagonal_scales(self) -> list[float]:
         """Single packing: the scale each layer's diagonals are encoded at (the prime its

@@ -7,6 +7,11 @@ rescale by the primes the plan assigned to them. SEAL's bindings
 hold the GIL, so all the work (decoding the uploaded ciphertexts, the kernels over ranges of
 coefficients, the squares) is shared among ``workers`` forked processes, which exchange
 arrays and ciphertexts through files in the bridge's shared-memory directory.
+
+Wide layers are streamed: a layer's outputs are computed, squared and multiplied into the
+next layer's weights a chunk of units at a time (:meth:`~she.compiler.Plan.chunk_units`),
+the partial products summed modulo each prime, so that neither a wide layer's outputs
+nor their squares are ever held whole. The result is the same, bit for bit.
 """
 
 from __future__ import annotations
@@ -52,8 +57,18 @@ class Engine:
                 f"than this machine's {have / 2**30:.1f} GiB allow; use single packing, or a model "
                 "whose activations act on fewer values (pool before the activation)")
         self.primes = plan.params.ciphertext_primes
-        self.kernels = [LinearKernel.build(layer.weights, max(self.primes))
-                        for layer in plan.layers]
+        q = max(self.primes)
+        #: Row ranges of every hidden layer's units, streamed one after the other.
+        self.chunks = [[range(a, min(a + plan.chunk_units(k), layer.weights.shape[0]))
+                        for a in range(0, layer.weights.shape[0], plan.chunk_units(k))]
+                       for k, layer in enumerate(plan.layers[:-1])]
+        #: The first layer by row chunks; every later layer by the column chunks matching
+        #: the previous layer's row chunks.
+        first = plan.layers[0].weights
+        self.first_kernels = ([LinearKernel.build(first[rows], q) for rows in self.chunks[0]]
+                              if self.chunks else [LinearKernel.build(first, q)])
+        self.next_kernels = [[LinearKernel.build(plan.layers[k + 1].weights[:, rows], q)
+                              for rows in chunks] for k, chunks in enumerate(self.chunks)]
 
     def run(self, ctx: ts.Context, relin: sealapi.RelinKeys, inputs: np.ndarray,
             scale: float) -> tuple[np.ndarray, float]:
@@ -69,20 +84,49 @@ class Engine:
         """
         bridge = SealBridge(ctx)
         try:
-            data = inputs
-            for k, (layer, kernel) in enumerate(zip(self.plan.layers, self.kernels, strict=True)):
-                data = self._linear(bridge, kernel, data, k)
-                moduli = self.primes[: data.shape[2]]
-                if self.plan.scheme == "bfv":
-                    add_constant_bfv(data, layer.bias, self.plan.params.plain_modulus, moduli)
-                else:
-                    scale *= 2.0 ** layer.shift
-                    add_constant(data, layer.bias, scale, moduli)
-                if k < self.plan.depth:
-                    data, scale = self._square(bridge, relin, data, scale, layer.rescale_primes)
-            return data, scale
+            if not self.chunks:  # one affine layer, no square
+                out = self._linear(bridge, self.first_kernels[0], inputs, "out")
+                return out, self._add_bias(out, 0, scale, range(out.shape[0]))
+            pre = None  # layer k's linear outputs (before bias), once accumulated
+            for k, chunks in enumerate(self.chunks):
+                acc, next_scale = None, scale
+                for c, rows in enumerate(chunks):
+                    part = (self._linear(bridge, self.first_kernels[c], inputs, f"l0c{c}")
+                            if pre is None else pre[rows.start:rows.stop])
+                    part_scale = self._add_bias(part, k, scale, rows)
+                    squared, next_scale = self._square(bridge, relin, part, part_scale,
+                                                       self.plan.layers[k].rescale_primes)
+                    del part
+                    contribution = self._linear(bridge, self.next_kernels[k][c], squared,
+                                                f"l{k + 1}c{c}")
+                    del squared
+                    acc = contribution if acc is None else self._accumulate(acc, contribution)
+                pre, scale = acc, next_scale
+                inputs = None  # the input ciphertexts are no longer needed
+            assert pre is not None
+            return pre, self._add_bias(pre, len(self.chunks), scale, range(pre.shape[0]))
         finally:
             bridge.close()
+
+    def _add_bias(self, data: np.ndarray, index: int, scale: float, rows: range) -> float:
+        """Add layer ``index``'s biases of units ``rows`` to their linear outputs ``data``
+        (in place); returns the scale of ``data`` (CKKS: the layer's ``2^shift`` applied)."""
+        layer = self.plan.layers[index]
+        moduli = self.primes[: data.shape[2]]
+        bias = layer.bias[rows.start:rows.stop]
+        if self.plan.scheme == "bfv":
+            add_constant_bfv(data, bias, self.plan.params.plain_modulus, moduli)
+            return scale
+        scale *= 2.0 ** layer.shift
+        add_constant(data, bias, scale, moduli)
+        return scale
+
+    def _accumulate(self, acc: np.ndarray, part: np.ndarray) -> np.ndarray:
+        """``acc + part`` modulo each limb's prime, in place."""
+        q = np.asarray(self.primes[: acc.shape[2]], dtype=np.uint64)[None, None, :, None]
+        acc += part
+        np.subtract(acc, q, out=acc, where=acc >= q)
+        return acc
 
     def parse_inputs(self, ctx: ts.Context, blobs: list[bytes], level: sealbytes.LevelSpec,
                      scale: float) -> np.ndarray:
@@ -99,11 +143,11 @@ class Engine:
             bridge.close()
 
     def _linear(self, bridge: SealBridge, kernel: LinearKernel, data: np.ndarray,
-                index: int) -> np.ndarray:
+                name: str) -> np.ndarray:
         """``kernel`` on every limb of ``data``, the coefficients shared among the workers."""
         moduli = self.primes[: data.shape[2]]
         shape = (kernel.n_out, data.shape[1], len(moduli), data.shape[3])
-        return self._in_workers(bridge, f"linear{index}", shape, _linear_part, data.shape[3],
+        return self._in_workers(bridge, name, shape, _linear_part, data.shape[3],
                                 kernel=kernel, data=data, moduli=moduli)
 
     def _in_workers(self, bridge: SealBridge, name: str, shape: tuple[int, ...],
@@ -149,7 +193,11 @@ class Engine:
         finally:
             _JOB.clear()
         shape = (2, out_level.limbs, out_level.poly_modulus_degree)
-        out = np.stack([np.fromfile(f"{p}.raw", dtype=np.uint64).reshape(shape) for p in paths])
+        out = np.empty((len(paths), *shape), dtype=np.uint64)
+        for i, path in enumerate(paths):
+            out[i] = np.fromfile(f"{path}.raw", dtype=np.uint64).reshape(shape)
+            Path(path).unlink()  # shared memory: free it as soon as it is read
+            Path(f"{path}.raw").unlink()
         return out, scales[0]
 
 

@@ -98,3 +98,19 @@ def test_float_weights_stay_within_the_predicted_error(mnist_dir):
     assert np.mean(enc.argmax(1) == plain.argmax(1)) >= 0.995
     err = np.abs(enc - plain).max()
     assert err < plan.predicted_error, (err, plan.predicted_error)
+
+
+def test_streaming_wide_layers_does_not_change_a_bit(toy_plan, toy_server_client, toy_request,
+                                                     monkeypatch):
+    """With a tiny chunk budget every hidden layer is computed, squared and passed on a few
+    units at a time (partial products summed modulo each prime): the server's response is
+    byte for byte the one computed in one piece, and the memory estimate shrinks."""
+    server, _, keys = toy_server_client
+    whole = server.evaluate(keys, toy_request)
+    before = toy_plan.batch_memory_bytes()
+    monkeypatch.setattr(she.compiler, "BATCH_CHUNK_BYTES", 3 * 8 * 2 * 8192 * 8 * 5)
+    assert toy_plan.chunk_units(0) < toy_plan.layers[0].weights.shape[0]
+    streamed = she.Server(toy_plan)
+    assert len(streamed.engine.chunks[0]) > 10
+    assert streamed.evaluate(keys, toy_request) == whole
+    assert toy_plan.batch_memory_bytes() < before

@@ -39,6 +39,12 @@ def test_every_model_and_mode_is_measured(quick):
             assert r["argmax_agreement"] >= 0.99, r
         if r["mode"].startswith("SHE"):
             assert r["upload_bytes"] > 0 and r["public_key_bytes"] > 0
+    # Every converted model is checked against its conversion target.
+    targets = {t["model"]: t for t in result["conversion_targets"]}
+    assert set(targets) == {s.name for s in report.SUBJECTS if s.target_drop is not None}
+    for t in targets.values():
+        assert t["stages"] and t["conversion_command"].startswith("python -m converters.")
+        assert t["drop_points"] == pytest.approx(100 * (t["original"] - t["converted"]))
     # Plaintext rows use the full test set; the encrypted ones what --quick allows.
     assert {r["images"] for r in result["rows"] if "plaintext" in r["mode"]} == {10_000}
 
@@ -52,6 +58,8 @@ def test_files_agree_with_the_run(quick):
         assert f"| {r['model']} | {r['mode']} | {r['images']} | {r['accuracy']:.2%} |" in text
     for p in report.PUBLISHED:
         assert p[0] in text and p[-1] in text
+    for t in result["conversion_targets"]:
+        assert f"| {t['model']} | {t['original']:.2%} | {t['converted']:.2%} |" in text
     assert "--quick" in text
     for png in ("accuracy_latency.png", "stages.png"):
         assert (out / "results" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
