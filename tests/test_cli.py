@@ -44,6 +44,17 @@ def test_inspect_prints_parameters(capsys):
     assert "ring size N=" in text and "-bit security" in text
 
 
+def test_inspect_bfv_names_the_plaintext_modulus_or_the_reason(capsys):
+    code, result = _run_json(capsys, "inspect", str(assets.asset_path("shallow_cnn.she.onnx")),
+                             "--scheme", "bfv")
+    assert code == 0 and result["scheme"] == "bfv" and result["depth"] == 1
+    assert 17 <= result["plain_modulus_bits"] <= 60
+    assert result["slots"] == result["poly_modulus_degree"]
+    # the demo model (depth 2) does not fit a 60-bit plaintext modulus: a clear refusal
+    assert main(["inspect", str(assets.demo_model_path()), "--scheme", "bfv"]) == 2
+    assert "BFV" in capsys.readouterr().err
+
+
 def test_offline_file_flow_matches_plaintext(tmp_path, capsys):
     x, _ = assets.demo_samples()
     cal = tmp_path / "cal.npz"
