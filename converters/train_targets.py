@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     save_atomically(proto, out / f"{args.name}_cnn.she.onnx")
     summary = {"command": "python -m converters.train_targets " + " ".join(
                    f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list | tuple) else v}"
-                   for k, v in vars(args).items() if k not in ("data", "out_dir")),
+                   for k, v in vars(args).items() if k != "out_dir"),
                "seconds": {"train": round(train_s), "convert": round(convert_s)},
                **report.as_dict()}
     (out / f"{args.name}_cnn.json").write_text(json.dumps(summary, indent=2) + "\n")
