@@ -11,7 +11,10 @@ arrays and ciphertexts through files in the bridge's shared-memory directory.
 Wide layers are streamed: a layer's outputs are computed, squared and multiplied into the
 next layer's weights a chunk of units at a time (:meth:`~she.compiler.Plan.chunk_units`),
 the partial products summed modulo each prime, so that neither a wide layer's outputs
-nor their squares are ever held whole. The result is the same, bit for bit.
+nor their squares are ever held whole. The result is the same, bit for bit. A chunk of a
+feature map ``(C, H, W)`` is a band of rows across all channels, so that a convolution
+after it touches only the next layer's outputs near that band: each chunk's product is
+restricted to the output units its weights reach.
 """
 
 from __future__ import annotations
@@ -58,17 +61,23 @@ class Engine:
                 "whose activations act on fewer values (pool before the activation)")
         self.primes = plan.params.ciphertext_primes
         q = max(self.primes)
-        #: Row ranges of every hidden layer's units, streamed one after the other.
-        self.chunks = [[range(a, min(a + plan.chunk_units(k), layer.weights.shape[0]))
-                        for a in range(0, layer.weights.shape[0], plan.chunk_units(k))]
+        #: Unit indices of every hidden layer, streamed one chunk after the other.
+        self.chunks = [_chunks(layer.out_shape, plan.chunk_units(k))
                        for k, layer in enumerate(plan.layers[:-1])]
         #: The first layer by row chunks; every later layer by the column chunks matching
-        #: the previous layer's row chunks.
+        #: the previous layer's row chunks, restricted to the output rows they reach.
         first = plan.layers[0].weights
         self.first_kernels = ([LinearKernel.build(first[rows], q) for rows in self.chunks[0]]
                               if self.chunks else [LinearKernel.build(first, q)])
-        self.next_kernels = [[LinearKernel.build(plan.layers[k + 1].weights[:, rows], q)
-                              for rows in chunks] for k, chunks in enumerate(self.chunks)]
+        self.next_kernels: list[list[tuple[np.ndarray, LinearKernel]]] = []
+        for k, chunks in enumerate(self.chunks):
+            weights = plan.layers[k + 1].weights
+            kernels = []
+            for cols in chunks:
+                block = weights[:, cols]
+                reached = np.flatnonzero(np.abs(block).sum(axis=1))
+                kernels.append((reached, LinearKernel.build(block[reached], q)))
+            self.next_kernels.append(kernels)
 
     def run(self, ctx: ts.Context, relin: sealapi.RelinKeys, inputs: np.ndarray,
             scale: float) -> tuple[np.ndarray, float]:
@@ -86,34 +95,39 @@ class Engine:
         try:
             if not self.chunks:  # one affine layer, no square
                 out = self._linear(bridge, self.first_kernels[0], inputs, "out")
-                return out, self._add_bias(out, 0, scale, range(out.shape[0]))
+                return out, self._add_bias(out, 0, scale, np.arange(out.shape[0]))
             pre = None  # layer k's linear outputs (before bias), once accumulated
             for k, chunks in enumerate(self.chunks):
                 acc, next_scale = None, scale
                 for c, rows in enumerate(chunks):
                     part = (self._linear(bridge, self.first_kernels[c], inputs, f"l0c{c}")
-                            if pre is None else pre[rows.start:rows.stop])
+                            if pre is None else pre[rows])
                     part_scale = self._add_bias(part, k, scale, rows)
                     squared, next_scale = self._square(bridge, relin, part, part_scale,
                                                        self.plan.layers[k].rescale_primes)
                     del part
-                    contribution = self._linear(bridge, self.next_kernels[k][c], squared,
-                                                f"l{k + 1}c{c}")
+                    reached, kernel = self.next_kernels[k][c]
+                    if not len(reached):
+                        continue
+                    contribution = self._linear(bridge, kernel, squared, f"l{k + 1}c{c}")
                     del squared
-                    acc = contribution if acc is None else self._accumulate(acc, contribution)
+                    if acc is None:
+                        n_out = self.plan.layers[k + 1].weights.shape[0]
+                        acc = np.zeros((n_out, *contribution.shape[1:]), dtype=np.uint64)
+                    acc[reached] = self._added(acc[reached], contribution)
                 pre, scale = acc, next_scale
                 inputs = None  # the input ciphertexts are no longer needed
             assert pre is not None
-            return pre, self._add_bias(pre, len(self.chunks), scale, range(pre.shape[0]))
+            return pre, self._add_bias(pre, len(self.chunks), scale, np.arange(pre.shape[0]))
         finally:
             bridge.close()
 
-    def _add_bias(self, data: np.ndarray, index: int, scale: float, rows: range) -> float:
+    def _add_bias(self, data: np.ndarray, index: int, scale: float, rows: np.ndarray) -> float:
         """Add layer ``index``'s biases of units ``rows`` to their linear outputs ``data``
         (in place); returns the scale of ``data`` (CKKS: the layer's ``2^shift`` applied)."""
         layer = self.plan.layers[index]
         moduli = self.primes[: data.shape[2]]
-        bias = layer.bias[rows.start:rows.stop]
+        bias = layer.bias[rows]
         if self.plan.scheme == "bfv":
             add_constant_bfv(data, bias, self.plan.params.plain_modulus, moduli)
             return scale
@@ -121,8 +135,8 @@ class Engine:
         add_constant(data, bias, scale, moduli)
         return scale
 
-    def _accumulate(self, acc: np.ndarray, part: np.ndarray) -> np.ndarray:
-        """``acc + part`` modulo each limb's prime, in place."""
+    def _added(self, acc: np.ndarray, part: np.ndarray) -> np.ndarray:
+        """``acc + part`` modulo each limb's prime (``acc`` is overwritten)."""
         q = np.asarray(self.primes[: acc.shape[2]], dtype=np.uint64)[None, None, :, None]
         acc += part
         np.subtract(acc, q, out=acc, where=acc >= q)
@@ -199,6 +213,20 @@ class Engine:
             Path(path).unlink()  # shared memory: free it as soon as it is read
             Path(f"{path}.raw").unlink()
         return out, scales[0]
+
+
+def _chunks(shape: tuple[int, ...], units: int) -> list[np.ndarray]:
+    """Unit indices (C-order) of a layer output of ``shape`` in chunks of about ``units``:
+    bands of rows across all channels for a feature map ``(C, H, W)``, else ranges."""
+    total = int(np.prod(shape))
+    if units >= total:
+        return [np.arange(total)]
+    if len(shape) == 3:
+        channels, height, width = shape
+        rows = max(1, units // (channels * width))
+        grid = np.arange(total).reshape(shape)
+        return [grid[:, h:h + rows].reshape(-1) for h in range(0, height, rows)]
+    return [np.arange(a, min(a + units, total)) for a in range(0, total, units)]
 
 
 def _physical_memory() -> int:
