@@ -227,7 +227,9 @@ class Plan:
             "depth": self.depth,
             "galois_steps": self.rotation_steps(),
             "input_replicas": self.layouts()[0].replicas if self.packing == "single" else 1,
-            "input_shift": self.layouts()[0].n_diagonals if self.packing == "single" else 0,
+            # copy r of the input is rotated by r * shift: no shift with one copy
+            "input_shift": (self.layouts()[0].n_diagonals
+                            if self.packing == "single" and self.layouts()[0].replicas > 1 else 0),
             "layout": self._layout_text(),
             **({"plain_modulus": str(self.params.plain_modulus),
                 "input_int_range": list(self.input_int_range or ())} if self.scheme == "bfv" else {}),

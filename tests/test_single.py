@@ -121,3 +121,32 @@ def test_two_processes_compute_the_same_result(single, test_images):
         outputs.append(client.decrypt(server.evaluate(keys, client.encrypt(test_images[:1]))))
     assert np.max(np.abs(outputs[0] - outputs[1])) <= plan.predicted_error
     assert outputs[0].argmax() == outputs[1].argmax()
+
+
+def test_a_widening_first_layer_runs(mnist_dir):
+    """A first layer with more outputs than inputs keeps one input copy (no shift): the spec
+    the client receives must describe that layout, and the result match onnxruntime."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (128, 49)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(0, 0.1, 128).astype(np.float32), "b1"),
+             numpy_helper.from_array(rng.normal(0, 0.1, (10, 128)).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.zeros(10, np.float32), "b2")]
+    nodes = [helper.make_node("Flatten", ["input"], ["f"]),
+             helper.make_node("Gemm", ["f", "w1", "b1"], ["h"], transB=1),
+             helper.make_node("Mul", ["h", "h"], ["s"]),
+             helper.make_node("Gemm", ["s", "w2", "b2"], ["logits"], transB=1)]
+    graph = helper.make_graph(
+        nodes, "widening", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 7, 7])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
+    model = she.model.from_proto(helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), "widening")
+    x, _ = load_idx_dataset(mnist_dir, "test")
+    x = np.ascontiguousarray(x[:200, :, ::4, ::4])  # 7x7 digits: 49 inputs -> 128 units
+    plan = she.compile(model, calibration=x, packing="single")
+    assert plan.layouts()[0].p_out > plan.layouts()[0].p_in
+    server, client = she.Server(plan), she.Client(plan.spec())
+    keys = server.load_context(client.public_context())
+    out = client.decrypt(server.evaluate(keys, client.encrypt(x[:1])))
+    assert np.max(np.abs(out - model.run_plain(x[:1]))) <= plan.predicted_error
