@@ -107,9 +107,12 @@ def test_spec_asking_for_too_many_keys_is_refused(single):
         she.Client(spec)
 
 
-def test_two_processes_compute_the_same_result(single, test_images):
+def test_two_processes_compute_the_same_result(single, test_images, monkeypatch):
     """The thread-count setting: with workers=2 a forked process sums half of every layer's
     giant steps; the decrypted result matches the one-process run within the noise."""
+    import she.single
+
+    monkeypatch.setattr(she.single, "SPLIT_MIN_PRODUCTS", 1)  # split even these small layers
     plan, _, client, context, _ = single
     assert all(lay.split_step in plan.rotation_steps() for lay in plan.layouts()
                if lay.giant > 1)
@@ -117,6 +120,7 @@ def test_two_processes_compute_the_same_result(single, test_images):
     for workers in (1, 2):
         server = she.Server(plan, workers=workers)
         assert server.engine.workers == workers
+        assert any(server.engine.split) == (workers == 2)
         keys = server.load_context(context)
         outputs.append(client.decrypt(server.evaluate(keys, client.encrypt(test_images[:1]))))
     assert np.max(np.abs(outputs[0] - outputs[1])) <= plan.predicted_error
