@@ -256,6 +256,11 @@ def stage_seconds(row: dict[str, Any], link_mbit_s: float) -> dict[str, float]:
             "download": row["download_bytes"] * per_byte, "decrypt": dec}
 
 
+def _encrypted(row: dict[str, Any]) -> bool:
+    """Rows measured on ciphertexts (not the onnxruntime plaintext rows)."""
+    return "plaintext" not in row["mode"]
+
+
 def plot(report: dict[str, Any], out_dir: Path) -> list[Path]:
     """The two PNG plots of the report."""
     import matplotlib
@@ -266,7 +271,7 @@ def plot(report: dict[str, Any], out_dir: Path) -> list[Path]:
     paths = []
     fig, ax = plt.subplots(figsize=(8, 5))
     for row in report["rows"]:
-        if row["mode"].startswith("plaintext"):
+        if not _encrypted(row):
             continue
         seconds = row["latency_s"] if "encrypt_s" in row else row["eval_s_per_image"]
         marker = "o" if row["mode"].startswith("SHE") else "s"
@@ -288,7 +293,7 @@ def plot(report: dict[str, Any], out_dir: Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
 
-    encrypted = [r for r in report["rows"] if not r["mode"].startswith("plaintext")]
+    encrypted = [r for r in report["rows"] if _encrypted(r)]
     stages = ("encrypt", "upload", "evaluate", "download", "decrypt")
     fig, ax = plt.subplots(figsize=(8, 1.0 * len(encrypted) + 1.5))
     rows = np.arange(len(encrypted))
