@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 import she
-from she.errors import DataError, ModelError, SheError
+from she.errors import DataError, ModelError, ParameterError, SheError
 
 from . import onnx_graph as g
 from . import passes
@@ -47,6 +47,9 @@ class ConversionReport:
     replaced_pools: int = 0
     pow2_layers: int = 0
     degree: int = 2
+    max_pool: str = "average"
+    #: what each activation degree would cost: depth, fit error, accuracy (before pow2)
+    degree_options: list[dict[str, Any]] = field(default_factory=list)
     depth: int | None = None
     parameters: dict[str, Any] | None = None
     eval_samples: int = 0
@@ -106,7 +109,7 @@ def convert(model: Any, calibration: np.ndarray, *, eval_x: np.ndarray | None = 
             exponent_bits: int = 4, input_shape: tuple[int, ...] | None = None,
             input_range: tuple[float, float] | None = None, finetune_epochs: int = 0,
             calibration_labels: np.ndarray | None = None,
-            finetune_lr: float = 1e-3, pool_first: bool = False,
+            finetune_lr: float = 1e-3, pool_first: bool = False, max_pool: str = "average",
             progress: bool = False) -> tuple[onnx.ModelProto, ConversionReport]:
     """Convert ``model`` (ONNX path/proto or torch module) into an HE-friendly model.
 
@@ -114,7 +117,9 @@ def convert(model: Any, calibration: np.ndarray, *, eval_x: np.ndarray | None = 
         calibration: sample inputs; activation polynomials are fitted to the values they
             produce, and the compiled parameters are derived from them.
         eval_x, eval_y: optional evaluation data for the accuracy report.
-        degree: activation polynomial degree (2).
+        degree: activation polynomial degree: 2 (one multiplicative level per activation),
+            3 or 4 (two levels, four times the squares). The report's ``degree_options``
+            lists the depth, fit error and accuracy of every degree.
         pow2: quantise weights to powers of two.
         exponent_bits: exponent bits per power-of-two weight (``2^bits - 1`` exponents).
         input_shape: one sample's shape, needed for torch modules.
@@ -129,6 +134,8 @@ def convert(model: Any, calibration: np.ndarray, *, eval_x: np.ndarray | None = 
             the later MaxPool -> AveragePool step then changes the activations' inputs more
             (measured on the two-conv MNIST CNN: 99.15 % instead of 99.45 % after
             fine-tuning), so it is off by default.
+        max_pool: ``"average"`` (MaxPool -> AveragePool, no depth) or ``"polynomial"`` (a
+            fitted polynomial maximum, two levels for a 2x2 window).
     """
     proto = _import(model, input_shape)
     _, shape = g.input_info(proto)
@@ -138,7 +145,10 @@ def convert(model: Any, calibration: np.ndarray, *, eval_x: np.ndarray | None = 
                         f"{len(calibration)} calibration samples")
     if eval_x is not None:
         eval_x = _check_data("evaluation data", eval_x, shape)
-    report = ConversionReport(degree=degree, eval_samples=0 if eval_x is None else len(eval_x))
+    if degree not in passes.DEGREES:
+        raise ParameterError(f"degree {degree} is not supported: choose one of {passes.DEGREES}")
+    report = ConversionReport(degree=degree, max_pool=max_pool,
+                              eval_samples=0 if eval_x is None else len(eval_x))
     reference = None if eval_x is None else g.run(proto, eval_x)[0].argmax(1)
     teacher = g.run(proto, calibration)[0] if finetune_epochs else None
 
@@ -159,9 +169,10 @@ def convert(model: Any, calibration: np.ndarray, *, eval_x: np.ndarray | None = 
     stage("cleaned (batch norm folded)")
     if pool_first:
         report.moved_pools = passes.pool_before_activation(proto)
-    report.replaced_pools = passes.replace_pooling(proto)
+    report.replaced_pools = passes.replace_pooling(proto, max_pool, calibration)
     if report.replaced_pools:
-        stage("average pooling")
+        stage(f"{max_pool} pooling")
+    report.degree_options = _degree_options(proto, calibration, eval_x, eval_y, progress)
     fitted = passes.replace_activations(proto, calibration, degree)
     report.activations = [asdict(f) for f in fitted]
     stage(f"degree-{degree} polynomial activations")
@@ -190,6 +201,39 @@ def convert(model: Any, calibration: np.ndarray, *, eval_x: np.ndarray | None = 
                          "security_bits": plan.params.security,
                          "predicted_max_output_error": plan.predicted_error}
     return proto, report
+
+
+def square_depth(proto: onnx.ModelProto) -> int:
+    """Multiplicative depth of a polynomial graph: the most squares on any path."""
+    depth = {name: 0 for name in g.initializers(proto)}
+    for node in proto.graph.node:
+        d = max((depth.get(name, 0) for name in node.input if name), default=0)
+        squares = (node.op_type == "Mul" and node.input[0] == node.input[1]) or \
+            node.op_type == "Pow"
+        for name in node.output:
+            depth[name] = d + squares
+    return max((depth.get(o.name, 0) for o in proto.graph.output), default=0)
+
+
+def _degree_options(proto: onnx.ModelProto, calibration: np.ndarray, eval_x: np.ndarray | None,
+                    eval_y: np.ndarray | None, progress: bool) -> list[dict[str, Any]]:
+    """Depth, fit error and accuracy of the model with activations of every degree."""
+    options = []
+    for degree in passes.DEGREES:
+        trial = onnx.ModelProto()
+        trial.CopyFrom(proto)
+        fitted = passes.replace_activations(trial, calibration, degree)
+        accuracy = None
+        if eval_x is not None and eval_y is not None:
+            accuracy = float(np.mean(g.run(trial, eval_x)[0].argmax(1) == eval_y))
+        options.append({"degree": degree, "depth": square_depth(trial),
+                        "fit_rmse": float(np.mean([f.rmse for f in fitted])) if fitted else 0.0,
+                        "accuracy": accuracy})
+        if progress:
+            acc = "" if accuracy is None else f", accuracy {accuracy:.2%}"
+            print(f"  degree {degree}: depth {options[-1]['depth']}, "
+                  f"fit rmse {options[-1]['fit_rmse']:.4f}{acc}", flush=True)
+    return options
 
 
 def _set_metadata(proto: onnx.ModelProto, entries: dict[str, str]) -> None:

@@ -21,7 +21,7 @@ IMPORTABLE_OPS = frozenset({
     "Add", "AveragePool", "BatchNormalization", "Cast", "Clip", "Concat", "Constant", "Conv",
     "Div", "Dropout", "Flatten", "Gather", "Gemm", "GlobalAveragePool", "GlobalMaxPool",
     "Identity", "LeakyRelu", "MatMul", "MaxPool", "Mul", "Neg", "Pad", "ReduceMean", "Relu", "Reshape",
-    "Shape", "Sigmoid", "Squeeze", "Sub", "Tanh", "Transpose", "Unsqueeze",
+    "Shape", "Sigmoid", "Slice", "Squeeze", "Sub", "Tanh", "Transpose", "Unsqueeze",
 })
 MIN_OPSET, MAX_OPSET = 13, 20
 _names = itertools.count()

@@ -8,10 +8,11 @@
   (``maxpool(relu(x)) = relu(maxpool(x))``, exactly): the activation, which becomes a
   square, then acts on the pooled map, four times fewer values for a 2x2 window.
 * :func:`replace_pooling` turns MaxPool into AveragePool (same window) and GlobalMaxPool
-  into GlobalAveragePool.
+  into GlobalAveragePool, or MaxPool into a polynomial maximum fitted on calibration data.
 * :func:`replace_activations` replaces Relu, LeakyRelu, Clip, Sigmoid and Tanh by a
-  quadratic ``a (x + beta)^2 + gamma`` fitted per channel to the values the calibration
-  data actually produces at that node (least squares over the observed distribution).
+  polynomial (degree 2: ``a (x + beta)^2 + gamma``; 3 or 4: two square levels) fitted per
+  channel to the values the calibration data actually produces at that node (least
+  squares over the observed distribution).
   GHN's double threshold, exported as ``h - k * Clip(h)``, is fitted as one function.
 * :func:`quantise_pow2` rounds Conv/Gemm/MatMul weights to ``±2^k`` per output channel.
 """
@@ -28,8 +29,13 @@ from onnx.reference import ReferenceEvaluator
 from she.errors import ModelError, ParameterError
 
 from . import onnx_graph as g
+from . import squares
 
 ACTIVATIONS = ("Relu", "LeakyRelu", "Clip", "Sigmoid", "Tanh")
+#: Activation polynomial degrees the converter writes (see :mod:`converters.squares`).
+DEGREES = (2, 3, 4)
+#: How :func:`replace_pooling` replaces MaxPool.
+POOLING_MODES = ("average", "polynomial")
 #: Samples per channel used to fit an activation polynomial.
 FIT_SAMPLES = 20000
 
@@ -152,10 +158,32 @@ def pool_before_activation(model: onnx.ModelProto) -> int:
     return count
 
 
-def replace_pooling(model: onnx.ModelProto) -> int:
-    """MaxPool -> AveragePool (same window), GlobalMaxPool -> GlobalAveragePool."""
+def replace_pooling(model: onnx.ModelProto, mode: str = "average",
+                    calibration: np.ndarray | None = None) -> int:
+    """Replace max pooling by something the engine can run; returns the nodes replaced.
+
+    ``mode="average"``: MaxPool -> AveragePool (same window), GlobalMaxPool ->
+    GlobalAveragePool (no extra depth). ``mode="polynomial"``: each 2-D MaxPool becomes a
+    polynomial maximum fitted on ``calibration`` (one multiplicative level per halving of
+    the window, two for 2x2: :func:`converters.squares.write_polynomial_max`).
+    """
+    if mode not in POOLING_MODES:
+        raise ParameterError(f"max pooling mode '{mode}': choose one of {POOLING_MODES}")
+    targets = [n for n in model.graph.node if n.op_type in ("MaxPool", "GlobalMaxPool")]
+    if mode == "polynomial" and targets:
+        if calibration is None:
+            raise ParameterError("a polynomial max pooling needs calibration data")
+        values = g.run(model, calibration, [n.input[0] for n in targets])
+        rng = np.random.default_rng(0)
+        for node, x in zip(targets, values, strict=True):
+            if node.op_type == "GlobalMaxPool":
+                raise ModelError(f"node '{node.name}': GlobalMaxPool has no polynomial form "
+                                 "here; convert with max_pool='average'")
+            nodes, _ = squares.write_polynomial_max(model, node, x, rng, FIT_SAMPLES)
+            g.replace_node(model, node, nodes)
+        return len(targets)
     count = 0
-    for node in [n for n in model.graph.node if n.op_type in ("MaxPool", "GlobalMaxPool")]:
+    for node in targets:
         if node.op_type == "GlobalMaxPool":
             new = helper.make_node("GlobalAveragePool", [node.input[0]], [node.output[0]],
                                    name=node.name + "_avg")
@@ -228,6 +256,10 @@ def _with_residual(model: onnx.ModelProto, node: onnx.NodeProto, f):
     return [], out, f
 
 
+def _kind(node: onnx.NodeProto, spanned: list) -> str:
+    return f"{node.op_type} (double threshold)" if spanned else node.op_type
+
+
 def fit_quadratic(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
     """Least-squares ``a x^2 + b x + c`` through the samples; returns (a, b, c).
 
@@ -246,14 +278,15 @@ def fit_quadratic(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
 
 def replace_activations(model: onnx.ModelProto, calibration: np.ndarray, degree: int = 2,
                         progress=None) -> list[FittedActivation]:
-    """Replace non-polynomial activations by per-channel quadratics fitted on calibration data.
+    """Replace non-polynomial activations by per-channel polynomials fitted on calibration data.
 
-    The quadratic is written ``a (x + beta)^2 + gamma`` as Add, Mul(t, t), Mul, Add (a
-    linear ``b x + c`` where the fit has no curvature).
+    Degree 2 (one multiplicative level) is written ``a (x + beta)^2 + gamma`` as Add,
+    Mul(t, t), Mul, Add. Degrees 3 and 4 cost two levels and four times as many squares
+    (:func:`converters.squares.write_polynomial`).
     """
-    if degree != 2:
-        raise ParameterError(f"degree {degree} is not supported yet: the encrypted engine runs "
-                             "squares of affine maps, so activations are quadratics (degree 2)")
+    if degree not in DEGREES:
+        raise ParameterError(f"degree {degree} is not supported: choose one of {DEGREES} "
+                             "(degree 2 costs one multiplicative level, 3 and 4 cost two)")
     nodes = [n for n in model.graph.node if n.op_type in ACTIVATIONS]
     if not nodes:
         return []
@@ -263,10 +296,19 @@ def replace_activations(model: onnx.ModelProto, calibration: np.ndarray, degree:
         spanned, output, f = _with_residual(model, node, _activation(node, model))
         for extra in spanned:
             model.graph.node.remove(extra)
+        rng = np.random.default_rng(0)
+        if degree > 2:
+            nodes, rmse = squares.write_polynomial(model, node.input[0], output, x, f, degree,
+                                                   node.name, rng, FIT_SAMPLES)
+            g.replace_node(model, node, nodes)
+            fitted.append(FittedActivation(node.name, _kind(node, spanned), x.shape[1],
+                                           (float(x.min()), float(x.max())), rmse))
+            if progress is not None:
+                progress(1)
+            continue
         channels = x.shape[1] if x.ndim >= 2 else 1
         per_channel = np.moveaxis(x, 1, 0).reshape(channels, -1) if x.ndim >= 2 else x[None]
         coeffs = np.empty((channels, 3))
-        rng = np.random.default_rng(0)
         errors = []
         for ch, v in enumerate(per_channel):
             v = v.astype(np.float64)
@@ -291,8 +333,7 @@ def replace_activations(model: onnx.ModelProto, calibration: np.ndarray, degree:
             helper.make_node("Add", [scaled, g.add_constant(model, gamma, "gamma")],
                              [output], name=f"{node.name}_offset"),
         ])
-        kind = f"{node.op_type} (double threshold)" if spanned else node.op_type
-        fitted.append(FittedActivation(node.name, kind, channels,
+        fitted.append(FittedActivation(node.name, _kind(node, spanned), channels,
                                        (float(x.min()), float(x.max())),
                                        float(np.sqrt(np.mean(errors)))))
         if progress is not None:

@@ -20,6 +20,7 @@ from she.errors import ModelError
 
 from . import onnx_graph as g
 from .passes import SCALE_PREFIX
+from .squares import FIXED_PREFIX
 
 LINEAR_OPS = ("Conv", "Gemm", "MatMul")
 
@@ -61,11 +62,11 @@ class TorchGraph(nn.Module):
                     self.weight_axis[node.input[1]] = axis
         for i, init in enumerate(model.graph.initializer):
             arr = numpy_helper.to_array(init)
-            if arr.dtype.kind == "f":
+            if arr.dtype.kind == "f" and not init.name.startswith(FIXED_PREFIX):
                 key = f"p{i}"
                 self._key[init.name] = key
                 self.params[key] = nn.Parameter(torch.from_numpy(arr.astype(np.float32)))
-            else:
+            else:  # integer tensors and structural constants (carries, normalisations)
                 self.consts[init.name] = torch.from_numpy(arr.copy())
 
     def _value(self, name: str) -> torch.Tensor:
@@ -169,6 +170,14 @@ def _run(node: onnx.NodeProto, a: list) -> list[torch.Tensor]:
         return [a[0].squeeze() if axes is None else a[0].squeeze(tuple(int(v) for v in axes))]
     if op == "Concat":
         return [torch.cat([t.reshape(-1) if t.ndim == 0 else t for t in a], dim=int(at["axis"]))]
+    if op == "Slice":
+        axes = range(len(a[1])) if len(a) < 4 or a[3] is None else a[3].tolist()
+        steps = [1] * len(a[1]) if len(a) < 5 or a[4] is None else a[4].tolist()
+        index = [slice(None)] * a[0].ndim
+        for start, end, axis, step in zip(a[1].tolist(), a[2].tolist(), axes, steps,
+                                          strict=True):
+            index[int(axis) % a[0].ndim] = slice(int(start), int(end), int(step))
+        return [a[0][tuple(index)]]
     if op == "Transpose":
         return [a[0].permute(*at["perm"])]
     if op == "Constant":

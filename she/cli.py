@@ -166,7 +166,8 @@ def cmd_convert(args: argparse.Namespace) -> dict[str, Any]:
                             degree=args.degree, pow2=not args.no_pow2,
                             exponent_bits=args.exponent_bits,
                             finetune_epochs=args.finetune_epochs, finetune_lr=args.lr,
-                            pool_first=args.pool_first, progress=not args.json)
+                            pool_first=args.pool_first, max_pool=args.max_pool,
+                            progress=not args.json)
     save_atomically(proto, args.output)
     return {"output": args.output, **report.as_dict()}
 
@@ -255,6 +256,11 @@ def _print_human(command: str, result: dict[str, Any]) -> None:
             acc = "n/a" if stage["accuracy"] is None else f"{stage['accuracy']:.2%}"
             agree = "" if stage["agreement"] is None else f", agreement {stage['agreement']:.2%}"
             print(f"{stage['name']:<45} accuracy {acc}{agree}")
+        for option in result["degree_options"]:
+            acc = "" if option["accuracy"] is None else f", accuracy {option['accuracy']:.2%}"
+            chosen = " (chosen)" if option["degree"] == result["degree"] else ""
+            print(f"  degree {option['degree']}: depth {option['depth']}, fit rmse "
+                  f"{option['fit_rmse']:.4f}{acc}{chosen}")
         params = result["parameters"]
         print(f"depth {result['depth']}; N={params['poly_modulus_degree']}, modulus bits "
               f"{params['modulus_bits']}, {params['security_bits']}-bit security")
@@ -319,7 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", metavar="NPZ", help="calibration inputs (.npz/.npy)")
     p.add_argument("--eval", metavar="NPZ", help="evaluation inputs and labels (.npz)")
     p.add_argument("--calibration-samples", type=int, default=10000)
-    p.add_argument("--degree", type=int, default=2, help="activation polynomial degree")
+    p.add_argument("--degree", type=int, default=2, choices=(2, 3, 4),
+                   help="activation polynomial degree: 2 costs one multiplicative level per "
+                   "activation, 3 and 4 cost two (the report lists every choice)")
+    p.add_argument("--max-pool", choices=("average", "polynomial"), default="average",
+                   help="MaxPool as AveragePool (default, no depth) or as a fitted "
+                   "polynomial maximum (two levels for a 2x2 window)")
     p.add_argument("--no-pow2", action="store_true", help="keep float weights")
     p.add_argument("--exponent-bits", type=int, default=4)
     p.add_argument("--finetune-epochs", type=int, default=0,

@@ -214,6 +214,15 @@ class _Tracer:
             if pads[0] or pads[len(pads) // 2]:
                 raise UnsupportedOperatorError(name, op, "the batch axis cannot be padded")
             return [_Traced(t.source, ops.pad(t.probes, pads, value, attrs, name))]
+        if op == "Slice":
+            if any(isinstance(v, _Traced) for v in inputs[1:]):
+                raise UnsupportedOperatorError(name, op, "the slice bounds must be constant")
+            axes = _opt(inputs, 3)
+            axes = range(len(np.ravel(inputs[1]))) if axes is None else np.ravel(axes)
+            if any(int(a) % t.probes.ndim == 0 for a in axes):
+                raise UnsupportedOperatorError(name, op, "cannot slice the batch axis")
+            return [_Traced(t.source, ops.slice_(t.probes, inputs[1], inputs[2], axes,
+                                                 _opt(inputs, 4)))]
         if op == "Concat":
             axis = int(attrs["axis"])
             if any(not isinstance(v, _Traced) or v.source != t.source for v in inputs):
@@ -285,6 +294,9 @@ class _Tracer:
             return np.transpose(inputs[0], attrs.get("perm"))
         if op == "Pow":
             return np.power(inputs[0], inputs[1])
+        if op == "Slice":
+            return ops.slice_(np.asarray(inputs[0]), inputs[1], inputs[2], _opt(inputs, 3),
+                              _opt(inputs, 4))
         raise UnsupportedOperatorError(name, op, "constant folding of this operator is not supported")
 
 

@@ -21,7 +21,7 @@ from .errors import ModelError, UnsupportedOperatorError
 SUPPORTED_OPS = frozenset({
     "Add", "AveragePool", "Cast", "Concat", "Constant", "Conv", "Div", "Dropout", "Flatten",
     "Gather", "Gemm", "GlobalAveragePool", "Identity", "MatMul", "Mul", "Neg", "Pad", "Pow",
-    "Reshape", "Shape", "Squeeze", "Sub", "Transpose", "Unsqueeze",
+    "Reshape", "Shape", "Slice", "Squeeze", "Sub", "Transpose", "Unsqueeze",
 })
 
 #: Operators that have an HE-friendly replacement in ``she convert``.

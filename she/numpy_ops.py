@@ -113,6 +113,18 @@ def pad(x: np.ndarray, pads: np.ndarray, value: float, attrs: Attrs, node: str) 
     return np.pad(x, width, constant_values=value)
 
 
+def slice_(x: np.ndarray, starts: np.ndarray, ends: np.ndarray, axes: np.ndarray | None,
+           steps: np.ndarray | None) -> np.ndarray:
+    """ONNX Slice (same clamping as Python slices)."""
+    starts, ends = np.asarray(starts).ravel(), np.asarray(ends).ravel()
+    axes = range(len(starts)) if axes is None else np.asarray(axes).ravel()
+    steps = np.ones(len(starts), np.int64) if steps is None else np.asarray(steps).ravel()
+    index = [slice(None)] * x.ndim
+    for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
+        index[int(axis) % x.ndim] = slice(int(start), int(end), int(step))
+    return x[tuple(index)]
+
+
 #: Operators whose numpy form needs no node-specific handling beyond their inputs.
 ELEMENTWISE: dict[str, Callable[..., np.ndarray]] = {
     "Add": np.add,

@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from onnx import numpy_helper
 
 import she
+from converters.squares import FIXED_PREFIX
 from she.data import load_idx_dataset
 from she.pipeline import encrypted_predict
 
@@ -101,10 +103,11 @@ def test_she_convert_cli_leaves_no_partial_file(trained, tmp_path, capsys):
     np.savez(tmp_path / "eval.npz", x=xt[:500], y=yt[:500])
     out = tmp_path / "out.onnx"
     code = main(["convert", str(src), "-o", str(out), "--calibration", str(tmp_path / "cal.npz"),
-                 "--eval", str(tmp_path / "eval.npz"), "--json"])
+                 "--eval", str(tmp_path / "eval.npz"), "--max-pool", "average", "--json"])
     assert code == 0 and out.exists()
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["stages"][0]["accuracy"] > 0.8 and result["depth"] == 2
+    assert [o["depth"] for o in result["degree_options"]] == [2, 4, 4]
     missing = tmp_path / "never.onnx"
     np.savez(tmp_path / "bad.npz", x=cal[:10, :, :5])
     assert main(["convert", str(src), "-o", str(missing), "--calibration",
@@ -156,3 +159,48 @@ def test_ghn_double_threshold_becomes_one_quadratic(mnist_dir):
     out = model.run_plain(x)
     assert np.mean(out.argmax(1) == reference.argmax(1)) >= 0.9
     assert np.abs(out - reference).max() <= 0.2 * np.abs(reference).max()
+
+
+def test_degree_three_and_polynomial_max_run_encrypted(mnist_dir):
+    """A ReLU CNN (on 14x14 MNIST, to keep the encrypted part small) converted with cubic
+    activations and a polynomial max: the report lists every degree's depth, and the
+    encrypted model matches its plaintext."""
+    import converters
+
+    torch.manual_seed(0)
+
+    def small(split):
+        x, y = load_idx_dataset(mnist_dir, split)
+        return x.reshape(-1, 1, 14, 2, 14, 2).mean(axis=(3, 5)), y
+
+    x, y = small("train")
+    xt, yt = small("test")
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                        nn.Linear(36, 10))
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+    xs, ys = torch.from_numpy(x[:20000]), torch.from_numpy(y[:20000])
+    for i in range(0, len(xs), 128):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(xs[i:i + 128]), ys[i:i + 128]).backward()
+        opt.step()
+    proto, report = converters.convert(net.eval(), x[:2000], eval_x=xt[:1000], eval_y=yt[:1000],
+                                       input_shape=(1, 14, 14), degree=3,
+                                       max_pool="polynomial", finetune_epochs=1,
+                                       calibration_labels=y[:2000])
+    # relu: 1 level at degree 2, 2 at degree 3 or 4; the 2x2 max: 2 levels
+    assert [(o["degree"], o["depth"]) for o in report.degree_options] == [(2, 3), (3, 4), (4, 4)]
+    assert report.depth == 4 and report.max_pool == "polynomial"
+    acc = {s.name: s.accuracy for s in report.stages}
+    assert acc["polynomial pooling"] >= acc["original"] - 0.02
+    # fine-tuning trained the coefficients but kept the structural constants (carries,
+    # normalisations), which are powers of two
+    fixed = [numpy_helper.to_array(i) for i in proto.graph.initializer
+             if i.name.startswith(FIXED_PREFIX)]
+    assert fixed and all(np.all((v == 0) | (np.log2(np.abs(v) + (v == 0)) % 1 == 0))
+                         for v in fixed)
+    model = she.model.from_proto(proto)
+    plan = she.compile(model, calibration=x[:1000])
+    enc, _ = encrypted_predict(plan, xt[:64])
+    plain = model.run_plain(xt[:64])
+    assert np.mean(enc.argmax(1) == plain.argmax(1)) >= 0.98
+    assert np.abs(enc - plain).max() < plan.predicted_error

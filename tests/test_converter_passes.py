@@ -103,9 +103,6 @@ def test_relu_replaced_by_fitted_quadratic(x):
     assert [n.op_type for n in model.graph.node] == ["Add", "Mul", "Mul", "Add"]
     chain = she.lowering.lower(she.model.from_proto(model))
     assert chain.depth == 1
-    with pytest.raises(she.ParameterError, match="degree"):
-        passes.replace_activations(_model([helper.make_node("Relu", ["input"], ["out"])], {}),
-                                   x, degree=3)
 
 
 def test_pow2_round_keeps_signs_and_exponent_range():
