@@ -171,6 +171,7 @@ def conversion_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "encrypted_agreement": agreement,
                     "met": drop <= subject.target_drop and (agreement or 0) >= 0.995,
                     "conversion_command": conversion.get("command"),
+                    "training_command": conversion.get("training_command"),
                     "stages": [(st["name"], st["accuracy"]) for st in conversion.get("stages", [])]})
     return out
 
@@ -387,8 +388,12 @@ def render(report: dict[str, Any]) -> str:
         for t in report["conversion_targets"]:
             lines += [f"| {t['model']} | {name} | {acc:.2%} |" for name, acc in t["stages"]]
         lines += ["", "Commands that trained and converted them:", ""]
-        lines += [f"- {t['model']}: `{t['conversion_command']}`"
-                  for t in report["conversion_targets"] if t["conversion_command"]]
+        for t in report["conversion_targets"]:
+            if t["training_command"] and t["training_command"] != t["conversion_command"]:
+                lines.append(f"- {t['model']}: trained by `{t['training_command']}`, "
+                             f"converted again by `{t['conversion_command']}`")
+            elif t["conversion_command"]:
+                lines.append(f"- {t['model']}: `{t['conversion_command']}`")
         lines.append("")
     lines += ["## Published results (not measured here)", "",
               "| system | model | accuracy | latency / image | amortised / image | hardware | source |",

@@ -106,7 +106,7 @@ def _check_data(name: str, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 def convert(model: Any, calibration: np.ndarray, *, eval_x: np.ndarray | None = None,
             eval_y: np.ndarray | None = None, degree: int = 2, pow2: bool = True,
-            exponent_bits: int = 4, input_shape: tuple[int, ...] | None = None,
+            exponent_bits: int = 4, pow2_terms: int = 1, input_shape: tuple[int, ...] | None = None,
             input_range: tuple[float, float] | None = None, finetune_epochs: int = 0,
             calibration_labels: np.ndarray | None = None,
             finetune_lr: float = 1e-3, pool_first: bool = False, max_pool: str = "average",
@@ -122,6 +122,8 @@ def convert(model: Any, calibration: np.ndarray, *, eval_x: np.ndarray | None = 
             lists the depth, fit error and accuracy of every degree.
         pow2: quantise weights to powers of two.
         exponent_bits: exponent bits per power-of-two weight (``2^bits - 1`` exponents).
+        pow2_terms: powers of two per weight (1: one shift; 2 or 3: a short sum of shifts,
+            much less rounding).
         input_shape: one sample's shape, needed for torch modules.
         input_range: declared input range written to the model metadata (default: the
             calibration data's min and max).
@@ -177,13 +179,15 @@ def convert(model: Any, calibration: np.ndarray, *, eval_x: np.ndarray | None = 
     report.activations = [asdict(f) for f in fitted]
     stage(f"degree-{degree} polynomial activations")
     if pow2:
-        report.pow2_layers = passes.quantise_pow2(proto, exponent_bits)
-        stage(f"power-of-two weights ({exponent_bits} exponent bits)")
+        report.pow2_layers = passes.quantise_pow2(proto, exponent_bits, pow2_terms)
+        terms = "" if pow2_terms == 1 else f", {pow2_terms} terms"
+        stage(f"power-of-two weights ({exponent_bits} exponent bits{terms})")
     if finetune_epochs:
         from .finetune import finetune
 
         report.finetune_losses = finetune(proto, calibration, teacher, epochs=finetune_epochs,
                                           lr=finetune_lr, pow2_bits=exponent_bits if pow2 else None,
+                                          pow2_terms=pow2_terms,
                                           labels=calibration_labels, progress=progress)
         stage(f"fine-tuned ({finetune_epochs} epochs)")
     lo, hi = input_range or (float(calibration.min()), float(calibration.max()))

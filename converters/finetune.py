@@ -18,7 +18,8 @@ from .torch_graph import TorchGraph
 
 def finetune(model: onnx.ModelProto, x: np.ndarray, teacher_logits: np.ndarray, *,
              epochs: int = 3, lr: float = 1e-3, batch_size: int = 128,
-             pow2_bits: int | None = None, labels: np.ndarray | None = None,
+             pow2_bits: int | None = None, pow2_terms: int = 1,
+             labels: np.ndarray | None = None,
              progress: bool = True, seed: int = 0) -> list[float]:
     """Train ``model`` in place; returns the mean loss of every epoch.
 
@@ -27,7 +28,7 @@ def finetune(model: onnx.ModelProto, x: np.ndarray, teacher_logits: np.ndarray, 
     reproduce every logit of the teacher).
     """
     torch.manual_seed(seed)
-    student = TorchGraph(model, pow2_bits=pow2_bits)
+    student = TorchGraph(model, pow2_bits=pow2_bits, pow2_terms=pow2_terms)
     optimiser = torch.optim.Adam(student.parameters(), lr=lr)
     steps = max(1, epochs * (len(x) // batch_size))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps)

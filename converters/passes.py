@@ -14,7 +14,8 @@
   channel to the values the calibration data actually produces at that node (least
   squares over the observed distribution).
   GHN's double threshold, exported as ``h - k * Clip(h)``, is fitted as one function.
-* :func:`quantise_pow2` rounds Conv/Gemm/MatMul weights to ``±2^k`` per output channel.
+* :func:`quantise_pow2` rounds Conv/Gemm/MatMul weights to ``±2^k`` per output channel (or
+  to sums of two or three such terms).
 """
 
 from __future__ import annotations
@@ -353,24 +354,31 @@ def _weight_axis(model: onnx.ModelProto, node: onnx.NodeProto) -> int | None:
     return None
 
 
-def pow2_round(w: np.ndarray, axis: int, exponent_bits: int) -> np.ndarray:
-    """Round to ``±2^k`` with ``2^exponent_bits - 1`` exponents per output channel (and 0)."""
+def _nearest_pow2(r: np.ndarray, e_min: np.ndarray, e_max: np.ndarray) -> np.ndarray:
+    """``r`` rounded to ``±2^e`` with ``e_min <= e <= e_max`` (row-wise), or 0 below."""
+    mag = np.abs(r)
+    with np.errstate(divide="ignore"):
+        e = np.clip(np.round(np.log2(np.where(mag > 0, mag, 1))), e_min, e_max)
+    return np.where(mag < 2.0 ** (e_min - 1), 0.0, np.sign(r) * 2.0 ** e)
+
+
+def pow2_round(w: np.ndarray, axis: int, exponent_bits: int, terms: int = 1) -> np.ndarray:
+    """Round to sums of ``terms`` signed powers of two, ``±2^k (± 2^j ...)``.
+
+    Each output channel has ``2^exponent_bits - 1`` exponents, the largest nearest to its
+    largest weight; each term rounds what the terms before it left (a weight of two terms
+    costs two shifts instead of one). Values below the smallest exponent become 0.
+    """
     levels = 2 ** exponent_bits - 1
     moved = np.moveaxis(w.astype(np.float64), axis, 0)
     flat = moved.reshape(moved.shape[0], -1)
+    top = np.max(np.abs(flat), axis=1, keepdims=True)
+    e_max = np.round(np.log2(np.where(top > 0, top, 1.0)))
+    e_min = e_max - (levels - 1)
     out = np.zeros_like(flat)
-    for ch, row in enumerate(flat):
-        top = np.max(np.abs(row))
-        if top == 0:
-            continue
-        e_max = np.round(np.log2(top))
-        e_min = e_max - (levels - 1)
-        mag = np.abs(row)
-        with np.errstate(divide="ignore"):
-            e = np.clip(np.round(np.log2(np.where(mag > 0, mag, 1))), e_min, e_max)
-        q = np.sign(row) * 2.0 ** e
-        q[mag < 2.0 ** (e_min - 1)] = 0.0  # too small for the smallest exponent: zero
-        out[ch] = q
+    for _ in range(terms):
+        out += _nearest_pow2(flat - out, e_min, e_max)
+    out[top[:, 0] == 0] = 0.0
     return np.moveaxis(out.reshape(moved.shape), 0, axis).astype(np.float32)
 
 
@@ -384,14 +392,18 @@ def pow2_nearest(values: np.ndarray) -> np.ndarray:
     return (np.sign(values) * 2.0 ** np.round(np.log2(mag))).astype(np.float32)
 
 
-def quantise_pow2(model: onnx.ModelProto, exponent_bits: int = 4) -> int:
-    """Round Conv/Gemm/MatMul weights to powers of two, and the activation scales ``a`` too.
+def quantise_pow2(model: onnx.ModelProto, exponent_bits: int = 4, terms: int = 1) -> int:
+    """Round Conv/Gemm/MatMul weights to powers of two (sums of ``terms`` of them), and the
+    activation scales ``a`` to one power of two.
 
-    With both rounded, every affine map the engine sees is a product of powers of two, so
-    it runs as an exact integer shift-accumulate. Returns the number of tensors rounded.
+    With both rounded, every affine map the engine sees is a product of powers of two (or
+    a short sum of them), so it runs as an exact integer shift-accumulate. Returns the
+    number of tensors rounded.
     """
     if not 1 <= exponent_bits <= 6:
         raise ParameterError(f"exponent_bits={exponent_bits} is outside 1..6")
+    if terms not in (1, 2, 3):
+        raise ParameterError(f"pow2 terms={terms} is outside 1..3")
     count = 0
     for init in model.graph.initializer:
         if init.name.startswith(SCALE_PREFIX):
@@ -404,6 +416,6 @@ def quantise_pow2(model: onnx.ModelProto, exponent_bits: int = 4) -> int:
         w = g.get_array(model, node.input[1])
         if w is None or w.ndim < 2:
             continue
-        g.set_array(model, node.input[1], pow2_round(w, axis, exponent_bits))
+        g.set_array(model, node.input[1], pow2_round(w, axis, exponent_bits, terms))
         count += 1
     return count

@@ -2,7 +2,8 @@
 
 :class:`TorchGraph` executes the nodes of an (HE-friendly or converted) ONNX model with
 torch operations. Floating-point initializers become parameters; with ``pow2_bits`` set,
-the weights of Conv/Gemm/MatMul nodes are rounded to powers of two in the forward pass
+the weights of Conv/Gemm/MatMul nodes are rounded to powers of two (``pow2_terms`` of them
+per weight) in the forward pass
 with a straight-through estimator (the gradient flows to the float weights). After
 training, :meth:`TorchGraph.write_back` stores the (rounded) values in the ONNX model.
 """
@@ -25,18 +26,21 @@ from .squares import FIXED_PREFIX
 LINEAR_OPS = ("Conv", "Gemm", "MatMul")
 
 
-def pow2_ste(w: torch.Tensor, axis: int, bits: int) -> torch.Tensor:
-    """Power-of-two rounding per output channel with a straight-through gradient."""
+def pow2_ste(w: torch.Tensor, axis: int, bits: int, terms: int = 1) -> torch.Tensor:
+    """:func:`converters.passes.pow2_round` with a straight-through gradient."""
     levels = 2 ** bits - 1
     moved = w.movedim(axis, 0)
     flat = moved.reshape(moved.shape[0], -1)
     top = flat.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
     e_max = torch.round(torch.log2(top))
     e_min = e_max - (levels - 1)
-    mag = flat.abs().clamp_min(1e-30)
-    e = torch.minimum(torch.maximum(torch.round(torch.log2(mag)), e_min), e_max)
-    q = torch.sign(flat) * torch.pow(2.0, e)
-    q = torch.where(flat.abs() < torch.pow(2.0, e_min - 1), torch.zeros_like(q), q)
+    q = torch.zeros_like(flat)
+    for _ in range(terms):
+        r = flat - q
+        mag = r.abs().clamp_min(1e-30)
+        e = torch.minimum(torch.maximum(torch.round(torch.log2(mag)), e_min), e_max)
+        q = q + torch.where(r.abs() < torch.pow(2.0, e_min - 1), torch.zeros_like(r),
+                            torch.sign(r) * torch.pow(2.0, e))
     q = q.reshape(moved.shape).movedim(0, axis)
     return w + (q - w).detach()
 
@@ -44,10 +48,12 @@ def pow2_ste(w: torch.Tensor, axis: int, bits: int) -> torch.Tensor:
 class TorchGraph(nn.Module):
     """A torch module that evaluates an ONNX graph (supported operators only)."""
 
-    def __init__(self, model: onnx.ModelProto, pow2_bits: int | None = None) -> None:
+    def __init__(self, model: onnx.ModelProto, pow2_bits: int | None = None,
+                 pow2_terms: int = 1) -> None:
         super().__init__()
         self.model = model
         self.pow2_bits = pow2_bits
+        self.pow2_terms = pow2_terms
         self.nodes = list(model.graph.node)
         self.input_name, _ = g.input_info(model)
         self.output_name = model.graph.output[0].name
@@ -73,7 +79,7 @@ class TorchGraph(nn.Module):
         if name in self._key:
             w = self.params[self._key[name]]
             if self.pow2_bits and name in self.weight_axis and w.ndim >= 2:
-                return pow2_ste(w, self.weight_axis[name], self.pow2_bits)
+                return pow2_ste(w, self.weight_axis[name], self.pow2_bits, self.pow2_terms)
             if self.pow2_bits and name.startswith(SCALE_PREFIX):
                 q = torch.sign(w) * torch.pow(2.0, torch.round(torch.log2(w.abs().clamp_min(1e-30))))
                 return w + (q - w).detach()

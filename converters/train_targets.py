@@ -45,6 +45,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (one-cycle)")
     parser.add_argument("--max-shift", type=int, default=2, help="augmentation (pixels)")
+    parser.add_argument("--skip-training", action="store_true",
+                        help="convert the original NAME_cnn.onnx of an earlier run again "
+                        "(its training command is kept in the record)")
+    parser.add_argument("--pow2-terms", type=int, default=1, choices=(1, 2, 3),
+                        help="powers of two per converted weight")
     parser.add_argument("--finetune-epochs", type=int, default=15)
     parser.add_argument("--finetune-lr", type=float, default=2e-3)
     parser.add_argument("--threads", type=int, default=2)
@@ -52,10 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def _train(args: argparse.Namespace, out: Path) -> dict:
+    """Train the network, save the original ONNX; returns how long it took."""
     start = time.perf_counter()
     if args.arch == "shallow":
         net = zoo.shallow_relu_cnn(args.channels[0])
@@ -65,26 +68,43 @@ def main(argv: list[str] | None = None) -> None:
         net = zoo.two_conv_relu_cnn(tuple(args.channels), args.hidden)
     net, accuracy = zoo.train(net, args.data, epochs=args.epochs, lr=args.lr, seed=args.seed,
                               max_shift=args.max_shift, threads=args.threads)
-    train_s = time.perf_counter() - start
-    print(f"trained: test accuracy {accuracy:.2%} ({train_s:.0f} s)", flush=True)
+    seconds = round(time.perf_counter() - start)
+    print(f"trained: test accuracy {accuracy:.2%} ({seconds} s)", flush=True)
     original = torch_to_onnx(net, (1, 28, 28))
     onnx.checker.check_model(original)
     save_atomically(original, out / f"{args.name}_cnn.onnx")
+    return {"command": None, "seconds": seconds}
 
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    record = out / f"{args.name}_cnn.json"
+    if args.skip_training:
+        original = onnx.load(str(out / f"{args.name}_cnn.onnx"))
+        earlier = json.loads(record.read_text())
+        training = {"command": earlier.get("training_command", earlier["command"]),
+                    "seconds": earlier["seconds"]["train"]}
+    else:
+        training = _train(args, out)
+        original = onnx.load(str(out / f"{args.name}_cnn.onnx"))
     x, y = load_idx_dataset(args.data, "train")
     xt, yt = load_idx_dataset(args.data, "test")
     start = time.perf_counter()
     proto, report = convert(original, x, calibration_labels=y, eval_x=xt, eval_y=yt,
-                            finetune_epochs=args.finetune_epochs,
+                            pow2_terms=args.pow2_terms, finetune_epochs=args.finetune_epochs,
                             finetune_lr=args.finetune_lr, progress=True)
     convert_s = time.perf_counter() - start
     save_atomically(proto, out / f"{args.name}_cnn.she.onnx")
-    summary = {"command": "python -m converters.train_targets " + " ".join(
-                   f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list | tuple) else v}"
-                   for k, v in vars(args).items() if k != "out_dir"),
-               "seconds": {"train": round(train_s), "convert": round(convert_s)},
+    command = "python -m converters.train_targets " + " ".join(
+        f"--{k.replace('_', '-')}" if v is True else
+        f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list | tuple) else v}"
+        for k, v in vars(args).items() if k != "out_dir" and v is not False)
+    summary = {"command": command, "training_command": training["command"] or command,
+               "seconds": {"train": training["seconds"], "convert": round(convert_s)},
                **report.as_dict()}
-    (out / f"{args.name}_cnn.json").write_text(json.dumps(summary, indent=2) + "\n")
+    record.write_text(json.dumps(summary, indent=2) + "\n")
     for stage in report.stages:
         print(f"  {stage.name}: {stage.accuracy:.2%}")
     print(f"converted in {convert_s:.0f} s; parameters {report.parameters}")

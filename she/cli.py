@@ -164,7 +164,7 @@ def cmd_convert(args: argparse.Namespace) -> dict[str, Any]:
     proto, report = convert(args.model, calibration, calibration_labels=labels,
                             eval_x=eval_x, eval_y=eval_y,
                             degree=args.degree, pow2=not args.no_pow2,
-                            exponent_bits=args.exponent_bits,
+                            exponent_bits=args.exponent_bits, pow2_terms=args.pow2_terms,
                             finetune_epochs=args.finetune_epochs, finetune_lr=args.lr,
                             pool_first=args.pool_first, max_pool=args.max_pool,
                             progress=not args.json)
@@ -333,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "polynomial maximum (two levels for a 2x2 window)")
     p.add_argument("--no-pow2", action="store_true", help="keep float weights")
     p.add_argument("--exponent-bits", type=int, default=4)
+    p.add_argument("--pow2-terms", type=int, default=1, choices=(1, 2, 3),
+                   help="powers of two per weight (2: two shifts per weight, less rounding)")
     p.add_argument("--finetune-epochs", type=int, default=0,
                    help="distillation epochs against the original (needs torch)")
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate")

@@ -204,3 +204,15 @@ def test_degree_three_and_polynomial_max_run_encrypted(mnist_dir):
     plain = model.run_plain(xt[:64])
     assert np.mean(enc.argmax(1) == plain.argmax(1)) >= 0.98
     assert np.abs(enc - plain).max() < plan.predicted_error
+
+
+@pytest.mark.parametrize("terms", [1, 2, 3])
+def test_finetuning_rounds_weights_like_the_pass(terms):
+    """The straight-through rounding used in fine-tuning gives the pass's values."""
+    from converters.passes import pow2_round
+    from converters.torch_graph import pow2_ste
+
+    w = np.random.default_rng(terms).normal(0, 0.2, (6, 3, 5, 5)).astype(np.float32)
+    for axis in (0, 1):
+        np.testing.assert_array_equal(pow2_ste(torch.from_numpy(w), axis, 4, terms).detach().numpy(),
+                                      pow2_round(w, axis, 4, terms))

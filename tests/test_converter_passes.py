@@ -119,6 +119,32 @@ def test_pow2_round_keeps_signs_and_exponent_range():
     assert np.all(np.abs(q - w)[nz] <= np.abs(w[nz]) * (np.sqrt(2) - 1) + 1e-12)
 
 
+def _signed_pow2_terms(v: float, limit: int) -> float:
+    """Fewest signed powers of two summing to ``v`` (inf above ``limit``); the largest
+    term of a shortest such sum is the power of two just below or just above |v|."""
+    if v == 0:
+        return 0
+    if limit == 0:
+        return np.inf
+    low = 2.0 ** np.floor(np.log2(abs(v)))
+    return 1 + min(_signed_pow2_terms(v - np.sign(v) * p, limit - 1) for p in (low, 2 * low))
+
+
+def test_pow2_terms_sum_powers_of_two_and_shrink_the_rounding():
+    rng = np.random.default_rng(3)
+    w = rng.normal(0, 0.3, (4, 200))
+    errors = []
+    for terms in (1, 2, 3):
+        q = passes.pow2_round(w, axis=0, exponent_bits=4, terms=terms)
+        assert max(_signed_pow2_terms(float(v), 3) for v in q.ravel()) == terms
+        errors.append(np.abs(q - w).mean())
+    assert errors[1] < 0.3 * errors[0] and errors[2] < 0.3 * errors[1]
+    two = np.array([[0.75, -0.375, 0.5, 1.0]])  # already two-term values: kept exactly
+    np.testing.assert_array_equal(passes.pow2_round(two, axis=0, exponent_bits=4, terms=2), two)
+    with pytest.raises(she.ParameterError, match="terms"):
+        passes.quantise_pow2(_model([], {}), terms=4)
+
+
 def test_unsupported_operator_is_named():
     model = _model([helper.make_node("Softmax", ["input"], ["out"], name="soft")], {})
     with pytest.raises(she.ModelError, match="soft.*Softmax"):
