@@ -16,9 +16,11 @@ from onnx import TensorProto, helper, numpy_helper
 from she.errors import DataError, ModelError
 
 #: Operators the converter accepts as input (anything else is named in an error). ReduceMean
-#: is accepted for constant folding (GHN exports the mean of its weights that way).
+#: and ConstantOfShape are accepted for constant folding (GHN exports the mean of its
+#: weights with ReduceMean; torch exports the pads of ZeroPad2d with ConstantOfShape).
 IMPORTABLE_OPS = frozenset({
-    "Add", "AveragePool", "BatchNormalization", "Cast", "Clip", "Concat", "Constant", "Conv",
+    "Add", "AveragePool", "BatchNormalization", "Cast", "Clip", "Concat", "Constant",
+    "ConstantOfShape", "Conv",
     "Div", "Dropout", "Flatten", "Gather", "Gemm", "GlobalAveragePool", "GlobalMaxPool",
     "Identity", "LeakyRelu", "MatMul", "MaxPool", "Mul", "Neg", "Pad", "ReduceMean", "Relu", "Reshape",
     "Shape", "Sigmoid", "Slice", "Squeeze", "Sub", "Tanh", "Transpose", "Unsqueeze",

@@ -216,3 +216,54 @@ def test_finetuning_rounds_weights_like_the_pass(terms):
     for axis in (0, 1):
         np.testing.assert_array_equal(pow2_ste(torch.from_numpy(w), axis, 4, terms).detach().numpy(),
                                       pow2_round(w, axis, 4, terms))
+
+
+class _EveryOperator(nn.Module):
+    """Uses every operator the converter must accept (issue: Conv, Gemm, MatMul, Add, Sub,
+    Mul/Div by constants, Relu, LeakyRelu, Clip, Sigmoid, Tanh, MaxPool, AveragePool,
+    GlobalAveragePool, BatchNormalization, Flatten, Reshape, Dropout, Identity, Pad)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.ZeroPad2d(1), nn.Conv2d(1, 4, 3, stride=2),
+                                   nn.LeakyReLU(0.1), nn.MaxPool2d(2),
+                                   nn.BatchNorm2d(4),  # after a Conv, export would fold it
+                                   nn.Identity(), nn.Conv2d(4, 6, 3, padding=1), nn.Hardtanh(),
+                                   nn.AvgPool2d(2), nn.ReLU6(), nn.AdaptiveAvgPool2d(1),
+                                   nn.Flatten())
+        self.fc = nn.Linear(6, 16)
+        self.w = nn.Parameter(torch.randn(16, 10) * 0.3)
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x):
+        h = self.block((x - 0.1307) / 0.3081)
+        h = torch.sigmoid(self.fc(h.reshape(h.shape[0], -1))) * 2.0
+        h = torch.relu(self.drop(h) @ self.w)
+        return torch.tanh(h) + 0.5
+
+
+@pytest.mark.parametrize("opset", [13, 20])
+def test_every_listed_operator_converts(mnist_dir, opset, tmp_path):
+    import converters
+
+    torch.manual_seed(0)
+    net = _EveryOperator().eval()
+    x, _ = load_idx_dataset(mnist_dir, "test")
+    x = x[:600]
+    path = tmp_path / "every.onnx"
+    torch.onnx.export(net, (torch.zeros(1, 1, 28, 28),), str(path), input_names=["input"],
+                      output_names=["out"], opset_version=opset, dynamo=False,
+                      dynamic_axes={"input": {0: "batch"}, "out": {0: "batch"}})
+    exported = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert exported >= {"Conv", "Gemm", "MatMul", "Add", "Sub", "Div", "Mul", "Relu",
+                        "LeakyRelu", "Clip", "Sigmoid", "Tanh", "MaxPool", "AveragePool",
+                        "GlobalAveragePool", "BatchNormalization", "Flatten", "Reshape", "Pad"}
+    proto, report = converters.convert(str(path), x[:500], pow2=False)
+    assert len(report.activations) == 6 and report.replaced_pools == 1
+    model = she.model.from_proto(proto)
+    with torch.no_grad():
+        reference = net(torch.from_numpy(x[500:])).numpy()
+    # polynomials replace six activations: close to, not equal to, the original
+    assert np.abs(model.run_plain(x[500:]) - reference).max() < 0.25 * np.abs(reference).max()
+    plan = she.compile(model, calibration=x[:500])
+    assert plan.depth == report.depth == 6
