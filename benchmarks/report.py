@@ -17,6 +17,10 @@ results beside them.
   the encrypted agreement with its plaintext, against the converter issue's targets;
 * published results, marked as not measured here, with their sources.
 
+``--update MODEL [MODEL ...]`` measures only those models again (a model re-shipped after
+the full run) and replaces their rows in the saved JSON; the report then names that
+command and date beside the original run's.
+
 It writes ``docs/benchmarks.md``, ``docs/results/benchmarks.json`` and two plots:
 ``docs/results/accuracy_latency.png`` (accuracy against latency per image, log axis) and
 ``docs/results/stages.png`` (encrypt / upload / evaluate / download / decrypt per image).
@@ -176,17 +180,20 @@ def conversion_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def run(data_dir: str, quick: bool) -> dict[str, Any]:
-    """Measure everything; returns the JSON-ready report."""
+def run(data_dir: str, quick: bool, only: list[str] | None = None) -> dict[str, Any]:
+    """Measure everything (or only the models named in ``only``, without the peers);
+    returns the JSON-ready report."""
     started = time.perf_counter()
     sizes = Sizes.for_run(quick)
     subjects = [s for s in SUBJECTS if assets.asset_path(s.asset).exists()
-                and (Path(data_dir) / s.dataset).is_dir()]
+                and (Path(data_dir) / s.dataset).is_dir() and (only is None or s.name in only)]
     missing = [s.name for s in SUBJECTS if s not in subjects]
     rows: list[dict[str, Any]] = []
     encrypted = [s for s in subjects if not s.wide or sizes.wide_single_images]
+    peers = only is None
     steps = (sum(1 + bool(s.original) for s in subjects)
-             + sum(2 + bool(s.bfv) for s in encrypted) + 1 + bool(sizes.peer_batch_images))
+             + sum(2 + bool(s.bfv) for s in encrypted)
+             + peers * (1 + bool(sizes.peer_batch_images)))
     done = 0
 
     def progress(what: str) -> None:
@@ -224,16 +231,8 @@ def run(data_dir: str, quick: bool) -> dict[str, Any]:
         ns = sizes.wide_single_images if subject.wide else sizes.single_images
         rows.append(_single_row(name, she_single(str(path), train_x, x[:ns], y[:ns]), "SHE CKKS single"))
         progress(f"{name}: CKKS single, {ns} images")
-    x, y = data["mnist"][1:]
-    tutorial = str(assets.tutorial_model_path())
-    n = sizes.peer_single_images
-    peer = tb.run_single(tutorial, x[:n], y[:n])
-    rows.append(_single_row("TenSEAL-tutorial network", peer, "plain TenSEAL, one image"))
-    progress(f"plain TenSEAL single, {n} images")
-    if sizes.peer_batch_images:
-        peer = tb.run_batch(tutorial, x, y, sizes.peer_batch_images)
-        rows.append(_batch_row("TenSEAL-tutorial network", peer, "plain TenSEAL, 4096-image batch"))
-        progress(f"plain TenSEAL batch, {sizes.peer_batch_images} images")
+    if peers:
+        rows += _peer_rows(data_dir, sizes, progress)
     return {
         "command": "python -m benchmarks " + " ".join(sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -244,6 +243,42 @@ def run(data_dir: str, quick: bool) -> dict[str, Any]:
                                 "hardware", "source"), p, strict=True)) for p in PUBLISHED],
         "link_mbit_s": LINK_MBIT_S, "wall_s": time.perf_counter() - started,
     }
+
+
+def _peer_rows(data_dir: str, sizes: Sizes, progress) -> list[dict[str, Any]]:
+    """The plain-TenSEAL implementations of the tutorial network."""
+    x, y = load_idx_dataset(Path(data_dir) / "mnist", "test")
+    tutorial = str(assets.tutorial_model_path())
+    n = sizes.peer_single_images
+    peer = tb.run_single(tutorial, x[:n], y[:n])
+    rows = [_single_row("TenSEAL-tutorial network", peer, "plain TenSEAL, one image")]
+    progress(f"plain TenSEAL single, {n} images")
+    if sizes.peer_batch_images:
+        peer = tb.run_batch(tutorial, x, y, sizes.peer_batch_images)
+        rows.append(_batch_row("TenSEAL-tutorial network", peer, "plain TenSEAL, 4096-image batch"))
+        progress(f"plain TenSEAL batch, {sizes.peer_batch_images} images")
+    return rows
+
+
+def merge_update(previous: dict[str, Any], update: dict[str, Any],
+                 models: list[str]) -> dict[str, Any]:
+    """``previous`` with the rows of ``models`` replaced by those of ``update`` (a run of
+    :func:`run` with ``only=models``), and the update recorded with its command and date."""
+    fresh = [r for r in update["rows"] if r["model"] in models]
+    rows, placed = [], False
+    for row in previous["rows"]:
+        if row["model"] not in models:
+            rows.append(row)
+        elif not placed:
+            rows += fresh
+            placed = True
+    if not placed:
+        rows += fresh
+    merged = dict(previous, rows=rows, conversion_targets=conversion_targets(rows))
+    merged["updates"] = [*previous.get("updates", []),
+                         {"models": models, "command": update["command"], "date": update["date"],
+                          "wall_s": update["wall_s"], "machine": update["machine"]}]
+    return merged
 
 
 def stage_seconds(row: dict[str, Any], link_mbit_s: float) -> dict[str, float]:
@@ -334,6 +369,9 @@ def render(report: dict[str, Any]) -> str:
         f"({m['cores']} cores, {m['cpu']}; Python {m['python']}, TenSEAL {m['tenseal']}, "
         f"onnxruntime {m['onnxruntime']}, SHE {m['she']})"
         + (" — a `--quick` run: few images, no 4096-image TenSEAL batch." if report["quick"] else "."),
+        *[f"The rows of {', '.join(u['models'])} were measured again by `{u['command']}` on "
+          f"{u['date']} in {u['wall_s'] / 60:.1f} min ({u['machine']['cores']} cores, "
+          f"{u['machine']['cpu']})." for u in report.get("updates", [])],
         "",
         "![accuracy against time per image](results/accuracy_latency.png)",
         "",
@@ -411,12 +449,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--data", required=True, help="directory holding mnist/ (IDX files)")
     parser.add_argument("--quick", action="store_true", help="few images, no TenSEAL batch (< 3 min)")
     parser.add_argument("--out", default=str(DOCS), help="docs directory to write into")
+    parser.add_argument("--update", nargs="+", metavar="MODEL", choices=[s.name for s in SUBJECTS],
+                        help="measure only these models again and replace their rows in the "
+                        "existing report (recorded in it with this command and date)")
     args = parser.parse_args(argv)
-    report = run(args.data, args.quick)
     out = Path(args.out)
+    if args.update:
+        saved = out / "results" / "benchmarks.json"
+        if not saved.exists():
+            parser.error(f"--update needs an earlier report at {saved}")
+        previous = json.loads(saved.read_text())
+        report = merge_update(previous, run(args.data, previous["quick"], only=args.update),
+                              args.update)
+    else:
+        report = run(args.data, args.quick)
     (out / "results").mkdir(parents=True, exist_ok=True)
     (out / "results" / "benchmarks.json").write_text(json.dumps(report, indent=2) + "\n")
     plot(report, out / "results")
     (out / "benchmarks.md").write_text(render(report))
-    print(f"wrote {out / 'benchmarks.md'} in {report['wall_s']:.0f} s")
+    print(f"wrote {out / 'benchmarks.md'}")
     return report

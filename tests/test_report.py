@@ -73,3 +73,21 @@ def test_stage_times_come_from_measured_bytes(quick):
     stages = report.stage_seconds(single, 8.0)  # 8 Mbit/s: one byte per microsecond
     assert stages["upload"] == pytest.approx(single["upload_bytes"] * 1e-6)
     assert stages["evaluate"] == single["eval_s"]["p50"]
+
+
+def test_update_replaces_only_the_named_models_rows(quick):
+    result, _ = quick
+    name = "shipped demo model"
+    update = {"rows": [dict(r, accuracy=0.5) for r in result["rows"] if r["model"] == name],
+              "command": "python -m benchmarks --update x", "date": "2026-11-23T07:00:00+00:00",
+              "wall_s": 60.0, "machine": result["machine"]}
+    merged = report.merge_update(result, update, [name])
+    assert [(r["model"], r["mode"]) for r in merged["rows"]] == \
+        [(r["model"], r["mode"]) for r in result["rows"]]
+    for old, new in zip(result["rows"], merged["rows"], strict=True):
+        assert new["accuracy"] == (0.5 if new["model"] == name else old["accuracy"])
+    assert merged["updates"] == [{"models": [name], "command": update["command"],
+                                  "date": update["date"], "wall_s": 60.0,
+                                  "machine": result["machine"]}]
+    assert "updates" not in result
+    assert "measured again by `python -m benchmarks --update x`" in report.render(merged)
