@@ -23,6 +23,16 @@ def _export(net, path) -> onnx.ModelProto:
     return onnx.load(str(path))
 
 
+def _train_briefly(net, x: np.ndarray, y: np.ndarray) -> None:
+    """One pass of Adam over 20 000 samples: a real, if modest, classifier."""
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+    xs, ys = torch.from_numpy(x[:20000]), torch.from_numpy(y[:20000])
+    for i in range(0, len(xs), 128):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(xs[i:i + 128]), ys[i:i + 128]).backward()
+        opt.step()
+
+
 @pytest.fixture(scope="module")
 def trained(mnist_dir):
     torch.manual_seed(0)
@@ -30,12 +40,7 @@ def trained(mnist_dir):
     net = nn.Sequential(nn.Conv2d(1, 4, 5, stride=2, padding=2), nn.BatchNorm2d(4), nn.ReLU(),
                         nn.MaxPool2d(2), nn.Flatten(), nn.Dropout(0.1), nn.Linear(196, 32),
                         nn.ReLU(), nn.Linear(32, 10))
-    opt = torch.optim.Adam(net.parameters(), 3e-3)
-    xs, ys = torch.from_numpy(x[:20000]), torch.from_numpy(y[:20000])
-    for i in range(0, len(xs), 128):
-        opt.zero_grad()
-        nn.functional.cross_entropy(net(xs[i:i + 128]), ys[i:i + 128]).backward()
-        opt.step()
+    _train_briefly(net, x, y)
     xt, yt = load_idx_dataset(mnist_dir, "test")
     return net.eval(), x[:5000], xt[:1000], yt[:1000]
 
@@ -177,12 +182,7 @@ def test_degree_three_and_polynomial_max_run_encrypted(mnist_dir):
     xt, yt = small("test")
     net = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
                         nn.Linear(36, 10))
-    opt = torch.optim.Adam(net.parameters(), 3e-3)
-    xs, ys = torch.from_numpy(x[:20000]), torch.from_numpy(y[:20000])
-    for i in range(0, len(xs), 128):
-        opt.zero_grad()
-        nn.functional.cross_entropy(net(xs[i:i + 128]), ys[i:i + 128]).backward()
-        opt.step()
+    _train_briefly(net, x, y)
     proto, report = converters.convert(net.eval(), x[:2000], eval_x=xt[:1000], eval_y=yt[:1000],
                                        input_shape=(1, 14, 14), degree=3,
                                        max_pool="polynomial", finetune_epochs=1,
