@@ -32,7 +32,9 @@ SPEC_FORMAT = "she-spec/1"
 #: and key smaller).
 MAX_CT_PRIME_BITS = 60
 #: Extra bits of the plaintext diagonals in single packing: CKKS encoding rounds every
-#: coefficient, which costs about log2(sqrt(N/12)) ~ 5 bits of weight precision.
+#: coefficient, which costs about log2(sqrt(N/12)) ~ 5 bits of weight precision. Settings
+#: with ``weight_bits`` above 12 add the difference: wide layers (thousands of inputs) sum
+#: so many rounded products that exact (power-of-two) weights need it too.
 ENCODE_GUARD_BITS = 6
 PACKINGS = ("batch", "single")
 #: Batch packing streams wide layers: at most about this many bytes of one layer's
@@ -46,7 +48,8 @@ EXACT_EXTRA_BITS = 8
 PRECISION_LADDER = ((26, 12), (28, 14), (30, 16), (32, 18))
 #: The same for single packing: its diagonals need guard bits, so a smaller scale first
 #: keeps the rescale primes single and the ring at N=8192 when the precision allows it.
-SINGLE_PRECISION_LADDER = ((22, 12), (24, 12), (26, 12), (28, 14), (30, 16), (32, 18))
+SINGLE_PRECISION_LADDER = ((22, 12), (24, 12), (26, 12), (28, 14), (30, 16), (32, 18),
+                           (34, 20))
 
 
 @dataclass
@@ -387,7 +390,8 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
         calibration: optional sample inputs; value ranges then come from them (times
             ``range_margin``) instead of interval arithmetic over the declared input range.
         scale_bits: log2 of the scale of fresh ciphertexts and after every rescale.
-        weight_bits: significant bits kept for weights that are not exactly representable.
+        weight_bits: significant bits kept for weights that are not exactly representable
+            (in single packing, above 12 it also adds guard bits to the diagonals' encoding).
             When neither is given, the compiler tries every setting of
             :data:`PRECISION_LADDER` (:data:`SINGLE_PRECISION_LADDER` for single packing) and
             keeps the cheapest (smallest ring, then fewest primes) whose predicted error keeps
@@ -468,7 +472,8 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
     quantised = [quantise(layer.matrix, weight_bits) for layer in chain.layers]
     y_out = float(bounds[-1].max(initial=0.0))
     if packing == "single":
-        product_bits, shifts = _single_products(quantised, scale_bits, y_out)
+        guard = ENCODE_GUARD_BITS + max(0, weight_bits - 12)
+        product_bits, shifts = _single_products(quantised, scale_bits, y_out, guard)
     else:
         product_bits, shifts = [0] * len(quantised), [f for _, f, _ in quantised]
 
@@ -561,10 +566,10 @@ def _compile_bfv(model: Model | Chain, packing: str, calibration: np.ndarray | N
 
 
 def _single_products(quantised: list[tuple[np.ndarray, int, np.ndarray]], scale_bits: int,
-                     y_out: float) -> tuple[list[int], list[int]]:
+                     y_out: float, guard_bits: int) -> tuple[list[int], list[int]]:
     """Single packing: how each layer's plaintext diagonals are scaled.
 
-    Diagonals carry ``f + ENCODE_GUARD_BITS`` bits (``f``: the weights' quantisation shift).
+    Diagonals carry ``f + guard_bits`` bits (``f``: the weights' quantisation shift).
     A layer is *fused* when the rescale after its square (or, for the last layer, the output
     prime) can absorb those bits within one prime: its diagonals are encoded at ``2^p`` and
     ``p`` becomes its shift. Otherwise its diagonals are encoded at a prime of their own,
@@ -574,7 +579,7 @@ def _single_products(quantised: list[tuple[np.ndarray, int, np.ndarray]], scale_
     products, shifts = [], []
     last = len(quantised) - 1
     for k, (_, f, _) in enumerate(quantised):
-        p = f + ENCODE_GUARD_BITS
+        p = f + guard_bits
         if k < last:
             fused = scale_bits + 2 * p <= MAX_CT_PRIME_BITS
         else:
