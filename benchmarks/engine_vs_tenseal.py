@@ -89,6 +89,8 @@ def she_single(model_path: str, train_x: np.ndarray, x: np.ndarray, y: np.ndarra
             "first_server_s": stages["server"][0],
             **{f"{k}_s": tb.percentiles(v) for k, v in warm.items()},
             "upload_bytes": upload, "download_bytes": download,
+            "workers": server.engine.workers, "peak_rss_bytes": tb.peak_rss_bytes(),
+            "worker_peak_rss_bytes": tb.children_peak_rss_bytes(),
             "rotations": plan.describe()["rotations"], **_params(plan),
             **_accuracy(out, model.run_plain(x), y)}
 

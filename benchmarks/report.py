@@ -136,7 +136,8 @@ def _single_row(name: str, r: dict[str, Any], mode: str) -> dict[str, Any]:
             "download_bytes": r["download_bytes"], "public_key_bytes": r["public_key_bytes"],
             "poly_modulus_degree": r["poly_modulus_degree"],
             "modulus_bits": r.get("modulus_bits") or r.get("coeff_mod_bit_sizes"),
-            "depth": r.get("depth", 2), "threads": 1}
+            "depth": r.get("depth", 2), "peak_rss_bytes": r.get("peak_rss_bytes"),
+            "threads": r.get("workers", 1)}
 
 
 def _batch_row(name: str, r: dict[str, Any], mode: str) -> dict[str, Any]:
@@ -229,7 +230,8 @@ def run(data_dir: str, quick: bool, only: list[str] | None = None) -> dict[str, 
             rows.append(_batch_row(name, result, "SHE BFV batch"))
             progress(f"{name}: BFV batch, {nb} images")
         ns = sizes.wide_single_images if subject.wide else sizes.single_images
-        rows.append(_single_row(name, she_single(str(path), train_x, x[:ns], y[:ns]), "SHE CKKS single"))
+        rows.append(_single_row(name, _in_fresh_process(she_single, str(path), train_x, x[:ns],
+                                                        y[:ns]), "SHE CKKS single"))
         progress(f"{name}: CKKS single, {ns} images")
     if peers:
         rows += _peer_rows(data_dir, sizes, progress)
