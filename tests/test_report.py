@@ -94,3 +94,28 @@ def test_update_replaces_only_the_named_models_rows(quick):
                                   "machine": result["machine"]}]
     assert "updates" not in result
     assert "measured again by `python -m benchmarks --update x`" in report.render(merged)
+
+
+def test_accuracy_targets():
+    mnist, fashion = (m for m, _ in report.ACCURACY_TARGETS)
+    rows = [{"model": mnist, "mode": "SHE CKKS batch", "images": 10_000, "accuracy": 0.9945},
+            {"model": mnist, "mode": "SHE CKKS single", "images": 20, "eval_s": {"p50": 5.0}},
+            {"model": fashion, "mode": "SHE CKKS batch", "images": 10_000, "accuracy": 0.899},
+            {"model": fashion, "mode": "HE-friendly plaintext (onnxruntime)", "images": 10_000,
+             "accuracy": 0.95}]
+    targets = {t["model"]: t for t in report.accuracy_targets(rows)}
+    assert targets[mnist]["met"] and targets[mnist]["single_p50_s"] == 5.0
+    assert not targets[fashion]["met"] and targets[fashion]["single_p50_s"] is None
+    partial = [dict(rows[0], images=512)]  # not the full test set: never met
+    assert report.accuracy_targets(partial)[0]["met"] is False
+
+
+def test_render_from_the_saved_json(quick, tmp_path):
+    result, out = quick
+    docs = tmp_path / "docs"
+    (docs / "results").mkdir(parents=True)
+    (docs / "results" / "benchmarks.json").write_text((out / "results" / "benchmarks.json")
+                                                       .read_text())
+    rendered = report.main(["--render", "--out", str(docs)])
+    assert rendered["rows"] == json.loads(json.dumps(result["rows"]))
+    assert (docs / "benchmarks.md").read_text() == (out / "benchmarks.md").read_text()
