@@ -452,7 +452,7 @@ def render(report: dict[str, Any]) -> str:
             lines.append(f"| {t['model']} | {t['images']} | {t['accuracy']:.2%} | "
                          f"≥ {t['target']:.1%} | {met} | {single} |")
         lines.append("")
-    if report["conversion_targets"]:
+    if report.get("conversion_targets", []):
         lines += ["## Conversion targets", "",
                   "Ordinary trained models converted by `she convert` (trained, converted and "
                   "shipped by `python -m converters.train_targets`; the command of each is in "
@@ -462,7 +462,7 @@ def render(report: dict[str, Any]) -> str:
                   "CKKS modes).", "",
                   "| model | original | converted | drop (points) | encrypted agreement | target met |",
                   "| --- | --- | --- | --- | --- | --- |"]
-        for t in report["conversion_targets"]:
+        for t in report.get("conversion_targets", []):
             lines.append(f"| {t['model']} | {t['original']:.2%} | {t['converted']:.2%} | "
                          f"{t['drop_points']:.2f} (≤ {t['target_points']:g}) | "
                          + ("not run (--quick) | -" if t["encrypted_agreement"] is None else
@@ -470,10 +470,10 @@ def render(report: dict[str, Any]) -> str:
                          + " |")
         lines += ["", "Accuracy after each conversion stage (full test set, recorded when the model "
                   "was converted):", "", "| model | stage | accuracy |", "| --- | --- | --- |"]
-        for t in report["conversion_targets"]:
+        for t in report.get("conversion_targets", []):
             lines += [f"| {t['model']} | {name} | {acc:.2%} |" for name, acc in t["stages"]]
         lines += ["", "Commands that trained and converted them:", ""]
-        for t in report["conversion_targets"]:
+        for t in report.get("conversion_targets", []):
             if t["training_command"] and t["training_command"] != t["conversion_command"]:
                 lines.append(f"- {t['model']}: trained by `{t['training_command']}`, "
                              f"converted again by `{t['conversion_command']}`")
