@@ -216,6 +216,12 @@ def children_peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) * 1024
 
 
+def tenseal_threads() -> int:
+    """Threads TenSEAL may use: its contexts here are made without ``n_threads``, and then
+    TenSEAL sizes its thread pool to ``multiprocessing.cpu_count()``."""
+    return multiprocessing.cpu_count()
+
+
 def make_context(
     poly_modulus_degree: int = TUTORIAL_POLY_MODULUS_DEGREE,
     coeff_mod_bit_sizes: Sequence[int] = TUTORIAL_COEFF_MOD_BIT_SIZES,
@@ -315,6 +321,7 @@ def run_single(
     return {
         "baseline": "single",
         "images": len(images),
+        "workers": tenseal_threads(),
         "poly_modulus_degree": TUTORIAL_POLY_MODULUS_DEGREE,
         "coeff_mod_bit_sizes": list(TUTORIAL_COEFF_MOD_BIT_SIZES),
         "scale_bits": TUTORIAL_SCALE_BITS,
@@ -417,6 +424,7 @@ def _run_batch_here(onnx_path: str, images: np.ndarray, labels: np.ndarray, poly
     return {
         "baseline": "batch",
         "images": n,
+        "workers": tenseal_threads(),
         "ciphertexts_in": len(payloads),
         "ciphertexts_out": len(responses),
         "poly_modulus_degree": poly_modulus_degree,
