@@ -31,6 +31,12 @@ SPEC_FORMAT = "she-spec/1"
 #: pieces, so fewer, larger primes cost the kernels nothing and make every SEAL operation
 #: and key smaller).
 MAX_CT_PRIME_BITS = 60
+#: Single packing rotates ciphertexts at the input scale, and a rotation's key-switching
+#: noise grows as ``2^(largest ciphertext prime - special prime)``: with the special prime
+#: as large as the largest one, one rotation at scale 2^22 erred by up to 0.6 (measured,
+#: N=16384). Single packing keeps its ciphertext primes this many bits below a 60-bit
+#: special prime (measured: 0.005-0.03 at 4 bits; 6 leaves a margin).
+KEYSWITCH_GUARD_BITS = 6
 #: Extra bits of the plaintext diagonals in single packing: CKKS encoding rounds every
 #: coefficient, which costs about log2(sqrt(N/12)) ~ 5 bits of weight precision. Settings
 #: with ``weight_bits`` above 12 add the difference: wide layers (thousands of inputs) sum
@@ -90,6 +96,8 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     #: BFV: the integer range of quantised inputs ``round(x * input_scale)``.
     input_int_range: tuple[int, int] | None = None
+    _layouts: list[layout.LayerLayout] | None = field(default=None, init=False, repr=False,
+                                                       compare=False)
 
     @property
     def depth(self) -> int:
@@ -117,9 +125,12 @@ class Plan:
         return self.n_outputs if self.packing == "batch" else 1
 
     def layouts(self) -> list[layout.LayerLayout]:
-        """Single packing: the slot layout and diagonal schedule of every layer."""
-        shapes = [layer.weights.shape for layer in self.layers]
-        return layout.layouts(shapes, self.params.slots)
+        """Single packing: the slot layout and diagonal schedule of every layer (computed
+        once: placing the hidden units takes a moment)."""
+        if self._layouts is None:
+            self._layouts = layout.layouts([layer.weights for layer in self.layers],
+                                           self.params.slots)
+        return self._layouts
 
     def rotation_steps(self) -> list[int]:
         """Galois steps the plan rotates by (none in batch packing)."""
@@ -471,9 +482,10 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
 
     quantised = [quantise(layer.matrix, weight_bits) for layer in chain.layers]
     y_out = float(bounds[-1].max(initial=0.0))
+    max_prime = MAX_CT_PRIME_BITS - (KEYSWITCH_GUARD_BITS if packing == "single" else 0)
     if packing == "single":
         guard = ENCODE_GUARD_BITS + max(0, weight_bits - 12)
-        product_bits, shifts = _single_products(quantised, scale_bits, y_out, guard)
+        product_bits, shifts = _single_products(quantised, scale_bits, y_out, guard, max_prime)
     else:
         product_bits, shifts = [0] * len(quantised), [f for _, f, _ in quantised]
 
@@ -482,17 +494,17 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
     rescale_bits = [scale_bits + 2 * f for f in scale_shifts[:-1]]
     out_bits = math.ceil(math.log2(max(y_out, 1.0)) + scale_bits + scale_shifts[-1]) + 3
     # Capacity before each rescale: value * scale^2 must fit the primes that remain after it.
-    rescale_parts = [_split_bits(b, MAX_CT_PRIME_BITS) for b in rescale_bits]
+    rescale_parts = [_split_bits(b, max_prime) for b in rescale_bits]
     for k in range(len(rescale_parts)):
         need = math.log2(max(float(bounds[k].max()), 1.0)) * 2 + scale_bits + 2
         rest = out_bits + sum(sum(p) for p in rescale_parts[k + 1:]) + sum(product_bits[k + 1:])
         out_bits += max(0, math.ceil(need - rest))
-    out_parts = _split_bits(out_bits, MAX_CT_PRIME_BITS)
+    out_parts = _split_bits(out_bits, max_prime)
     ct_bits = list(out_parts)
     for k in reversed(range(len(chain.layers))):  # SEAL drops the last prime first
         ct_bits += rescale_parts[k] if k < len(rescale_parts) else []
         ct_bits += [product_bits[k]] if product_bits[k] else []
-    special = max(ct_bits)
+    special = MAX_CT_PRIME_BITS if packing == "single" else max(ct_bits)
     modulus_bits = ct_bits + [special]
     total = sum(modulus_bits)
     ring = poly_modulus_degree or smallest_ring(total, security)
@@ -566,14 +578,16 @@ def _compile_bfv(model: Model | Chain, packing: str, calibration: np.ndarray | N
 
 
 def _single_products(quantised: list[tuple[np.ndarray, int, np.ndarray]], scale_bits: int,
-                     y_out: float, guard_bits: int) -> tuple[list[int], list[int]]:
+                     y_out: float, guard_bits: int,
+                     max_prime: int) -> tuple[list[int], list[int]]:
     """Single packing: how each layer's plaintext diagonals are scaled.
 
     Diagonals carry ``f + guard_bits`` bits (``f``: the weights' quantisation shift).
     A layer is *fused* when the rescale after its square (or, for the last layer, the output
-    prime) can absorb those bits within one prime: its diagonals are encoded at ``2^p`` and
-    ``p`` becomes its shift. Otherwise its diagonals are encoded at a prime of their own,
-    dropped right after the product (its shift then stays ``f`` and leaves the scale alone).
+    prime) can absorb those bits within one prime of at most ``max_prime`` bits: its
+    diagonals are encoded at ``2^p`` and ``p`` becomes its shift. Otherwise its diagonals
+    are encoded at a prime of their own, dropped right after the product (its shift then
+    stays ``f`` and leaves the scale alone).
     Returns (product prime bits or 0, shifts) per layer.
     """
     products, shifts = [], []
@@ -581,10 +595,10 @@ def _single_products(quantised: list[tuple[np.ndarray, int, np.ndarray]], scale_
     for k, (_, f, _) in enumerate(quantised):
         p = f + guard_bits
         if k < last:
-            fused = scale_bits + 2 * p <= MAX_CT_PRIME_BITS
+            fused = scale_bits + 2 * p <= max_prime
         else:
-            fused = math.ceil(math.log2(max(y_out, 1.0)) + scale_bits + p) + 3 <= MAX_CT_PRIME_BITS
-        products.append(0 if fused else min(MAX_CT_PRIME_BITS, max(MIN_PRIME_BITS, p)))
+            fused = math.ceil(math.log2(max(y_out, 1.0)) + scale_bits + p) + 3 <= max_prime
+        products.append(0 if fused else min(max_prime, max(MIN_PRIME_BITS, p)))
         shifts.append(p if fused else f)
     return products, shifts
 

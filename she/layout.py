@@ -7,10 +7,15 @@ that a slot rotation acts cyclically inside every period. A linear layer ``y = W
 (Halevi-Shoup; the "hybrid" variant when ``m < n``):
 
 * ``D = min(P_in, P_out)`` diagonals; ``diag_d[r] = W[r mod P_out, (r + d) mod P_in]``;
-* ``z = sum_d diag_d * rot(x, d)``, evaluated baby-step giant-step with ``D = b * g``:
-  ``z = sum_j rot(sum_i rot(diag_{jb+i}, -jb) * rot(x, i), jb)`` (``b - 1`` baby rotations
-  by one slot each, ``g - 1`` giant rotations by ``b`` in Horner form);
+* ``z = sum_d diag_d * rot(x, d)`` over the diagonals that are not zero, evaluated
+  baby-step giant-step: ``z = sum_j rot(sum_i rot(diag_{jb+i}, -jb) * rot(x, i), jb)``
+  (baby rotations by one slot each; Horner over the non-empty giant steps ``j`` only, each
+  jump made of power-of-two rotations; ``b`` is the power of two with fewest rotations);
 * if ``P_out < P_in``: ``y = sum_t rot(z, t P_out)`` (``log2(P_in / P_out)`` rotations).
+
+Hidden units need not sit in their natural order: :mod:`she.placement` chooses their
+positions so that few diagonals are non-zero (a convolution in natural order needs almost
+all ``D``), and the next layer's columns follow them.
 
 The first layer's input comes from the client, which can lay it out more cleverly: copy
 ``r`` of the input is rotated by ``r * D / R`` (``R`` copies), so one product covers ``R``
@@ -26,9 +31,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
+from . import placement
 from .errors import ParameterError
 
 
@@ -53,7 +60,7 @@ def input_columns(n: int, slots: int, replicas: int = 1, shift: int = 0) -> np.n
     return (s % p + (s // p % replicas) * shift) % p
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LayerLayout:
     """The diagonal schedule of one ``n_out x n_in`` layer.
 
@@ -62,12 +69,22 @@ class LayerLayout:
     diagonals: every product then covers ``replicas`` diagonals at once, and
     ``log2(replicas)`` extra rotations sum the copies. Only the client can lay out an input
     this way, so only the first layer uses it.
+
+    ``in_pos`` / ``out_pos``: the slot position (inside the period) of every input / output
+    unit; None keeps the natural order (the model's input and output, which the client sees).
+    ``offsets``: the diagonals that are not zero (:func:`layouts` finds them); None means
+    all. Only they are multiplied, and the baby-step count is chosen for them: babies
+    ``0 .. n_babies - 1`` by rotations of one slot, and Horner steps over the non-empty
+    giant steps only, each jump made of power-of-two rotations.
     """
 
     n_in: int
     n_out: int
     slots: int
     replicas: int = 1
+    in_pos: np.ndarray | None = None
+    out_pos: np.ndarray | None = None
+    offsets: np.ndarray | None = None
 
     @property
     def p_in(self) -> int:
@@ -79,17 +96,29 @@ class LayerLayout:
 
     @property
     def n_diagonals(self) -> int:
-        """Diagonal products per evaluation."""
+        """Diagonals of the layout (``d`` ranges over ``0 .. n_diagonals - 1``)."""
         return min(self.p_in, self.p_out) // self.replicas
 
-    @property
+    @cached_property
+    def used(self) -> np.ndarray:
+        """The diagonals that are multiplied, sorted."""
+        return np.arange(self.n_diagonals) if self.offsets is None else np.asarray(self.offsets)
+
+    @cached_property
     def baby(self) -> int:
-        """Baby-step count ``b`` (a power of two, ``b * giant = n_diagonals``)."""
-        return 1 << math.ceil(math.log2(self.n_diagonals) / 2)
+        """Baby-step size ``b`` (a power of two): the one with the fewest rotations."""
+        return min((1 << k for k in range(int(math.log2(self.n_diagonals)) + 1)),
+                   key=lambda b: _schedule_rotations(self.used, b))
 
     @property
-    def giant(self) -> int:
-        return self.n_diagonals // self.baby
+    def n_babies(self) -> int:
+        """Rotations of the input by ``0 .. n_babies - 1`` slots that the products use."""
+        return int((self.used % self.baby).max(initial=0)) + 1
+
+    @property
+    def groups(self) -> list[int]:
+        """The non-empty giant steps ``j`` (diagonals ``j*b .. j*b + b - 1``), ascending."""
+        return sorted({int(d) for d in self.used // self.baby})
 
     @property
     def fold_steps(self) -> list[int]:
@@ -102,56 +131,101 @@ class LayerLayout:
         return steps
 
     @property
-    def split_step(self) -> int:
-        """Rotation that joins the two halves of the giant steps when two processes share
-        them (``giant // 2`` giant steps); 0 when there is one giant step."""
-        return (self.giant // 2) * self.baby if self.giant > 1 else 0
+    def split(self) -> int:
+        """Where two processes may share the giant steps: ``groups[split:]`` (about half of
+        the products) go to the second one, which then rotates its sum down by
+        ``groups[split] * b`` itself; 0 when there are fewer than two groups."""
+        if len(self.groups) < 2:
+            return 0
+        per_group = np.bincount(self.used // self.baby)[self.groups]
+        upper = np.cumsum(per_group[::-1])
+        return len(self.groups) - max(1, min(int(np.searchsorted(upper, upper[-1] / 2)) + 1,
+                                             len(self.groups) - 1))
 
     @property
     def rotation_steps(self) -> set[int]:
-        """Distinct rotation steps (each needs one Galois key)."""
+        """Distinct rotation steps (each needs one Galois key): powers of two only."""
         steps = set(self.fold_steps)
-        if self.baby > 1:
+        if self.n_babies > 1:
             steps.add(1)
-        if self.giant > 1:
-            steps.update((self.baby, self.split_step))
+        jumps = _jumps(self.groups) + ([self.groups[self.split]] if self.split else [])
+        for jump in jumps:
+            steps.update(power_of_two_steps(jump * self.baby))
         return steps
 
     @property
     def rotations(self) -> int:
-        """Rotations one evaluation performs."""
-        return self.baby - 1 + self.giant - 1 + len(self.fold_steps)
+        """Rotations one evaluation performs (without a split between processes)."""
+        return _schedule_rotations(self.used, self.baby) + len(self.fold_steps)
 
-    def diagonals(self, weights: np.ndarray) -> np.ndarray:
-        """The baby-step-ready diagonals, shape ``(giant, baby, slots)``.
-
-        Entry ``[j, i]`` is ``diag_{j*b+i}`` rotated by ``-j*b``: slot ``s`` of ``diag_d``
-        holds the weight that joins the output row of slot ``s`` to the input that a rotation
-        by ``d`` brings to it.
+    def diagonals(self, weights: np.ndarray) -> list[list[np.ndarray | None]]:
+        """The baby-step-ready diagonals: entry ``[g][i]`` (``g`` indexes :attr:`groups`,
+        ``i < n_babies``) is ``diag_{j*b+i}`` rotated by ``-j*b`` for ``j = groups[g]``, or
+        None where that diagonal is zero. Slot ``s`` of ``diag_d`` holds the weight that
+        joins the output at slot ``s`` to the input that a rotation by ``d`` brings to it.
         """
         w = np.asarray(weights, dtype=np.float64)
         if w.shape != (self.n_out, self.n_in):
             raise ParameterError(f"weights of shape {w.shape}, expected {(self.n_out, self.n_in)}")
         padded = np.zeros((self.p_out, self.p_in))
-        padded[: self.n_out, : self.n_in] = w
+        padded[np.ix_(_positions(self.out_pos, self.n_out), _positions(self.in_pos, self.n_in))] = w
         rows = np.arange(self.slots) % max(self.p_in, self.p_out) % self.p_out
         columns = input_columns(self.n_in, self.slots, self.replicas, self.n_diagonals)
-        out = np.empty((self.giant, self.baby, self.slots))
-        for j in range(self.giant):
-            for i in range(self.baby):
+        used = set(self.used.tolist())
+        out: list[list[np.ndarray | None]] = []
+        for j in self.groups:
+            cells: list[np.ndarray | None] = []
+            for i in range(self.n_babies):
                 d = j * self.baby + i
-                out[j, i] = np.roll(padded[rows, np.roll(columns, -d)], j * self.baby)
+                diag = np.roll(padded[rows, np.roll(columns, -d)], j * self.baby) if d in used else None
+                cells.append(diag if diag is not None and diag.any() else None)
+            out.append(cells)
+        return out
+
+    def place_output(self, values: np.ndarray) -> np.ndarray:
+        """Per-output ``values`` (e.g. the bias) at their slot positions, zero elsewhere."""
+        out = np.zeros(self.p_out)
+        out[_positions(self.out_pos, self.n_out)] = values
         return out
 
 
-def layouts(shapes: list[tuple[int, int]], slots: int) -> list[LayerLayout]:
-    """Layouts of a chain of layers given as ``(n_out, n_in)`` shapes; checks they fit.
+def _positions(pos: np.ndarray | None, n: int) -> np.ndarray:
+    return np.arange(n) if pos is None else np.asarray(pos)
+
+
+def power_of_two_steps(step: int) -> list[int]:
+    """A rotation by ``step`` as rotations by powers of two (its binary digits)."""
+    return [1 << k for k in range(step.bit_length()) if step >> k & 1]
+
+
+def _jumps(groups: list[int]) -> list[int]:
+    """Giant-step counts rotated in Horner form over ``groups``: between consecutive
+    non-empty groups (descending), then down to zero."""
+    return [hi - lo for hi, lo in zip(groups[:0:-1], groups[-2::-1], strict=True)] + groups[:1]
+
+
+def horner_rotations(groups: list[int]) -> int:
+    """Rotations of a Horner sum over the giant steps ``groups`` (ascending), down to 0."""
+    return sum(j.bit_count() for j in _jumps(groups))
+
+
+def _schedule_rotations(used: np.ndarray, baby: int) -> int:
+    babies = int((used % baby).max(initial=0))
+    return babies + horner_rotations(sorted({int(d) for d in used // baby}))
+
+
+def layouts(weights: list[np.ndarray], slots: int) -> list[LayerLayout]:
+    """Layouts of a chain of layers (their ``n_out x n_in`` weight matrices); checks that
+    they fit.
 
     The first layer spreads its diagonals over as many input replicas as the slots hold
-    (when it does not widen its input: ``P_out <= P_in``).
+    (when it does not widen its input: ``P_out <= P_in``). Hidden units are placed by
+    :func:`she.placement.place_rows` so that few diagonals are needed; only those are kept.
     """
-    out = []
-    for k, (n_out, n_in) in enumerate(shapes):
+    out: list[LayerLayout] = []
+    in_pos = None
+    for k, w in enumerate(weights):
+        n_out, n_in = w.shape
         lay = LayerLayout(n_in, n_out, slots)
         widest = max(lay.p_in, lay.p_out)
         if widest > slots:
@@ -159,9 +233,15 @@ def layouts(shapes: list[tuple[int, int]], slots: int) -> list[LayerLayout]:
                 f"layer {k} ({n_in} -> {n_out} values) needs {widest} slots but a ciphertext "
                 f"has {slots}; use batch packing or a larger poly_modulus_degree"
             )
-        if k == 0 and lay.p_out <= lay.p_in:
-            lay = LayerLayout(n_in, n_out, slots, min(slots // lay.p_in, lay.p_out))
-        out.append(lay)
+        replicas = min(slots // lay.p_in, lay.p_out) if k == 0 and lay.p_out <= lay.p_in else 1
+        lay = LayerLayout(n_in, n_out, slots, replicas, in_pos)
+        cols = _positions(in_pos, n_in)
+        out_pos = (None if k == len(weights) - 1 else
+                   placement.place_rows(w, cols, lay.n_diagonals, lay.p_out))
+        r, c = np.nonzero(w)
+        offsets = np.unique((cols[c] - _positions(out_pos, n_out)[r]) % lay.n_diagonals)
+        out.append(LayerLayout(n_in, n_out, slots, replicas, in_pos, out_pos, offsets))
+        in_pos = out_pos
     return out
 
 

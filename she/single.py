@@ -6,13 +6,16 @@ plaintext-diagonal products, bias addition, and square / relinearise / rescale b
 layers. Each linear layer multiplies by diagonals encoded at scale ``2^shift``; that scale
 is removed by the rescale after the following square, exactly as the plan's scales say.
 
+Hidden units sit where :mod:`she.placement` put them, so a convolution needs only a few of
+its diagonals; only those are multiplied (see :class:`~she.layout.LayerLayout`).
+
 SEAL's bindings hold the GIL, so with ``workers`` > 1 a layer's giant steps are shared with
-a forked process: it sums the upper half of the giant steps (Horner form) while this
-process sums the lower half, and one rotation by :attr:`~she.layout.LayerLayout.split_step`
-joins them. Forking and passing the half back cost about 10-20 ms, so only layers with at
-least :data:`SPLIT_MIN_PRODUCTS` products in that half are split (measured: a GHN MNIST
-network with a 1024-diagonal layer 0.88 s -> 0.72 s; the small TenSEAL-tutorial network
-would go from 0.19 s to 0.23 s, so it is not split).
+a forked process: it sums the upper ones (about half of the products, Horner form) and
+rotates its sum into place while this process sums the lower ones. Forking and passing the
+half back cost about 10-20 ms, so only layers whose upper half costs at least
+:data:`SPLIT_MIN_COST` products are split (measured: a GHN MNIST network with a
+1024-diagonal layer 0.88 s -> 0.72 s; the small TenSEAL-tutorial network would go from
+0.19 s to 0.23 s, so it is not split).
 """
 
 from __future__ import annotations
@@ -29,8 +32,11 @@ from . import layout
 from .compiler import Plan
 from .errors import ParameterError
 
-#: Fewest diagonal products in the upper half of a layer's giant steps worth a fork.
-SPLIT_MIN_PRODUCTS = 256
+#: Cheapest upper half of a layer's giant steps worth a fork, in diagonal products (a
+#: rotation counts as :data:`ROTATION_COST` products: key switching, measured ~20x a
+#: plaintext product at N=16384).
+SPLIT_MIN_COST = 256
+ROTATION_COST = 16
 
 
 class SingleEngine:
@@ -52,11 +58,12 @@ class SingleEngine:
         self.slots = plan.params.slots
         self._diagonals = [lay.diagonals(layer.weights * 2.0 ** -layer.shift)
                            for lay, layer in zip(self.layouts, plan.layers, strict=True)]
-        #: Layers whose giant steps are shared with a forked process.
-        self.split = [self.workers > 1 and lay.giant > 1 and int(
-            np.count_nonzero(diags[lay.giant // 2:].any(axis=2))) >= SPLIT_MIN_PRODUCTS
-            for lay, diags in zip(self.layouts, self._diagonals, strict=True)]
-        self._biases = [layout.replicate(layer.bias, self.slots) for layer in plan.layers]
+        #: Per layer: the group index from which a forked process takes the giant steps
+        #: (0: the layer is not split).
+        self.split = [lay.split if self.workers > 1 and _upper_cost(lay) >= SPLIT_MIN_COST else 0
+                      for lay in self.layouts]
+        self._biases = [layout.replicate(lay.place_output(layer.bias), self.slots)
+                        for lay, layer in zip(self.layouts, plan.layers, strict=True)]
         self._plain: list[list[list[sealapi.Plaintext | None]]] | None = None
         self._lock = threading.Lock()
 
@@ -73,12 +80,13 @@ class SingleEngine:
                     for row in diags:
                         cells: list[sealapi.Plaintext | None] = []
                         for diag in row:
-                            if not diag.any():
+                            if diag is None:
                                 cells.append(None)
                                 continue
                             plain = sealapi.Plaintext()
                             encoder.encode(diag.tolist(), parms[limbs], scale, plain)
-                            cells.append(plain)
+                            # weights too small for the scale encode to zero: skip them
+                            cells.append(None if plain.is_zero() else plain)
                         rows.append(cells)
                     encoded.append(rows)
                 self._plain = encoded
@@ -111,27 +119,26 @@ class SingleEngine:
 def _diagonal_product(evaluator: sealapi.Evaluator, galois: sealapi.GaloisKeys,
                       lay: layout.LayerLayout, plain: list[list[sealapi.Plaintext | None]],
                       x: sealapi.Ciphertext, seal: sealapi.SEALContext,
-                      split: bool = False) -> sealapi.Ciphertext:
+                      split: int = 0) -> sealapi.Ciphertext:
     """``sum_d diag_d * rot(x, d)`` baby-step giant-step, then the hybrid fold. With
-    ``split``, a forked process sums the upper half of the giant steps."""
+    ``split`` > 0, a forked process sums the giant steps ``groups[split:]``."""
     babies = [x]
-    for _ in range(1, lay.baby):
+    for _ in range(1, lay.n_babies):
         nxt = sealapi.Ciphertext()
         evaluator.rotate_vector(babies[-1], 1, galois, nxt)
         babies.append(nxt)
-    half = lay.giant // 2
-    if split and half:
-        upper = _in_child(seal, lambda: _giant_steps(evaluator, galois, lay, plain, babies,
-                                                     range(half, lay.giant)))
+    groups = lay.groups
+    if split:
+        upper = _in_child(seal, lambda: _horner(evaluator, galois, lay.baby, groups[split:],
+                                                plain[split:], babies))
         try:
-            acc = _giant_steps(evaluator, galois, lay, plain, babies, range(half))
+            acc = _horner(evaluator, galois, lay.baby, groups[:split], plain[:split], babies)
         finally:
             joined = upper.result()  # always reap the child
         if joined is not None:
-            evaluator.rotate_vector_inplace(joined, lay.split_step, galois)
             acc = joined if acc is None else _added(evaluator, acc, joined)
     else:
-        acc = _giant_steps(evaluator, galois, lay, plain, babies, range(lay.giant))
+        acc = _horner(evaluator, galois, lay.baby, groups, plain, babies)
     assert acc is not None  # SingleEngine refuses all-zero layers
     for step in lay.fold_steps:
         rotated = sealapi.Ciphertext()
@@ -140,22 +147,41 @@ def _diagonal_product(evaluator: sealapi.Evaluator, galois: sealapi.GaloisKeys,
     return acc
 
 
-def _giant_steps(evaluator: sealapi.Evaluator, galois: sealapi.GaloisKeys,
-                 lay: layout.LayerLayout, plain: list[list[sealapi.Plaintext | None]],
-                 babies: list[sealapi.Ciphertext], steps: range) -> sealapi.Ciphertext | None:
-    """``sum_{j in steps} rot(sum_i diag_ji * baby_i, (j - steps.start) * baby)`` in Horner
-    form; None if every diagonal of ``steps`` is zero."""
+def _horner(evaluator: sealapi.Evaluator, galois: sealapi.GaloisKeys, baby: int,
+            groups: list[int], plain: list[list[sealapi.Plaintext | None]],
+            babies: list[sealapi.Ciphertext]) -> sealapi.Ciphertext | None:
+    """``sum_g rot(sum_i diag_gi * baby_i, groups[g] * baby)`` in Horner form (descending,
+    each jump made of power-of-two rotations); None if every diagonal is zero."""
     acc: sealapi.Ciphertext | None = None
-    for j in reversed(steps):
+    at = 0  # the giant step acc is rotated to
+    for j, row in zip(reversed(groups), reversed(plain), strict=True):
         if acc is not None:
-            evaluator.rotate_vector_inplace(acc, lay.baby, galois)
-        for i, diag in enumerate(plain[j]):
+            _rotate(evaluator, acc, (at - j) * baby, galois)
+        for i, diag in enumerate(row):
             if diag is None:
                 continue
             term = sealapi.Ciphertext()
             evaluator.multiply_plain(babies[i], diag, term)
             acc = term if acc is None else _added(evaluator, acc, term)
+        at = j
+    if acc is not None:
+        _rotate(evaluator, acc, at * baby, galois)
     return acc
+
+
+def _rotate(evaluator: sealapi.Evaluator, ct: sealapi.Ciphertext, step: int,
+            galois: sealapi.GaloisKeys) -> None:
+    for piece in layout.power_of_two_steps(step):
+        evaluator.rotate_vector_inplace(ct, piece, galois)
+
+
+def _upper_cost(lay: layout.LayerLayout) -> int:
+    """Cost of the split-off giant steps in products (0 if the layer cannot be split)."""
+    if not lay.split:
+        return 0
+    upper = lay.groups[lay.split:]
+    products = int(np.count_nonzero(lay.used // lay.baby >= upper[0]))
+    return products + ROTATION_COST * layout.horner_rotations(upper)
 
 
 def _added(evaluator: sealapi.Evaluator, acc: sealapi.Ciphertext,

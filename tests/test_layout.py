@@ -1,7 +1,9 @@
-"""The single-packing layout and diagonal schedule, simulated on plain slot vectors.
+"""The single-packing layout, unit placement and diagonal schedule, simulated on plain
+slot vectors.
 
 A rotation is ``np.roll(v, -k)``; the schedule must reproduce ``W @ x`` in the replicated
-layout for every shape relation (fewer, as many, or more outputs than inputs).
+layout for every shape relation (fewer, as many, or more outputs than inputs), and a chain
+of placed layers must give the model's outputs in their natural order.
 """
 
 from __future__ import annotations
@@ -13,18 +15,41 @@ import she
 from she import layout
 
 
-def simulate(lay: layout.LayerLayout, weights: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Run the baby-step giant-step schedule of :mod:`she.layout` on a plain slot vector."""
-    diags = lay.diagonals(weights)
-    xs = layout.replicate(x, lay.slots, lay.replicas, lay.n_diagonals)
-    babies = [np.roll(xs, -i) for i in range(lay.baby)]
-    acc = np.zeros(lay.slots)
-    for j in reversed(range(lay.giant)):
-        acc = np.roll(acc, -lay.baby)
-        acc += sum(diags[j, i] * babies[i] for i in range(lay.baby))
+def simulate(lay: layout.LayerLayout, weights: np.ndarray, xs: np.ndarray,
+             groups: slice = slice(None)) -> np.ndarray:
+    """Run the baby-step giant-step schedule of :mod:`she.layout` (only ``groups`` of the
+    giant steps, the fold included) on a plain slot vector ``xs``."""
+    diags = lay.diagonals(weights)[groups]
+    babies = [np.roll(xs, -i) for i in range(lay.n_babies)]
+    acc, at = np.zeros(lay.slots), 0
+    for j, row in zip(reversed(lay.groups[groups]), reversed(diags), strict=True):
+        acc = np.roll(acc, -(at - j) * lay.baby)
+        acc += sum(d * babies[i] for i, d in enumerate(row) if d is not None)
+        at = j
+    acc = np.roll(acc, -at * lay.baby)
     for step in lay.fold_steps:
         acc = acc + np.roll(acc, -step)
     return acc
+
+
+def first_input(lay: layout.LayerLayout, x: np.ndarray) -> np.ndarray:
+    return layout.replicate(x, lay.slots, lay.replicas, lay.n_diagonals)
+
+
+def conv_matrix(rng: np.random.Generator, c_in: int, c_out: int, size: int,
+                stride: int) -> np.ndarray:
+    """A 3x3 convolution (padding 1) as a dense matrix over C-order (channel, row, column)."""
+    kernel = rng.normal(size=(c_out, c_in, 3, 3))
+    out_size = (size - 1) // stride + 1
+    w = np.zeros((c_out, out_size, out_size, c_in, size, size))
+    for oy in range(out_size):
+        for ox in range(out_size):
+            for dy in range(3):
+                for dx in range(3):
+                    y, x = oy * stride + dy - 1, ox * stride + dx - 1
+                    if 0 <= y < size and 0 <= x < size:
+                        w[:, oy, ox, :, y, x] = kernel[:, :, dy, dx]
+    return w.reshape(c_out * out_size * out_size, c_in * size * size)
 
 
 @pytest.mark.parametrize("n_out, n_in", [(10, 64), (64, 256), (256, 784), (845, 784), (16, 16),
@@ -35,11 +60,17 @@ def test_schedule_computes_the_matrix_product_in_the_replicated_layout(n_out, n_
     weights = rng.normal(size=(n_out, n_in))
     x = rng.normal(size=n_in)
     lay = layout.LayerLayout(n_in, n_out, slots)
-    out = simulate(lay, weights, x)
+    out = simulate(lay, weights, first_input(lay, x))
     expected = layout.replicate(weights @ x, slots)
     np.testing.assert_allclose(out, expected, atol=1e-9)
     assert lay.n_diagonals == min(lay.p_in, lay.p_out)
-    assert lay.rotations == lay.baby - 1 + lay.giant - 1 + len(lay.fold_steps)
+    # Dense: every diagonal, b - 1 baby rotations and one giant rotation per further group.
+    assert len(lay.groups) * lay.baby == lay.n_diagonals
+    assert lay.rotations == lay.n_babies - 1 + len(lay.groups) - 1 + len(lay.fold_steps)
+    if lay.split:  # two processes: the halves add up to the whole
+        halves = (simulate(lay, weights, first_input(lay, x), slice(None, lay.split))
+                  + simulate(lay, weights, first_input(lay, x), slice(lay.split, None)))
+        np.testing.assert_allclose(halves, out, atol=1e-9)
 
 
 @pytest.mark.parametrize("n_out, n_in, replicas", [(256, 784, 2), (10, 64, 16), (10, 64, 4),
@@ -51,24 +82,29 @@ def test_replicated_input_spreads_the_diagonals(n_out, n_in, replicas):
     weights = rng.normal(size=(n_out, n_in))
     x = rng.normal(size=n_in)
     lay = layout.LayerLayout(n_in, n_out, slots, replicas)
-    np.testing.assert_allclose(simulate(lay, weights, x), layout.replicate(weights @ x, slots),
-                               atol=1e-9)
+    np.testing.assert_allclose(simulate(lay, weights, first_input(lay, x)),
+                               layout.replicate(weights @ x, slots), atol=1e-9)
     plain = layout.LayerLayout(n_in, n_out, slots)
     assert lay.n_diagonals * replicas == plain.n_diagonals
     assert len(lay.fold_steps) == len(plain.fold_steps) + int(np.log2(replicas))
 
 
+def dense_chain(shapes: list[tuple[int, int]]) -> list[np.ndarray]:
+    rng = np.random.default_rng(len(shapes))
+    return [rng.normal(size=shape) for shape in shapes]
+
+
 def test_only_the_first_layer_uses_replicas_and_it_saves_rotations():
-    lays = layout.layouts([(256, 784), (64, 256), (10, 64)], 4096)
+    lays = layout.layouts(dense_chain([(256, 784), (64, 256), (10, 64)]), 4096)
     assert [lay.replicas for lay in lays] == [4, 1, 1]
     plain = layout.LayerLayout(784, 256, 4096)
     assert lays[0].rotations < plain.rotations and lays[0].n_diagonals == plain.n_diagonals // 4
     # A layer that widens its input keeps the plain layout.
-    assert layout.layouts([(1000, 100)], 4096)[0].replicas == 1
+    assert layout.layouts(dense_chain([(1000, 100)]), 4096)[0].replicas == 1
 
 
 def test_rotation_steps_are_few_powers_of_two():
-    lays = layout.layouts([(256, 784), (64, 256), (10, 64)], 4096)
+    lays = layout.layouts(dense_chain([(256, 784), (64, 256), (10, 64)]), 4096)
     steps = layout.rotation_steps(lays)
     assert all(s & (s - 1) == 0 for s in steps)
     assert len(steps) <= 12
@@ -78,9 +114,47 @@ def test_rotation_steps_are_few_powers_of_two():
 
 def test_layer_wider_than_a_ciphertext_is_refused():
     with pytest.raises(she.ParameterError, match="needs 4096 slots but a ciphertext has 2048"):
-        layout.layouts([(3000, 10)], 2048)
+        layout.layouts(dense_chain([(3000, 10)]), 2048)
 
 
 def test_diagonals_check_the_weight_shape():
     with pytest.raises(she.ParameterError, match="weights of shape"):
         layout.LayerLayout(4, 3, 64).diagonals(np.zeros((4, 3)))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_placed_convolutions_need_few_diagonals_and_compute_the_chain(stride):
+    """Two convolutions and a dense layer: hidden units placed by :mod:`she.placement`
+    need a fraction of the diagonals, and the chain (squares between layers) evaluated in
+    the placed layout gives the outputs in their natural order."""
+    rng = np.random.default_rng(stride)
+    size = 16 * stride
+    weights = [conv_matrix(rng, 1, 4, size, stride), conv_matrix(rng, 4, 8, size // stride, stride)]
+    weights.append(rng.normal(size=(10, weights[-1].shape[0])))
+    slots = 4096
+    lays = layout.layouts(weights, slots)
+    assert lays[-1].out_pos is None  # the client reads the outputs in their natural order
+    for lay in lays[:2]:
+        assert len(np.unique(lay.out_pos)) == lay.n_out and lay.out_pos.max() < lay.p_out
+        assert len(lay.used) <= lay.n_diagonals // 3
+        assert lay.rotations < layout.LayerLayout(lay.n_in, lay.n_out, slots, lay.replicas).rotations
+    x = rng.normal(size=weights[0].shape[1])
+    xs, h = first_input(lays[0], x), x
+    for k, (lay, w) in enumerate(zip(lays, weights, strict=True)):
+        if k:
+            xs, h = xs * xs, h * h
+        xs, h = simulate(lay, w, xs), w @ h
+        np.testing.assert_allclose(xs, layout.replicate(lay.place_output(h), slots), atol=1e-8)
+    np.testing.assert_allclose(xs[:10], h, atol=1e-8)
+
+
+def test_placement_keeps_dense_layers_correct_and_positions_distinct():
+    rng = np.random.default_rng(5)
+    weights = [rng.normal(size=(50, 30)) * (rng.random((50, 30)) < 0.2), rng.normal(size=(7, 50))]
+    lays = layout.layouts(weights, 256)
+    x = rng.normal(size=30)
+    hidden = simulate(lays[0], weights[0], first_input(lays[0], x))
+    np.testing.assert_allclose(hidden, layout.replicate(lays[0].place_output(weights[0] @ x), 256),
+                               atol=1e-9)
+    out = simulate(lays[1], weights[1], hidden)
+    np.testing.assert_allclose(out[:7], weights[1] @ (weights[0] @ x), atol=1e-9)

@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 
 import she
-from she import wire
+from she import layout, wire
 from she.data import load_idx_dataset
 
 
@@ -112,10 +112,11 @@ def test_two_processes_compute_the_same_result(single, test_images, monkeypatch)
     giant steps; the decrypted result matches the one-process run within the noise."""
     import she.single
 
-    monkeypatch.setattr(she.single, "SPLIT_MIN_PRODUCTS", 1)  # split even these small layers
+    monkeypatch.setattr(she.single, "SPLIT_MIN_COST", 1)  # split even these small layers
     plan, _, client, context, _ = single
-    assert all(lay.split_step in plan.rotation_steps() for lay in plan.layouts()
-               if lay.giant > 1)
+    # The forked half rotates its sum into place with keys the plan asks for.
+    assert all(set(layout.power_of_two_steps(lay.groups[lay.split] * lay.baby))
+               <= set(plan.rotation_steps()) for lay in plan.layouts() if lay.split)
     outputs = []
     for workers in (1, 2):
         server = she.Server(plan, workers=workers)
