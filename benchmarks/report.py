@@ -8,8 +8,8 @@ results beside them.
   ``converters.train_targets`` ships (MNIST, Fashion-MNIST, a shallow MNIST CNN for BFV);
 * modes: original plaintext (the trained model before conversion), HE-friendly plaintext
   (onnxruntime), CKKS batch packing (full test set; ``--quick``: one batch of 512 images),
-  CKKS single packing (500 images, 20 for the slow wide models; ``--quick``: 5, and the
-  wide models in plaintext only), BFV batch packing where the model's integer range fits
+  CKKS single packing (500 images; ``--quick``: 5, and the wide models in plaintext
+  only), BFV batch packing where the model's integer range fits
   a plaintext modulus;
 * peers: the plain-TenSEAL tutorial implementations of the tutorial network, one image per
   ciphertext (50 images; ``--quick``: 3) and a 4096-image batch (skipped by ``--quick``);
@@ -19,8 +19,9 @@ results beside them.
 
 ``--render`` measures nothing and writes the markdown and plots again from the saved JSON.
 ``--update MODEL [MODEL ...]`` measures only those models again (a model re-shipped after
-the full run) and replaces their rows in the saved JSON; the report then names that
-command and date beside the original run's.
+the full run; ``--modes single ...``: only those modes, e.g. after an engine change) and
+replaces their rows in the saved JSON; the report then names that command and date beside
+the original run's.
 
 It writes ``docs/benchmarks.md``, ``docs/results/benchmarks.json`` and two plots:
 ``docs/results/accuracy_latency.png`` (accuracy against latency per image, log axis) and
@@ -69,6 +70,10 @@ PUBLISHED = (
 )
 
 
+#: Kinds of rows a model can have (``--modes``).
+MODE_KINDS = ("plaintext", "batch", "bfv", "single")
+
+
 @dataclass(frozen=True)
 class Sizes:
     """How many images each measurement uses."""
@@ -83,7 +88,7 @@ class Sizes:
     def for_run(cls, quick: bool) -> Sizes:
         """``--quick`` runs the wide models (seconds to minutes per ciphertext operation
         batch) in plaintext only."""
-        return cls(512, 5, 0, 3, 0) if quick else cls(10_000, 500, 20, 50, 4096)
+        return cls(512, 5, 0, 3, 0) if quick else cls(10_000, 500, 500, 50, 4096)
 
 
 @dataclass(frozen=True)
@@ -208,9 +213,19 @@ def conversion_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def run(data_dir: str, quick: bool, only: list[str] | None = None) -> dict[str, Any]:
-    """Measure everything (or only the models named in ``only``, without the peers);
-    returns the JSON-ready report."""
+def mode_kind(mode: str) -> str:
+    """The kind of a row's mode, one of :data:`MODE_KINDS` (peer rows: ``"peer"``)."""
+    if "plaintext" in mode:
+        return "plaintext"
+    if mode.startswith("SHE"):
+        return {"SHE CKKS batch": "batch", "SHE BFV batch": "bfv"}.get(mode, "single")
+    return "peer"
+
+
+def run(data_dir: str, quick: bool, only: list[str] | None = None,
+        modes: tuple[str, ...] = MODE_KINDS) -> dict[str, Any]:
+    """Measure everything (or only the models named in ``only``, without the peers, and
+    only the ``modes`` among :data:`MODE_KINDS`); returns the JSON-ready report."""
     started = time.perf_counter()
     sizes = Sizes.for_run(quick)
     subjects = [s for s in SUBJECTS if assets.asset_path(s.asset).exists()
@@ -219,8 +234,9 @@ def run(data_dir: str, quick: bool, only: list[str] | None = None) -> dict[str, 
     rows: list[dict[str, Any]] = []
     encrypted = [s for s in subjects if not s.wide or sizes.wide_single_images]
     peers = only is None
-    steps = (sum(1 + bool(s.original) for s in subjects)
-             + sum(2 + bool(s.bfv) for s in encrypted)
+    steps = (("plaintext" in modes) * sum(1 + bool(s.original) for s in subjects)
+             + sum(("batch" in modes) + ("single" in modes) + ("bfv" in modes and bool(s.bfv))
+                   for s in encrypted)
              + peers * (1 + bool(sizes.peer_batch_images)))
     done = 0
 
@@ -238,28 +254,31 @@ def run(data_dir: str, quick: bool, only: list[str] | None = None) -> dict[str, 
                                      *load_idx_dataset(folder, "test"))
         train_x, x, y = data[subject.dataset]
         name, path = subject.name, assets.asset_path(subject.asset)
-        if subject.original:
+        if subject.original and "plaintext" in modes:
             rows.append(_plain_row(name, assets.asset_path(subject.original), x, y,
                                    "original plaintext (onnxruntime)"))
             progress(f"{name}: original plaintext")
-        rows.append(_plain_row(name, path, x, y, "HE-friendly plaintext (onnxruntime)"
-                               if subject.original else "plaintext (onnxruntime)"))
-        progress(f"{name}: plaintext")
+        if "plaintext" in modes:
+            rows.append(_plain_row(name, path, x, y, "HE-friendly plaintext (onnxruntime)"
+                                   if subject.original else "plaintext (onnxruntime)"))
+            progress(f"{name}: plaintext")
         if subject not in encrypted:
             continue
         nb = sizes.batch_images
-        rows.append(_batch_row(name, _in_fresh_process(she_batch, str(path), train_x, x[:nb], y[:nb]),
-                               "SHE CKKS batch"))
-        progress(f"{name}: CKKS batch, {nb} images")
-        if subject.bfv:
+        if "batch" in modes:
+            rows.append(_batch_row(name, _in_fresh_process(she_batch, str(path), train_x,
+                                                           x[:nb], y[:nb]), "SHE CKKS batch"))
+            progress(f"{name}: CKKS batch, {nb} images")
+        if subject.bfv and "bfv" in modes:
             result = _in_fresh_process(she_batch, str(path), train_x, x[:nb], y[:nb],
                                        scheme="bfv", **subject.bfv)
             rows.append(_batch_row(name, result, "SHE BFV batch"))
             progress(f"{name}: BFV batch, {nb} images")
-        ns = sizes.wide_single_images if subject.wide else sizes.single_images
-        rows.append(_single_row(name, _in_fresh_process(she_single, str(path), train_x, x[:ns],
-                                                        y[:ns]), "SHE CKKS single"))
-        progress(f"{name}: CKKS single, {ns} images")
+        if "single" in modes:
+            ns = sizes.wide_single_images if subject.wide else sizes.single_images
+            rows.append(_single_row(name, _in_fresh_process(she_single, str(path), train_x,
+                                                            x[:ns], y[:ns]), "SHE CKKS single"))
+            progress(f"{name}: CKKS single, {ns} images")
     if peers:
         rows += _peer_rows(data_dir, sizes, progress)
     return {
@@ -290,24 +309,26 @@ def _peer_rows(data_dir: str, sizes: Sizes, progress) -> list[dict[str, Any]]:
     return rows
 
 
-def merge_update(previous: dict[str, Any], update: dict[str, Any],
-                 models: list[str]) -> dict[str, Any]:
-    """``previous`` with the rows of ``models`` replaced by those of ``update`` (a run of
-    :func:`run` with ``only=models``), and the update recorded with its command and date."""
-    fresh = [r for r in update["rows"] if r["model"] in models]
-    rows, placed = [], False
+def merge_update(previous: dict[str, Any], update: dict[str, Any], models: list[str],
+                 modes: tuple[str, ...] = MODE_KINDS) -> dict[str, Any]:
+    """``previous`` with the rows of ``models`` in ``modes`` replaced by those of ``update``
+    (a run of :func:`run` with ``only=models`` and these ``modes``; a replaced row keeps
+    its place), and the update recorded with its command and date."""
+    fresh = {(r["model"], r["mode"]): r for r in update["rows"] if r["model"] in models}
+    rows = []
     for row in previous["rows"]:
-        if row["model"] not in models:
+        replaced = row["model"] in models and mode_kind(row["mode"]) in modes
+        new = fresh.pop((row["model"], row["mode"]), None) if replaced else None
+        if new is not None:
+            rows.append(new)
+        elif not replaced:
             rows.append(row)
-        elif not placed:
-            rows += fresh
-            placed = True
-    if not placed:
-        rows += fresh
+    rows += fresh.values()
     merged = dict(previous, rows=rows, conversion_targets=conversion_targets(rows),
                   accuracy_targets=accuracy_targets(rows))
     merged["updates"] = [*previous.get("updates", []),
-                         {"models": models, "command": update["command"], "date": update["date"],
+                         {"models": models, "modes": list(modes), "command": update["command"],
+                          "date": update["date"],
                           "wall_s": update["wall_s"], "machine": update["machine"]}]
     return merged
 
@@ -400,7 +421,8 @@ def render(report: dict[str, Any]) -> str:
         f"({m['cores']} cores, {m['cpu']}; Python {m['python']}, TenSEAL {m['tenseal']}, "
         f"onnxruntime {m['onnxruntime']}, SHE {m['she']})"
         + (" — a `--quick` run: few images, no 4096-image TenSEAL batch." if report["quick"] else "."),
-        *[f"The rows of {', '.join(u['models'])} were measured again by `{u['command']}` on "
+        *[f"The {'/'.join(u.get('modes', MODE_KINDS))} rows of {', '.join(u['models'])} were "
+          f"measured again by `{u['command']}` on "
           f"{u['date']} in {u['wall_s'] / 60:.1f} min ({u['machine']['cores']} cores, "
           f"{u['machine']['cpu']})." for u in report.get("updates", [])],
         "",
@@ -500,6 +522,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--update", nargs="+", metavar="MODEL", choices=[s.name for s in SUBJECTS],
                         help="measure only these models again and replace their rows in the "
                         "existing report (recorded in it with this command and date)")
+    parser.add_argument("--modes", nargs="+", choices=MODE_KINDS, default=list(MODE_KINDS),
+                        help="with --update: measure and replace only these modes' rows")
     parser.add_argument("--render", action="store_true",
                         help="measure nothing: write the markdown, plots and derived tables "
                         "again from the saved JSON")
@@ -515,8 +539,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report["accuracy_targets"] = accuracy_targets(report["rows"])
     elif args.update:
         previous = json.loads(saved.read_text())
-        report = merge_update(previous, run(args.data, previous["quick"], only=args.update),
-                              args.update)
+        modes = tuple(args.modes)
+        report = merge_update(previous, run(args.data, previous["quick"], only=args.update,
+                                            modes=modes), args.update, modes)
     else:
         report = run(args.data, args.quick)
     (out / "results").mkdir(parents=True, exist_ok=True)

@@ -91,11 +91,29 @@ def test_update_replaces_only_the_named_models_rows(quick):
         [(r["model"], r["mode"]) for r in result["rows"]]
     for old, new in zip(result["rows"], merged["rows"], strict=True):
         assert new["accuracy"] == (0.5 if new["model"] == name else old["accuracy"])
-    assert merged["updates"] == [{"models": [name], "command": update["command"],
-                                  "date": update["date"], "wall_s": 60.0,
-                                  "machine": result["machine"]}]
+    assert merged["updates"] == [{"models": [name], "modes": list(report.MODE_KINDS),
+                                  "command": update["command"], "date": update["date"],
+                                  "wall_s": 60.0, "machine": result["machine"]}]
     assert "updates" not in result
     assert "measured again by `python -m benchmarks --update x`" in report.render(merged)
+
+
+def test_update_of_some_modes_keeps_the_other_rows(quick):
+    result, _ = quick
+    name = "shipped demo model"
+    update = {"rows": [dict(r, accuracy=0.5) for r in result["rows"]
+                       if r["model"] == name and r["mode"] == "SHE CKKS single"],
+              "command": "python -m benchmarks --update x --modes single",
+              "date": "2026-11-23T07:00:00+00:00", "wall_s": 60.0, "machine": result["machine"]}
+    merged = report.merge_update(result, update, [name], ("single",))
+    assert [(r["model"], r["mode"]) for r in merged["rows"]] == \
+        [(r["model"], r["mode"]) for r in result["rows"]]
+    for old, new in zip(result["rows"], merged["rows"], strict=True):
+        changed = new["model"] == name and new["mode"] == "SHE CKKS single"
+        assert new["accuracy"] == (0.5 if changed else old["accuracy"])
+    assert "The single rows of shipped demo model were measured again" in report.render(merged)
+    assert report.mode_kind("SHE BFV batch") == "bfv"
+    assert report.mode_kind("plain TenSEAL, one image") == "peer"
 
 
 def test_accuracy_targets():
