@@ -12,10 +12,11 @@ places units to need few diagonals:
   convolution channel) form a *family* placed as a block, keeping their relative offsets:
   then the whole family needs the diagonals of one output;
 * each family goes to the free position that adds the fewest new diagonals (both counts are
-  circular correlations, computed with FFTs).
+  circular correlations, computed with FFTs), the one nearest the previous family among
+  equals (neighbouring channels then differ by small offsets, which share diagonals).
 
-Measured on the shipped two-convolution MNIST network (N=16384): 1024 -> 156 and
-4096 -> 1 419 diagonals in its convolutions. Pure numpy, deterministic.
+Measured on the shipped two-convolution MNIST network (N=16384): 1024 -> 46 and
+4096 -> 404 diagonals in its convolutions. Pure numpy, deterministic.
 """
 
 from __future__ import annotations
@@ -33,18 +34,21 @@ def place_rows(weights: np.ndarray, in_pos: np.ndarray, n: int, p_out: int) -> n
     occupied = np.zeros(p_out, dtype=bool)
     diagonals = np.zeros(n, dtype=bool)
     out = np.empty(len(rows), dtype=np.int64)
+    near = 0  # where the previous block went
     for family, offsets in _families(weights, rows, in_pos, n, p_out):
         pattern = np.zeros(n, dtype=bool)
         for r, o in zip(family, offsets, strict=True):
             pattern[(in_pos[rows[r]] - o) % n] = True
-        base = _best_base(pattern, offsets % p_out, diagonals, occupied)
+        base = _best_base(pattern, offsets % p_out, diagonals, occupied, near)
         if base is None:  # no room for the block: place its rows one at a time
             for r in family:
                 single = np.zeros(n, dtype=bool)
                 single[in_pos[rows[r]] % n] = True
-                out[r] = _best_base(single, np.zeros(1, dtype=np.int64), diagonals, occupied)
+                near = out[r] = _best_base(single, np.zeros(1, dtype=np.int64), diagonals,
+                                           occupied, near)
                 _take(out[r], single, diagonals, occupied)
             continue
+        near = base
         out[family] = (base + offsets) % p_out
         occupied[out[family]] = True
         diagonals[np.roll(pattern, -base % n)] = True
@@ -105,9 +109,10 @@ def _translation(a: np.ndarray, b: np.ndarray) -> int | None:
 
 
 def _best_base(pattern: np.ndarray, offsets: np.ndarray, diagonals: np.ndarray,
-               occupied: np.ndarray) -> int | None:
+               occupied: np.ndarray, near: int) -> int | None:
     """The base position putting a block (rows at ``base + offsets``, needing diagonals
-    ``pattern - base``) on free slots with the fewest new diagonals; None if none is free."""
+    ``pattern - base``) on free slots with the fewest new diagonals, the one circularly
+    nearest ``near`` among equals; None if no position is free."""
     n, p_out = len(pattern), len(occupied)
     known = np.rint(np.fft.irfft(np.fft.rfft(pattern) * np.conj(np.fft.rfft(diagonals)), n))
     new = np.tile(pattern.sum() - known, p_out // n)
@@ -115,5 +120,8 @@ def _best_base(pattern: np.ndarray, offsets: np.ndarray, diagonals: np.ndarray,
     block[offsets] = 1.0
     clash = np.rint(np.fft.irfft(np.fft.rfft(occupied) * np.conj(np.fft.rfft(block)), p_out))
     cost = np.where(clash == 0, new, np.inf)
-    base = int(np.argmin(cost))
-    return None if not np.isfinite(cost[base]) else base
+    if not np.isfinite(cost.min()):
+        return None
+    best = np.flatnonzero(cost == cost.min())
+    distance = np.abs((best - near + p_out // 2) % p_out - p_out // 2)
+    return int(best[np.argmin(distance)])
