@@ -110,15 +110,15 @@ class LayerLayout:
         return min((1 << k for k in range(int(math.log2(self.n_diagonals)) + 1)),
                    key=lambda b: _schedule_rotations(self.used, b))
 
-    @property
+    @cached_property
     def n_babies(self) -> int:
         """Rotations of the input by ``0 .. n_babies - 1`` slots that the products use."""
-        return int((self.used % self.baby).max(initial=0)) + 1
+        return _schedule(self.used, self.baby)[0]
 
-    @property
+    @cached_property
     def groups(self) -> list[int]:
         """The non-empty giant steps ``j`` (diagonals ``j*b .. j*b + b - 1``), ascending."""
-        return sorted({int(d) for d in self.used // self.baby})
+        return _schedule(self.used, self.baby)[1]
 
     @property
     def fold_steps(self) -> list[int]:
@@ -130,7 +130,7 @@ class LayerLayout:
             s *= 2
         return steps
 
-    @property
+    @cached_property
     def split(self) -> int:
         """Where two processes may share the giant steps: ``groups[split:]`` (about half of
         the products) go to the second one, which then rotates its sum down by
@@ -209,9 +209,14 @@ def horner_rotations(groups: list[int]) -> int:
     return sum(j.bit_count() for j in _jumps(groups))
 
 
+def _schedule(used: np.ndarray, baby: int) -> tuple[int, list[int]]:
+    """Baby count and non-empty giant steps (ascending) of diagonals ``used`` at size ``baby``."""
+    return int((used % baby).max(initial=0)) + 1, sorted({int(d) for d in used // baby})
+
+
 def _schedule_rotations(used: np.ndarray, baby: int) -> int:
-    babies = int((used % baby).max(initial=0))
-    return babies + horner_rotations(sorted({int(d) for d in used // baby}))
+    n_babies, groups = _schedule(used, baby)
+    return n_babies - 1 + horner_rotations(groups)
 
 
 def layouts(weights: list[np.ndarray], slots: int) -> list[LayerLayout]:

@@ -46,12 +46,11 @@ def place_rows(weights: np.ndarray, in_pos: np.ndarray, n: int, p_out: int) -> n
                 single[in_pos[rows[r]] % n] = True
                 near = out[r] = _best_base(single, np.zeros(1, dtype=np.int64), diagonals,
                                            occupied, near)
-                _take(out[r], single, diagonals, occupied)
+                _take(out[r], near, single, diagonals, occupied)
             continue
         near = base
         out[family] = (base + offsets) % p_out
-        occupied[out[family]] = True
-        diagonals[np.roll(pattern, -base % n)] = True
+        _take(out[family], base, pattern, diagonals, occupied)
     # Rotate the layout so that the diagonals start at 0 after their largest circular gap:
     # the baby-step giant-step schedule then spans as few giant steps as possible.
     used = np.flatnonzero(diagonals)
@@ -62,9 +61,11 @@ def place_rows(weights: np.ndarray, in_pos: np.ndarray, n: int, p_out: int) -> n
     return (out + start) % p_out
 
 
-def _take(position: int, pattern: np.ndarray, diagonals: np.ndarray, occupied: np.ndarray) -> None:
-    occupied[position] = True
-    diagonals[np.roll(pattern, -position % len(pattern))] = True
+def _take(positions: np.ndarray | int, base: int, pattern: np.ndarray, diagonals: np.ndarray,
+          occupied: np.ndarray) -> None:
+    """Mark a placed block's ``positions`` taken and its diagonals (``pattern - base``) used."""
+    occupied[positions] = True
+    diagonals[np.roll(pattern, -base % len(pattern))] = True
 
 
 def _families(weights: np.ndarray, rows: list[np.ndarray], in_pos: np.ndarray, n: int,
