@@ -296,8 +296,8 @@ def _print_human(command: str, result: dict[str, Any]) -> None:
         b = r["estimated_bytes"]
         print(f"sizes: fresh ciphertext {b['ciphertext_fresh']:,} B, relin keys "
               f"{b['relin_keys']:,} B, Galois keys {b['galois_keys']:,} B, upload per request "
-              f"{b['upload_per_request']:,} B (uncompressed; keys and single-packing inputs "
-              f"seeded)")
+              f"{b['upload_per_request']:,} B (keys seeded, single-packing inputs compact, "
+              f"the rest uncompressed)")
         if r["galois_steps"]:
             print(f"single packing: {r['rotations']} rotations per sample, Galois steps "
                   f"{r['galois_steps']}")

@@ -15,7 +15,7 @@ import numpy as np
 import tenseal as ts
 import tenseal.sealapi as sealapi
 
-from . import bfv, sealbytes, wire
+from . import bfv, compact, sealbytes, wire
 from .context import (
     SealBridge,
     check_matches,
@@ -48,6 +48,7 @@ class Client:
         self._int_range = _input_int_range(self.spec) if self.params.scheme == "bfv" else None
         self.galois_steps = _galois_steps(self.spec, self.params.slots)
         self._replicas = _input_replicas(self.spec, self.params.slots)
+        self._drop_bits = _input_drop_bits(self.spec) if self.packing == "single" else 0
         self._public: bytes | None = None
         if context is None:
             context = new_secret_context(self.params)
@@ -83,9 +84,10 @@ class Client:
     def encrypt(self, x: np.ndarray) -> bytes:
         """Encrypt a batch of samples: ``x`` has shape ``(batch, *input_shape)``.
 
-        Single packing sends its one ciphertext in SEAL's seeded form (the second polynomial
-        replaced by the seed it is drawn from), which halves the upload. BFV quantises the
-        inputs to integers first (refusing values outside the model's declared range).
+        Single packing sends its one ciphertext in compact form (:mod:`she.compact`: the
+        first polynomial bit-packed, with the spec's ``input_drop_bits`` rounded away, and
+        the seed the second is drawn from). BFV quantises the inputs to integers first
+        (refusing values outside the model's declared range).
         """
         shape = tuple(self.spec["input_shape"])
         x = np.asarray(x, dtype=np.float64)
@@ -111,14 +113,22 @@ class Client:
                 self._encoder.encode(column.tolist(), plain)
             else:
                 self._encoder.encode(column.tolist(), scale, plain)
-            if self.packing == "single":  # seeded: half the bytes; SEAL expands it on load
-                items.append(self._bridge.save_serializable(self._encryptor.encrypt_symmetric(plain)))
+            if self.packing == "single":
+                items.append(self._compact(self._encryptor.encrypt_symmetric(plain)))
             else:  # the server's kernels need both polynomials as coefficient arrays
                 ct = sealapi.Ciphertext(self._seal)
                 self._encryptor.encrypt_symmetric(plain, ct)
                 items.append(self._bridge.save_serializable(ct))
         meta = {"fingerprint": self.fingerprint, "batch": batch, "model": self.spec.get("model")}
         return wire.pack(wire.KIND_CIPHERTEXTS, meta, items)
+
+    def _compact(self, seeded: Any) -> bytes:
+        """The compact form of a seeded fresh ciphertext (a SEAL ``Serializable``)."""
+        level = self._levels[len(self.params.ciphertext_primes)]
+        raw = sealbytes.parse(self._bridge.save_serializable(seeded), level, seeded=True)
+        assert raw.seed_info is not None
+        c0 = self._bridge.transform(raw.data[0], to_ntt=False)
+        return compact.pack(c0, level.moduli, self._drop_bits, raw.scale, raw.seed_info)
 
     def decrypt(self, data: bytes) -> np.ndarray:
         """Decrypt a result message into an array of shape ``(batch, output_size)``."""
@@ -213,6 +223,15 @@ def _input_int_range(spec: dict[str, Any]) -> tuple[int, int]:
     if not (isinstance(scale, float | int) and math.isfinite(scale) and scale > 0):
         raise ParameterError(f"model spec has an invalid input_scale {scale!r}")
     return bounds[0], bounds[1]
+
+
+def _input_drop_bits(spec: dict[str, Any]) -> int:
+    """The spec's ``input_drop_bits``, checked (a spec may come from a server)."""
+    bits = spec.get("input_drop_bits", 0)
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 0 <= bits <= compact.MAX_DROP_BITS:
+        raise ParameterError(f"model spec has invalid input_drop_bits {bits!r} (expected an "
+                             f"integer from 0 to {compact.MAX_DROP_BITS})")
+    return bits
 
 
 def _input_replicas(spec: dict[str, Any], slots: int) -> tuple[int, int]:

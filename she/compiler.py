@@ -15,12 +15,13 @@ Modulus chain layout (SEAL rescales by the last ciphertext prime first)::
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from . import bfv, layout
+from . import bfv, compact, layout
 from .errors import ParameterError
 from .lowering import Affine, Chain, lower
 from .model import Model
@@ -48,6 +49,9 @@ PACKINGS = ("batch", "single")
 BATCH_CHUNK_BYTES = 1 << 30
 #: Secret-key encryption noise (standard deviation per coefficient, SEAL's default).
 NOISE_SIGMA = 3.2
+#: Single packing: the client rounds away as many low bits of its ciphertext as raise the
+#: predicted output error by at most this share (a smaller upload for a little noise).
+DROP_ERROR_SHARE = 0.1
 #: How many bits beyond ``weight_bits`` an exactly representable layer may use.
 EXACT_EXTRA_BITS = 8
 #: (scale_bits, weight_bits) settings tried in order when the caller fixes neither.
@@ -96,6 +100,9 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     #: BFV: the integer range of quantised inputs ``round(x * input_scale)``.
     input_int_range: tuple[int, int] | None = None
+    #: Single packing: low bits of every input coefficient the client rounds away before
+    #: sending (:mod:`she.compact`); chosen within :data:`DROP_ERROR_SHARE`.
+    input_drop_bits: int = 0
     _layouts: list[layout.LayerLayout] | None = field(default=None, init=False, repr=False,
                                                        compare=False)
 
@@ -244,6 +251,7 @@ class Plan:
             # copy r of the input is rotated by r * shift: no shift with one copy
             "input_shift": (self.layouts()[0].n_diagonals
                             if self.packing == "single" and self.layouts()[0].replicas > 1 else 0),
+            "input_drop_bits": self.input_drop_bits,
             "layout": self._layout_text(),
             **({"plain_modulus": str(self.params.plain_modulus),
                 "input_int_range": list(self.input_int_range or ())} if self.scheme == "bfv" else {}),
@@ -268,7 +276,8 @@ class Plan:
         ct_bytes = 2 * ct_primes * n * 8
         # Seeded serialisations store one polynomial of each pair (keys; single-packing input).
         relin_bytes = ct_primes * len(self.params.primes) * n * 8
-        upload = ct_bytes // 2 if self.packing == "single" else ct_bytes * self.input_ciphertexts
+        upload = (compact.packed_size(self.params.ciphertext_primes, n, self.input_drop_bits)
+                  if self.packing == "single" else ct_bytes * self.input_ciphertexts)
         steps = self.rotation_steps()
         layers = []
         for i, (layer, (s_in, s_out), limbs) in enumerate(
@@ -303,6 +312,7 @@ class Plan:
             "plain_modulus_bits": self.params.plain_modulus.bit_length() or None,
             "max_modulus_bits_for_ring": MAX_MODULUS_BITS[self.params.security][n],
             "input_scale_log2": round(math.log2(self.input_scale), 2),
+            "input_drop_bits": self.input_drop_bits,
             "input_ciphertexts": self.input_ciphertexts,
             "output_ciphertexts": self.output_ciphertexts,
             "galois_steps": steps,
@@ -533,6 +543,9 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
         deviation = range_margin * _quantisation_deviation(chain, quantised, cal)
     plan.predicted_error = _predicted_error(plan, magnitudes, x_bound, quantised, input_norms,
                                             deviation)
+    if packing == "single":
+        _choose_drop_bits(plan, lambda: _predicted_error(plan, magnitudes, x_bound, quantised,
+                                                         input_norms, deviation))
     if calibration is not None:
         _check_argmax_margin(plan, cal)
     return plan
@@ -622,8 +635,9 @@ def _predicted_error(plan: Plan, magnitudes: list[np.ndarray], x_bound: float,
     margin); when given it replaces the propagated worst-case weight-rounding term, which
     is far more pessimistic because it assumes every input at its largest magnitude.
 
-    Error standard deviations are propagated per unit: fresh encryption noise, weight
-    rounding and bias rounding through each affine map (independent errors add in
+    Error standard deviations are propagated per unit: fresh encryption noise (with the
+    rounding of :attr:`Plan.input_drop_bits`), weight rounding and bias rounding through
+    each affine map (independent errors add in
     quadrature, weighted by the weights), then ``2 |y_j|`` amplification and rescale
     rounding at each square, with ``|y_j|`` the unit's largest observed magnitude. In single
     packing every diagonal entry also carries CKKS encoding noise, which reaches an output
@@ -631,7 +645,8 @@ def _predicted_error(plan: Plan, magnitudes: list[np.ndarray], x_bound: float,
     over the calibration samples, or a bound).
     """
     n = plan.params.poly_modulus_degree
-    fresh = NOISE_SIGMA * math.sqrt(n)
+    drop = plan.input_drop_bits
+    fresh = math.sqrt(NOISE_SIGMA ** 2 + (4.0 ** drop / 12 if drop else 0.0)) * math.sqrt(n)
     rescale = math.sqrt((1 + 2 * n / 3) / 12) * math.sqrt(n)
     scales = plan.scales()
     diag_scales = plan.diagonal_scales()
@@ -652,6 +667,22 @@ def _predicted_error(plan: Plan, magnitudes: list[np.ndarray], x_bound: float,
             err = 2 * magnitudes[k] * err + err * err + rescale / scales[k + 1][0]
             in_bound = magnitudes[k] ** 2
     return 6.0 * float(err.max(initial=0.0)) + (deviation or 0.0)
+
+
+def _choose_drop_bits(plan: Plan, predict: Callable[[], float]) -> None:
+    """Set ``plan.input_drop_bits`` to the most bits whose rounding noise raises the
+    predicted error (``predict()``, computed with the plan's current setting) by at most
+    :data:`DROP_ERROR_SHARE`, and ``plan.predicted_error`` to the error with them."""
+    budget = plan.predicted_error * (1 + DROP_ERROR_SHARE)
+    error = plan.predicted_error
+    for bits in range(1, compact.MAX_DROP_BITS + 1):
+        plan.input_drop_bits = bits
+        trial = predict()
+        if trial > budget:
+            plan.input_drop_bits = bits - 1
+            break
+        error = trial
+    plan.predicted_error = error
 
 
 def _check_argmax_margin(plan: Plan, cal: np.ndarray) -> None:

@@ -15,6 +15,7 @@ through files only, so the bridge uses a private directory in shared memory.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -22,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import tenseal as ts
 import tenseal.sealapi as sealapi
 
@@ -208,6 +210,22 @@ class SealBridge:
     def from_seal(self, ct: sealapi.Ciphertext) -> sealbytes.RawCiphertext:
         return sealbytes.parse(self.save_serializable(ct), self.levels[ct.coeff_modulus_size()],
                                size=ct.size())
+
+    def transform(self, poly: np.ndarray, *, to_ntt: bool) -> np.ndarray:
+        """One polynomial (``(L, N)`` residues at the level with ``L`` primes) moved into
+        (``to_ntt``) or out of SEAL's NTT form."""
+        level = self.levels[poly.shape[0]]
+        # The second polynomial only rides along: SEAL refuses a ciphertext whose second
+        # polynomial is zero (transparent), so it is all ones.
+        ct = self.to_seal(sealbytes.RawCiphertext(np.stack([poly, np.ones_like(poly)]), 1.0,
+                                                  level.parms_id, ntt_form=not to_ntt))
+        evaluator = sealapi.Evaluator(self.seal)
+        if to_ntt:
+            evaluator.transform_to_ntt_inplace(ct)
+        else:
+            evaluator.transform_from_ntt_inplace(ct)
+        out_level = dataclasses.replace(level, ntt_form=to_ntt)
+        return sealbytes.parse(self.save_serializable(ct), out_level).data[0]
 
     def close(self) -> None:
         shutil.rmtree(self._dir, ignore_errors=True)

@@ -34,7 +34,7 @@ _COUNT = struct.Struct("<Q")
 COMPR_NONE, COMPR_ZLIB, COMPR_ZSTD = 0, 1, 2
 #: A seeded ciphertext ends with SEAL's UniformRandomGeneratorInfo: a 16-byte header, the
 #: generator type (u8: 1 Blake2xb, 2 SHAKE-256) and a 512-bit seed.
-_SEED_INFO_SIZE = _HEADER.size + 1 + 64
+SEED_INFO_SIZE = _HEADER.size + 1 + 64
 _PRNG_TYPES = (1, 2)
 #: The SEAL format version TenSEAL 0.3.18 writes and accepts (SEAL 4.3); checked by the tests.
 SEAL_VERSION = (4, 3)
@@ -58,7 +58,7 @@ class LevelSpec:
         first of which is stored, followed by the seed of the second, when ``seeded``)."""
         stored = 1 if seeded else size
         return (_BODY.size + _HEADER.size + _COUNT.size
-                + 8 * stored * self.limbs * self.poly_modulus_degree + (_SEED_INFO_SIZE if seeded else 0))
+                + 8 * stored * self.limbs * self.poly_modulus_degree + (SEED_INFO_SIZE if seeded else 0))
 
 
 @dataclass
@@ -70,6 +70,9 @@ class RawCiphertext:
     parms_id: tuple[int, int, int, int]
     ntt_form: bool = True
     correction_factor: int = 1
+    #: Seeded form (``data`` holds the first polynomial only): SEAL's record of the seed the
+    #: second one is drawn from.
+    seed_info: bytes | None = None
 
 
 def _decompress(mode: int, payload: bytes, limit: int) -> bytes:
@@ -175,8 +178,10 @@ def parse(blob: bytes, level: LevelSpec, *, size: int = 2, seeded: bool = False,
     if count != stored * level.limbs * level.poly_modulus_degree:
         raise FormatError("coefficient count does not match the ciphertext shape")
     start = nested + _HEADER.size + _COUNT.size
+    seed_info = None
     if seeded:
-        _check_seed_info(body, start + 8 * count)
+        seed_info = body[start + 8 * count:]
+        check_seed_info(seed_info)
     data = np.frombuffer(body, dtype="<u8", offset=start, count=count).reshape(stored, level.limbs, -1)
     moduli = np.asarray(level.moduli, dtype=np.uint64)[None, :, None]
     if np.any(data >= moduli):
@@ -185,23 +190,27 @@ def parse(blob: bytes, level: LevelSpec, *, size: int = 2, seeded: bool = False,
         out = data.copy()
     else:
         out[...] = data
-    return RawCiphertext(out, float(scale), level.parms_id, bool(ntt), int(corr))
+    return RawCiphertext(out, float(scale), level.parms_id, bool(ntt), int(corr), seed_info)
 
 
-def _check_seed_info(body: bytes, offset: int) -> None:
+def check_seed_info(record: bytes) -> None:
     """Validate the UniformRandomGeneratorInfo that ends a seeded ciphertext body."""
-    magic, hsize, major, _minor, mode, _reserved, total = _HEADER.unpack_from(body, offset)
-    if (magic, hsize, major, mode, total) != (MAGIC, _HEADER.size, SEAL_VERSION[0], COMPR_NONE,
-                                               _SEED_INFO_SIZE):
+    if len(record) != SEED_INFO_SIZE:
         raise FormatError("malformed seed of a seeded ciphertext")
-    if body[offset + _HEADER.size] not in _PRNG_TYPES:
+    magic, hsize, major, _minor, mode, _reserved, total = _HEADER.unpack_from(record)
+    if (magic, hsize, major, mode, total) != (MAGIC, _HEADER.size, SEAL_VERSION[0], COMPR_NONE,
+                                               SEED_INFO_SIZE):
+        raise FormatError("malformed seed of a seeded ciphertext")
+    if record[_HEADER.size] not in _PRNG_TYPES:
         raise FormatError("seeded ciphertext names an unknown random generator")
 
 
 def serialize(ct: RawCiphertext, *, compress: bool = False) -> bytes:
-    """Write ``ct`` in SEAL's format (uncompressed, or zstd-compressed if ``compress``)."""
-    size, limbs, degree = ct.data.shape
-    count = size * limbs * degree
+    """Write ``ct`` in SEAL's format (uncompressed, or zstd-compressed if ``compress``);
+    in its seeded form when it carries a seed record."""
+    stored, limbs, degree = ct.data.shape
+    size = stored + (ct.seed_info is not None)
+    count = stored * limbs * degree
     nested = _HEADER.pack(MAGIC, _HEADER.size, *SEAL_VERSION, COMPR_NONE, 0,
                           _HEADER.size + _COUNT.size + 8 * count)
     body = b"".join((
@@ -210,6 +219,7 @@ def serialize(ct: RawCiphertext, *, compress: bool = False) -> bytes:
         nested,
         _COUNT.pack(count),
         np.ascontiguousarray(ct.data, dtype="<u8").tobytes(),
+        ct.seed_info or b"",
     ))
     if compress:
         body = zstandard.ZstdCompressor(level=1).compress(body)

@@ -15,7 +15,7 @@ from typing import Any
 import tenseal as ts
 import tenseal.sealapi as sealapi
 
-from . import sealbytes, wire
+from . import compact, sealbytes, wire
 from .compiler import Plan, compile
 from .context import (
     SealBridge,
@@ -53,8 +53,12 @@ class Server:
         self.fingerprint = plan.params.fingerprint()
         self._top_limbs = len(plan.params.ciphertext_primes)
         raw = 16 + 8 * 2 * self._top_limbs * plan.params.poly_modulus_degree + 128
-        #: Largest acceptable input ciphertext (a compressed body is never much larger).
-        self.max_item_bytes = raw + 1024
+        #: Largest acceptable input ciphertext (a compressed body is never much larger; a
+        #: compact one has exactly its size).
+        self.max_item_bytes = (raw + 1024 if plan.packing == "batch" else
+                               compact.packed_size(plan.params.ciphertext_primes,
+                                                   plan.params.poly_modulus_degree,
+                                                   plan.input_drop_bits))
         #: Largest acceptable request message.
         self.max_request_bytes = (plan.input_ciphertexts * (self.max_item_bytes + 8)
                                   + wire.MAX_META_BYTES + 64)
@@ -98,11 +102,7 @@ class Server:
         if len(msg.items) != n_in:
             raise FormatError(f"expected {n_in} input ciphertexts, got {len(msg.items)}")
         if isinstance(self.engine, SingleEngine):
-            raw = sealbytes.parse(msg.items[0], level, seeded=True)
-            if raw.scale != self.plan.input_scale:
-                raise FormatError(f"input ciphertext 0 has scale {raw.scale}, "
-                                  f"expected {self.plan.input_scale}")
-            items = [self._evaluate_single(keys, msg.items[0])]
+            items = [self._evaluate_single(keys, level, msg.items[0])]
         else:
             scale = self.plan.ciphertext_scale
             inputs = self.engine.parse_inputs(keys.ctx, msg.items, level, scale)
@@ -115,14 +115,23 @@ class Server:
         meta = {"fingerprint": self.fingerprint, "batch": batch, "model": self.plan.model_name}
         return wire.pack(wire.KIND_CIPHERTEXTS, meta, items)
 
-    def _evaluate_single(self, keys: EvaluationKeys, seeded: bytes) -> bytes:
-        """Single packing: ``seeded`` is the validated input ciphertext, which SEAL expands."""
+    def _evaluate_single(self, keys: EvaluationKeys, level: sealbytes.LevelSpec,
+                         item: bytes) -> bytes:
+        """Single packing: ``item`` is the compact input ciphertext (:mod:`she.compact`),
+        rebuilt here into SEAL's seeded form, which SEAL expands."""
         if keys.galois is None:
             raise FormatError("these evaluation keys carry no Galois keys")
         assert isinstance(self.engine, SingleEngine)
+        c0, scale, seed_info = compact.unpack(item, level.moduli, level.poly_modulus_degree,
+                                              self.plan.input_drop_bits)
+        if scale != self.plan.input_scale:
+            raise FormatError(f"input ciphertext 0 has scale {scale}, "
+                              f"expected {self.plan.input_scale}")
         bridge = SealBridge(keys.ctx)
         try:
-            out = self.engine.run(keys.ctx, keys.relin, keys.galois, bridge.load(seeded))
+            seeded = sealbytes.RawCiphertext(bridge.transform(c0, to_ntt=True)[None], scale,
+                                             level.parms_id, seed_info=seed_info)
+            out = self.engine.run(keys.ctx, keys.relin, keys.galois, bridge.to_seal(seeded))
             return bridge.save_serializable(out)
         finally:
             bridge.close()

@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
+import tenseal.sealapi as sealapi
 
 import she
-from she import layout, wire
+from she import compact, layout, wire
 from she.data import load_idx_dataset
 
 
@@ -53,20 +54,28 @@ def test_encrypted_single_matches_plaintext(single, test_images, toy_model_path)
         assert out.argmax() == reference[i].argmax()
 
 
-def test_upload_is_seeded_and_an_expanded_ciphertext_is_refused(single, test_images):
+def test_upload_is_compact_and_a_seal_ciphertext_is_refused(single, test_images):
     plan, server, client, _, keys = single
     request = client.encrypt(test_images[:1])
-    expanded_size = 8 * 2 * len(plan.params.ciphertext_primes) * plan.params.poly_modulus_degree
-    assert len(request) < 0.55 * expanded_size
-    # The same image as a full (two-polynomial) ciphertext is not what the server expects.
     msg = wire.unpack(request, kind=wire.KIND_CIPHERTEXTS, max_items=1, max_item_bytes=1 << 30)
+    primes = plan.params.ciphertext_primes
+    n = plan.params.poly_modulus_degree
+    assert len(msg.items[0]) == compact.packed_size(primes, n, plan.input_drop_bits)
+    # Each coefficient takes the width of the primes' product, less the dropped bits.
+    bits = sum(p.bit_length() for p in primes) - plan.input_drop_bits
+    assert len(msg.items[0]) <= n * bits / 8 + 200
+    # The same image in SEAL's seeded form (64-bit words) is not what the server expects.
     bridge = she.context.SealBridge(client.ctx)
     try:
-        full = bridge.save_serializable(bridge.load(msg.items[0]))
+        plain = sealapi.Plaintext()
+        sealapi.CKKSEncoder(bridge.seal).encode(test_images[0].ravel().tolist(), plan.input_scale,
+                                                 plain)
+        encryptor = sealapi.Encryptor(bridge.seal, client.ctx.secret_key().data)
+        seeded = bridge.save_serializable(encryptor.encrypt_symmetric(plain))
     finally:
         bridge.close()
-    with pytest.raises(she.FormatError, match="larger than the model allows"):
-        server.evaluate(keys, wire.pack(wire.KIND_CIPHERTEXTS, msg.meta, [full]))
+    with pytest.raises(she.FormatError, match="bytes"):
+        server.evaluate(keys, wire.pack(wire.KIND_CIPHERTEXTS, msg.meta, [seeded]))
 
 
 def test_more_than_one_sample_is_refused(single, test_images):

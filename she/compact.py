@@ -1,0 +1,130 @@
+"""The compact upload of single packing: a fresh ciphertext in about half its seeded size.
+
+A fresh symmetric encryption is ``(c0, c1)`` with ``c1`` drawn from a seed, so SEAL's
+seeded form already sends only ``c0`` and the seed. ``c0`` itself is uniform modulo the
+product ``Q`` of the ciphertext primes, but SEAL stores every RNS coefficient in 64 bits
+(and zstd cannot compress uniform residues). This form sends ``c0`` exactly as wide as it
+is: each coefficient, rebuilt from its residues (CRT) in coefficient form, takes
+``ceil(log2 Q)`` bits. It may also drop the ``d`` lowest bits of every coefficient (rounding
+to the nearest multiple of ``2^d``, as compressed lattice ciphertexts do): that adds at most
+``2^(d-1)`` to each coefficient of the noise, which the compiler budgets for
+(``Plan.input_drop_bits``; the value is public, anyone holding ``c0`` could round it)::
+
+    b"SHEi" | version (u8) | dropped bits d (u8) | width w (u16) | scale (f64)
+    | SEAL's 81-byte seed record | N coefficients of w bits each, little-endian bit order
+      (N is a multiple of 8, so they fill whole bytes)
+
+The reader checks every field against the level it expects and every coefficient against
+its range before anything is rebuilt.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Sequence
+
+import numpy as np
+
+from .errors import FormatError
+from .sealbytes import SEED_INFO_SIZE, check_seed_info
+
+MAGIC = b"SHEi"
+VERSION = 1
+_HEADER = struct.Struct("<4sBBHd")
+#: Most low bits a spec may ask to drop (a client refuses more: the noise would swamp any
+#: input encrypted at a usable scale).
+MAX_DROP_BITS = 30
+
+
+def coefficient_width(moduli: Sequence[int], drop_bits: int) -> int:
+    """Bits per coefficient once ``drop_bits`` low bits are rounded away."""
+    return _largest(moduli, drop_bits).bit_length()
+
+
+def packed_size(moduli: Sequence[int], degree: int, drop_bits: int) -> int:
+    """Bytes of a compact ciphertext."""
+    return _HEADER.size + SEED_INFO_SIZE + degree * coefficient_width(moduli, drop_bits) // 8
+
+
+def pack(c0: np.ndarray, moduli: Sequence[int], drop_bits: int, scale: float,
+         seed_info: bytes) -> bytes:
+    """The compact form of ``c0`` (``(L, N)`` residues in coefficient form) and its seed."""
+    if len(seed_info) != SEED_INFO_SIZE:
+        raise ValueError(f"seed record must have {SEED_INFO_SIZE} bytes")
+    q = _modulus(moduli)
+    values = _compose(c0, moduli) % q
+    if drop_bits:
+        values = (values + (1 << (drop_bits - 1))) >> drop_bits
+    width = coefficient_width(moduli, drop_bits)
+    header = _HEADER.pack(MAGIC, VERSION, drop_bits, width, scale)
+    return header + seed_info + _pack_bits(values, width)
+
+
+def unpack(blob: bytes, moduli: Sequence[int], degree: int,
+           drop_bits: int) -> tuple[np.ndarray, float, bytes]:
+    """Read a compact ciphertext expected with these primes, ring size and dropped bits.
+
+    Returns ``(c0, scale, seed_info)``: ``c0`` as ``(L, N)`` uint64 residues in coefficient
+    form. Raises :class:`FormatError` on anything unexpected.
+    """
+    expected = packed_size(moduli, degree, drop_bits)
+    if len(blob) != expected:
+        raise FormatError(f"compact ciphertext has {len(blob)} bytes, expected {expected}")
+    magic, version, got_drop, width, scale = _HEADER.unpack_from(blob)
+    if magic != MAGIC:
+        raise FormatError("not a compact SHE ciphertext (bad magic)")
+    if version != VERSION:
+        raise FormatError(f"compact ciphertext version {version} is not supported")
+    if got_drop != drop_bits or width != coefficient_width(moduli, drop_bits):
+        raise FormatError(f"compact ciphertext drops {got_drop} bits at width {width}; this "
+                          f"model expects {drop_bits} at {coefficient_width(moduli, drop_bits)}")
+    if not math.isfinite(scale) or scale <= 0:
+        raise FormatError(f"ciphertext scale {scale!r} is not a positive number")
+    start = _HEADER.size + SEED_INFO_SIZE
+    seed_info = bytes(blob[_HEADER.size:start])
+    check_seed_info(seed_info)
+    values = _unpack_bits(memoryview(blob)[start:], degree, width)
+    if any(v > _largest(moduli, drop_bits) for v in values):
+        raise FormatError("compact ciphertext coefficient out of range")
+    q = _modulus(moduli)
+    full = (values * (1 << drop_bits)) % q if drop_bits else values
+    c0 = np.stack([(full % int(m)).astype(np.uint64) for m in moduli])
+    return c0, scale, seed_info
+
+
+def _modulus(moduli: Sequence[int]) -> int:
+    return math.prod(int(m) for m in moduli)
+
+
+def _largest(moduli: Sequence[int], drop_bits: int) -> int:
+    """The largest value a coefficient can take after rounding."""
+    q = _modulus(moduli)
+    return (q - 1 + ((1 << drop_bits) >> 1)) >> drop_bits
+
+
+def _compose(residues: np.ndarray, moduli: Sequence[int]) -> np.ndarray:
+    """Integers (object array of Python ints, not reduced) from their RNS residues (CRT)."""
+    q = _modulus(moduli)
+    total = np.zeros(residues.shape[1], dtype=object)
+    for row, m in zip(residues, moduli, strict=True):
+        m = int(m)
+        q_hat = q // m
+        total = total + (row.astype(object) * pow(q_hat, -1, m) % m) * q_hat
+    return total
+
+
+def _pack_bits(values: np.ndarray, width: int) -> bytes:
+    per = (width + 7) // 8
+    raw = np.frombuffer(b"".join(int(v).to_bytes(per, "little") for v in values), dtype=np.uint8)
+    bits = np.unpackbits(raw.reshape(len(values), per), axis=1, bitorder="little")[:, :width]
+    return np.packbits(bits.ravel(), bitorder="little").tobytes()
+
+
+def _unpack_bits(data: memoryview, count: int, width: int) -> np.ndarray:
+    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")
+    per = (width + 7) // 8
+    rows = np.zeros((count, 8 * per), dtype=np.uint8)
+    rows[:, :width] = bits.reshape(count, width)
+    packed = np.packbits(rows, axis=1, bitorder="little")
+    return np.array([int.from_bytes(row.tobytes(), "little") for row in packed], dtype=object)
