@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -282,7 +283,7 @@ def run(data_dir: str, quick: bool, only: list[str] | None = None,
     if peers:
         rows += _peer_rows(data_dir, sizes, progress)
     return {
-        "command": "python -m benchmarks " + " ".join(sys.argv[1:]),
+        "command": "python -m benchmarks " + shlex.join(sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(), "quick": quick, "sizes": sizes.__dict__, "rows": rows,
         "conversion_targets": conversion_targets(rows),
