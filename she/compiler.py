@@ -15,7 +15,6 @@ Modulus chain layout (SEAL rescales by the last ciphertext prime first)::
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,14 +51,19 @@ NOISE_SIGMA = 3.2
 #: Single packing: the client rounds away as many low bits of its ciphertext as raise the
 #: predicted output error by at most this share (a smaller upload for a little noise).
 DROP_ERROR_SHARE = 0.1
+#: The predicted error is this many standard deviations of the worst sample's output noise.
+SIGMAS = 6.0
+#: Calibration samples the error model follows (those with the largest activations).
+ERROR_SAMPLES = 64
 #: How many bits beyond ``weight_bits`` an exactly representable layer may use.
 EXACT_EXTRA_BITS = 8
 #: (scale_bits, weight_bits) settings tried in order when the caller fixes neither.
 PRECISION_LADDER = ((26, 12), (28, 14), (30, 16), (32, 18))
 #: The same for single packing: its diagonals need guard bits, so a smaller scale first
-#: keeps the rescale primes single and the ring at N=8192 when the precision allows it.
-SINGLE_PRECISION_LADDER = ((22, 12), (24, 12), (26, 12), (28, 14), (30, 16), (32, 18),
-                           (34, 20))
+#: keeps the rescale primes single and the ring at N=8192 when the precision allows it
+#: (and makes the upload, one prime-wide polynomial, smaller).
+SINGLE_PRECISION_LADDER = ((20, 12), (22, 12), (24, 12), (26, 12), (28, 14), (30, 16),
+                           (32, 18), (34, 20))
 
 
 @dataclass
@@ -415,8 +419,8 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
             (in single packing, above 12 it also adds guard bits to the diagonals' encoding).
             When neither is given, the compiler tries every setting of
             :data:`PRECISION_LADDER` (:data:`SINGLE_PRECISION_LADDER` for single packing) and
-            keeps the cheapest (smallest ring, then fewest primes) whose predicted error keeps
-            the argmax of the calibration samples.
+            keeps the cheapest (smallest ring, then fewest primes, then fewest bits) whose
+            predicted error keeps the argmax of the calibration samples.
         security: 128 (default), 192 or 256 bits; anything lower is refused.
         poly_modulus_degree: force a ring size (refused if it cannot hold the plan securely).
         range_margin: safety factor on calibrated value ranges.
@@ -436,14 +440,15 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
     chain = model if isinstance(model, Chain) else lower(model)
     failure: ParameterError | None = None
     best: Plan | None = None
+    layouts: dict[int, list[layout.LayerLayout]] = {}  # by slot count, shared by the rungs
     for s_bits, w_bits in ladder:
         try:
             plan = _compile_once(model, chain, scheme, packing, calibration, s_bits, w_bits,
-                                 security, poly_modulus_degree, range_margin, name)
+                                 security, poly_modulus_degree, range_margin, name, layouts)
         except ParameterError as exc:
             failure = exc
             continue
-        # Cheapest first: ring size, then number of primes (earlier rungs win ties).
+        # Cheapest first: ring size, number of primes, modulus bits (earlier rungs win ties).
         if best is None or _cost(plan) < _cost(best):
             best = plan
     if best is None:
@@ -452,14 +457,17 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
     return best
 
 
-def _cost(plan: Plan) -> tuple[int, int]:
-    return plan.params.poly_modulus_degree, len(plan.params.primes)
+def _cost(plan: Plan) -> tuple[int, int, int]:
+    return plan.params.poly_modulus_degree, len(plan.params.primes), plan.params.total_bits
 
 
 def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
                   calibration: np.ndarray | None, scale_bits: int, weight_bits: int,
                   security: int, poly_modulus_degree: int | None, range_margin: float,
-                  name: str | None) -> Plan:
+                  name: str | None, layouts: dict[int, list[layout.LayerLayout]]) -> Plan:
+    """One rung of the precision ladder. ``layouts``: single packing's slot layouts by slot
+    count (placed from the float weights, whose non-zero pattern holds that of any
+    quantisation; filled on first use)."""
     if not 16 <= scale_bits <= 40:
         raise ParameterError(f"scale_bits={scale_bits} is outside the supported range 16..40")
     if not 2 <= weight_bits <= 20:
@@ -477,17 +485,14 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
                 f"(input shape {chain.input_shape}), got array of shape {cal.shape}"
             )
         acts = chain.activations(cal.reshape(len(cal), -1))
-        magnitudes = [np.abs(a).max(axis=0) for a in acts]
-        layer_inputs = [cal.reshape(len(cal), -1)] + [a * a for a in acts[:-1]]
-        input_norms = [float(np.linalg.norm(h, axis=1).max()) for h in layer_inputs]
-        bounds = [m * range_margin for m in magnitudes]
-        x_bound = float(np.abs(cal).max())
+        bounds = [np.abs(a).max(axis=0) * range_margin for a in acts]
+        samples = _error_samples(cal.reshape(len(cal), -1), acts)
     else:
         lo, hi = model.input_range if isinstance(model, Model) else (0.0, 1.0)
-        bounds = magnitudes = _interval_bounds(chain, lo, hi)
-        x_bound = max(abs(lo), abs(hi))
-        input_norms = [x_bound * math.sqrt(chain.layers[0].n_in)]
-        input_norms += [float(np.linalg.norm(b * b)) for b in bounds[:-1]]
+        bounds = _interval_bounds(chain, lo, hi)
+        # One pseudo-sample at every unit's bound.
+        samples = _error_samples(np.full((1, chain.layers[0].n_in), max(abs(lo), abs(hi))),
+                                 [b[None] for b in bounds])
         notes.append("no calibration data: value ranges from interval arithmetic (pessimistic)")
 
     quantised = [quantise(layer.matrix, weight_bits) for layer in chain.layers]
@@ -537,15 +542,14 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
     plan = Plan(model_name, scheme, packing, chain.input_shape, params, 2.0 ** scale_bits,
                 layers, 0.0, chain, calibrated=calibration is not None, notes=notes)
     if packing == "single":
-        plan.layouts()  # refuses layers wider than a ciphertext
+        if params.slots not in layouts:  # refuses layers wider than a ciphertext
+            layouts[params.slots] = layout.layouts([layer.matrix for layer in chain.layers],
+                                                   params.slots)
+        plan._layouts = layouts[params.slots]
     deviation = None
     if calibration is not None:
         deviation = range_margin * _quantisation_deviation(chain, quantised, cal)
-    plan.predicted_error = _predicted_error(plan, magnitudes, x_bound, quantised, input_norms,
-                                            deviation)
-    if packing == "single":
-        _choose_drop_bits(plan, lambda: _predicted_error(plan, magnitudes, x_bound, quantised,
-                                                         input_norms, deviation))
+    _set_predicted_error(plan, quantised, samples, deviation)
     if calibration is not None:
         _check_argmax_margin(plan, cal)
     return plan
@@ -626,63 +630,77 @@ def _quantisation_deviation(chain: Chain, quantised: list[tuple[np.ndarray, int,
     return float(np.abs(rounded.run(flat) - chain.run(flat)).max(initial=0.0))
 
 
-def _predicted_error(plan: Plan, magnitudes: list[np.ndarray], x_bound: float,
-                     quantised: list[tuple[np.ndarray, int, np.ndarray]],
-                     input_norms: list[float], deviation: float | None = None) -> float:
-    """A 6-sigma estimate of the absolute error of the decrypted outputs.
+def _error_samples(x: np.ndarray,
+                   acts: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The samples the error model follows: ``(inputs, pre)``, each layer's input and
+    pre-square values for at most about :data:`ERROR_SAMPLES` of them (those with the
+    largest activations in some hidden layer, where noise is amplified most)."""
+    inputs = [x] + [a * a for a in acts[:-1]]
+    if len(x) > ERROR_SAMPLES:
+        hidden = acts[:-1] or acts
+        per = max(1, ERROR_SAMPLES // (2 * len(hidden)))
+        keep: set[int] = set()
+        for a in hidden:
+            for score in (np.abs(a).max(axis=1), np.linalg.norm(a, axis=1)):
+                keep.update(np.argsort(score)[-per:].tolist())
+        rows = np.array(sorted(keep))
+        inputs, acts = [h[rows] for h in inputs], [a[rows] for a in acts]
+    return inputs, acts
 
-    ``deviation``: the weight-quantisation error measured on calibration samples (with a
-    margin); when given it replaces the propagated worst-case weight-rounding term, which
-    is far more pessimistic because it assumes every input at its largest magnitude.
 
-    Error standard deviations are propagated per unit: fresh encryption noise (with the
-    rounding of :attr:`Plan.input_drop_bits`), weight rounding and bias rounding through
-    each affine map (independent errors add in
-    quadrature, weighted by the weights), then ``2 |y_j|`` amplification and rescale
-    rounding at each square, with ``|y_j|`` the unit's largest observed magnitude. In single
-    packing every diagonal entry also carries CKKS encoding noise, which reaches an output
-    in proportion to the norm of the layer's input vector (``input_norms``: the largest
-    over the calibration samples, or a bound).
+def _set_predicted_error(plan: Plan, quantised: list[tuple[np.ndarray, int, np.ndarray]],
+                         samples: tuple[list[np.ndarray], list[np.ndarray]],
+                         deviation: float | None) -> None:
+    """Set ``plan.predicted_error``, a 6-sigma estimate of the absolute error of the
+    decrypted outputs, and in single packing ``plan.input_drop_bits``: the most low bits of
+    the upload the client may round away while that estimate grows by at most
+    :data:`DROP_ERROR_SHARE`.
+
+    Error variances are followed per sample (``samples``, see :func:`_error_samples`) and
+    per unit: the inputs' noise (fresh encryption, plus the rounding of dropped bits), bias
+    rounding and, without calibration (``deviation`` is None), weight rounding through each
+    affine map; then ``4 y^2`` amplification (``y``: the sample's pre-square value) and
+    rescale rounding at each square. In single packing every diagonal entry also carries
+    CKKS encoding noise, which reaches an output in proportion to the norm of the sample's
+    layer input, and the rescale after the product adds rounding. All of it is linear in
+    the noise variances (the square of an error, second order, is left out), so the inputs'
+    share is followed apart and choosing the dropped bits costs nothing. ``deviation``: the
+    weight-quantisation error measured on calibration samples (with a margin), added.
     """
     n = plan.params.poly_modulus_degree
-    drop = plan.input_drop_bits
-    fresh = math.sqrt(NOISE_SIGMA ** 2 + (4.0 ** drop / 12 if drop else 0.0)) * math.sqrt(n)
-    rescale = math.sqrt((1 + 2 * n / 3) / 12) * math.sqrt(n)
+    rescale = (1 + 2 * n / 3) / 12 * n  # slot variance of a rescale's rounding, times scale^2
     scales = plan.scales()
     diag_scales = plan.diagonal_scales()
-    err = np.full(plan.layers[0].weights.shape[1], fresh / plan.input_scale)
-    in_bound = np.full(plan.layers[0].weights.shape[1], x_bound)
+    inputs, pre = samples
+    rest = np.zeros(inputs[0].shape)
+    gain = np.ones(inputs[0].shape)  # per unit of input noise variance
     for k, (w_int, shift, w_err) in enumerate(quantised):
-        real = w_int * 2.0 ** -shift
-        noise = np.sqrt((real * real) @ (err * err))
-        # Weight rounding errors are known; their signs are taken as independent.
-        rounding = np.sqrt((w_err * w_err) @ (in_bound * in_bound)) if deviation is None else 0.0
+        squared = (w_int * 2.0 ** -shift) ** 2
+        rest, gain = rest @ squared.T, gain @ squared.T
+        s_out = scales[k][1]
+        rest = rest + 0.25 / s_out ** 2
+        if deviation is None:  # rounding errors of known size, their signs independent
+            rest = rest + (inputs[k] ** 2) @ (w_err ** 2).T
         if plan.packing == "single":
-            # Encoding rounds each diagonal coefficient (slot error std sqrt(N/12) / prime);
-            # the rescale after the product adds rounding at the output scale.
-            rounding = (rounding + math.sqrt(n / 12) / diag_scales[k] * input_norms[k]
-                        + rescale / scales[k][1])
-        err = noise + rounding + 0.5 / scales[k][1]
+            norms = np.sum(inputs[k] ** 2, axis=1, keepdims=True)
+            rest = rest + n / 12 / diag_scales[k] ** 2 * norms + rescale / s_out ** 2
         if k < plan.depth:
-            err = 2 * magnitudes[k] * err + err * err + rescale / scales[k + 1][0]
-            in_bound = magnitudes[k] ** 2
-    return 6.0 * float(err.max(initial=0.0)) + (deviation or 0.0)
+            amplify = 4 * pre[k] ** 2
+            rest = amplify * rest + rescale / scales[k + 1][0] ** 2
+            gain = amplify * gain
 
+    def predict(drop_bits: int) -> float:
+        coefficient = NOISE_SIGMA ** 2 + (4.0 ** drop_bits / 12 if drop_bits else 0.0)
+        variance = rest + gain * (coefficient * n / plan.input_scale ** 2)
+        return SIGMAS * math.sqrt(float(variance.max(initial=0.0))) + (deviation or 0.0)
 
-def _choose_drop_bits(plan: Plan, predict: Callable[[], float]) -> None:
-    """Set ``plan.input_drop_bits`` to the most bits whose rounding noise raises the
-    predicted error (``predict()``, computed with the plan's current setting) by at most
-    :data:`DROP_ERROR_SHARE`, and ``plan.predicted_error`` to the error with them."""
-    budget = plan.predicted_error * (1 + DROP_ERROR_SHARE)
-    error = plan.predicted_error
-    for bits in range(1, compact.MAX_DROP_BITS + 1):
-        plan.input_drop_bits = bits
-        trial = predict()
-        if trial > budget:
-            plan.input_drop_bits = bits - 1
-            break
-        error = trial
-    plan.predicted_error = error
+    plan.input_drop_bits = 0
+    plan.predicted_error = predict(0)
+    if plan.packing == "single":
+        budget = plan.predicted_error * (1 + DROP_ERROR_SHARE)
+        plan.input_drop_bits = max(d for d in range(compact.MAX_DROP_BITS + 1)
+                                   if predict(d) <= budget)
+        plan.predicted_error = predict(plan.input_drop_bits)
 
 
 def _check_argmax_margin(plan: Plan, cal: np.ndarray) -> None:
