@@ -411,6 +411,13 @@ def _bytes(n: float | None) -> str:
     return "-" if n is None else f"{n / 1024:,.1f} KiB" if n < 2 ** 20 else f"{n / 2 ** 20:,.2f} MiB"
 
 
+def _latest_updates(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The recorded updates, without those a later one measured again (same models, modes)."""
+    latest = {(tuple(u["models"]), tuple(u.get("modes", MODE_KINDS))): u
+              for u in report.get("updates", [])}
+    return sorted(latest.values(), key=lambda u: u["date"])
+
+
 def render(report: dict[str, Any]) -> str:
     """``docs/benchmarks.md`` from a report."""
     m = report["machine"]
@@ -425,7 +432,7 @@ def render(report: dict[str, Any]) -> str:
         *[f"The {'/'.join(u.get('modes', MODE_KINDS))} rows of {', '.join(u['models'])} were "
           f"measured again by `{u['command']}` on "
           f"{u['date']} in {u['wall_s'] / 60:.1f} min ({u['machine']['cores']} cores, "
-          f"{u['machine']['cpu']})." for u in report.get("updates", [])],
+          f"{u['machine']['cpu']})." for u in _latest_updates(report)],
         "",
         "![accuracy against time per image](results/accuracy_latency.png)",
         "",

@@ -112,6 +112,12 @@ def test_update_of_some_modes_keeps_the_other_rows(quick):
         changed = new["model"] == name and new["mode"] == "SHE CKKS single"
         assert new["accuracy"] == (0.5 if changed else old["accuracy"])
     assert "The single rows of shipped demo model were measured again" in report.render(merged)
+    # Measured again later: the report names the later update only (the JSON keeps both).
+    again = report.merge_update(merged, dict(update, command="python -m benchmarks --update y",
+                                             date="2026-11-23T08:00:00+00:00"), [name], ("single",))
+    assert len(again["updates"]) == 2
+    text = report.render(again)
+    assert "--update y" in text and "--update x" not in text
     assert report.mode_kind("SHE BFV batch") == "bfv"
     assert report.mode_kind("plain TenSEAL, one image") == "peer"
 
