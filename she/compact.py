@@ -39,7 +39,7 @@ MAX_DROP_BITS = 30
 
 def coefficient_width(moduli: Sequence[int], drop_bits: int) -> int:
     """Bits per coefficient once ``drop_bits`` low bits are rounded away."""
-    return _largest(moduli, drop_bits).bit_length()
+    return _largest(_modulus(moduli), drop_bits).bit_length()
 
 
 def packed_size(moduli: Sequence[int], degree: int, drop_bits: int) -> int:
@@ -52,8 +52,7 @@ def pack(c0: np.ndarray, moduli: Sequence[int], drop_bits: int, scale: float,
     """The compact form of ``c0`` (``(L, N)`` residues in coefficient form) and its seed."""
     if len(seed_info) != SEED_INFO_SIZE:
         raise ValueError(f"seed record must have {SEED_INFO_SIZE} bytes")
-    q = _modulus(moduli)
-    values = _compose(c0, moduli) % q
+    values = _compose(c0, moduli) % _modulus(moduli)
     if drop_bits:
         values = (values + (1 << (drop_bits - 1))) >> drop_bits
     width = coefficient_width(moduli, drop_bits)
@@ -68,6 +67,8 @@ def unpack(blob: bytes, moduli: Sequence[int], degree: int,
     Returns ``(c0, scale, seed_info)``: ``c0`` as ``(L, N)`` uint64 residues in coefficient
     form. Raises :class:`FormatError` on anything unexpected.
     """
+    q = _modulus(moduli)
+    largest = _largest(q, drop_bits)
     expected = packed_size(moduli, degree, drop_bits)
     if len(blob) != expected:
         raise FormatError(f"compact ciphertext has {len(blob)} bytes, expected {expected}")
@@ -76,18 +77,17 @@ def unpack(blob: bytes, moduli: Sequence[int], degree: int,
         raise FormatError("not a compact SHE ciphertext (bad magic)")
     if version != VERSION:
         raise FormatError(f"compact ciphertext version {version} is not supported")
-    if got_drop != drop_bits or width != coefficient_width(moduli, drop_bits):
+    if got_drop != drop_bits or width != largest.bit_length():
         raise FormatError(f"compact ciphertext drops {got_drop} bits at width {width}; this "
-                          f"model expects {drop_bits} at {coefficient_width(moduli, drop_bits)}")
+                          f"model expects {drop_bits} at {largest.bit_length()}")
     if not math.isfinite(scale) or scale <= 0:
         raise FormatError(f"ciphertext scale {scale!r} is not a positive number")
     start = _HEADER.size + SEED_INFO_SIZE
     seed_info = bytes(blob[_HEADER.size:start])
     check_seed_info(seed_info)
     values = _unpack_bits(memoryview(blob)[start:], degree, width)
-    if any(v > _largest(moduli, drop_bits) for v in values):
+    if any(v > largest for v in values):
         raise FormatError("compact ciphertext coefficient out of range")
-    q = _modulus(moduli)
     full = (values * (1 << drop_bits)) % q if drop_bits else values
     c0 = np.stack([(full % int(m)).astype(np.uint64) for m in moduli])
     return c0, scale, seed_info
@@ -97,9 +97,8 @@ def _modulus(moduli: Sequence[int]) -> int:
     return math.prod(int(m) for m in moduli)
 
 
-def _largest(moduli: Sequence[int], drop_bits: int) -> int:
-    """The largest value a coefficient can take after rounding."""
-    q = _modulus(moduli)
+def _largest(q: int, drop_bits: int) -> int:
+    """The largest value a coefficient modulo ``q`` can take after rounding."""
     return (q - 1 + ((1 << drop_bits) >> 1)) >> drop_bits
 
 
