@@ -72,11 +72,12 @@ class Client:
 
     def public_context(self) -> bytes:
         """What the server needs (no secret key): the parameters, the relinearisation keys
-        and, for single packing, the Galois keys of the plan's rotations. Made once."""
+        and, for single packing, the Galois keys of the plan's rotations and of the
+        conjugation that unfolds the compact upload. Made once."""
         if self._public is None:
             items = [public_context_bytes(self.ctx), relin_key_bytes(self.ctx)]
-            if self.galois_steps:
-                items.append(galois_key_bytes(self.ctx, self.galois_steps))
+            if self.packing == "single":  # the rotations, and the conjugation that unfolds
+                items.append(galois_key_bytes(self.ctx, self.galois_steps, conjugate=True))
             meta = {"fingerprint": self.fingerprint, "model": self.spec.get("model")}
             self._public = wire.pack(wire.KIND_CONTEXT, meta, items)
         return self._public
@@ -84,10 +85,11 @@ class Client:
     def encrypt(self, x: np.ndarray) -> bytes:
         """Encrypt a batch of samples: ``x`` has shape ``(batch, *input_shape)``.
 
-        Single packing sends its one ciphertext in compact form (:mod:`she.compact`: the
-        first polynomial bit-packed, with the spec's ``input_drop_bits`` rounded away, and
-        the seed the second is drawn from). BFV quantises the inputs to integers first
-        (refusing values outside the model's declared range).
+        Single packing sends its one ciphertext in compact form (:mod:`she.compact`: half
+        of the first polynomial's information, folded by conjugation and bit-packed with the
+        spec's ``input_drop_bits`` rounded away, and the seed the second is drawn from).
+        BFV quantises the inputs to integers first (refusing values outside the model's
+        declared range).
         """
         shape = tuple(self.spec["input_shape"])
         x = np.asarray(x, dtype=np.float64)
@@ -111,8 +113,9 @@ class Client:
             plain = sealapi.Plaintext()
             if self._int_range is not None:
                 self._encoder.encode(column.tolist(), plain)
-            else:
-                self._encoder.encode(column.tolist(), scale, plain)
+            else:  # single packing: folding doubles the values (see she.compact)
+                self._encoder.encode(column.tolist(), scale / (2 if self.packing == "single"
+                                                               else 1), plain)
             if self.packing == "single":
                 items.append(self._compact(self._encryptor.encrypt_symmetric(plain)))
             else:  # the server's kernels need both polynomials as coefficient arrays
@@ -128,7 +131,7 @@ class Client:
         raw = sealbytes.parse(self._bridge.save_serializable(seeded), level, seeded=True)
         assert raw.seed_info is not None
         c0 = self._bridge.transform(raw.data[0], to_ntt=False)
-        return compact.pack(c0, level.moduli, self._drop_bits, raw.scale, raw.seed_info)
+        return compact.pack(c0, level.moduli, self._drop_bits, 2 * raw.scale, raw.seed_info)
 
     def decrypt(self, data: bytes) -> np.ndarray:
         """Decrypt a result message into an array of shape ``(batch, output_size)``."""

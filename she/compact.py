@@ -1,18 +1,34 @@
-"""The compact upload of single packing: a fresh ciphertext in about half its seeded size.
+"""The compact upload of single packing: a fresh ciphertext in about a quarter of its
+seeded size.
 
-A fresh symmetric encryption is ``(c0, c1)`` with ``c1`` drawn from a seed, so SEAL's
-seeded form already sends only ``c0`` and the seed. ``c0`` itself is uniform modulo the
-product ``Q`` of the ciphertext primes, but SEAL stores every RNS coefficient in 64 bits
-(and zstd cannot compress uniform residues). This form sends ``c0`` exactly as wide as it
-is: each coefficient, rebuilt from its residues (CRT) in coefficient form, takes
-``ceil(log2 Q)`` bits. It may also drop the ``d`` lowest bits of every coefficient (rounding
-to the nearest multiple of ``2^d``, as compressed lattice ciphertexts do): that adds at most
-``2^(d-1)`` to each coefficient of the noise, which the compiler budgets for
-(``Plan.input_drop_bits``; the value is public, anyone holding ``c0`` could round it)::
+A fresh symmetric encryption is ``(c0, c1)`` with ``c1 = a`` drawn from a seed, so SEAL's
+seeded form already sends only ``c0`` and the seed. Two more halvings:
 
-    b"SHEi" | version (u8) | dropped bits d (u8) | width w (u16) | scale (f64)
-    | SEAL's 81-byte seed record | N coefficients of w bits each, little-endian bit order
-      (N is a multiple of 8, so they fill whole bytes)
+* **Exact width.** ``c0`` is uniform modulo the product ``Q`` of the ciphertext primes, but
+  SEAL stores every RNS residue in 64 bits (and zstd cannot compress uniform residues).
+  Here each coefficient, rebuilt from its residues (CRT) in coefficient form, takes
+  ``ceil(log2 Q)`` bits, less ``d`` low bits rounded away (to the nearest multiple of
+  ``2^d``, as compressed lattice ciphertexts do): that adds at most ``2^(d-1)`` to each
+  coefficient of the noise, which the compiler budgets for (``Plan.input_drop_bits``; the
+  value is public, anyone holding ``c0`` could round it).
+* **Folding by conjugation.** The inputs are real, so the plaintext ``m`` is fixed by the
+  conjugation ``tau: X -> X^-1`` (``tau(m) = m``). Writing ``T(p) = p + tau(p)``:
+  ``T(c0) + T(a s) = T(m + e) = 2m + e + tau(e)``, and ``T(c0)`` has only ``N/2`` free
+  coefficients (``T(c0)_j = c0_j - c0_(N-j)`` for ``0 < j < N/2``, ``2 c0_0`` at 0, 0 at
+  ``N/2``, the upper half the negated mirror). The client sends ``w_0 = c0_0`` and
+  ``w_j = c0_j - c0_(N-j) mod Q`` for ``0 < j < N/2``; the server rebuilds ``v = (w_0, ...,
+  w_(N/2-1), 0, ..., 0)``, for which ``T(v) = T(c0)``, and computes
+  ``(v, a) + conjugate((v, a))`` with the client's conjugation key: a ciphertext of ``2m``
+  (its ``a``-parts key-switched from ``tau(s)`` to ``s``). The client encodes at half the
+  plan's input scale, so the result has exactly that scale; its noise is ``e + tau(e)``, the
+  dropped bits' rounding (each coefficient once) and one key switch. Sending ``w`` reveals
+  nothing beyond the ciphertext it is computed from.
+
+Format::
+
+    b"SHEi" | version (u8) | dropped bits d (u8) | width w (u16) | scale after folding (f64)
+    | SEAL's 81-byte seed record | N/2 coefficients of w bits each, little-endian bit order
+      (N/2 is a multiple of 8, so they fill whole bytes)
 
 The reader checks every field against the level it expects and every coefficient against
 its range before anything is rebuilt.
@@ -30,7 +46,7 @@ from .errors import FormatError
 from .sealbytes import SEED_INFO_SIZE, check_seed_info
 
 MAGIC = b"SHEi"
-VERSION = 1
+VERSION = 2
 _HEADER = struct.Struct("<4sBBHd")
 #: Most low bits a spec may ask to drop (a client refuses more: the noise would swamp any
 #: input encrypted at a usable scale).
@@ -44,28 +60,34 @@ def coefficient_width(moduli: Sequence[int], drop_bits: int) -> int:
 
 def packed_size(moduli: Sequence[int], degree: int, drop_bits: int) -> int:
     """Bytes of a compact ciphertext."""
-    return _HEADER.size + SEED_INFO_SIZE + degree * coefficient_width(moduli, drop_bits) // 8
+    return (_HEADER.size + SEED_INFO_SIZE
+            + degree // 2 * coefficient_width(moduli, drop_bits) // 8)
 
 
 def pack(c0: np.ndarray, moduli: Sequence[int], drop_bits: int, scale: float,
          seed_info: bytes) -> bytes:
-    """The compact form of ``c0`` (``(L, N)`` residues in coefficient form) and its seed."""
+    """The compact form of ``c0`` (``(L, N)`` residues in coefficient form) and its seed;
+    ``scale``: the scale the folded ciphertext has (twice the encoding scale)."""
     if len(seed_info) != SEED_INFO_SIZE:
         raise ValueError(f"seed record must have {SEED_INFO_SIZE} bytes")
-    values = _compose(c0, moduli) % _modulus(moduli)
+    q = _modulus(moduli)
+    values = _compose(c0, moduli)
+    half = len(values) // 2
+    folded = np.concatenate([values[:1], values[1:half] - values[:half:-1]]) % q
     if drop_bits:
-        values = (values + (1 << (drop_bits - 1))) >> drop_bits
+        folded = (folded + (1 << (drop_bits - 1))) >> drop_bits
     width = coefficient_width(moduli, drop_bits)
     header = _HEADER.pack(MAGIC, VERSION, drop_bits, width, scale)
-    return header + seed_info + _pack_bits(values, width)
+    return header + seed_info + _pack_bits(folded, width)
 
 
 def unpack(blob: bytes, moduli: Sequence[int], degree: int,
            drop_bits: int) -> tuple[np.ndarray, float, bytes]:
     """Read a compact ciphertext expected with these primes, ring size and dropped bits.
 
-    Returns ``(c0, scale, seed_info)``: ``c0`` as ``(L, N)`` uint64 residues in coefficient
-    form. Raises :class:`FormatError` on anything unexpected.
+    Returns ``(v, scale, seed_info)``: ``v`` as ``(L, N)`` uint64 residues in coefficient
+    form (the sent half, zeros above), to be conjugated and added (see the module text).
+    Raises :class:`FormatError` on anything unexpected.
     """
     q = _modulus(moduli)
     largest = _largest(q, drop_bits)
@@ -85,14 +107,14 @@ def unpack(blob: bytes, moduli: Sequence[int], degree: int,
     start = _HEADER.size + SEED_INFO_SIZE
     seed_info = bytes(blob[_HEADER.size:start])
     check_seed_info(seed_info)
-    values = _unpack_bits(memoryview(blob)[start:], degree, width)
+    values = _unpack_bits(memoryview(blob)[start:], degree // 2, width)
     if any(v > largest for v in values):
         raise FormatError("compact ciphertext coefficient out of range")
     full = (values * (1 << drop_bits)) % q if drop_bits else values
-    c0 = np.stack([(full % int(m)).astype(np.uint64) for m in moduli])
-    return c0, scale, seed_info
-
-
+    v = np.zeros((len(moduli), degree), dtype=np.uint64)
+    for row, m in zip(v, moduli, strict=True):
+        row[:degree // 2] = (full % int(m)).astype(np.uint64)
+    return v, scale, seed_info
 def _modulus(moduli: Sequence[int]) -> int:
     return math.prod(int(m) for m in moduli)
 

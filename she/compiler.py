@@ -326,7 +326,8 @@ class Plan:
             "estimated_bytes": {
                 "ciphertext_fresh": ct_bytes,
                 "relin_keys": relin_bytes,
-                "galois_keys": relin_bytes * len(steps),
+                # single packing: one key per rotation step, and the conjugation's
+                "galois_keys": relin_bytes * (len(steps) + (self.packing == "single")),
                 "upload_per_request": upload,
                 "server_memory_per_request": (self.batch_memory_bytes()
                                               if self.packing == "batch" else None),
@@ -657,7 +658,8 @@ def _set_predicted_error(plan: Plan, quantised: list[tuple[np.ndarray, int, np.n
     :data:`DROP_ERROR_SHARE`.
 
     Error variances are followed per sample (``samples``, see :func:`_error_samples`) and
-    per unit: the inputs' noise (fresh encryption, plus the rounding of dropped bits), bias
+    per unit: the inputs' noise (fresh encryption; in single packing also the folding of the
+    upload and the rounding of its dropped bits), bias
     rounding and, without calibration (``deviation`` is None), weight rounding through each
     affine map; then ``4 y^2`` amplification (``y``: the sample's pre-square value) and
     rescale rounding at each square. In single packing every diagonal entry also carries
@@ -689,8 +691,14 @@ def _set_predicted_error(plan: Plan, quantised: list[tuple[np.ndarray, int, np.n
             rest = amplify * rest + rescale / scales[k + 1][0] ** 2
             gain = amplify * gain
 
+    # Per-coefficient variance of the inputs' noise: a fresh encryption's, and in single
+    # packing the folded upload's (she.compact): e + tau(e), one key switch rounding like a
+    # rescale, and the dropped bits' rounding.
+    fresh = (NOISE_SIGMA ** 2 if plan.packing == "batch"
+             else 2 * NOISE_SIGMA ** 2 + (1 + 2 * n / 3) / 12)
+
     def predict(drop_bits: int) -> float:
-        coefficient = NOISE_SIGMA ** 2 + (4.0 ** drop_bits / 12 if drop_bits else 0.0)
+        coefficient = fresh + (4.0 ** drop_bits / 12 if drop_bits else 0.0)
         variance = rest + gain * (coefficient * n / plan.input_scale ** 2)
         return SIGMAS * math.sqrt(float(variance.max(initial=0.0))) + (deviation or 0.0)
 

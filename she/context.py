@@ -104,9 +104,12 @@ def load_public_context(data: bytes, params: EncryptionParameters) -> ts.Context
     return ctx
 
 
-def galois_elements(steps: list[int], poly_modulus_degree: int) -> list[int]:
-    """SEAL's Galois elements for left rotations by ``steps`` (generator 3 modulo 2N)."""
-    return [pow(3, step, 2 * poly_modulus_degree) for step in steps]
+def galois_elements(steps: list[int], poly_modulus_degree: int,
+                    conjugate: bool = False) -> list[int]:
+    """SEAL's Galois elements for left rotations by ``steps`` (generator 3 modulo 2N), and
+    with ``conjugate`` the complex conjugation's (``2N - 1``) after them."""
+    return ([pow(3, step, 2 * poly_modulus_degree) for step in steps]
+            + ([2 * poly_modulus_degree - 1] if conjugate else []))
 
 
 def relin_key_bytes(ctx: ts.Context) -> bytes:
@@ -114,10 +117,12 @@ def relin_key_bytes(ctx: ts.Context) -> bytes:
     return _save_serializable(ctx, lambda keygen: keygen.create_relin_keys())
 
 
-def galois_key_bytes(ctx: ts.Context, steps: list[int]) -> bytes:
-    """Galois keys for exactly ``steps`` (SEAL's seeded serialisation; needs the secret key)."""
+def galois_key_bytes(ctx: ts.Context, steps: list[int], conjugate: bool = False) -> bytes:
+    """Galois keys for exactly ``steps`` and, with ``conjugate``, the complex conjugation
+    (SEAL's seeded serialisation; needs the secret key)."""
     n = ctx.seal_context().data.key_context_data().parms().poly_modulus_degree()
-    return _save_serializable(ctx, lambda keygen: keygen.create_galois_keys(galois_elements(steps, n)))
+    elements = galois_elements(steps, n, conjugate)
+    return _save_serializable(ctx, lambda keygen: keygen.create_galois_keys(elements))
 
 
 def _save_serializable(ctx: ts.Context, create: Callable[[sealapi.KeyGenerator], Any]) -> bytes:
@@ -134,14 +139,18 @@ def load_relin_keys(ctx: ts.Context, data: bytes) -> sealapi.RelinKeys:
     return _load_keys(ctx, data, sealapi.RelinKeys(), "relinearisation")
 
 
-def load_galois_keys(ctx: ts.Context, data: bytes, steps: list[int]) -> sealapi.GaloisKeys:
-    """Load uploaded Galois keys, checking SEAL's validity and that ``steps`` are covered."""
+def load_galois_keys(ctx: ts.Context, data: bytes, steps: list[int],
+                     conjugate: bool = False) -> sealapi.GaloisKeys:
+    """Load uploaded Galois keys, checking SEAL's validity and that ``steps`` (and with
+    ``conjugate`` the complex conjugation) are covered."""
     n = ctx.seal_context().data.key_context_data().parms().poly_modulus_degree()
     keys = _load_keys(ctx, data, sealapi.GaloisKeys(), "Galois")
-    missing = [s for s, elt in zip(steps, galois_elements(steps, n), strict=True)
+    missing = [str(s) for s, elt in zip(steps, galois_elements(steps, n), strict=True)
                if not keys.has_key(elt)]
+    if conjugate and not keys.has_key(2 * n - 1):
+        missing.append("conjugation")
     if missing:
-        raise FormatError(f"Galois keys for rotation steps {missing} are missing")
+        raise FormatError(f"Galois keys for rotation steps {', '.join(missing)} are missing")
     return keys
 
 

@@ -76,18 +76,19 @@ class Server:
     def load_context(self, data: bytes) -> EvaluationKeys:
         """Accept a client's public context message."""
         steps = self.plan.rotation_steps()
+        single = self.plan.packing == "single"  # Galois keys: rotations and conjugation
         msg = wire.unpack(data, kind=wire.KIND_CONTEXT, max_items=3,
                           max_item_bytes=len(data))
         if msg.meta.get("fingerprint") != self.fingerprint:
             raise FormatError("context was made for other encryption parameters")
         if msg.items:  # a context that carries a secret key is refused whatever follows it
             ctx = load_public_context(msg.items[0], self.plan.params)
-        if len(msg.items) != 2 + bool(steps):
-            raise FormatError(f"expected {2 + bool(steps)} items (public context, "
-                              f"relinearisation keys{', Galois keys' if steps else ''}), "
+        if len(msg.items) != 2 + single:
+            raise FormatError(f"expected {2 + single} items (public context, "
+                              f"relinearisation keys{', Galois keys' if single else ''}), "
                               f"got {len(msg.items)}")
         relin = load_relin_keys(ctx, msg.items[1])
-        galois = load_galois_keys(ctx, msg.items[2], steps) if steps else None
+        galois = load_galois_keys(ctx, msg.items[2], steps, conjugate=True) if single else None
         return EvaluationKeys(ctx, self.fingerprint, relin, galois)
 
     def evaluate(self, keys: EvaluationKeys, data: bytes) -> bytes:
@@ -118,20 +119,26 @@ class Server:
     def _evaluate_single(self, keys: EvaluationKeys, level: sealbytes.LevelSpec,
                          item: bytes) -> bytes:
         """Single packing: ``item`` is the compact input ciphertext (:mod:`she.compact`),
-        rebuilt here into SEAL's seeded form, which SEAL expands."""
+        rebuilt here into SEAL's seeded form, which SEAL expands, and unfolded: added to its
+        conjugate."""
         if keys.galois is None:
             raise FormatError("these evaluation keys carry no Galois keys")
         assert isinstance(self.engine, SingleEngine)
-        c0, scale, seed_info = compact.unpack(item, level.moduli, level.poly_modulus_degree,
-                                              self.plan.input_drop_bits)
+        v, scale, seed_info = compact.unpack(item, level.moduli, level.poly_modulus_degree,
+                                             self.plan.input_drop_bits)
         if scale != self.plan.input_scale:
             raise FormatError(f"input ciphertext 0 has scale {scale}, "
                               f"expected {self.plan.input_scale}")
         bridge = SealBridge(keys.ctx)
         try:
-            seeded = sealbytes.RawCiphertext(bridge.transform(c0, to_ntt=True)[None], scale,
+            seeded = sealbytes.RawCiphertext(bridge.transform(v, to_ntt=True)[None], scale,
                                              level.parms_id, seed_info=seed_info)
-            out = self.engine.run(keys.ctx, keys.relin, keys.galois, bridge.to_seal(seeded))
+            ct = bridge.to_seal(seeded)
+            evaluator = sealapi.Evaluator(keys.ctx.seal_context().data)
+            conjugate = sealapi.Ciphertext()
+            evaluator.complex_conjugate(ct, keys.galois, conjugate)
+            evaluator.add_inplace(ct, conjugate)
+            out = self.engine.run(keys.ctx, keys.relin, keys.galois, ct)
             return bridge.save_serializable(out)
         finally:
             bridge.close()

@@ -10,6 +10,7 @@ import tenseal.sealapi as sealapi
 
 import she
 from she import compact, layout, wire
+from she.context import galois_key_bytes
 from she.data import load_idx_dataset
 
 
@@ -61,9 +62,9 @@ def test_upload_is_compact_and_a_seal_ciphertext_is_refused(single, test_images)
     primes = plan.params.ciphertext_primes
     n = plan.params.poly_modulus_degree
     assert len(msg.items[0]) == compact.packed_size(primes, n, plan.input_drop_bits)
-    # Each coefficient takes the width of the primes' product, less the dropped bits.
+    # Half the coefficients (folded), each as wide as the primes' product less the dropped bits.
     bits = sum(p.bit_length() for p in primes) - plan.input_drop_bits
-    assert len(msg.items[0]) <= n * bits / 8 + 200
+    assert len(msg.items[0]) <= n / 2 * bits / 8 + 200
     # The same image in SEAL's seeded form (64-bit words) is not what the server expects.
     bridge = she.context.SealBridge(client.ctx)
     try:
@@ -92,7 +93,7 @@ def test_context_without_galois_keys_is_refused(single):
         server.load_context(stripped)
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated", "other-steps"])
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "other-steps", "no-conjugation"])
 def test_bad_galois_keys_are_refused(single, damage):
     plan, server, client, context, _ = single
     msg = wire.unpack(context, kind=wire.KIND_CONTEXT, max_items=3, max_item_bytes=1 << 30)
@@ -101,9 +102,10 @@ def test_bad_galois_keys_are_refused(single, damage):
         keys = np.random.default_rng(0).bytes(len(keys))
     elif damage == "truncated":
         keys = keys[: len(keys) // 2]
-    else:
-        from she.context import galois_key_bytes
-        keys = galois_key_bytes(client.ctx, plan.rotation_steps()[:-1])
+    elif damage == "other-steps":
+        keys = galois_key_bytes(client.ctx, plan.rotation_steps()[:-1], conjugate=True)
+    else:  # every rotation, but nothing to unfold the upload with
+        keys = galois_key_bytes(client.ctx, plan.rotation_steps())
     with pytest.raises(she.FormatError, match="Galois keys"):
         server.load_context(wire.pack(wire.KIND_CONTEXT, msg.meta, [*msg.items[:2], keys]))
 
