@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,12 +30,15 @@ import torch
 from torch import nn
 
 import she
-from converters.train_demo import accuracy, batches, export_onnx, load_split, predict, seed_everything
-
-try:  # progress bars are optional
-    from tqdm import tqdm
-except ImportError:  # pragma: no cover - depends on the environment
-    tqdm = None
+from converters.train_demo import (
+    accuracy,
+    batches,
+    export_onnx,
+    load_split,
+    predict,
+    progress,
+    seed_everything,
+)
 
 DEFAULT_OUT = "she/assets/tutorial_cnn.onnx"
 DEFAULT_DATA = "../shared/data/mnist"
@@ -81,13 +83,6 @@ class TutorialNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.flatten(self.act1(self.conv(x)))
         return self.fc2(self.act2(self.fc1(h)))
-
-
-def progress(items: Iterable[torch.Tensor], total: int, desc: str) -> Iterable[torch.Tensor]:
-    """Wrap ``items`` in a tqdm bar when tqdm is installed."""
-    if tqdm is None:
-        return items
-    return tqdm(items, total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
 def train_epoch(

@@ -1,5 +1,6 @@
-"""The compact upload of single packing: a fresh ciphertext in about a quarter of its
-seeded size.
+"""The compact upload of single packing: a fresh ciphertext in about a fifth of SEAL's
+seeded form (the TenSEAL-tutorial network: 63.7 KB where SEAL writes 328 KB, 167 KB with
+zstd).
 
 A fresh symmetric encryption is ``(c0, c1)`` with ``c1 = a`` drawn from a seed, so SEAL's
 seeded form already sends only ``c0`` and the seed. Two more halvings:
