@@ -119,6 +119,19 @@ def test_unfolded_ciphertext_decrypts_within_the_predicted_noise(single):
     assert np.abs(error).max() < 6 * predicted
 
 
+def test_dropped_bits_stay_within_the_compilers_error_budget(single, toy_model_path,
+                                                            toy_calibration, monkeypatch):
+    plan, *_ = single
+    assert plan.spec()["input_drop_bits"] == plan.input_drop_bits > 0
+    share = she.compiler.DROP_ERROR_SHARE
+    monkeypatch.setattr(she.compiler, "DROP_ERROR_SHARE", 0.0)
+    exact = she.compile(she.load(toy_model_path), calibration=toy_calibration, packing="single")
+    assert exact.input_drop_bits == 0
+    assert exact.params == plan.params
+    assert exact.predicted_error < plan.predicted_error
+    assert plan.predicted_error <= exact.predicted_error * (1 + share)
+
+
 @pytest.mark.parametrize("damage", ["length", "magic", "version", "drop", "scale", "range",
                                     "seed"])
 def test_malformed_compact_ciphertext_is_refused(single, residues, damage):
