@@ -113,9 +113,9 @@ class Client:
             plain = sealapi.Plaintext()
             if self._int_range is not None:
                 self._encoder.encode(column.tolist(), plain)
-            else:  # single packing: folding doubles the values (see she.compact)
-                self._encoder.encode(column.tolist(), scale / (2 if self.packing == "single"
-                                                               else 1), plain)
+            else:  # single packing: unfolding multiplies the values (see she.compact)
+                gain = compact.FOLD_GAIN if self.packing == "single" else 1
+                self._encoder.encode(column.tolist(), scale / gain, plain)
             if self.packing == "single":
                 items.append(self._compact(self._encryptor.encrypt_symmetric(plain)))
             else:  # the server's kernels need both polynomials as coefficient arrays
@@ -131,7 +131,8 @@ class Client:
         raw = sealbytes.parse(self._bridge.save_serializable(seeded), level, seeded=True)
         assert raw.seed_info is not None
         c0 = self._bridge.transform(raw.data[0], to_ntt=False)
-        return compact.pack(c0, level.moduli, self._drop_bits, 2 * raw.scale, raw.seed_info)
+        return compact.pack(c0, level.moduli, self._drop_bits, compact.FOLD_GAIN * raw.scale,
+                            raw.seed_info)
 
     def decrypt(self, data: bytes) -> np.ndarray:
         """Decrypt a result message into an array of shape ``(batch, output_size)``."""

@@ -42,9 +42,11 @@ import struct
 from collections.abc import Sequence
 
 import numpy as np
+import tenseal.sealapi as sealapi
 
+from .context import SealBridge
 from .errors import FormatError
-from .sealbytes import SEED_INFO_SIZE, check_seed_info
+from .sealbytes import SEED_INFO_SIZE, LevelSpec, RawCiphertext, check_seed_info
 
 MAGIC = b"SHEi"
 VERSION = 2
@@ -52,6 +54,9 @@ _HEADER = struct.Struct("<4sBBHd")
 #: Most low bits a spec may ask to drop (a client refuses more: the noise would swamp any
 #: input encrypted at a usable scale).
 MAX_DROP_BITS = 30
+#: Unfolding doubles the encrypted values: the client encodes at the plan's input scale
+#: divided by this, and the header carries the scale after unfolding.
+FOLD_GAIN = 2
 
 
 def coefficient_width(moduli: Sequence[int], drop_bits: int) -> int:
@@ -116,6 +121,22 @@ def unpack(blob: bytes, moduli: Sequence[int], degree: int,
     for row, m in zip(v, moduli, strict=True):
         row[:degree // 2] = (full % int(m)).astype(np.uint64)
     return v, scale, seed_info
+
+
+def unfold(bridge: SealBridge, level: LevelSpec, v: np.ndarray, scale: float, seed_info: bytes,
+           galois: sealapi.GaloisKeys) -> sealapi.Ciphertext:
+    """The ciphertext of the input from :func:`unpack`'s result: SEAL expands ``(v, a)``
+    from the seed, and the sum with its conjugate (``galois`` holds the conjugation key) is
+    the ciphertext the client folded, at ``scale``."""
+    ct = bridge.to_seal(RawCiphertext(bridge.transform(v, to_ntt=True)[None], scale,
+                                      level.parms_id, seed_info=seed_info))
+    evaluator = sealapi.Evaluator(bridge.seal)
+    conjugate = sealapi.Ciphertext()
+    evaluator.complex_conjugate(ct, galois, conjugate)
+    evaluator.add_inplace(ct, conjugate)
+    return ct
+
+
 def _modulus(moduli: Sequence[int]) -> int:
     return math.prod(int(m) for m in moduli)
 

@@ -670,7 +670,10 @@ def _set_predicted_error(plan: Plan, quantised: list[tuple[np.ndarray, int, np.n
     weight-quantisation error measured on calibration samples (with a margin), added.
     """
     n = plan.params.poly_modulus_degree
-    rescale = (1 + 2 * n / 3) / 12 * n  # slot variance of a rescale's rounding, times scale^2
+    # Coefficient variance of a rounding that also multiplies the secret (a rescale, or a
+    # key switch's division by the special prime), and its slot variance times scale^2.
+    rounding = (1 + 2 * n / 3) / 12
+    rescale = rounding * n
     scales = plan.scales()
     diag_scales = plan.diagonal_scales()
     inputs, pre = samples
@@ -694,8 +697,7 @@ def _set_predicted_error(plan: Plan, quantised: list[tuple[np.ndarray, int, np.n
     # Per-coefficient variance of the inputs' noise: a fresh encryption's, and in single
     # packing the folded upload's (she.compact): e + tau(e), one key switch rounding like a
     # rescale, and the dropped bits' rounding.
-    fresh = (NOISE_SIGMA ** 2 if plan.packing == "batch"
-             else 2 * NOISE_SIGMA ** 2 + (1 + 2 * n / 3) / 12)
+    fresh = NOISE_SIGMA ** 2 if plan.packing == "batch" else 2 * NOISE_SIGMA ** 2 + rounding
 
     def predict(drop_bits: int) -> float:
         coefficient = fresh + (4.0 ** drop_bits / 12 if drop_bits else 0.0)

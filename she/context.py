@@ -145,10 +145,9 @@ def load_galois_keys(ctx: ts.Context, data: bytes, steps: list[int],
     ``conjugate`` the complex conjugation) are covered."""
     n = ctx.seal_context().data.key_context_data().parms().poly_modulus_degree()
     keys = _load_keys(ctx, data, sealapi.GaloisKeys(), "Galois")
-    missing = [str(s) for s, elt in zip(steps, galois_elements(steps, n), strict=True)
-               if not keys.has_key(elt)]
-    if conjugate and not keys.has_key(2 * n - 1):
-        missing.append("conjugation")
+    labels = [str(s) for s in steps] + (["conjugation"] if conjugate else [])
+    missing = [label for label, elt in zip(labels, galois_elements(steps, n, conjugate),
+                                           strict=True) if not keys.has_key(elt)]
     if missing:
         raise FormatError(f"Galois keys for rotation steps {', '.join(missing)} are missing")
     return keys

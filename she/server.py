@@ -131,13 +131,7 @@ class Server:
                               f"expected {self.plan.input_scale}")
         bridge = SealBridge(keys.ctx)
         try:
-            seeded = sealbytes.RawCiphertext(bridge.transform(v, to_ntt=True)[None], scale,
-                                             level.parms_id, seed_info=seed_info)
-            ct = bridge.to_seal(seeded)
-            evaluator = sealapi.Evaluator(keys.ctx.seal_context().data)
-            conjugate = sealapi.Ciphertext()
-            evaluator.complex_conjugate(ct, keys.galois, conjugate)
-            evaluator.add_inplace(ct, conjugate)
+            ct = compact.unfold(bridge, level, v, scale, seed_info, keys.galois)
             out = self.engine.run(keys.ctx, keys.relin, keys.galois, ct)
             return bridge.save_serializable(out)
         finally:

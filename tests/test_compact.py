@@ -78,7 +78,8 @@ def _seeded(single):
     """A fresh seeded encryption of :func:`_values`, at half the input scale (the client's)."""
     plan, client, _, bridge = single
     plain = sealapi.Plaintext()
-    sealapi.CKKSEncoder(bridge.seal).encode(_values(single).tolist(), plan.input_scale / 2, plain)
+    sealapi.CKKSEncoder(bridge.seal).encode(_values(single).tolist(),
+                                            plan.input_scale / compact.FOLD_GAIN, plain)
     return sealapi.Encryptor(bridge.seal, client.ctx.secret_key().data).encrypt_symmetric(plain)
 
 
@@ -97,17 +98,13 @@ def test_unfolded_ciphertext_decrypts_within_the_predicted_noise(single):
     assert not np.array_equal(coefficients, raw.data[0])
     np.testing.assert_array_equal(bridge.transform(coefficients, to_ntt=True), raw.data[0])
     drop = plan.input_drop_bits
-    blob = compact.pack(coefficients, level.moduli, drop, 2 * raw.scale, raw.seed_info)
+    blob = compact.pack(coefficients, level.moduli, drop, compact.FOLD_GAIN * raw.scale,
+                        raw.seed_info)
     v, scale, seed = compact.unpack(blob, level.moduli, level.poly_modulus_degree, drop)
     assert scale == plan.input_scale
-    ct = bridge.to_seal(sealbytes.RawCiphertext(bridge.transform(v, to_ntt=True)[None], scale,
-                                                level.parms_id, seed_info=seed))
-    assert ct.size() == 2
     keys = she.Server(plan).load_context(client.public_context())
-    evaluator = sealapi.Evaluator(bridge.seal)
-    conjugate = sealapi.Ciphertext()
-    evaluator.complex_conjugate(ct, keys.galois, conjugate)
-    evaluator.add_inplace(ct, conjugate)
+    ct = compact.unfold(bridge, level, v, scale, seed, keys.galois)
+    assert ct.size() == 2
     plain = sealapi.Plaintext()
     sealapi.Decryptor(bridge.seal, client.ctx.secret_key().data).decrypt(ct, plain)
     error = np.asarray(sealapi.CKKSEncoder(bridge.seal).decode_double(plain)) - _values(single)
