@@ -4,9 +4,12 @@ Keys are generated and held by TenSEAL/SEAL only. The client creates a context t
 carries the secret key; what it sends is :func:`public_context_bytes` (the parameters, no
 key at all) with :func:`relin_key_bytes` and, for single packing, :func:`galois_key_bytes`
 (evaluation keys in SEAL's seeded form, half the size of their expanded form). A server
-accepts a context through :func:`load_public_context`, which refuses one that carries a
-secret key or whose parameters differ from the plan's, and the keys through
-:func:`load_relin_keys` and :func:`load_galois_keys`.
+accepts a context through :func:`load_public_context`, which reads the upload itself
+(TenSEAL never parses it) and refuses one that carries any key or whose parameters differ
+from the plan's, then builds the context from the plan; and the keys through
+:func:`load_relin_keys` and :func:`load_galois_keys`, which accept exactly the keys the
+plan needs, of exactly their size, checked before anything is decompressed past that
+size or handed to SEAL.
 
 This module also moves ciphertexts between SEAL objects and the numpy arrays the engine
 computes on (:class:`SealBridge`): SEAL's Python bindings load and save ciphertexts
@@ -16,8 +19,10 @@ through files only, so the bridge uses a private directory in shared memory.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -86,22 +91,145 @@ def check_matches(ctx: ts.Context, params: EncryptionParameters) -> None:
 
 
 def load_public_context(data: bytes, params: EncryptionParameters) -> ts.Context:
-    """Load an uploaded context for evaluation, refusing secret keys and foreign parameters."""
+    """The server's context for an uploaded public context (item 0 of a context message).
+
+    The upload is read here as the protobuf message TenSEAL writes (``TenSEALContextProto``)
+    and never handed to TenSEAL: it must hold SEAL's encryption parameters, equal to
+    ``params``, and nothing else. A secret key (the private part) is refused with
+    :class:`SecurityError`; a public, relinearisation or Galois key, or any field TenSEAL
+    does not write, with :class:`FormatError`; other parameters with
+    :class:`ParameterError`. Only then is the context built, from ``params`` on the server
+    (a key-less context: SEAL's tables for these parameters, no key generation).
+    """
+    check_public_context(data, params)
+    ctx = ts.context_from(_parameters_only_context(params))
+    check_matches(ctx, params)
+    return ctx
+
+
+#: Largest SEAL parameter serialisation accepted (uncompressed: a few bytes per prime).
+_MAX_PARMS_BYTES = 4096
+_SCHEMES = {"bfv": 1, "ckks": 2}
+_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
+
+
+def check_public_context(data: bytes, params: EncryptionParameters) -> None:
+    """Check that ``data`` is a TenSEAL context holding exactly ``params`` and no key.
+
+    Cheap and allocation-bounded: a protobuf reader for the four fields of
+    ``TenSEALContextProto`` and the two of ``TenSEALPublicProto`` TenSEAL writes for a
+    parameters-only context (automatic-operation flags and the default scale), and a
+    reader of SEAL's ``EncryptionParameters`` decompressed to at most a few KiB.
+    """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise FormatError("context must be bytes")
     if len(data) > MAX_CONTEXT_BYTES:
         raise FormatError(f"context of {len(data)} bytes exceeds the {MAX_CONTEXT_BYTES} limit")
-    try:
-        ctx = ts.context_from(bytes(data))
-    except Exception as exc:  # TenSEAL raises ValueError / RuntimeError on garbage
-        raise FormatError(f"not a TenSEAL context: {exc}") from exc
-    if ctx.has_secret_key():
+    top = _proto_fields(bytes(data), {1: _LEN, 2: _LEN, 3: _LEN, 4: _VARINT}, "context")
+    if 3 in top:
         raise SecurityError(
             "the uploaded context carries a secret key; send only the public context "
             "(Context.serialize(save_secret_key=False)) and keep the secret key on the client"
         )
-    check_matches(ctx, params)
-    return ctx
+    if top.get(4, 0) not in (0, 1):
+        raise FormatError(f"context names an unknown encryption type {top[4]}")
+    public = _proto_fields(top.get(2, b""), {1: _LEN, 2: _VARINT, 3: _I64, 4: _LEN, 5: _LEN},
+                           "public context")
+    keys = [name for field, name in ((1, "public"), (4, "relinearisation"), (5, "Galois"))
+            if field in public]
+    if keys:
+        raise FormatError(f"the context carries {' and '.join(keys)} keys; it must hold the "
+                          "parameters only (evaluation keys travel as items of their own)")
+    if 1 not in top:
+        raise FormatError("context holds no encryption parameters")
+    _check_parms(top[1], params)
+
+
+def _check_parms(blob: bytes, params: EncryptionParameters) -> None:
+    """SEAL's ``EncryptionParameters`` serialisation: scheme (u8), N (u64), the number of
+    primes (u64), each prime and then the plaintext modulus as a nested ``Modulus`` (SEAL
+    header, u64 value)."""
+    body = sealbytes.unwrap(blob, _MAX_PARMS_BYTES, "encryption parameters")
+    modulus = struct.Struct("<16sQ")
+    try:
+        scheme, degree, count = struct.unpack_from("<BQQ", body)
+        if count > 64 or len(body) != 17 + modulus.size * (count + 1):
+            raise FormatError("malformed encryption parameters in the context")
+        values = [modulus.unpack_from(body, 17 + modulus.size * i)[1] for i in range(count + 1)]
+    except struct.error as exc:
+        raise FormatError("malformed encryption parameters in the context") from exc
+    names = {v: k.upper() for k, v in _SCHEMES.items()}
+    if scheme != _SCHEMES[params.scheme]:
+        raise ParameterError(f"context is a {names.get(scheme, f'scheme-{scheme}')} context, "
+                             f"the model needs {params.scheme.upper()}")
+    if degree != params.poly_modulus_degree:
+        raise ParameterError(f"context has N={degree}, the model needs "
+                             f"N={params.poly_modulus_degree}")
+    if tuple(values[:-1]) != params.primes:
+        raise ParameterError("context coefficient modulus differs from the model's parameters")
+    if values[-1] != (params.plain_modulus if params.scheme == "bfv" else 0):
+        raise ParameterError("context plaintext modulus differs from the model's parameters")
+
+
+def _proto_fields(data: bytes, allowed: dict[int, int], what: str) -> dict[int, Any]:
+    """The fields of one protobuf message: ``allowed`` maps field numbers to wire types.
+    Unknown fields, other wire types, repeated fields and truncation are refused."""
+    fields: dict[int, Any] = {}
+    pos = 0
+    while pos < len(data):
+        tag, pos = _varint(data, pos, what)
+        number, wire_type = tag >> 3, tag & 7
+        if allowed.get(number) != wire_type or number in fields:
+            raise FormatError(f"{what} is not a TenSEAL context (unexpected field {number}, "
+                              f"wire type {wire_type})")
+        if wire_type == _VARINT:
+            value, pos = _varint(data, pos, what)
+        else:
+            length, pos = _varint(data, pos, what) if wire_type == _LEN else ({_I64: 8, _I32: 4}[
+                wire_type], pos)
+            if pos + length > len(data):
+                raise FormatError(f"{what} is truncated")
+            value, pos = data[pos:pos + length], pos + length
+        fields[number] = value
+    return fields
+
+
+def _varint(data: bytes, pos: int, what: str) -> tuple[int, int]:
+    value = 0
+    for shift in range(0, 70, 7):
+        if pos >= len(data):
+            raise FormatError(f"{what} is truncated")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+    raise FormatError(f"{what} holds a malformed integer")
+
+
+@functools.lru_cache(maxsize=16)
+def _parameters_only_context(params: EncryptionParameters) -> bytes:
+    """TenSEAL's serialisation of a context holding ``params`` and no key, written here
+    from SEAL's own ``EncryptionParameters`` (no key is generated)."""
+    parms = sealapi.EncryptionParameters(
+        sealapi.SCHEME_TYPE.BFV if params.scheme == "bfv" else sealapi.SCHEME_TYPE.CKKS)
+    parms.set_poly_modulus_degree(params.poly_modulus_degree)
+    parms.set_coeff_modulus([sealapi.Modulus(q) for q in params.primes])
+    if params.scheme == "bfv":
+        parms.set_plain_modulus(sealapi.Modulus(params.plain_modulus))
+    with tempfile.TemporaryDirectory(prefix="she-") as tmp:
+        path = os.path.join(tmp, "parms")
+        parms.save(path)
+        blob = Path(path).read_bytes()
+    return bytes([1 << 3 | _LEN]) + _varint_bytes(len(blob)) + blob
+
+
+def _varint_bytes(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    return bytes(out + bytes([value]))
 
 
 def galois_elements(steps: list[int], poly_modulus_degree: int,
@@ -135,33 +263,53 @@ def _save_serializable(ctx: ts.Context, create: Callable[[sealapi.KeyGenerator],
 
 
 def load_relin_keys(ctx: ts.Context, data: bytes) -> sealapi.RelinKeys:
-    """Load uploaded relinearisation keys, checked by SEAL against ``ctx``'s parameters."""
-    return _load_keys(ctx, data, sealapi.RelinKeys(), "relinearisation")
+    """Load uploaded relinearisation keys: exactly one key (for ``s^2``) of the size
+    ``ctx``'s parameters give, checked before SEAL loads it."""
+    return _load_keys(ctx, data, sealapi.RelinKeys(), "relinearisation", 1, {0: "s^2"})
 
 
 def load_galois_keys(ctx: ts.Context, data: bytes, steps: list[int],
                      conjugate: bool = False) -> sealapi.GaloisKeys:
-    """Load uploaded Galois keys, checking SEAL's validity and that ``steps`` (and with
-    ``conjugate`` the complex conjugation) are covered."""
+    """Load uploaded Galois keys: exactly the keys for ``steps`` (and with ``conjugate``
+    the complex conjugation), no other, checked before SEAL loads them."""
     n = ctx.seal_context().data.key_context_data().parms().poly_modulus_degree()
-    keys = _load_keys(ctx, data, sealapi.GaloisKeys(), "Galois")
-    labels = [str(s) for s in steps] + (["conjugation"] if conjugate else [])
-    missing = [label for label, elt in zip(labels, galois_elements(steps, n, conjugate),
-                                           strict=True) if not keys.has_key(elt)]
-    if missing:
-        raise FormatError(f"Galois keys for rotation steps {', '.join(missing)} are missing")
-    return keys
+    labels = [f"rotation step {s}" for s in steps] + (["conjugation"] if conjugate else [])
+    # SEAL keeps one entry per Galois element g (odd, below 2N), at index g // 2.
+    wanted = {elt >> 1: label for label, elt in zip(labels, galois_elements(steps, n, conjugate),
+                                                   strict=True)}
+    return _load_keys(ctx, data, sealapi.GaloisKeys(), "Galois", n, wanted)
 
 
-def _load_keys(ctx: ts.Context, data: bytes, keys: KeysT, what: str) -> KeysT:
-    """``keys.load`` from ``data`` (SEAL validates the keys against ``ctx``)."""
-    if bytes(data[:2]) != _SEAL_MAGIC:
+def key_level(ctx: ts.Context) -> sealbytes.LevelSpec:
+    """The shape of a key's ciphertexts: every prime (the special one included), NTT form."""
+    data = ctx.seal_context().data.key_context_data()
+    parms = data.parms()
+    return sealbytes.LevelSpec(tuple(data.parms_id()), tuple(m.value() for m in parms.coeff_modulus()),
+                               parms.poly_modulus_degree(), ntt_form=True)
+
+
+def _load_keys(ctx: ts.Context, data: bytes, keys: KeysT, what: str, entries: int,
+               wanted: dict[int, str]) -> KeysT:
+    """``keys.load`` from ``data`` once its layout is known to be exactly the ``wanted``
+    entries (index -> label) of ``entries``: the body is never decompressed past the size
+    those keys have, every key is checked as a ciphertext, then SEAL validates the keys
+    against ``ctx``."""
+    if not isinstance(data, bytes | bytearray | memoryview) or bytes(data[:2]) != _SEAL_MAGIC:
         raise FormatError(f"{what} keys are not in SEAL's serialised format")
+    level = key_level(ctx)
+    expected = sealbytes.switching_keys_size(level, entries, len(wanted))
+    body = sealbytes.unwrap(bytes(data), expected, f"{what} keys")
+    filled = set(sealbytes.switching_key_entries(body, level, entries, what))
+    # A key beyond the wanted ones cannot be there: the body would be larger than expected.
+    missing = [label for index, label in wanted.items() if index not in filled]
+    if missing:
+        raise FormatError(f"{what} keys for {', '.join(missing)} are missing")
     bridge = SealBridge(ctx)
     try:
-        Path(bridge.unit_path(0)).write_bytes(data)
+        Path(bridge.unit_path(0)).write_bytes(sealbytes.wrap(body))
+        del body
         keys.load(ctx.seal_context().data, bridge.unit_path(0))
-    except Exception as exc:  # SEAL raises ValueError / RuntimeError on malformed keys
+    except Exception as exc:  # SEAL raises ValueError / RuntimeError on invalid keys
         raise FormatError(f"{what} keys do not load for these parameters: {exc}") from exc
     finally:
         bridge.close()

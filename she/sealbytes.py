@@ -1,4 +1,5 @@
-"""SEAL's serialised ciphertext format, read into and written from numpy arrays.
+"""SEAL's serialised ciphertext format, read into and written from numpy arrays, and the
+layout of its seeded key-switching keys (checked before SEAL loads any).
 
 A serialised SEAL ciphertext is a 16-byte header followed by a body that is stored
 raw, zlib- or zstd-compressed::
@@ -31,6 +32,7 @@ MAGIC = 0xA15E
 _HEADER = struct.Struct("<HBBBBHQ")
 _BODY = struct.Struct("<4QBQQQdQ")
 _COUNT = struct.Struct("<Q")
+_PARMS_ID = struct.Struct("<4Q")
 COMPR_NONE, COMPR_ZLIB, COMPR_ZSTD = 0, 1, 2
 #: A seeded ciphertext ends with SEAL's UniformRandomGeneratorInfo: a 16-byte header, the
 #: generator type (u8: 1 Blake2xb, 2 SHAKE-256) and a 512-bit seed.
@@ -75,32 +77,54 @@ class RawCiphertext:
     seed_info: bytes | None = None
 
 
-def _decompress(mode: int, payload: bytes, limit: int) -> bytes:
+def _decompress(mode: int, payload: bytes, limit: int, what: str = "ciphertext") -> bytes:
     """Decompress exactly one stream from ``payload``, never producing more than ``limit`` bytes.
 
     Trailing bytes after the compressed stream, a truncated stream and an oversized
-    output are all rejected.
+    output are all rejected (``what`` names the object in the messages).
     """
     if mode == COMPR_NONE:
         out, complete, trailing = payload, True, b""
     elif mode == COMPR_ZSTD:
-        out, complete, trailing = _zstd_bounded(payload, limit)
+        out, complete, trailing = _zstd_bounded(payload, limit, what)
     elif mode == COMPR_ZLIB:
         inflater = zlib.decompressobj()
         try:
             out = inflater.decompress(payload, limit + 1)
         except zlib.error as exc:
-            raise FormatError(f"ciphertext body does not decompress: {exc}") from exc
+            raise FormatError(f"{what} body does not decompress: {exc}") from exc
         complete, trailing = inflater.eof, inflater.unused_data
     else:
         raise FormatError(f"unknown SEAL compression mode {mode}")
     if len(out) > limit:
-        raise FormatError("ciphertext body is larger than the model allows")
+        raise FormatError(f"{what} body is larger than the model allows")
     if not complete:
-        raise FormatError("ciphertext body is truncated")
+        raise FormatError(f"{what} body is truncated")
     if trailing:
-        raise FormatError(f"{len(trailing)} unexpected bytes after the ciphertext body")
+        raise FormatError(f"{len(trailing)} unexpected bytes after the {what} body")
     return out
+
+
+def unwrap(blob: bytes, limit: int, what: str = "ciphertext") -> bytes:
+    """The body of one serialised SEAL object (ciphertext, keys, parameters): the header
+    checked (magic, header size, format version, total size) and the body decompressed to
+    at most ``limit`` bytes, so nothing larger is ever allocated."""
+    if len(blob) < _HEADER.size:
+        raise FormatError(f"{what} too short ({len(blob)} bytes)")
+    magic, hsize, major, _minor, mode, _reserved, total = _HEADER.unpack_from(blob)
+    if magic != MAGIC or hsize != _HEADER.size:
+        raise FormatError(f"not a SEAL {what} (bad magic number or header size)")
+    if major != SEAL_VERSION[0]:
+        raise FormatError(f"SEAL format version {major} is not supported (expected 4)")
+    if total != len(blob):
+        raise FormatError(f"SEAL header says {total} bytes but {len(blob)} were given")
+    return _decompress(mode, bytes(memoryview(blob)[_HEADER.size:]), limit, what)
+
+
+def wrap(body: bytes) -> bytes:
+    """An uncompressed SEAL serialisation of ``body`` (what :func:`unwrap` returns)."""
+    return _HEADER.pack(MAGIC, _HEADER.size, *SEAL_VERSION, COMPR_NONE, 0,
+                        _HEADER.size + len(body)) + body
 
 
 #: Input fed to zstd per step: one RLE block expands 4 bytes to at most 128 KiB, so a
@@ -108,7 +132,7 @@ def _decompress(mode: int, payload: bytes, limit: int) -> bytes:
 _ZSTD_STEP = 2048
 
 
-def _zstd_bounded(payload: bytes, limit: int) -> tuple[bytes, bool, bytes]:
+def _zstd_bounded(payload: bytes, limit: int, what: str) -> tuple[bytes, bool, bytes]:
     inflater = zstandard.ZstdDecompressor().decompressobj()
     parts: list[bytes] = []
     produced = 0
@@ -121,7 +145,7 @@ def _zstd_bounded(payload: bytes, limit: int) -> tuple[bytes, bool, bytes]:
             if produced > limit or inflater.eof:
                 break
     except zstandard.ZstdError as exc:
-        raise FormatError(f"ciphertext body does not decompress: {exc}") from exc
+        raise FormatError(f"{what} body does not decompress: {exc}") from exc
     return b"".join(parts), inflater.eof, inflater.unused_data
 
 
@@ -137,18 +161,8 @@ def parse(blob: bytes, level: LevelSpec, *, size: int = 2, seeded: bool = False,
 
     Raises :class:`FormatError` with a precise reason on anything unexpected.
     """
-    if len(blob) < _HEADER.size:
-        raise FormatError(f"ciphertext too short ({len(blob)} bytes)")
-    magic, hsize, major, _minor, mode, _reserved, total = _HEADER.unpack_from(blob)
-    if magic != MAGIC or hsize != _HEADER.size:
-        raise FormatError("not a SEAL ciphertext (bad magic number or header size)")
-    if major != SEAL_VERSION[0]:
-        raise FormatError(f"SEAL format version {major} is not supported (expected 4)")
-    if total != len(blob):
-        raise FormatError(f"SEAL header says {total} bytes but {len(blob)} were given")
     expected = level.raw_size(size, seeded=seeded)
-    payload = bytes(memoryview(blob)[_HEADER.size :])
-    body = _decompress(mode, payload, expected)
+    body = unwrap(blob, expected)
     if len(body) != expected:
         raise FormatError(
             f"ciphertext body has {len(body)} bytes, expected {expected} for a "
@@ -191,6 +205,61 @@ def parse(blob: bytes, level: LevelSpec, *, size: int = 2, seeded: bool = False,
     else:
         out[...] = data
     return RawCiphertext(out, float(scale), level.parms_id, bool(ntt), int(corr), seed_info)
+
+
+def switching_keys_size(level: LevelSpec, entries: int, keys: int) -> int:
+    """Bytes of the uncompressed body of SEAL's key-switching keys (``RelinKeys``,
+    ``GaloisKeys``) in seeded form: ``entries`` slots of which ``keys`` are filled, each
+    with one seeded ciphertext per ciphertext prime at the key ``level`` (every prime,
+    the special one included)."""
+    key = _HEADER.size + level.raw_size(2, seeded=True)
+    return _PARMS_ID.size + _COUNT.size * (1 + entries) + keys * (level.limbs - 1) * key
+
+
+def switching_key_entries(body: bytes, level: LevelSpec, entries: int, what: str) -> list[int]:
+    """Read the body of SEAL's seeded key-switching keys (``RelinKeys``, ``GaloisKeys``).
+
+    The layout: ``parms_id`` (4 x u64), the number of entries (u64), then for every entry
+    the number of its keys (u64, 0 for an empty entry) and the keys, each an uncompressed
+    seeded ciphertext at the key ``level``. Every key is checked as a ciphertext
+    (:func:`parse`); an entry holds one key per ciphertext prime or none.
+
+    Returns the indices of the filled entries. Raises :class:`FormatError` on another
+    ``parms_id``, another number of entries, a malformed key, truncation or trailing bytes.
+    """
+    key_size = _HEADER.size + level.raw_size(2, seeded=True)
+    parts = level.limbs - 1
+    filled = []
+    try:
+        if _PARMS_ID.unpack_from(body) != level.parms_id:
+            raise FormatError(f"{what} keys were made for other encryption parameters "
+                              "(parms_id mismatch)")
+        pos = _PARMS_ID.size
+        (count,) = _COUNT.unpack_from(body, pos)
+        pos += _COUNT.size
+        if count != entries:
+            raise FormatError(f"{what} keys hold {count} entries, expected {entries}")
+        for index in range(entries):
+            (n,) = _COUNT.unpack_from(body, pos)
+            pos += _COUNT.size
+            if n == 0:
+                continue
+            if n != parts:
+                raise FormatError(f"{what} keys: entry {index} has {n} parts, expected {parts}")
+            for _ in range(n):
+                if _HEADER.unpack_from(body, pos)[4] != COMPR_NONE:
+                    raise FormatError(f"{what} keys: entry {index} is compressed inside")
+                try:
+                    parse(body[pos:pos + key_size], level, seeded=True)
+                except FormatError as exc:
+                    raise FormatError(f"{what} keys: entry {index}: {exc}") from exc
+                pos += key_size
+            filled.append(index)
+    except struct.error as exc:
+        raise FormatError(f"{what} keys are truncated") from exc
+    if pos != len(body):
+        raise FormatError(f"{len(body) - pos} unexpected bytes after the {what} keys")
+    return filled
 
 
 def check_seed_info(record: bytes) -> None:

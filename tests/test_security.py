@@ -186,7 +186,7 @@ def test_server_refuses_missing_or_foreign_relinearisation_keys(toy_server_clien
     # Keys made for other parameters: SEAL's own validation refuses them.
     foreign = relin_key_bytes(she.Client(plan_192.spec()).ctx)
     message = wire.pack(wire.KIND_CONTEXT, {"fingerprint": client.fingerprint}, [body, foreign])
-    with pytest.raises(she.FormatError, match="relinearisation keys do not load"):
+    with pytest.raises(she.FormatError, match="relinearisation keys"):
         server.load_context(message)
 
 
