@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import gzip
 import math
+import zlib
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -30,35 +32,54 @@ _SPLIT_FILES = {
 }
 
 
+#: Largest IDX data accepted (bytes after decompression; MNIST's training images: 47 MB).
+MAX_IDX_BYTES = 1 << 30
+
+
 def read_idx(path: str | Path) -> np.ndarray:
     """Read one IDX file (optionally ``.gz``) into a numpy array.
 
-    Raises :class:`DataError` if the file is missing, truncated or malformed.
+    The file is read as a stream: the header first, then exactly the data it promises
+    (at most :data:`MAX_IDX_BYTES`), so a small gzip file cannot expand without bound.
+    Raises :class:`DataError` if the file is missing, truncated, oversized or malformed.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"IDX file not found: {path}")
     try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")) as stream:
+            return _read_idx_stream(stream, path)
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
         raise DataError(f"cannot read {path}: {exc}") from exc
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+
+
+def _read_idx_stream(stream: BinaryIO, path: Path) -> np.ndarray:
+    head = stream.read(4)
+    if len(head) < 4 or head[0] != 0 or head[1] != 0:
         raise DataError(f"{path} is not an IDX file (bad magic number)")
-    dtype = _IDX_DTYPES.get(raw[2])
+    dtype = _IDX_DTYPES.get(head[2])
     if dtype is None:
-        raise DataError(f"{path}: unknown IDX data type 0x{raw[2]:02x}")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if ndim == 0 or len(raw) < header:
+        raise DataError(f"{path}: unknown IDX data type 0x{head[2]:02x}")
+    ndim = head[3]
+    dims = stream.read(4 * ndim)
+    if ndim == 0 or len(dims) < 4 * ndim:
         raise DataError(f"{path}: truncated IDX header")
-    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    shape = tuple(int(d) for d in np.frombuffer(dims, dtype=">u4"))
     expected = math.prod(shape) * dtype.itemsize
-    if len(raw) - header != expected:
-        raise DataError(
-            f"{path}: IDX header promises {shape} ({expected} bytes of data) "
-            f"but the file holds {len(raw) - header}"
-        )
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+    if expected > MAX_IDX_BYTES:
+        raise DataError(f"{path}: IDX header promises {shape} ({expected} bytes of data), more "
+                        f"than the {MAX_IDX_BYTES} this reader accepts")
+    raw = stream.read(expected + 1)
+    if len(raw) != expected:
+        held = str(len(raw))
+        if len(raw) > expected:  # count the rest without holding it, up to the limit
+            total = len(raw)
+            while total <= MAX_IDX_BYTES and (chunk := stream.read(1 << 20)):
+                total += len(chunk)
+            held = str(total) if total <= MAX_IDX_BYTES else f"more than {MAX_IDX_BYTES}"
+        raise DataError(f"{path}: IDX header promises {shape} ({expected} bytes of data) "
+                        f"but the file holds {held}")
+    return np.frombuffer(raw, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
 
 
 def _find(directory: Path, stem: str) -> Path:

@@ -197,3 +197,32 @@ def test_unknown_split(tmp_path, split):
 
 def test_errors_are_she_errors():
     assert issubclass(she.DataError, she.SheError)
+
+
+def test_gzip_that_expands_past_its_header_is_read_within_a_bound(tmp_path):
+    # 64 MiB of zeros after a 16-byte promise compress to ~64 KiB; reading must not hold
+    # them (before the bound, the whole file was decompressed into memory first).
+    import tracemalloc
+
+    path = tmp_path / "bomb-idx1-ubyte.gz"
+    with gzip.open(path, "wb", compresslevel=9) as out:
+        out.write(_idx([16]))
+        for _ in range(64):
+            out.write(bytes(1 << 20))
+    assert path.stat().st_size < 1 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(she.DataError, match=f"holds {16 + (64 << 20)}"):
+            read_idx(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20
+
+
+def test_header_promising_more_than_the_limit_is_refused_before_reading(tmp_path, monkeypatch):
+    monkeypatch.setattr(she.data, "MAX_IDX_BYTES", 1000)
+    path = _write(tmp_path / "big", _idx([1001]))
+    with pytest.raises(she.DataError, match="more than the 1000 this reader accepts"):
+        read_idx(path)
+    assert read_idx(_write(tmp_path / "ok", _idx([1000]))).shape == (1000,)
