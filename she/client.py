@@ -28,6 +28,7 @@ from .context import (
 from .errors import FormatError, ParameterError
 from .layout import period, replicate
 from .params import EncryptionParameters
+from .privatefiles import write_private
 
 #: Largest accepted serialised ciphertext (bytes).
 MAX_CIPHERTEXT_BYTES = 64 * 1024 * 1024
@@ -177,12 +178,13 @@ class Client:
 
     # -- local persistence ----------------------------------------------------------------
     def save(self, path: str | Path) -> None:
-        """Write the secret context and the spec to a local file (keep it private)."""
+        """Write the secret context and the spec to a local file, created with mode 0600
+        and renamed into place (never readable by others, never through a symbolic link;
+        see :func:`she.privatefiles.write_private`)."""
         body = self.ctx.serialize(save_public_key=True, save_secret_key=True,
                                   save_galois_keys=False, save_relin_keys=True)
         meta = {"spec": self.spec, "fingerprint": self.fingerprint}
-        Path(path).write_bytes(wire.pack(wire.KIND_CONTEXT, meta, [body]))
-        Path(path).chmod(0o600)
+        write_private(path, wire.pack(wire.KIND_CONTEXT, meta, [body]))
 
     @classmethod
     def load(cls, path: str | Path) -> Client:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -18,9 +19,30 @@ from typing import Any
 
 import numpy as np
 
+from . import wire
 from .client import Client
 from .errors import FormatError, SheError
 from .params import EncryptionParameters
+from .privatefiles import private_directory, write_private
+
+#: Largest JSON answer (a spec, a session, an error) read from a server.
+MAX_JSON_BYTES = 1 << 20
+#: Largest result message read from a server, whatever its spec says.
+MAX_RESULT_BYTES = 1 << 30
+_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{16,128}")
+
+
+def _read_limited(response: Any, limit: int) -> bytes:
+    """At most ``limit`` bytes of an HTTP answer; a longer one is refused (FormatError)
+    without being read further."""
+    declared = response.headers.get("Content-Length")
+    if declared and declared.strip().isdigit() and int(declared) > limit:
+        raise FormatError(f"the server's answer of {int(declared)} bytes exceeds the "
+                          f"{limit} this request can take")
+    data = response.read(limit + 1)
+    if len(data) > limit:
+        raise FormatError(f"the server's answer exceeds the {limit} bytes this request can take")
+    return data
 
 
 class RemoteError(SheError):
@@ -55,13 +77,14 @@ class RemoteClient:
         self.timeout = timeout
         self.spec: dict[str, Any] = self._request("GET", f"/v1/models/{model}")
         self.spec.pop("fingerprint", None)
-        key_dir = Path(key_dir) if key_dir else default_key_dir()
-        key_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        key_dir = private_directory(key_dir if key_dir else default_key_dir())
         self.client = self._load_or_create_client(key_dir)
         self._session_file = self._key_file.with_suffix(".session")
 
     # -- HTTP ----------------------------------------------------------------------------
-    def _request(self, method: str, path: str, body: bytes | None = None) -> Any:
+    def _request(self, method: str, path: str, body: bytes | None = None,
+                 limit: int = MAX_JSON_BYTES) -> Any:
+        """One HTTP exchange; an answer longer than ``limit`` bytes is refused unread."""
         headers = {"Accept": "application/json, application/octet-stream"}
         if body is not None:
             headers["Content-Type"] = "application/octet-stream"
@@ -71,18 +94,28 @@ class RemoteClient:
                                          headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                data = response.read()
+                data = _read_limited(response, limit)
                 if response.headers.get_content_type() == "application/json":
                     return json.loads(data)
                 return data
         except urllib.error.HTTPError as exc:
             try:
-                detail = json.loads(exc.read()).get("detail", exc.reason)
-            except (ValueError, AttributeError):
+                detail = json.loads(_read_limited(exc, MAX_JSON_BYTES)).get("detail", exc.reason)
+            except (ValueError, AttributeError, FormatError):
                 detail = exc.reason
             raise RemoteError(exc.code, str(detail)) from None
         except urllib.error.URLError as exc:
             raise RemoteError(0, f"cannot reach {self.url}: {exc.reason}") from None
+
+    def _result_limit(self) -> int:
+        """Most bytes a result message of this model can take (its output ciphertexts at
+        the output level, uncompressed), at most :data:`MAX_RESULT_BYTES`."""
+        try:
+            items = int(self.spec["output_ciphertexts"])
+            item = 2 * int(self.spec["output_limbs"]) * int(self.spec["poly_modulus_degree"]) * 8
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FormatError(f"model spec lacks the output layout: {exc}") from exc
+        return min(MAX_RESULT_BYTES, items * (item + 1024) + wire.MAX_META_BYTES + 1024)
 
     # -- keys and sessions ---------------------------------------------------------------
     def _load_or_create_client(self, key_dir: Path) -> Client:
@@ -102,8 +135,10 @@ class RemoteClient:
     def _register(self) -> str:
         answer = self._request("POST", f"/v1/models/{self.model}/sessions",
                                self.client.public_context())
-        session = answer["session"]
-        self._session_file.write_text(session)
+        session = answer.get("session") if isinstance(answer, dict) else None
+        if not isinstance(session, str) or not _SESSION_ID.fullmatch(session):
+            raise FormatError("the server answered a registration without a valid session id")
+        write_private(self._session_file, session.encode())
         return session
 
     def _session(self) -> str:
@@ -117,12 +152,14 @@ class RemoteClient:
         request = self.client.encrypt(x)
         session = self._session()
         try:
-            response = self._request("POST", f"/v1/sessions/{session}/predict", request)
+            response = self._request("POST", f"/v1/sessions/{session}/predict", request,
+                                     self._result_limit())
         except RemoteError as exc:
             if exc.status != 404:
                 raise
             session = self._register()
-            response = self._request("POST", f"/v1/sessions/{session}/predict", request)
+            response = self._request("POST", f"/v1/sessions/{session}/predict", request,
+                                     self._result_limit())
         return self.client.decrypt(response)
 
     def close(self) -> None:

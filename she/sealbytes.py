@@ -115,9 +115,9 @@ def unwrap(blob: bytes, limit: int, what: str = "ciphertext") -> bytes:
     if magic != MAGIC or hsize != _HEADER.size:
         raise FormatError(f"not a SEAL {what} (bad magic number or header size)")
     if major != SEAL_VERSION[0]:
-        raise FormatError(f"SEAL format version {major} is not supported (expected 4)")
+        raise FormatError(f"{what}: SEAL format version {major} is not supported (expected 4)")
     if total != len(blob):
-        raise FormatError(f"SEAL header says {total} bytes but {len(blob)} were given")
+        raise FormatError(f"{what}: SEAL header says {total} bytes but {len(blob)} were given")
     return _decompress(mode, bytes(memoryview(blob)[_HEADER.size:]), limit, what)
 
 
