@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,9 @@ from .errors import DataError, SheError
 from .model import load
 from .pipeline import encrypted_predict
 from .server import Server
+
+#: Environment variable holding the API key of ``serve`` and ``predict``.
+API_KEY_ENV = "SHE_API_KEY"
 
 #: Calibration samples taken from a data set when compiling from the command line.
 CALIBRATION_SAMPLES = 1000
@@ -215,7 +219,7 @@ def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
         _log(args, f"serving {plan.model_name}: N={plan.params.poly_modulus_degree}, "
                    f"depth {plan.depth}, fingerprint {plan.params.fingerprint()}")
     config = ServiceConfig(session_ttl=args.session_ttl, max_sessions=args.max_sessions,
-                           max_body_bytes=args.max_body_mb * 1024 * 1024, api_key=args.api_key)
+                           max_body_bytes=args.max_body_mb * 1024 * 1024, api_key=_api_key(args))
     serve(servers, args.host, args.port, config)
     return {"stopped": True}
 
@@ -223,12 +227,33 @@ def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
     from .remote import RemoteClient
 
-    remote = RemoteClient(args.server, args.model, api_key=args.api_key, key_dir=args.key_dir)
+    remote = RemoteClient(args.server, args.model, api_key=_api_key(args),
+                          key_dir=args.key_dir)
     x = _inputs(args, tuple(remote.spec["input_shape"]))
     t = time.perf_counter()
     logits = remote.predict(x)
     elapsed = time.perf_counter() - t
     return {**_classify(logits), "seconds": elapsed, "server": args.server, "model": args.model}
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    """The API key: from ``--api-key-file``, else ``--api-key`` (visible to every user in
+    the process list, hence the warning), else the ``SHE_API_KEY`` environment variable."""
+    if args.api_key_file:
+        if args.api_key:
+            raise SheError("give --api-key or --api-key-file, not both")
+        try:
+            key = Path(args.api_key_file).read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(f"cannot read the API key file {args.api_key_file}: {exc}") from exc
+        if not key:
+            raise DataError(f"the API key file {args.api_key_file} is empty")
+        return key
+    if args.api_key:
+        print("she: warning: --api-key is visible in the process list; prefer "
+              f"{API_KEY_ENV} or --api-key-file", file=sys.stderr)
+        return args.api_key
+    return os.environ.get(API_KEY_ENV) or None
 
 
 def _classify(logits: np.ndarray) -> dict[str, Any]:
@@ -376,7 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("more_models", nargs="*", metavar="MODEL", help="further models")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require this X-API-Key header")
+    p.add_argument("--api-key", help="require this X-API-Key header (visible in the process "
+                                     f"list: prefer {API_KEY_ENV} or --api-key-file)")
+    p.add_argument("--api-key-file", help="require the X-API-Key held in this file")
     p.add_argument("--session-ttl", type=float, default=3600.0, help="seconds (default 3600)")
     p.add_argument("--max-sessions", type=int, default=64)
     p.add_argument("--max-body-mb", type=int, default=1024, help="request body cap (MiB)")
@@ -388,7 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model name (GET /v1/models)")
     p.add_argument("input", help=".png/.jpg image, .npy/.npz array, or IDX file")
     p.add_argument("--index", type=int, help="with an IDX file: only this image")
-    p.add_argument("--api-key", help="X-API-Key for the server")
+    p.add_argument("--api-key", help="X-API-Key for the server (visible in the process list: "
+                                     f"prefer {API_KEY_ENV} or --api-key-file)")
+    p.add_argument("--api-key-file", help="read the X-API-Key from this file")
     p.add_argument("--key-dir", help="key cache directory (default ~/.cache/she/keys)")
     p.set_defaults(func=cmd_predict)
 

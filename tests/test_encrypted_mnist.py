@@ -54,7 +54,34 @@ def test_encrypted_matches_plaintext_on_mnist_batch(mnist_dir, demo_plan):
     # The decrypted logits track the plaintext ones closely, within the predicted bound.
     err = np.abs(enc - plain).max()
     assert err < plan.predicted_error, (err, plan.predicted_error)
+    # ... and the bound is tight: the error model (used as the tolerance above and in most
+    # encrypted tests) is not inflated past what real images measure.
+    assert plan.predicted_error < PREDICTION_SLACK * err, (err, plan.predicted_error)
     assert timings.upload_bytes > 0 and timings.batches == [256]
+
+
+#: Most the predicted error (a 6-sigma bound for the calibration set's worst sample, weight
+#: rounding included) may exceed the largest error measured on 256 real test images.
+PREDICTION_SLACK = 10
+
+
+def test_argmax_margin_check_refuses_what_it_should(toy_plan, toy_calibration):
+    """The class-flip refusal: a plan whose predicted error exceeds the top-1/top-2 margin
+    of more than 1 % of the calibration samples is refused, and only then."""
+    import dataclasses
+
+    from she.compiler import _check_argmax_margin
+
+    logits = np.sort(toy_plan.chain.run(toy_calibration.reshape(len(toy_calibration), -1)), 1)
+    margins = np.sort(logits[:, -1] - logits[:, -2])
+    allowed = int(0.01 * len(margins))  # this many samples may be at risk
+    # Just above the (allowed+1)-th smallest margin: allowed+1 samples at risk -> refused.
+    risky = dataclasses.replace(toy_plan, predicted_error=float(margins[allowed]) * 1.0001)
+    with pytest.raises(she.ParameterError, match="could change the predicted class"):
+        _check_argmax_margin(risky, toy_calibration)
+    # Just below it: only `allowed` samples at risk -> accepted.
+    fine = dataclasses.replace(toy_plan, predicted_error=float(margins[allowed]) * 0.9999)
+    _check_argmax_margin(fine, toy_calibration)
 
 
 @pytest.mark.slow

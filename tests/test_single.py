@@ -55,6 +55,27 @@ def test_encrypted_single_matches_plaintext(single, test_images, toy_model_path)
         assert out.argmax() == reference[i].argmax()
 
 
+def test_every_slot_holds_an_output_copy_or_nothing(single, test_images):
+    """Issue #21 item 5: no slot of a result carries more than the outputs. The output
+    layout repeats the outputs with period P (the next power of two); the P - n slots of
+    each period beyond the outputs decrypt to zero up to the noise (no partial sums)."""
+    plan, server, client, _, keys = single
+    from she import sealbytes
+
+    msg = wire.unpack(server.evaluate(keys, client.encrypt(test_images[:1])),
+                      kind=wire.KIND_CIPHERTEXTS, max_items=1, max_item_bytes=1 << 30)
+    level = client._levels[int(client.spec["output_limbs"])]
+    plain = sealapi.Plaintext()
+    client._decryptor.decrypt(client._bridge.to_seal(sealbytes.parse(msg.items[0], level)), plain)
+    slots = np.asarray(client._encoder.decode_double(plain))
+    n = plan.n_outputs
+    period = layout.period(n)
+    chain = plan.chain.run(test_images[:1].reshape(1, -1))[0]
+    by_period = slots.reshape(-1, period)
+    assert np.abs(by_period[:, :n] - chain).max() <= plan.predicted_error
+    assert np.abs(by_period[:, n:]).max() <= plan.predicted_error
+
+
 def test_upload_is_compact_and_a_seal_ciphertext_is_refused(single, test_images):
     plan, server, client, _, keys = single
     request = client.encrypt(test_images[:1])
