@@ -1,7 +1,9 @@
 """Fuzzing the deserialisers that read network bytes: never anything but a clean error.
 
 Together these throw well over 10 000 random and mutated payloads at the server's input
-path (message framing, SEAL ciphertext parsing, context loading).
+path (message framing, SEAL ciphertext parsing, context loading), and, at N=8192 (the
+shipped models' ring), at ``Server.evaluate``, ``Server.load_context``, Galois-key
+loading, ``compact.unpack`` and the HTTP endpoints.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from she import sealbytes, wire
-from she.context import SealBridge, load_public_context
+from she.context import SealBridge, load_public_context, public_context_bytes
 from she.errors import FormatError, ParameterError, SecurityError
 from she.params import EncryptionParameters
 
@@ -37,7 +39,7 @@ def material():
         "compressed": blob,
         "uncompressed": sealbytes.serialize(raw),
         "message": message,
-        "context": ctx.serialize(save_secret_key=False),
+        "context": public_context_bytes(ctx),
     }
     bridge.close()
 
@@ -97,3 +99,136 @@ def test_mutated_contexts(material, e, cut):
     except (FormatError, ParameterError, SecurityError):
         return
     assert not ctx.has_secret_key()
+
+
+# -- the server's whole input path, at the ring size of the shipped models (N=8192) ---------------
+# A 7x7 MNIST model (tests/test_service.py) compiled at N=8192 in both packings keeps each
+# evaluation cheap; mutations aim at headers and lengths, so most are refused and the few
+# that stay valid are evaluated in full.
+
+import test_service  # noqa: E402
+
+from she import compact  # noqa: E402
+from she.context import load_galois_keys  # noqa: E402
+
+FEW = settings(max_examples=40, deadline=None,
+               suppress_health_check=[HealthCheck.function_scoped_fixture])
+head_edits = st.lists(st.tuples(st.integers(0, 600), st.integers(0, 255)), min_size=1, max_size=4)
+small_mnist = pytest.fixture(test_service.small_model.__wrapped__, scope="module",
+                             name="small_mnist")
+
+
+@pytest.fixture(scope="module")
+def shipped_size(small_mnist):
+    """Servers, clients, a context message and a request at N=8192, both packings."""
+    import she
+
+    path, x, _ = small_mnist
+    model = she.load(path)
+    out = {}
+    for packing in ("batch", "single"):
+        plan = she.compile(model, calibration=x, packing=packing, poly_modulus_degree=8192)
+        assert plan.params.poly_modulus_degree == 8192
+        server, client = she.Server(plan, workers=1), she.Client(plan.spec())
+        context = client.public_context()
+        out[packing] = (server, client, context, server.load_context(context),
+                        client.encrypt(x[:1]))
+    return out
+
+
+def _refused(call) -> bool:
+    try:
+        call()
+    except (FormatError, ParameterError, SecurityError):
+        return True
+    return False
+
+
+@FEW
+@given(packing=st.sampled_from(["batch", "single"]), e=head_edits,
+       cut=st.one_of(st.none(), st.integers(0, 5000)))
+def test_mutated_requests_to_server_evaluate(shipped_size, packing, e, cut):
+    server, client, _, keys, request = shipped_size[packing]
+    data = _mutate(request, e, cut)
+    try:
+        result = server.evaluate(keys, data)
+    except (FormatError, ParameterError):
+        return
+    # Whatever is evaluated decrypts to the model's output shape.
+    assert client.decrypt(result).shape[1] == server.plan.n_outputs
+
+
+@FEW
+@given(item=st.integers(0, 2), e=head_edits, cut=st.one_of(st.none(), st.integers(0, 2000)))
+def test_mutated_context_messages_to_server(shipped_size, item, e, cut):
+    server, _, context, _, _ = shipped_size["single"]
+    msg = wire.unpack(context, kind=wire.KIND_CONTEXT, max_items=3, max_item_bytes=1 << 30)
+    items = list(msg.items)
+    items[item] = _mutate(items[item], e, cut)
+    try:
+        keys = server.load_context(wire.pack(wire.KIND_CONTEXT, msg.meta, items))
+    except (FormatError, ParameterError, SecurityError):
+        return
+    assert keys.galois is not None and keys.relin.size() == 1
+
+
+@FEW
+@given(e=edits, cut=st.one_of(st.none(), st.integers(0, 60000)))
+def test_mutated_galois_keys(shipped_size, e, cut):
+    server, _, context, keys, _ = shipped_size["single"]
+    blob = wire.unpack(context, kind=wire.KIND_CONTEXT, max_items=3,
+                       max_item_bytes=1 << 30).items[2]
+    steps = server.plan.rotation_steps()
+    try:
+        loaded = load_galois_keys(keys.ctx, _mutate(blob, e, cut), steps, conjugate=True)
+    except FormatError:
+        return
+    assert loaded.size() == len(steps) + 1
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(e=st.lists(st.tuples(st.integers(0, 2 ** 31), st.integers(0, 255)), max_size=6),
+       cut=st.one_of(st.none(), st.integers(0, 70000)))
+def test_mutated_compact_ciphertexts(shipped_size, e, cut):
+    server, _, _, _, request = shipped_size["single"]
+    plan = server.plan
+    item = wire.unpack(request, kind=wire.KIND_CIPHERTEXTS, max_items=1,
+                       max_item_bytes=1 << 30).items[0]
+    primes = plan.params.ciphertext_primes
+    try:
+        v, scale, _ = compact.unpack(_mutate(item, e, cut), primes, 8192, plan.input_drop_bits)
+    except FormatError:
+        return
+    assert v.shape == (len(primes), 8192) and scale > 0
+    assert np.all(v < np.array(primes, dtype=np.uint64)[:, None])
+
+
+@pytest.fixture(scope="module")
+def http_app(shipped_size):
+    """The HTTP app serving the batch model in process, and one registered session."""
+    from fastapi.testclient import TestClient
+
+    from she.service import ServiceConfig, create_app
+
+    server, _, context, _, _ = shipped_size["batch"]
+    http = TestClient(create_app({"m": server}, ServiceConfig(max_sessions=1000)))
+    session = http.post("/v1/models/m/sessions", content=context).json()["session"]
+    yield http, session
+    http.close()
+
+
+@FEW
+@given(endpoint=st.sampled_from(["sessions", "predict"]), e=head_edits,
+       cut=st.one_of(st.none(), st.integers(0, 3000)))
+def test_mutated_http_bodies_get_4xx(shipped_size, http_app, endpoint, e, cut):
+    _, _, context, _, request = shipped_size["batch"]
+    http, session = http_app
+    if endpoint == "sessions":
+        r = http.post("/v1/models/m/sessions", content=_mutate(context, e, cut))
+        assert r.status_code in (201, 400, 403, 422), r.text
+        if r.status_code == 201:
+            http.delete(f"/v1/sessions/{r.json()['session']}")
+    else:
+        r = http.post(f"/v1/sessions/{session}/predict", content=_mutate(request, e, cut))
+        assert r.status_code in (200, 400, 413, 422), r.text
