@@ -65,10 +65,20 @@ def test_limits_are_inclusive(good):
 
 
 def test_header_layout(good):
-    assert good[:3] == wire.MAGIC
-    assert good[3] == wire.VERSION
-    assert good[4] == KIND
-    assert good[5:8] == b"\0\0\0"
+    assert good[:8] == b"SHE\x01\x02\0\0\0"  # magic, version 1, kind 2, reserved
+
+
+def test_bytes_are_the_documented_ones():
+    """Expected bytes written out by hand from docs/http-api.md, not from the module."""
+    expected = bytes.fromhex(
+        "534845" "01" "01" "000000"        # "SHE", version 1, kind 1 (context), reserved
+        "0c000000" + b'{"batch": 1}'.hex()  # metadata length 12 (u32 LE), JSON
+        + "02000000"                        # two items
+        + "0200000000000000" + b"ab".hex()  # length 2 (u64 LE), bytes
+        + "0000000000000000")               # an empty item
+    assert wire.pack(wire.KIND_CONTEXT, {"batch": 1}, [b"ab", b""]) == expected
+    msg = wire.unpack(expected, kind=1, max_items=2, max_item_bytes=2)
+    assert (msg.meta, msg.items) == ({"batch": 1}, [b"ab", b""])
 
 
 def test_not_bytes():
