@@ -9,7 +9,7 @@ import re
 import socket
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import httpx
@@ -20,6 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import she
 from she import wire
+from she.context import public_context_bytes
 from she.data import load_idx_dataset
 from she.pipeline import encrypted_predict
 from she.remote import RemoteClient, RemoteError
@@ -63,35 +64,39 @@ def small_model(mnist_dir, tmp_path_factory) -> tuple[Path, np.ndarray, np.ndarr
 
 
 def _free_port() -> int:
+    """A port nothing listens on (for the unreachable-server test only: nothing binds it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 class LiveServer:
-    def __init__(self, model: Path, port: int, *extra: str) -> None:
-        self.url = f"http://127.0.0.1:{port}"
-        self.args = [sys.executable, "-m", "she", "serve", str(model), "--port", str(port),
+    """``she serve`` in a subprocess on a port the OS picks (``--port 0``: no race between
+    finding a free port and binding it), read back from uvicorn's startup line."""
+
+    def __init__(self, model: Path, *extra: str) -> None:
+        self.url = ""
+        self.args = [sys.executable, "-m", "she", "serve", str(model), "--port", "0",
                      "--max-body-mb", "64", *extra]
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> LiveServer:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         self.proc = subprocess.Popen(self.args, env=env, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(self.proc.stderr.read().decode())
-            try:
-                headers = {"X-API-Key": API_KEY}
-                if httpx.get(f"{self.url}/v1/health", headers=headers, timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError("server did not start")
+                                     stderr=subprocess.PIPE, text=True)
+        lines = []
+        for line in self.proc.stderr:
+            lines.append(line)
+            found = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", line)
+            if found:
+                self.url = found.group(1)
+                break
+        else:
+            self.proc.wait()
+            raise RuntimeError("server did not start:\n" + "".join(lines))
+        # Keep draining the log so that the server never blocks on a full pipe.
+        threading.Thread(target=self.proc.stderr.read, daemon=True).start()
+        return self
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -101,8 +106,7 @@ class LiveServer:
 
 @pytest.fixture(scope="module")
 def server(small_model):
-    live = LiveServer(small_model[0], _free_port(), "--api-key", API_KEY,
-                      "--max-sessions", "12").start()
+    live = LiveServer(small_model[0], "--api-key", API_KEY, "--max-sessions", "12").start()
     yield live
     live.stop()
 
@@ -111,6 +115,16 @@ def server(small_model):
 def local(small_model):
     plan = she.compile(she.load(small_model[0]))
     return plan, she.Server(plan, workers=1)
+
+
+def _agree(encrypted: np.ndarray, plain: np.ndarray, error: float) -> bool:
+    """Every image whose top-1/top-2 plaintext margin exceeds twice the predicted error
+    (each logit is within that error, so only such a margin guarantees the class) gets
+    the plaintext class, and at least 7 in 8 images overall."""
+    top2 = np.sort(plain, axis=1)[:, -2:]
+    safe = top2[:, 1] - top2[:, 0] > 2 * error
+    same = encrypted.argmax(1) == plain.argmax(1)
+    return bool(same[safe].all() and same.mean() >= 0.875)
 
 
 def _client(server, tmp_path, name="keys") -> RemoteClient:
@@ -146,16 +160,17 @@ def test_remote_predictions_equal_local_server(server, local, small_model, tmp_p
     remote.close()
 
 
-def test_eight_concurrent_clients(server, small_model, tmp_path):
+def test_eight_concurrent_clients(server, small_model, local, tmp_path):
     path, x, _ = small_model
     plain = she.load(path).run_plain(x)
+    error = local[0].predicted_error
 
     def one(i: int) -> bool:
         remote = _client(server, tmp_path, f"k{i}")
         chunk = slice(8 * i, 8 * i + 8)
         logits = remote.predict(x[chunk])
         remote.close()
-        return bool(np.mean(logits.argmax(1) == plain[chunk].argmax(1)) >= 0.875)
+        return _agree(logits, plain[chunk], error)
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         assert all(pool.map(one, range(8)))
@@ -201,21 +216,26 @@ def test_context_for_other_parameters_is_refused(server, small_model, tmp_path):
     spec = _http(server, "GET", "/v1/models/small").json()
     assert client.fingerprint != spec["fingerprint"]
     body = wire.pack(wire.KIND_CONTEXT, {"fingerprint": spec["fingerprint"]},
-                     [client.ctx.serialize(save_secret_key=False)])
+                     [public_context_bytes(client.ctx)])
     r = _http(server, "POST", "/v1/models/small/sessions", content=body)
     assert r.status_code == 422
+    # The same context with its keys embedded is refused for those first (400).
+    body = wire.pack(wire.KIND_CONTEXT, {"fingerprint": spec["fingerprint"]},
+                     [client.ctx.serialize(save_secret_key=False)])
+    r = _http(server, "POST", "/v1/models/small/sessions", content=body)
+    assert r.status_code == 400 and "parameters only" in r.json()["detail"]
 
 
 def test_restart_forgets_sessions_and_client_recovers(small_model, tmp_path):
     path, x, _ = small_model
-    port = _free_port()
-    live = LiveServer(path, port, "--api-key", API_KEY).start()
+    live = LiveServer(path, "--api-key", API_KEY).start()
     try:
         remote = _client(live, tmp_path)
         first = remote.predict(x[:4])
         session = remote._session()
         live.stop()
-        live = LiveServer(path, port, "--api-key", API_KEY).start()
+        live = LiveServer(path, "--api-key", API_KEY).start()
+        remote.url = live.url  # the restarted server listens on another port
         r = _http(live, "POST", f"/v1/sessions/{session}/predict",
                   content=remote.client.encrypt(x[:4]))
         assert r.status_code == 404 and "register" in r.json()["detail"]
@@ -226,7 +246,7 @@ def test_restart_forgets_sessions_and_client_recovers(small_model, tmp_path):
         live.stop()
 
 
-def test_plain_tenseal_client_from_docs(server, small_model, tmp_path):
+def test_plain_tenseal_client_from_docs(server, small_model, local, tmp_path):
     path, x, _ = small_model
     text = (REPO / "docs" / "http-api.md").read_text()
     code = re.search(r"plain-tenseal-client:start -->\n```python\n(.*?)```", text, re.S).group(1)
@@ -241,8 +261,8 @@ def test_plain_tenseal_client_from_docs(server, small_model, tmp_path):
     out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
                          text=True, timeout=600, check=True).stdout
     predictions = np.array(json.loads(out.strip().splitlines()[-1]))
-    plain = she.load(path).run_plain(x[:16]).argmax(1)
-    assert np.mean(predictions == plain) >= 0.9
+    plain = she.load(path).run_plain(x[:16])
+    assert _agree(np.eye(plain.shape[1])[predictions], plain, local[0].predicted_error)
 
 
 def test_remote_error_is_clear(tmp_path):
