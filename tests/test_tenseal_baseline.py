@@ -24,6 +24,9 @@ MODEL = tb.DEFAULT_MODEL
 #: Decrypted logits must be within this fraction of max |plaintext logit|. The tutorial's
 #: 26-bit scale leaves a few per cent of noise after two squares (observed 2-5 %).
 REL_TOLERANCE = 0.15
+#: The batch baseline on consecutive test images (the first 64, not chosen): observed
+#: 2.3 % of max |plaintext logit| (0.16 of 7.2).
+BATCH_REL_TOLERANCE = 0.05
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +103,12 @@ def test_single_matches_plaintext(test_split: tuple[np.ndarray, np.ndarray]) -> 
     assert 100_000 < result["upload_bytes"] < 2_000_000
     assert 0 < result["download_bytes"] < result["upload_bytes"]
     assert result["public_key_bytes"] > 10_000_000
-    assert result["server_s"]["p50"] > 0 and result["server_s"]["p90"] >= result["server_s"]["p50"]
+    assert 0 < result["server_s"]["p50"] < 60
+
+
+def test_percentiles_against_hand_computed_values() -> None:
+    # numpy's linear interpolation: p50 of 1,2,3,4,10 is 3; p90 is 4 + 0.6 * (10 - 4).
+    assert tb.percentiles([4, 1, 10, 3, 2]) == pytest.approx({"mean": 4.0, "p50": 3.0, "p90": 7.6})
 
 
 def test_batch_matches_plaintext(tmp_path: Path, test_split: tuple[np.ndarray, np.ndarray]) -> None:
@@ -108,19 +116,22 @@ def test_batch_matches_plaintext(tmp_path: Path, test_split: tuple[np.ndarray, n
     path = small_model(tmp_path / "small.onnx", x[1000:3000], y[1000:3000])
     weights = tb.load_weights(path)
     assert weights.side == 4 and weights.fc2_w.shape == (32, 10)
-    # The six of the first 200 test images with the clearest plaintext decision.
-    candidates = tb.plain_forward(weights, x[:200])
-    top2 = np.sort(candidates, axis=1)[:, -2:]
-    chosen = np.sort(np.argsort(top2[:, 0] - top2[:, 1])[:6])
-    images, labels = x[chosen], y[chosen]
-    result = tb.run_batch(path, images, labels, batch=len(chosen), show_progress=False)
+    # The first 64 test images, as they come (the batch costs the same for 1 or 4096).
+    images, labels = x[:64], y[:64]
+    result = tb.run_batch(path, images, labels, batch=len(images), show_progress=False)
     plain = tb.plain_forward(weights, images)
     assert np.abs(plain - tb.onnxruntime_forward(path, images)).max() < 1e-4 * np.abs(plain).max()
     logits = np.asarray(result["logits"])
-    assert logits.shape == (len(chosen), 10)
-    assert np.abs(logits - plain).max() < REL_TOLERANCE * np.abs(plain).max(), (logits, plain)
-    assert (logits.argmax(1) == plain.argmax(1)).all(), (logits, plain)
-    assert result["argmax_agreement"] == 1.0
+    assert logits.shape == (len(images), 10)
+    error = np.abs(logits - plain).max()
+    assert error < BATCH_REL_TOLERANCE * np.abs(plain).max(), (error, np.abs(plain).max())
+    # Every image whose plaintext margin exceeds twice the error keeps its class.
+    top2 = np.sort(plain, axis=1)[:, -2:]
+    safe = top2[:, 1] - top2[:, 0] > 2 * error
+    assert safe.mean() > 0.6  # observed 0.77: most images are checked
+    same = logits.argmax(1) == plain.argmax(1)
+    assert same[safe].all()
+    assert result["argmax_agreement"] == pytest.approx(same.mean())
     assert result["ciphertexts_in"] == 16 * 49 and result["ciphertexts_out"] == 10
     # No Galois keys: the public context is far smaller than the single baseline's.
     assert result["public_key_bytes"] < 10_000_000
