@@ -136,6 +136,7 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
         "encrypted_accuracy": float(np.mean(enc.argmax(1) == y)),
         "agreement": float(np.mean(enc.argmax(1) == plain.argmax(1))),
         "max_abs_logit_error": float(np.abs(enc - plain).max()),
+        "encrypted_predictions": enc.argmax(1).tolist(),
         "per_image": timings.per_sample(),
         "batches": timings.batches,
         "keygen_s": timings.keygen,
