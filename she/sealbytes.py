@@ -121,10 +121,13 @@ def unwrap(blob: bytes, limit: int, what: str = "ciphertext") -> bytes:
     return _decompress(mode, bytes(memoryview(blob)[_HEADER.size:]), limit, what)
 
 
-def wrap(body: bytes) -> bytes:
-    """An uncompressed SEAL serialisation of ``body`` (what :func:`unwrap` returns)."""
-    return _HEADER.pack(MAGIC, _HEADER.size, *SEAL_VERSION, COMPR_NONE, 0,
-                        _HEADER.size + len(body)) + body
+def wrap(body: bytes, *, compress: bool = False) -> bytes:
+    """A SEAL serialisation of ``body`` (what :func:`unwrap` returns): SEAL's header, then
+    the body raw or, with ``compress``, zstd-compressed."""
+    mode = COMPR_NONE
+    if compress:
+        body, mode = zstandard.ZstdCompressor(level=1).compress(body), COMPR_ZSTD
+    return _HEADER.pack(MAGIC, _HEADER.size, *SEAL_VERSION, mode, 0, _HEADER.size + len(body)) + body
 
 
 #: Input fed to zstd per step: one RLE block expands 4 bytes to at most 128 KiB, so a
@@ -290,10 +293,4 @@ def serialize(ct: RawCiphertext, *, compress: bool = False) -> bytes:
         np.ascontiguousarray(ct.data, dtype="<u8").tobytes(),
         ct.seed_info or b"",
     ))
-    if compress:
-        body = zstandard.ZstdCompressor(level=1).compress(body)
-        mode = COMPR_ZSTD
-    else:
-        mode = COMPR_NONE
-    header = _HEADER.pack(MAGIC, _HEADER.size, *SEAL_VERSION, mode, 0, _HEADER.size + len(body))
-    return header + body
+    return wrap(body, compress=compress)

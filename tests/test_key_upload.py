@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import tenseal as ts
 import tenseal.sealapi as sealapi
-import zstandard
 
 import she
 from she import context, sealbytes
@@ -78,12 +77,7 @@ def _zero_keys_blob(ctx: ts.Context, entries: list[int], compress: bool = True) 
         parts.append(struct.pack("<Q", level.limbs - 1 if filled else 0))
         if filled:
             parts.extend([zero] * (level.limbs - 1))
-    raw = b"".join(parts)
-    if not compress:
-        return sealbytes.wrap(raw)
-    packed = zstandard.ZstdCompressor(level=19).compress(raw)
-    return struct.pack("<HBBBBHQ", sealbytes.MAGIC, 16, 4, 3, sealbytes.COMPR_ZSTD, 0,
-                       16 + len(packed)) + packed
+    return sealbytes.wrap(b"".join(parts), compress=compress)
 
 
 # -- item 1: key blobs of exactly the expected keys and size --------------------------------------
@@ -247,9 +241,7 @@ def test_context_protobuf_is_read_strictly(client_ctx):
 
 def test_parameters_blob_is_decompressed_within_a_bound(client_ctx):
     # A compressed parameters blob that would expand to megabytes is cut at a few KiB.
-    bomb = zstandard.ZstdCompressor().compress(b"\0" * (1 << 22))
-    blob = struct.pack("<HBBBBHQ", sealbytes.MAGIC, 16, 4, 3, sealbytes.COMPR_ZSTD, 0,
-                       16 + len(bomb)) + bomb
+    blob = sealbytes.wrap(b"\0" * (1 << 22), compress=True)
     upload = b"\x0a" + context._varint_bytes(len(blob)) + blob
     with pytest.raises(she.FormatError, match="larger than the model allows"):
         load_public_context(upload, PARAMS)
