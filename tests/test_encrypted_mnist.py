@@ -61,8 +61,9 @@ def test_encrypted_matches_plaintext_on_mnist_batch(mnist_dir, demo_plan):
 
 
 #: Most the predicted error (a 6-sigma bound for the calibration set's worst sample, weight
-#: rounding included) may exceed the largest error measured on 256 real test images.
-PREDICTION_SLACK = 10
+#: rounding included) may exceed the largest error measured on 256 real test images
+#: (measured: 0.0756 predicted, 0.0367 measured, a factor 2.06).
+PREDICTION_SLACK = 4
 
 
 def test_argmax_margin_check_refuses_what_it_should(toy_plan, toy_calibration):
