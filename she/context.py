@@ -110,7 +110,8 @@ def load_public_context(data: bytes, params: EncryptionParameters) -> ts.Context
 #: Largest SEAL parameter serialisation accepted (uncompressed: a few bytes per prime).
 _MAX_PARMS_BYTES = 4096
 _SCHEMES = {"bfv": 1, "ckks": 2}
-_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
+#: Protobuf wire types: integer, 64-bit value, length-delimited bytes.
+_VARINT, _I64, _LEN = 0, 1, 2
 
 
 def check_public_context(data: bytes, params: EncryptionParameters) -> None:
@@ -185,8 +186,7 @@ def _proto_fields(data: bytes, allowed: dict[int, int], what: str) -> dict[int, 
         if wire_type == _VARINT:
             value, pos = _varint(data, pos, what)
         else:
-            length, pos = _varint(data, pos, what) if wire_type == _LEN else ({_I64: 8, _I32: 4}[
-                wire_type], pos)
+            length, pos = _varint(data, pos, what) if wire_type == _LEN else (8, pos)
             if pos + length > len(data):
                 raise FormatError(f"{what} is truncated")
             value, pos = data[pos:pos + length], pos + length

@@ -4,7 +4,8 @@ A secret key written with ``open`` then ``chmod`` is readable by everyone in bet
 ``open`` follows a symbolic link planted at the path. :func:`write_private` instead creates
 a new file with mode 0600 (``O_EXCL | O_NOFOLLOW``) beside the target and renames it over
 the target atomically: the data never exists in a wider file, and a link at the path is
-replaced, never followed.
+replaced, never followed. :func:`private_directory` refuses a key directory others can
+write to.
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ def write_private(path: str | Path, data: bytes) -> None:
 
 
 def private_directory(path: str | Path) -> Path:
-    """``path`` as a directory only its owner can enter (created 0700 if missing; an
-    existing one of ours is tightened to 0700, one owned by someone else is refused)."""
+    """``path`` as a directory for secret keys: created 0700 if missing; an existing one
+    must belong to this user and be writable by nobody else (whoever can write there can
+    swap a key file for one whose secret they know)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     info = path.lstat()
@@ -49,6 +51,7 @@ def private_directory(path: str | Path) -> Path:
         raise SecurityError(f"{path} is not a directory")
     if info.st_uid != os.getuid():
         raise SecurityError(f"{path} belongs to another user; choose a key directory of your own")
-    if info.st_mode & 0o077:
-        path.chmod(0o700)
+    if info.st_mode & 0o022:
+        raise SecurityError(f"{path} is writable by other users; use a private key directory "
+                            f"(chmod go-w {path})")
     return path

@@ -87,12 +87,18 @@ def test_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_key_directory_is_0700(tmp_path):
-    loose = tmp_path / "loose"
-    loose.mkdir(mode=0o755)
-    loose.chmod(0o755)
-    assert _mode(privatefiles.private_directory(loose)) == 0o700
+def test_key_directory_is_created_0700_and_must_not_be_writable_by_others(tmp_path):
     assert _mode(privatefiles.private_directory(tmp_path / "new" / "keys")) == 0o700
+    readable = tmp_path / "readable"
+    readable.mkdir()
+    readable.chmod(0o755)  # others may list it (the key files stay 0600): accepted as is
+    assert _mode(privatefiles.private_directory(readable)) == 0o755
+    for mode in (0o777, 0o775, 0o757):
+        shared = tmp_path / f"shared{mode:o}"
+        shared.mkdir()
+        shared.chmod(mode)
+        with pytest.raises(she.SecurityError, match="writable by other users"):
+            privatefiles.private_directory(shared)
     (tmp_path / "file").write_text("x")
     with pytest.raises(FileExistsError):
         privatefiles.private_directory(tmp_path / "file")

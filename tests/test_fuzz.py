@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import tenseal as ts
 import tenseal.sealapi as sealapi
+import test_service
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from she import sealbytes, wire
-from she.context import SealBridge, load_public_context, public_context_bytes
+from she import compact, sealbytes, wire
+from she.context import SealBridge, load_galois_keys, load_public_context, public_context_bytes
 from she.errors import FormatError, ParameterError, SecurityError
 from she.params import EncryptionParameters
 
@@ -105,11 +106,6 @@ def test_mutated_contexts(material, e, cut):
 # A 7x7 MNIST model (tests/test_service.py) compiled at N=8192 in both packings keeps each
 # evaluation cheap; mutations aim at headers and lengths, so most are refused and the few
 # that stay valid are evaluated in full.
-
-import test_service  # noqa: E402
-
-from she import compact  # noqa: E402
-from she.context import load_galois_keys  # noqa: E402
 
 FEW = settings(max_examples=40, deadline=None,
                suppress_health_check=[HealthCheck.function_scoped_fixture])
