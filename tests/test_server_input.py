@@ -7,6 +7,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import tenseal.sealapi as sealapi
 from onnx import TensorProto, helper, numpy_helper
 
 import she
@@ -32,6 +33,26 @@ def _replace(items: list[bytes], index: int, item: bytes) -> list[bytes]:
 def toy_result(toy_server_client, toy_request) -> bytes:
     server, _, keys = toy_server_client
     return server.evaluate(keys, toy_request)
+
+
+def test_batch_slots_beyond_the_batch_hold_the_model_on_what_was_encrypted(
+        toy_server_client, toy_result, toy_plan, toy_model_path):
+    """Issue #21 item 5, answered in docs/http-api.md (security model): batch packing
+    answers every slot; past the declared batch the client's zero padding gives the model's
+    output at the zero input, which any client could ask for. Nothing else is there."""
+    from she import sealbytes
+
+    _, client, _ = toy_server_client
+    msg = wire.unpack(toy_result, kind=wire.KIND_CIPHERTEXTS, max_items=10,
+                      max_item_bytes=1 << 26)
+    assert msg.meta["batch"] == 2
+    level = client._levels[int(client.spec["output_limbs"])]
+    at_zero = she.load(toy_model_path).run_plain(np.zeros((1, 1, 28, 28), np.float32))[0]
+    for j, blob in enumerate(msg.items):
+        plain = sealapi.Plaintext()
+        client._decryptor.decrypt(client._bridge.to_seal(sealbytes.parse(blob, level)), plain)
+        slots = np.asarray(client._encoder.decode_double(plain))
+        assert np.abs(slots[2:] - at_zero[j]).max() < toy_plan.predicted_error
 
 
 @pytest.fixture(scope="module")
