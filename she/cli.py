@@ -220,6 +220,23 @@ def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
     return {"stopped": True}
 
 
+def cmd_batch(args: argparse.Namespace) -> dict[str, Any]:
+    from .ray_batch import ray_connection, score
+
+    plan = _plan(args)
+    x = _inputs(args, tuple(plan.input_shape))
+    if args.limit is not None:
+        x = x[:args.limit]
+    with ray_connection(args.ray):
+        report = score(plan, x, args.output, chunk_size=args.chunk_size,
+                       max_in_flight=args.max_in_flight, max_retries=args.max_retries,
+                       progress=True)
+    _log(args, f"{report.samples} samples in {report.chunks} chunks ({report.skipped_chunks} "
+               f"already done) -> {args.output}/logits.npy; {report.summary()}")
+    return {**report.as_dict(), "logits": str(Path(args.output) / "logits.npy"),
+            "predictions": str(Path(args.output) / "predictions.npy")}
+
+
 def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
     from .remote import RemoteClient
 
@@ -382,6 +399,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-mb", type=int, default=1024, help="request body cap (MiB)")
     p.add_argument("--workers", type=int, help="processes for HE work (default: all cores)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("batch", help="score a whole data set encrypted, chunks as Ray tasks "
+                       "(needs she[ray]; resumable)")
+    _add_compile_options(p)
+    p.add_argument("input", help=".npy/.npz inputs, or an IDX image file")
+    p.add_argument("-o", "--output", required=True, metavar="DIR",
+                   help="output directory: logits.npy and predictions.npy in input order, "
+                        "one file per chunk (a rerun skips the chunks already there)")
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="Ray cluster to run on (default: an embedded local instance)")
+    p.add_argument("--chunk-size", type=int,
+                   help="samples per chunk (default: one full ciphertext batch)")
+    p.add_argument("--limit", type=int, help="score only the first N samples")
+    p.add_argument("--max-in-flight", type=int,
+                   help="chunks encrypted ahead of the results (default: 2 per cluster CPU)")
+    p.add_argument("--max-retries", type=int, default=3,
+                   help="Ray retries of a chunk whose node or worker died (default 3)")
+    p.set_defaults(func=cmd_batch, index=None)
 
     p = sub.add_parser("predict", help="encrypted prediction from a `she serve` server")
     p.add_argument("--server", required=True, help="base URL, e.g. http://127.0.0.1:8000")
