@@ -208,15 +208,29 @@ def cmd_decrypt(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
     from .service import ServiceConfig, serve
 
-    servers = {}
+    if args.replicas is not None and args.ray is None:
+        raise SheError("--replicas needs --ray (replicas are Ray Serve replicas)")
+    if args.replicas is not None and args.replicas < 1:
+        raise SheError("--replicas must be at least 1")
+    plans = []
     for path in args.model:
         plan = _plan(argparse.Namespace(**{**vars(args), "model": path}))
-        servers[plan.model_name] = Server(plan, workers=args.workers)
+        plans.append(plan)
         _log(args, f"serving {plan.model_name}: N={plan.params.poly_modulus_degree}, "
                    f"depth {plan.depth}, fingerprint {plan.params.fingerprint()}")
     config = ServiceConfig(session_ttl=args.session_ttl, max_sessions=args.max_sessions,
                            max_body_bytes=args.max_body_mb * 1024 * 1024, api_key=args.api_key)
-    serve(servers, args.host, args.port, config)
+    if args.ray is not None:
+        from .ray_serve import serve_forever
+
+        replicas = args.replicas or 1
+        _log(args, f"Ray Serve: {replicas} replica(s) on "
+                   f"{args.ray or 'an embedded local Ray instance'}, http://{args.host}:{args.port}")
+        serve_forever(plans, config, host=args.host, port=args.port, replicas=replicas,
+                      address=args.ray or None)
+    else:
+        serve({p.model_name: Server(p, workers=args.workers) for p in plans}, args.host,
+              args.port, config)
     return {"stopped": True}
 
 
@@ -398,6 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sessions", type=int, default=64)
     p.add_argument("--max-body-mb", type=int, default=1024, help="request body cap (MiB)")
     p.add_argument("--workers", type=int, help="processes for HE work (default: all cores)")
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="run as a Ray Serve application (needs she[ray]) on the cluster at "
+                        "ADDRESS, or on an embedded local Ray instance without one")
+    p.add_argument("--replicas", type=int,
+                   help="with --ray: service replicas, one CPU each (default 1)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("batch", help="score a whole data set encrypted, chunks as Ray tasks "

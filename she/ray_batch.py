@@ -155,7 +155,8 @@ class RayEvaluator:
         self._boxed = [ray.put(plan), ray.put(public_context)]
         here = ray.get_runtime_context().get_node_id()
         self._ledger = ray.remote(num_cpus=0)(_AttemptLedger).options(
-            name=f"{LEDGER_PREFIX}{self.job}", scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote()
+            name=f"{LEDGER_PREFIX}{self.job}",
+            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote()
         self._task = ray.remote(num_cpus=1, max_retries=max_retries)(_evaluate_chunk)
         self.max_retries = max_retries
 
@@ -336,7 +337,8 @@ def _run(plan: Plan, x: np.ndarray, store: ResultStore, todo: list[int], report:
     try:
         while True:
             for index in queue:  # fill the window: the next chunks encrypt while others run
-                pending[evaluator.submit(index, client.encrypt(x[index * size:(index + 1) * size]))] = index
+                request = client.encrypt(x[index * size:(index + 1) * size])
+                pending[evaluator.submit(index, request)] = index
                 if len(pending) >= window:
                     break
             if not pending:

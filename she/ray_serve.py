@@ -17,6 +17,8 @@ Ray is imported lazily; without the ``she[ray]`` extra the rest of SHE works as 
 
 from __future__ import annotations
 
+import contextlib
+import os
 import secrets
 import threading
 import time
@@ -216,16 +218,14 @@ def stop(name: str = APP_NAME) -> None:
     from ray import serve
 
     serve.delete(name)
-    try:
+    with contextlib.suppress(ValueError):  # already gone
         ray.kill(ray.get_actor(f"sessions-{name}", namespace=NAMESPACE))
-    except ValueError:  # already gone
-        pass
 
 
 def serve_forever(plans: list[Plan], config: ServiceConfig, *, host: str, port: int,
                   replicas: int, address: str | None) -> None:
     """``she serve --ray``: deploy, block until interrupted, clean up."""
-    with ray_connection(address or None):
+    with ray_connection(address or None, num_cpus=max(os.cpu_count() or 1, replicas)):
         start(plans, config, host=host, port=port, replicas=replicas)
         try:
             while True:

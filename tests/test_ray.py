@@ -2,13 +2,16 @@
 node with no CPU (the driver, the attempt ledger, Serve's controller and the session actor)
 and worker nodes of one CPU each, where every HE task and replica runs.
 
-The model is test_service's depth-1 7x7 MNIST model (49 ciphertexts per request), so that
+The Serve tests run test_service's own tests against the Ray Serve application. The model
+is test_service's depth-1 7x7 MNIST model (49 ciphertexts per request), so that
 a chunk costs a fraction of a second and the whole module a couple of CPU minutes.
 """
 
 from __future__ import annotations
 
 import os
+import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,10 +23,13 @@ from she.errors import DataError
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'she[ray]')")
 
+import test_service  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 from test_service import small_model  # noqa: E402,F401  (the module-scoped model fixture)
 
-from she import ray_batch  # noqa: E402
+from she import ray_batch, ray_serve  # noqa: E402
+from she.remote import RemoteClient  # noqa: E402
+from she.service import ServiceConfig  # noqa: E402
 
 #: Object store per node: a few small requests in flight.
 STORE_BYTES = 150 * 1024 * 1024
@@ -134,3 +140,70 @@ def test_node_killed_mid_run_nothing_lost(cluster, plan, plain, small_model, tmp
     logits = np.load(tmp_path / "run" / "logits.npy")
     assert np.abs(logits - plain[:64]).max() < plan.predicted_error
     assert "1 node lost" in report.summary()
+
+
+# -- Ray Serve ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def served(cluster, plan):
+    """The SHE service as a Ray Serve application with two replicas (one per worker node),
+    configured as test_service's server (API key, 12 sessions, 64 MiB bodies)."""
+    from ray import serve
+
+    port = test_service._free_port()
+    config = ServiceConfig(api_key=test_service.API_KEY, max_sessions=12,
+                           max_body_bytes=64 * 1024 * 1024)
+    ray_serve.start([plan], config, host="127.0.0.1", port=port, replicas=2)
+    yield SimpleNamespace(url=f"http://127.0.0.1:{port}")
+    ray_serve.stop()
+    serve.shutdown()
+
+
+# The service's own tests, run against the Ray Serve application: same paths, wire format,
+# errors and API key; the plain-TenSEAL client of docs/http-api.md works unchanged.
+
+def test_serve_answers_the_plain_tenseal_client_from_the_docs(served, small_model, tmp_path):  # noqa: F811
+    test_service.test_plain_tenseal_client_from_docs(served, small_model, tmp_path)
+
+
+def test_serve_gives_the_same_errors(served, small_model, tmp_path):  # noqa: F811
+    test_service.test_bad_input_gets_4xx_never_500(served, small_model, tmp_path)
+    test_service.test_secret_key_upload_is_refused(served, tmp_path)
+
+
+def test_serve_eight_concurrent_clients_on_two_replicas(served, small_model, tmp_path):  # noqa: F811
+    test_service.test_eight_concurrent_clients(served, small_model, tmp_path)
+
+
+def _replicas() -> list[tuple[str, str]]:
+    return [(a["name"], a["namespace"]) for a in ray.util.list_named_actors(all_namespaces=True)
+            if "SERVE_REPLICA" in a["name"]]
+
+
+def test_sessions_survive_replica_restart(served, plain, small_model, tmp_path):  # noqa: F811
+    _, x, _ = small_model
+    remote = RemoteClient(served.url, "small", api_key=test_service.API_KEY, key_dir=tmp_path)
+    first = remote.predict(x[:8])
+    session = remote._session()
+    old = _replicas()
+    assert len(old) == 2
+    for name, namespace in old:  # every replica dies; Serve starts new ones
+        ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
+    request = remote.client.encrypt(x[:8])
+    deadline = time.monotonic() + 120
+    while True:  # while no replica is up, the proxy answers with a retryable 5xx
+        r = test_service._http(served, "POST", f"/v1/sessions/{session}/predict", content=request)
+        if r.status_code == 200 or time.monotonic() > deadline:
+            break
+        assert r.status_code in (500, 502, 503, 504), r.text
+        time.sleep(0.5)
+    assert r.status_code == 200, r.text  # the same session, on a new replica
+    assert not set(old) & set(_replicas())
+    again = remote.client.decrypt(r.content)
+    assert np.abs(again - plain[:8]).max() < 2 * np.abs(first - plain[:8]).max() + 1e-3
+    assert np.array_equal(again.argmax(1), first.argmax(1))
+    health = test_service._http(served, "GET", "/v1/health").json()
+    assert health["sessions"] >= 1
+    remote.close()
+    r = test_service._http(served, "POST", f"/v1/sessions/{session}/predict", content=request)
+    assert r.status_code == 404  # deleted through one replica, gone for all
