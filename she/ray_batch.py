@@ -37,7 +37,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -54,6 +54,8 @@ DEFAULT_MAX_RETRIES = 3
 LEDGER_PREFIX = "she-batch-attempts-"
 #: Object store of an embedded Ray instance (bytes): room for a few requests in flight.
 EMBEDDED_OBJECT_STORE_BYTES = 2 * 1024 ** 3
+#: Default cap on the bytes of requests in flight (at least two requests are).
+IN_FLIGHT_BYTES = 1024 ** 3
 
 
 def require_ray() -> ModuleType:
@@ -102,9 +104,18 @@ def ray_connection(address: str | None = None, *, num_cpus: int | None = None) -
 _WORKER_STATE: dict[str, tuple[Server, EvaluationKeys]] = {}
 
 
+class ChunkResult(NamedTuple):
+    """An evaluated chunk: the encrypted result message, the node that computed it and the
+    CPU seconds the evaluation took there."""
+
+    message: bytes
+    node: str
+    cpu_seconds: float
+
+
 def _evaluate_chunk(job: str, boxed: list[Any], ledger: Any, index: int,
-                    request: bytes) -> tuple[bytes, str]:
-    """Ray task body: evaluate one ciphertext message; returns it with this node's id.
+                    request: bytes) -> ChunkResult:
+    """Ray task body: evaluate one ciphertext message.
 
     ``boxed`` holds the object references of the plan and of the public context message,
     inside a list so that Ray does not fetch them for every task: they are fetched once per
@@ -112,6 +123,7 @@ def _evaluate_chunk(job: str, boxed: list[Any], ledger: Any, index: int,
     """
     import ray
 
+    cpu = time.process_time()
     node = ray.get_runtime_context().get_node_id()
     ledger.started.remote(index, node)
     if job not in _WORKER_STATE:
@@ -120,7 +132,8 @@ def _evaluate_chunk(job: str, boxed: list[Any], ledger: Any, index: int,
         server = Server(plan, workers=1)  # one CPU per task; Ray provides the parallelism
         _WORKER_STATE[job] = (server, server.load_context(public))
     server, keys = _WORKER_STATE[job]
-    return server.evaluate(keys, request), node
+    result = server.evaluate(keys, request)
+    return ChunkResult(result, node, time.process_time() - cpu)
 
 
 class _AttemptLedger:
@@ -164,8 +177,8 @@ class RayEvaluator:
         """Start evaluating ``request`` (chunk ``index``); returns its object reference."""
         return self._task.remote(self.job, self._boxed, self._ledger, index, request)
 
-    def result(self, ref: Any, index: int) -> tuple[bytes, str]:
-        """The encrypted result message of a submitted chunk, and the node that made it.
+    def result(self, ref: Any, index: int) -> ChunkResult:
+        """The evaluated chunk ``index`` (submitted as ``ref``).
 
         SHE errors from the task are raised as they are; a task that kept failing (its
         node or worker died more than ``max_retries`` times) raises :class:`SheError`.
@@ -218,6 +231,7 @@ class BatchReport:
     lost_nodes: list[str] = field(default_factory=list)
     chunks_per_node: dict[str, int] = field(default_factory=dict)
     cluster_cpus: int = 0
+    task_cpu_seconds: float = 0.0  # server-side CPU time of the evaluated chunks
 
     @property
     def samples_per_second(self) -> float:
@@ -288,7 +302,8 @@ def score(plan: Plan, x: np.ndarray, output: str | Path, *, chunk_size: int | No
         chunk_size: samples per chunk (one ciphertext message); default the plan's batch
             capacity (one sample per slot) in batch packing, 1 in single packing.
         max_in_flight: chunks encrypted and submitted ahead of the results; default twice
-            the cluster's CPUs. Each holds one request in Ray's object store.
+            the cluster's CPUs, and no more than :data:`IN_FLIGHT_BYTES` of requests (each
+            waits in Ray's object store).
         max_retries: Ray's retries of a task whose node or worker died.
         progress: show a progress bar on stderr.
         client: the key holder (default: fresh keys for this run).
@@ -311,19 +326,22 @@ def score(plan: Plan, x: np.ndarray, output: str | Path, *, chunk_size: int | No
     todo = [i for i in range(n_chunks) if not store.done(i)]
     report = BatchReport(str(output), len(x), n_chunks, chunk_size, n_chunks - len(todo),
                          len(todo), 0.0, 0, cluster_cpus=cluster_cpus())
+    if todo and report.cluster_cpus < 1:
+        raise SheError("the Ray cluster has no CPU to run tasks on; add a worker node")
     t0 = time.perf_counter()
     if todo:
-        _run(plan, x, store, todo, report, client or Client(plan.spec()),
-             max_in_flight or max(2, 2 * report.cluster_cpus), max_retries, progress, on_chunk)
+        _run(plan, x, store, todo, report, client or Client(plan.spec()), max_in_flight,
+             max_retries, progress, on_chunk)
     store.assemble(n_chunks)
     report.seconds = time.perf_counter() - t0
     return report
 
 
 def _run(plan: Plan, x: np.ndarray, store: ResultStore, todo: list[int], report: BatchReport,
-         client: Client, window: int, max_retries: int, progress: bool,
+         client: Client, window: int | None, max_retries: int, progress: bool,
          on_chunk: Callable[[int, str], None] | None) -> None:
-    """Encrypt, submit, collect and write the chunks in ``todo``."""
+    """Encrypt, submit, collect and write the chunks in ``todo`` (``window`` of them in
+    flight; default from the cluster's CPUs and the size of the first request)."""
     from tqdm.auto import tqdm
 
     nodes_before = alive_nodes()
@@ -338,7 +356,10 @@ def _run(plan: Plan, x: np.ndarray, store: ResultStore, todo: list[int], report:
         while True:
             for index in queue:  # fill the window: the next chunks encrypt while others run
                 request = client.encrypt(x[index * size:(index + 1) * size])
+                if window is None:
+                    window = max(2, min(2 * report.cluster_cpus, IN_FLIGHT_BYTES // len(request)))
                 pending[evaluator.submit(index, request)] = index
+                del request
                 if len(pending) >= window:
                     break
             if not pending:
@@ -346,13 +367,14 @@ def _run(plan: Plan, x: np.ndarray, store: ResultStore, todo: list[int], report:
             ready, _ = evaluator._ray.wait(list(pending), num_returns=1)
             for ref in ready:
                 index = pending.pop(ref)
-                result, node = evaluator.result(ref, index)
-                logits = client.decrypt(result)
+                done = evaluator.result(ref, index)
+                logits = client.decrypt(done.message)
                 store.write(index, logits)
-                nodes[node] += 1
+                nodes[done.node] += 1
+                report.task_cpu_seconds += done.cpu_seconds
                 bar.update(len(logits))
                 if on_chunk is not None:
-                    on_chunk(index, node)
+                    on_chunk(index, done.node)
         attempts = evaluator.attempts()
         report.retries = max(0, len(attempts) - len(todo))
         report.chunks_per_node = dict(nodes)

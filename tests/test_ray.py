@@ -9,6 +9,7 @@ a chunk costs a fraction of a second and the whole module a couple of CPU minute
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from types import SimpleNamespace
@@ -72,8 +73,9 @@ def test_ray_tasks_return_exactly_what_the_local_server_returns(cluster, plan, s
     evaluator = ray_batch.RayEvaluator(plan, client.public_context())
     try:
         refs = [evaluator.submit(i, r) for i, r in enumerate(requests)]
-        results = [evaluator.result(ref, i)[0] for i, ref in enumerate(refs)]
-        assert results == [local.evaluate(keys, r) for r in requests]  # bit for bit
+        results = [evaluator.result(ref, i) for i, ref in enumerate(refs)]
+        assert [r.message for r in results] == [local.evaluate(keys, r) for r in requests]
+        assert all(r.cpu_seconds > 0 and r.node in ray_batch.alive_nodes() for r in results)
         with pytest.raises(she.FormatError, match="bad magic"):  # a SHE error stays one
             evaluator.result(evaluator.submit(9, b"junk" * 10), 9)
     finally:
@@ -140,6 +142,25 @@ def test_node_killed_mid_run_nothing_lost(cluster, plan, plain, small_model, tmp
     logits = np.load(tmp_path / "run" / "logits.npy")
     assert np.abs(logits - plain[:64]).max() < plan.predicted_error
     assert "1 node lost" in report.summary()
+
+
+def test_batch_command(cluster, small_model, plain, tmp_path, capsys):  # noqa: F811
+    """``she batch`` on the connected cluster: input order, resume, JSON report."""
+    from she.cli import main
+
+    path, x, _ = small_model
+    np.save(tmp_path / "x.npy", x[:20])
+    args = ["batch", str(path), str(tmp_path / "x.npy"), "-o", str(tmp_path / "out"),
+            "--chunk-size", "8", "--json"]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (report["chunks"], report["evaluated_chunks"], report["retries"]) == (3, 3, 0)
+    assert np.array_equal(np.load(report["predictions"]), plain[:20].argmax(1))
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (report["evaluated_chunks"], report["skipped_chunks"]) == (0, 3)
+    assert main(["serve", str(path), "--replicas", "2", "--json"]) == 2
+    assert "--replicas needs --ray" in capsys.readouterr().out
 
 
 # -- Ray Serve ------------------------------------------------------------------------------
