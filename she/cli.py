@@ -245,9 +245,8 @@ def cmd_batch(args: argparse.Namespace) -> dict[str, Any]:
         report = score(plan, x, args.output, chunk_size=args.chunk_size,
                        max_in_flight=args.max_in_flight, max_retries=args.max_retries,
                        progress=True)
-    _log(args, f"{report.samples} samples in {report.chunks} chunks ({report.skipped_chunks} "
-               f"already done) -> {args.output}/logits.npy; {report.summary()}")
-    return {**report.as_dict(), "logits": str(Path(args.output) / "logits.npy"),
+    return {**report.as_dict(), "faults": report.summary(),
+            "logits": str(Path(args.output) / "logits.npy"),
             "predictions": str(Path(args.output) / "predictions.npy")}
 
 
@@ -308,6 +307,12 @@ def _print_human(command: str, result: dict[str, Any]) -> None:
         print(f"parameters             N={result['poly_modulus_degree']}, modulus bits "
               f"{result['modulus_bits']}, {result['security_bits']}-bit security, "
               f"depth {result['depth']}")
+    elif command == "batch":
+        print(f"{result['samples']} samples in {result['chunks']} chunks of {result['chunk_size']} "
+              f"({result['skipped_chunks']} already done) in {result['seconds']:.1f} s on "
+              f"{result['cluster_cpus']} Ray CPUs; {result['faults']}")
+        print(f"logits       {result['logits']}")
+        print(f"predictions  {result['predictions']}")
     elif command == "inspect":
         r = result
         print(f"model {r['model']}: scheme {r['scheme']}, packing {r['packing']}, depth {r['depth']}")

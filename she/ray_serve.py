@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import signal
 import threading
 import time
 from collections import OrderedDict
@@ -224,13 +225,20 @@ def stop(name: str = APP_NAME) -> None:
 
 def serve_forever(plans: list[Plan], config: ServiceConfig, *, host: str, port: int,
                   replicas: int, address: str | None) -> None:
-    """``she serve --ray``: deploy, block until interrupted, clean up."""
+    """``she serve --ray``: deploy, block until interrupted (Ctrl-C or SIGTERM), then
+    delete the application (and stop the embedded Ray instance, if one was started)."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
     with ray_connection(address or None, num_cpus=max(os.cpu_count() or 1, replicas)):
         start(plans, config, host=host, port=port, replicas=replicas)
+        previous = signal.signal(signal.SIGTERM, interrupt)
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
             pass
         finally:
+            signal.signal(signal.SIGTERM, previous)
             stop()
