@@ -212,6 +212,10 @@ def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
         raise SheError("--replicas needs --ray (replicas are Ray Serve replicas)")
     if args.replicas is not None and args.replicas < 1:
         raise SheError("--replicas must be at least 1")
+    if args.ray is not None:
+        from .ray_batch import require_ray
+
+        require_ray()  # before any work
     plans = []
     for path in args.model:
         plan = _plan(argparse.Namespace(**{**vars(args), "model": path}))
@@ -235,8 +239,9 @@ def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_batch(args: argparse.Namespace) -> dict[str, Any]:
-    from .ray_batch import ray_connection, score
+    from .ray_batch import ray_connection, require_ray, score
 
+    require_ray()  # before any work
     plan = _plan(args)
     x = _inputs(args, tuple(plan.input_shape))
     if args.limit is not None:

@@ -195,6 +195,15 @@ class RayEvaluator:
             raise SheError(f"chunk {index}: lost after {self.max_retries} retries "
                            f"({type(exc).__name__}); rerun to resume") from exc
 
+    def wait_any(self, refs: list[Any]) -> list[Any]:
+        """Block until at least one of ``refs`` is finished; the finished ones."""
+        return self._ray.wait(refs, num_returns=1)[0]
+
+    def cancel(self, refs: list[Any]) -> None:
+        """Stop the tasks of ``refs`` (results no longer wanted)."""
+        for ref in refs:
+            self._ray.cancel(ref, force=True)
+
     def attempts(self) -> list[tuple[int, str]]:
         """Every attempt so far: ``(chunk index, node id)``, retries included."""
         return self._ray.get(self._ledger.attempts.remote())
@@ -313,7 +322,7 @@ def score(plan: Plan, x: np.ndarray, output: str | Path, *, chunk_size: int | No
     chunk_size = chunk_size or capacity
     if not 1 <= chunk_size <= capacity:
         raise DataError(f"chunk size {chunk_size} outside 1..{capacity} for this plan")
-    x = np.asarray(x, dtype=np.float64)
+    x = np.asarray(x)
     if x.ndim < 1 or len(x) == 0:
         raise DataError("no samples to score")
     if x.shape[1:] != tuple(plan.input_shape):
@@ -364,8 +373,7 @@ def _run(plan: Plan, x: np.ndarray, store: ResultStore, todo: list[int], report:
                     break
             if not pending:
                 break
-            ready, _ = evaluator._ray.wait(list(pending), num_returns=1)
-            for ref in ready:
+            for ref in evaluator.wait_any(list(pending)):
                 index = pending.pop(ref)
                 done = evaluator.result(ref, index)
                 logits = client.decrypt(done.message)
@@ -381,8 +389,7 @@ def _run(plan: Plan, x: np.ndarray, store: ResultStore, todo: list[int], report:
         report.lost_nodes = sorted(nodes_before - alive_nodes())
     finally:
         bar.close()
-        for ref in pending:
-            evaluator._ray.cancel(ref, force=True)
+        evaluator.cancel(list(pending))
         evaluator.close()
 
 
@@ -397,7 +404,9 @@ def plan_digest(plan: Plan) -> str:
 
 
 def _array_digest(x: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()
+    h = hashlib.sha256(f"{x.dtype.str}{x.shape}".encode())
+    h.update(np.ascontiguousarray(x).tobytes())
+    return h.hexdigest()
 
 
 def _npy_bytes(a: np.ndarray) -> bytes:
