@@ -66,11 +66,9 @@ def _timed_tasks(evaluator, refs: list, tasks: int) -> tuple[float, list]:
     return time.perf_counter() - t, results
 
 
-def batch_scaling(ray, cluster, plan, test: np.ndarray, tasks: int, distinct: int) -> dict:
-    """Embedded vs Ray on one node, then Ray on two nodes, with the same ``distinct``
-    encrypted chunks (``tasks`` evaluations per configuration)."""
-    from she.ray_batch import RayEvaluator
-
+def embedded_batch(plan, test: np.ndarray, distinct: int) -> tuple:
+    """Encrypt ``distinct`` chunks and evaluate them with the embedded server (before any
+    Ray process runs in this process): the client, requests, results and timings."""
     client = she.Client(plan.spec())
     chunk = plan.batch_capacity
     t, cpu = time.perf_counter(), time.process_time()
@@ -87,8 +85,26 @@ def batch_scaling(ray, cluster, plan, test: np.ndarray, tasks: int, distinct: in
     embedded_s = (time.perf_counter() - t) / len(requests)
     embedded_cpu = (time.process_time() - cpu) / len(requests)
     _log(f"batch: embedded Server.evaluate (one process, workers=1): {embedded_s:.1f} s/chunk")
+    stats = {"chunk_images": chunk, "request_bytes": len(requests[0]),
+             "response_bytes": len(expected[0]), "client_encrypt_s_per_chunk": encrypt_s,
+             "client_encrypt_cpu_s_per_chunk": encrypt_cpu,
+             "embedded_s_per_chunk": embedded_s, "embedded_cpu_s_per_chunk": embedded_cpu,
+             "embedded_chunks": len(expected),
+             "agreement_with_plaintext": float(np.mean(
+                 client.decrypt(expected[0]).argmax(1)
+                 == she.load(MODEL).run_plain(test[:chunk]).argmax(1)))}
+    return client, requests, expected, stats
+
+
+def batch_scaling(ray, cluster, plan, embedded: tuple, tasks: int) -> dict:
+    """Ray on one node, then on two nodes, with the embedded run's encrypted chunks
+    (``tasks`` evaluations per configuration)."""
+    from she.ray_batch import RayEvaluator
+
+    client, requests, expected, stats = embedded
+    chunk, distinct = stats["chunk_images"], len(requests)
     refs = [ray.put(r) for r in requests]
-    del requests
+    requests.clear()
     runs = {}
     for nodes in (1, 2):
         while len(cluster.worker_nodes) < nodes:
@@ -109,13 +125,9 @@ def batch_scaling(ray, cluster, plan, test: np.ndarray, tasks: int, distinct: in
         _log(f"batch: {nodes} worker node(s): {tasks} chunks in {seconds:.1f} s "
              f"({tasks * chunk / seconds:.0f} images/s, {cpu / tasks:.1f} CPU-s per chunk, "
              f"{cpu / seconds:.2f} CPUs obtained), identical to embedded: {identical}")
-    logits = client.decrypt(expected[0])
+    embedded_s, embedded_cpu = stats["embedded_s_per_chunk"], stats["embedded_cpu_s_per_chunk"]
     return {
-        "chunk_images": chunk, "request_bytes": len(ray.get(refs[0])),
-        "response_bytes": len(expected[0]), "client_encrypt_s_per_chunk": encrypt_s,
-        "client_encrypt_cpu_s_per_chunk": encrypt_cpu,
-        "embedded_s_per_chunk": embedded_s, "embedded_cpu_s_per_chunk": embedded_cpu,
-        "embedded_chunks": len(expected),
+        **stats,
         "ray_1_node_s_per_chunk": runs[1]["seconds"] / tasks,
         "ray_overhead": runs[1]["seconds"] / tasks / embedded_s - 1,
         "nodes": {str(k): v for k, v in runs.items()},
@@ -124,8 +136,6 @@ def batch_scaling(ray, cluster, plan, test: np.ndarray, tasks: int, distinct: in
         "per_cpu_efficiency_2_vs_1": (runs[2]["images_per_task_cpu_second"]
                                       / runs[1]["images_per_task_cpu_second"]),
         "ray_cpu_overhead": runs[1]["task_cpu_s_per_chunk"] / embedded_cpu - 1,
-        "agreement_with_plaintext": float(np.mean(
-            logits.argmax(1) == she.load(MODEL).run_plain(test[:chunk]).argmax(1)[:len(logits)])),
     }
 
 
@@ -284,6 +294,8 @@ def render(result: dict) -> str:
            f"{r['agreement_with_plaintext']:.0%}"] for name, r in serving_rows]])
     load = ", ".join(f"{v:.1f}" for v in result["load_average"])
     per_image = b["request_bytes"] / b["chunk_images"]
+    identical = ("yes" if n1["results_identical_to_embedded"]
+                 and n2["results_identical_to_embedded"] else "**no**")
     return f"""# Scaling out on Ray
 
 Numbers from `docs/results/ray_scale.json`, written on {result['date']} by
@@ -334,7 +346,7 @@ loading the keys once per worker.
   through the object store, worker start-up and key loading; at this machine's load the
   difference is within the noise.
 * Every Ray result was byte-for-byte the embedded result
-  ({n1['results_identical_to_embedded'] and n2['results_identical_to_embedded']}); decrypted,
+  ({identical}); decrypted,
   the predictions agree with the plaintext model on {b['agreement_with_plaintext']:.2%} of
   the chunk's images.
 * Client side: encrypting one chunk took {b['client_encrypt_cpu_s_per_chunk']:.1f} CPU-s
@@ -396,13 +408,14 @@ def main() -> None:
     _log("compiling (batch and single packing)...")
     batch_plan = she.compile(she.load(MODEL), calibration=calibration)
     single_plan = she.compile(she.load(MODEL), calibration=calibration, packing="single")
+    embedded = embedded_batch(batch_plan, test, distinct)
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "object_store_memory": HEAD_STORE_BYTES, "include_dashboard": False})
     cluster.add_node(num_cpus=1, object_store_memory=WORKER_STORE_BYTES)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
     try:
-        batch = batch_scaling(ray, cluster, batch_plan, test, tasks, distinct)
+        batch = batch_scaling(ray, cluster, batch_plan, embedded, tasks)
         serving = serving_scaling(ray, cluster, single_plan, test, requests, warmup,
                                   embedded=not args.quick)
     finally:
