@@ -196,8 +196,9 @@ class RayEvaluator:
                            f"({type(exc).__name__}); rerun to resume") from exc
 
     def wait_any(self, refs: list[Any]) -> list[Any]:
-        """Block until at least one of ``refs`` is finished; the finished ones."""
-        return self._ray.wait(refs, num_returns=1)[0]
+        """Block until at least one of ``refs`` is finished; the finished ones. Results
+        stay where they were computed until :meth:`result` reads them."""
+        return self._ray.wait(refs, num_returns=1, fetch_local=False)[0]
 
     def cancel(self, refs: list[Any]) -> None:
         """Stop the tasks of ``refs`` (results no longer wanted)."""
