@@ -71,7 +71,9 @@ def require_ray() -> ModuleType:
 def ray_connection(address: str | None = None, *, num_cpus: int | None = None) -> Iterator[Any]:
     """Connect to Ray for the duration of a ``with`` block.
 
-    ``address`` names an existing cluster (``HOST:PORT`` or ``auto``); without it an
+    ``address`` names an existing cluster (``HOST:PORT`` or ``auto``), whose nodes need
+    SHE's dependencies (``pip install 'she[ray]'``): this process's ``she`` package is sent
+    to them with the job, so that every task runs the same code. Without an address an
     embedded local instance is started (``num_cpus`` CPUs, default all) and shut down at
     the end. If this process is already connected, that connection is used and left open.
     """
@@ -81,8 +83,9 @@ def ray_connection(address: str | None = None, *, num_cpus: int | None = None) -
         return
     options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
                                "configure_logging": False}
-    if address:
-        options["address"] = address
+    if address:  # the cluster's workers run this copy of SHE (Ray uploads it, ~5 MB)
+        options.update(address=address,
+                       runtime_env={"py_modules": [str(Path(__file__).resolve().parent)]})
     else:  # never join a cluster by accident: "local" always starts a new instance
         options.update(address="local", num_cpus=num_cpus or os.cpu_count() or 1,
                        object_store_memory=EMBEDDED_OBJECT_STORE_BYTES,

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from types import SimpleNamespace
 
@@ -161,6 +163,20 @@ def test_batch_command(cluster, small_model, plain, tmp_path, capsys):  # noqa: 
     assert (report["evaluated_chunks"], report["skipped_chunks"]) == (0, 3)
     assert main(["serve", str(path), "--replicas", "2", "--json"]) == 2
     assert "--replicas needs --ray" in capsys.readouterr().out
+
+
+def test_batch_command_joins_a_cluster_by_address(cluster, small_model, plain, tmp_path):  # noqa: F811
+    """``she batch --ray ADDRESS`` from another process: a second driver on the cluster."""
+    path, x, _ = small_model
+    np.save(tmp_path / "x.npy", x[:12])
+    out = subprocess.run(
+        [sys.executable, "-m", "she", "batch", str(path), str(tmp_path / "x.npy"), "-o",
+         str(tmp_path / "out"), "--ray", cluster.address, "--json"],
+        capture_output=True, text=True, check=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": str(test_service.REPO)})
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (report["chunks"], report["cluster_cpus"]) == (1, len(cluster.workers))
+    assert np.array_equal(np.load(report["predictions"]), plain[:12].argmax(1))
 
 
 # -- Ray Serve ------------------------------------------------------------------------------
