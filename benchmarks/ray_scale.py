@@ -322,7 +322,8 @@ which every HE task and replica runs. The model is the TenSEAL-tutorial network
 
 Server side: chunks of {b['chunk_images']} images (batch packing, one ciphertext per pixel:
 {b['request_bytes'] / mib:.0f} MiB up, {b['response_bytes'] / mib:.1f} MiB down) evaluated
-as Ray tasks of one CPU. Two chunks are encrypted once and submitted {n1['tasks']} times
+as Ray tasks of one CPU. {b['embedded_chunks']} distinct chunk(s) are encrypted once and submitted
+{n1['tasks']} times in all
 (an evaluation costs the same whatever the pixel values), so that the client's encryption,
 which in a deployment runs on the client's machine, does not take this machine's cores.
 Each configuration is a new job: its time includes starting the worker processes and
