@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 $(BIN)/she: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev,serve,convert,bench]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,serve,convert,bench,ray]"
 	touch $(BIN)/she
 
 demo: $(BIN)/she

@@ -213,16 +213,51 @@ def cmd_decrypt(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
     from .service import ServiceConfig, serve
 
-    servers = {}
+    if args.replicas is not None and args.ray is None:
+        raise SheError("--replicas needs --ray (replicas are Ray Serve replicas)")
+    if args.replicas is not None and args.replicas < 1:
+        raise SheError("--replicas must be at least 1")
+    if args.ray is not None:
+        from .ray_batch import require_ray
+
+        require_ray()  # before any work
+    plans = []
     for path in args.model:
         plan = _plan(argparse.Namespace(**{**vars(args), "model": path}))
-        servers[plan.model_name] = Server(plan, workers=args.workers)
+        plans.append(plan)
         _log(args, f"serving {plan.model_name}: N={plan.params.poly_modulus_degree}, "
                    f"depth {plan.depth}, fingerprint {plan.params.fingerprint()}")
     config = ServiceConfig(session_ttl=args.session_ttl, max_sessions=args.max_sessions,
                            max_body_bytes=args.max_body_mb * 1024 * 1024, api_key=_api_key(args))
-    serve(servers, args.host, args.port, config)
+    if args.ray is not None:
+        from .ray_serve import serve_forever
+
+        replicas = args.replicas or 1
+        _log(args, f"Ray Serve: {replicas} replica(s) on "
+                   f"{args.ray or 'an embedded local Ray instance'}, http://{args.host}:{args.port}")
+        serve_forever(plans, config, host=args.host, port=args.port, replicas=replicas,
+                      address=args.ray or None)
+    else:
+        serve({p.model_name: Server(p, workers=args.workers) for p in plans}, args.host,
+              args.port, config)
     return {"stopped": True}
+
+
+def cmd_batch(args: argparse.Namespace) -> dict[str, Any]:
+    from .ray_batch import ray_connection, require_ray, score
+
+    require_ray()  # before any work
+    plan = _plan(args)
+    x = _inputs(args, tuple(plan.input_shape))
+    if args.limit is not None:
+        x = x[:args.limit]
+    with ray_connection(args.ray):
+        report = score(plan, x, args.output, chunk_size=args.chunk_size,
+                       max_in_flight=args.max_in_flight, max_retries=args.max_retries,
+                       progress=True)
+    return {**report.as_dict(), "faults": report.summary(),
+            "logits": str(Path(args.output) / "logits.npy"),
+            "predictions": str(Path(args.output) / "predictions.npy")}
 
 
 def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
@@ -303,6 +338,12 @@ def _print_human(command: str, result: dict[str, Any]) -> None:
         print(f"parameters             N={result['poly_modulus_degree']}, modulus bits "
               f"{result['modulus_bits']}, {result['security_bits']}-bit security, "
               f"depth {result['depth']}")
+    elif command == "batch":
+        print(f"{result['samples']} samples in {result['chunks']} chunks of {result['chunk_size']} "
+              f"({result['skipped_chunks']} already done) in {result['seconds']:.1f} s on "
+              f"{result['cluster_cpus']} Ray CPUs; {result['faults']}")
+        print(f"logits       {result['logits']}")
+        print(f"predictions  {result['predictions']}")
     elif command == "inspect":
         r = result
         print(f"model {r['model']}: scheme {r['scheme']}, packing {r['packing']}, depth {r['depth']}")
@@ -409,7 +450,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sessions", type=int, default=64)
     p.add_argument("--max-body-mb", type=int, default=1024, help="request body cap (MiB)")
     p.add_argument("--workers", type=int, help="processes for HE work (default: all cores)")
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="run as a Ray Serve application (needs she[ray]) on the cluster at "
+                        "ADDRESS, or on an embedded local Ray instance without one")
+    p.add_argument("--replicas", type=int,
+                   help="with --ray: service replicas, one CPU each (default 1)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("batch", help="score a whole data set encrypted, chunks as Ray tasks "
+                       "(needs she[ray]; resumable)")
+    _add_compile_options(p)
+    p.add_argument("input", help=".npy/.npz inputs, or an IDX image file")
+    p.add_argument("-o", "--output", required=True, metavar="DIR",
+                   help="output directory: logits.npy and predictions.npy in input order, "
+                        "one file per chunk (a rerun skips the chunks already there)")
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="Ray cluster to run on (default: an embedded local instance)")
+    p.add_argument("--chunk-size", type=int,
+                   help="samples per chunk (default: one full ciphertext batch)")
+    p.add_argument("--limit", type=int, help="score only the first N samples")
+    p.add_argument("--max-in-flight", type=int,
+                   help="chunks encrypted ahead of the results (default: 2 per cluster CPU)")
+    p.add_argument("--max-retries", type=int, default=3,
+                   help="Ray retries of a chunk whose node or worker died (default 3)")
+    p.set_defaults(func=cmd_batch, index=None)
 
     p = sub.add_parser("predict", help="encrypted prediction from a `she serve` server")
     p.add_argument("--server", required=True, help="base URL, e.g. http://127.0.0.1:8000")

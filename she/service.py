@@ -130,10 +130,16 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def create_app(servers: dict[str, Server], config: ServiceConfig | None = None) -> FastAPI:
-    """Build the FastAPI application serving ``servers`` (model name -> Server)."""
+def create_app(servers: dict[str, Server], config: ServiceConfig | None = None,
+               sessions: SessionStore | None = None) -> FastAPI:
+    """Build the FastAPI application serving ``servers`` (model name -> Server).
+
+    ``sessions`` replaces the in-memory session store by another with the same methods
+    (``add``, ``get``, ``delete``, ``len``), e.g. :class:`she.ray_serve.SharedSessionStore`.
+    """
     config = config or ServiceConfig()
-    sessions = SessionStore(config.session_ttl, config.max_sessions)
+    if sessions is None:
+        sessions = SessionStore(config.session_ttl, config.max_sessions)
     he_lock = threading.Lock()
     max_request = min(config.max_body_bytes, max(s.max_request_bytes for s in servers.values()))
     app = FastAPI(
