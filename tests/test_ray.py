@@ -28,7 +28,7 @@ ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'she[
 
 import test_service  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
-from test_service import small_model  # noqa: E402,F401  (the module-scoped model fixture)
+from test_service import local, small_model  # noqa: E402,F401  (the module-scoped fixtures)
 
 from she import ray_batch, ray_serve  # noqa: E402
 from she.remote import RemoteClient  # noqa: E402
@@ -69,14 +69,14 @@ def plain(small_model):  # noqa: F811
 def test_ray_tasks_return_exactly_what_the_local_server_returns(cluster, plan, small_model):  # noqa: F811
     _, x, _ = small_model
     client = she.Client(plan.spec())
-    local = she.Server(plan, workers=1)
-    keys = local.load_context(client.public_context())
+    server = she.Server(plan, workers=1)
+    keys = server.load_context(client.public_context())
     requests = [client.encrypt(x[i:i + 8]) for i in range(0, 24, 8)]
     evaluator = ray_batch.RayEvaluator(plan, client.public_context())
     try:
         refs = [evaluator.submit(i, r) for i, r in enumerate(requests)]
         results = [evaluator.result(ref, i) for i, ref in enumerate(refs)]
-        assert [r.message for r in results] == [local.evaluate(keys, r) for r in requests]
+        assert [r.message for r in results] == [server.evaluate(keys, r) for r in requests]
         assert all(r.cpu_seconds > 0 and r.node in ray_batch.alive_nodes() for r in results)
         with pytest.raises(she.FormatError, match="bad magic"):  # a SHE error stays one
             evaluator.result(evaluator.submit(9, b"junk" * 10), 9)
@@ -199,8 +199,9 @@ def served(cluster, plan):
 # The service's own tests, run against the Ray Serve application: same paths, wire format,
 # errors and API key; the plain-TenSEAL client of docs/http-api.md works unchanged.
 
-def test_serve_answers_the_plain_tenseal_client_from_the_docs(served, small_model, tmp_path):  # noqa: F811
-    test_service.test_plain_tenseal_client_from_docs(served, small_model, tmp_path)
+def test_serve_answers_the_plain_tenseal_client_from_the_docs(served, small_model, local,  # noqa: F811
+                                                              tmp_path):
+    test_service.test_plain_tenseal_client_from_docs(served, small_model, local, tmp_path)
 
 
 def test_serve_gives_the_same_errors(served, small_model, tmp_path):  # noqa: F811
@@ -208,8 +209,9 @@ def test_serve_gives_the_same_errors(served, small_model, tmp_path):  # noqa: F8
     test_service.test_secret_key_upload_is_refused(served, tmp_path)
 
 
-def test_serve_eight_concurrent_clients_on_two_replicas(served, small_model, tmp_path):  # noqa: F811
-    test_service.test_eight_concurrent_clients(served, small_model, tmp_path)
+def test_serve_eight_concurrent_clients_on_two_replicas(served, small_model, local,  # noqa: F811
+                                                        tmp_path):
+    test_service.test_eight_concurrent_clients(served, small_model, local, tmp_path)
 
 
 def _replicas() -> list[tuple[str, str]]:
