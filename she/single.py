@@ -1,7 +1,7 @@
 """Server-side execution of a plan in single packing (one sample per ciphertext, CKKS).
 
 The layout and the diagonal schedule come from :mod:`she.layout`; this module runs them
-with SEAL's evaluator: rotations (Galois keys for the plan's power-of-two steps only),
+with SEAL's evaluator: rotations (Galois keys for the plan's steps only),
 plaintext-diagonal products, bias addition, and square / relinearise / rescale between
 layers. Each linear layer multiplies by diagonals encoded at scale ``2^shift``; that scale
 is removed by the rescale after the following square, exactly as the plan's scales say.
@@ -151,12 +151,12 @@ def _horner(evaluator: sealapi.Evaluator, galois: sealapi.GaloisKeys, baby: int,
             groups: list[int], plain: list[list[sealapi.Plaintext | None]],
             babies: list[sealapi.Ciphertext]) -> sealapi.Ciphertext | None:
     """``sum_g rot(sum_i diag_gi * baby_i, groups[g] * baby)`` in Horner form (descending,
-    each jump made of power-of-two rotations); None if every diagonal is zero."""
+    each jump made of :func:`~she.layout.jump_steps`); None if every diagonal is zero."""
     acc: sealapi.Ciphertext | None = None
     at = 0  # the giant step acc is rotated to
     for j, row in zip(reversed(groups), reversed(plain), strict=True):
         if acc is not None:
-            _rotate(evaluator, acc, (at - j) * baby, galois)
+            _rotate(evaluator, acc, (at - j) * baby, baby, galois)
         for i, diag in enumerate(row):
             if diag is None:
                 continue
@@ -165,13 +165,13 @@ def _horner(evaluator: sealapi.Evaluator, galois: sealapi.GaloisKeys, baby: int,
             acc = term if acc is None else _added(evaluator, acc, term)
         at = j
     if acc is not None:
-        _rotate(evaluator, acc, at * baby, galois)
+        _rotate(evaluator, acc, at * baby, baby, galois)
     return acc
 
 
-def _rotate(evaluator: sealapi.Evaluator, ct: sealapi.Ciphertext, step: int,
+def _rotate(evaluator: sealapi.Evaluator, ct: sealapi.Ciphertext, step: int, baby: int,
             galois: sealapi.GaloisKeys) -> None:
-    for piece in layout.power_of_two_steps(step):
+    for piece in layout.jump_steps(step, baby):
         evaluator.rotate_vector_inplace(ct, piece, galois)
 
 
@@ -181,7 +181,7 @@ def _upper_cost(lay: layout.LayerLayout) -> int:
         return 0
     upper = lay.groups[lay.split:]
     products = int(np.count_nonzero(lay.used // lay.baby >= upper[0]))
-    return products + ROTATION_COST * layout.horner_rotations(upper)
+    return products + ROTATION_COST * layout.horner_rotations(upper, lay.baby)
 
 
 def _added(evaluator: sealapi.Evaluator, acc: sealapi.Ciphertext,
