@@ -152,21 +152,41 @@ class LayerLayout:
         return len(self.groups) - max(1, min(int(np.searchsorted(upper, upper[-1] / 2)) + 1,
                                              len(self.groups) - 1))
 
+    @cached_property
+    def keys(self) -> frozenset[int]:
+        """Giant-step rotations that get a Galois key of their own (beyond the powers of
+        two): the giant-step size when it is not a power of two, and every jump of the
+        Horner sum that recurs often enough to save more than :data:`KEY_ROTATIONS`
+        rotations with one key."""
+        base = frozenset({self.baby} if self.baby & (self.baby - 1) else ())
+        jumps = _jumps(self.groups) + ([self.groups[self.split]] if self.split else [])
+        counts: dict[int, int] = {}
+        for jump in jumps:
+            counts[jump * self.baby] = counts.get(jump * self.baby, 0) + 1
+        return base | {step for step, m in counts.items()
+                       if m * (len(jump_steps(step, self.baby, base)) - 1) > KEY_ROTATIONS}
+
+    def jump(self, step: int) -> list[int]:
+        """The rotations that make a giant-step rotation by ``step``."""
+        return jump_steps(step, self.baby, self.keys)
+
     @property
     def rotation_steps(self) -> set[int]:
-        """Distinct rotation steps (each needs one Galois key): powers of two only."""
+        """Distinct rotation steps (each needs one Galois key): powers of two and
+        :attr:`keys`."""
         steps = set(self.fold_steps)
         if self.n_babies > 1:
             steps.add(1)
         jumps = _jumps(self.groups) + ([self.groups[self.split]] if self.split else [])
         for jump in jumps:
-            steps.update(jump_steps(jump * self.baby, self.baby))
+            steps.update(self.jump(jump * self.baby))
         return steps
 
     @property
     def rotations(self) -> int:
         """Rotations one evaluation performs (without a split between processes)."""
-        return _schedule_rotations(self.used, self.baby) + len(self.fold_steps)
+        return (self.n_babies - 1 + horner_rotations(self.groups, self.baby, self.keys)
+                + len(self.fold_steps))
 
     def diagonals(self, weights: np.ndarray) -> list[list[np.ndarray | None]]:
         """The baby-step-ready diagonals: entry ``[g][i]`` (``g`` indexes :attr:`groups`,
@@ -209,9 +229,12 @@ def power_of_two_steps(step: int) -> list[int]:
 
 
 @functools.lru_cache(maxsize=1 << 16)
-def jump_steps(step: int, baby: int) -> list[int]:
+def jump_steps(step: int, baby: int, keys: frozenset[int] = frozenset()) -> list[int]:
     """A giant-step rotation by ``step`` (a multiple of the giant-step size ``baby``) as the
-    fewest rotations by ``baby`` and by powers of two."""
+    fewest rotations: one if ``keys`` (extra Galois keys) hold ``step``, else by ``baby``
+    and by powers of two."""
+    if step in keys:
+        return [step]
     return min(([baby] * m + power_of_two_steps(step - m * baby)
                 for m in range(min(step // baby, step.bit_count()) + 1)), key=len)
 
@@ -222,10 +245,10 @@ def _jumps(groups: list[int]) -> list[int]:
     return [hi - lo for hi, lo in zip(groups[:0:-1], groups[-2::-1], strict=True)] + groups[:1]
 
 
-def horner_rotations(groups: list[int], baby: int = 1) -> int:
+def horner_rotations(groups: list[int], baby: int = 1, keys: frozenset[int] = frozenset()) -> int:
     """Rotations of a Horner sum over the giant steps ``groups`` (ascending, of size
-    ``baby``), down to 0."""
-    return sum(len(jump_steps(j * baby, baby)) for j in _jumps(groups))
+    ``baby``), down to 0, with Galois keys for the powers of two and ``keys``."""
+    return sum(len(jump_steps(j * baby, baby, keys)) for j in _jumps(groups))
 
 
 def _schedule(used: np.ndarray, baby: int) -> tuple[int, list[int]]:

@@ -129,16 +129,16 @@ def _diagonal_product(evaluator: sealapi.Evaluator, galois: sealapi.GaloisKeys,
         babies.append(nxt)
     groups = lay.groups
     if split:
-        upper = _in_child(seal, lambda: _horner(evaluator, galois, lay.baby, groups[split:],
+        upper = _in_child(seal, lambda: _horner(evaluator, galois, lay, groups[split:],
                                                 plain[split:], babies))
         try:
-            acc = _horner(evaluator, galois, lay.baby, groups[:split], plain[:split], babies)
+            acc = _horner(evaluator, galois, lay, groups[:split], plain[:split], babies)
         finally:
             joined = upper.result()  # always reap the child
         if joined is not None:
             acc = joined if acc is None else _added(evaluator, acc, joined)
     else:
-        acc = _horner(evaluator, galois, lay.baby, groups, plain, babies)
+        acc = _horner(evaluator, galois, lay, groups, plain, babies)
     assert acc is not None  # SingleEngine refuses all-zero layers
     for step in lay.fold_steps:
         rotated = sealapi.Ciphertext()
@@ -147,16 +147,17 @@ def _diagonal_product(evaluator: sealapi.Evaluator, galois: sealapi.GaloisKeys,
     return acc
 
 
-def _horner(evaluator: sealapi.Evaluator, galois: sealapi.GaloisKeys, baby: int,
+def _horner(evaluator: sealapi.Evaluator, galois: sealapi.GaloisKeys, lay: layout.LayerLayout,
             groups: list[int], plain: list[list[sealapi.Plaintext | None]],
             babies: list[sealapi.Ciphertext]) -> sealapi.Ciphertext | None:
-    """``sum_g rot(sum_i diag_gi * baby_i, groups[g] * baby)`` in Horner form (descending,
-    each jump made of :func:`~she.layout.jump_steps`); None if every diagonal is zero."""
+    """``sum_g rot(sum_i diag_gi * baby_i, groups[g] * b)`` in Horner form (descending, each
+    jump made of :meth:`~she.layout.LayerLayout.jump`); None if every diagonal is zero."""
+    baby = lay.baby
     acc: sealapi.Ciphertext | None = None
     at = 0  # the giant step acc is rotated to
     for j, row in zip(reversed(groups), reversed(plain), strict=True):
         if acc is not None:
-            _rotate(evaluator, acc, (at - j) * baby, baby, galois)
+            _rotate(evaluator, acc, lay.jump((at - j) * baby), galois)
         for i, diag in enumerate(row):
             if diag is None:
                 continue
@@ -165,14 +166,14 @@ def _horner(evaluator: sealapi.Evaluator, galois: sealapi.GaloisKeys, baby: int,
             acc = term if acc is None else _added(evaluator, acc, term)
         at = j
     if acc is not None:
-        _rotate(evaluator, acc, at * baby, baby, galois)
+        _rotate(evaluator, acc, lay.jump(at * baby), galois)
     return acc
 
 
-def _rotate(evaluator: sealapi.Evaluator, ct: sealapi.Ciphertext, step: int, baby: int,
+def _rotate(evaluator: sealapi.Evaluator, ct: sealapi.Ciphertext, steps: list[int],
             galois: sealapi.GaloisKeys) -> None:
-    for piece in layout.jump_steps(step, baby):
-        evaluator.rotate_vector_inplace(ct, piece, galois)
+    for step in steps:
+        evaluator.rotate_vector_inplace(ct, step, galois)
 
 
 def _upper_cost(lay: layout.LayerLayout) -> int:
@@ -181,7 +182,7 @@ def _upper_cost(lay: layout.LayerLayout) -> int:
         return 0
     upper = lay.groups[lay.split:]
     products = int(np.count_nonzero(lay.used // lay.baby >= upper[0]))
-    return products + ROTATION_COST * layout.horner_rotations(upper, lay.baby)
+    return products + ROTATION_COST * layout.horner_rotations(upper, lay.baby, lay.keys)
 
 
 def _added(evaluator: sealapi.Evaluator, acc: sealapi.Ciphertext,
