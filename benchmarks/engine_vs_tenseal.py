@@ -191,7 +191,11 @@ def accurate_single(data: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
                         "server_s": tb.percentiles(times[name][warm]),
                         "public_key_bytes": key_bytes, "workers": server.engine.workers,
                         "rotations": plan.describe()["rotations"],
-                        "galois_steps": plan.rotation_steps(), **_params(plan),
+                        "galois_steps": plan.rotation_steps(),
+                        # per layer: rotations, diagonal products, ciphertext primes
+                        "layer_rotations": [lay.rotations for lay in plan.layouts()],
+                        "layer_products": [len(lay.used) for lay in plan.layouts()],
+                        "layer_limbs": plan.levels(), **_params(plan),
                         **_accuracy(outs[name], model.run_plain(x[:n]), y[:n])}
     return {"baseline": baseline, "models": models, "peak_rss_bytes": tb.peak_rss_bytes()}
 
@@ -267,7 +271,9 @@ def run(data_dir: str, n_single: int, n_batch: int, fashion_dir: str | None = No
     result: dict[str, Any] = {
         "command": "python -m benchmarks.engine_vs_tenseal " + " ".join(sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(), "model": Path(model_path).name, "she": {}, "tenseal": {}}
+        "machine": machine(), "model": Path(model_path).name, "she": {}, "tenseal": {},
+        # a shared machine: other processes' load skews both sides (TenSEAL's thread pool more)
+        "load_average_start": os.getloadavg()[0]}
     if n_single:
         result["she"]["single"] = she_single(model_path, train_x, x[:n_single], y[:n_single])
         base = tb.run_single(model_path, x[:n_single], y[:n_single])
@@ -290,6 +296,7 @@ def run(data_dir: str, n_single: int, n_batch: int, fashion_dir: str | None = No
                     she_batch, str(assets.asset_path(name)), a_train, a_x[:n_accurate_batch],
                     a_y[:n_accurate_batch])
     result["comparisons"] = comparisons(result)
+    result["load_average_end"] = os.getloadavg()[0]
     result["wall_s"] = time.perf_counter() - started
     return result
 
@@ -308,7 +315,11 @@ def render(result: dict[str, Any]) -> str:
         f"{result['date']} ({m['cores']} cores, {m['cpu']}; TenSEAL {m['tenseal']}, SHE "
         f"{m['she']}); wall time {result['wall_s'] / 60:.1f} min. Network: "
         f"`{result['model']}` (the TenSEAL tutorial's MNIST network, float weights); real MNIST "
-        "test images; both sides in the same run. The baselines are plain TenSEAL code "
+        "test images; both sides in the same run"
+        + (f" (1-minute load average {result['load_average_start']:.1f} at the start, "
+           f"{result['load_average_end']:.1f} at the end, on {m['cores']} cores)"
+           if "load_average_start" in result else "")
+        + ". The baselines are plain TenSEAL code "
         "(`benchmarks/tenseal_baseline.py`): the tutorial's one-image implementation, and a "
         "4096-image batch with client-side im2col.",
         "",
@@ -386,6 +397,14 @@ def _render_accurate(accurate: dict[str, Any]) -> list[str]:
                 f"({r['predicted_error']:.1e}) | N={r['poly_modulus_degree']}, "
                 f"{r['modulus_bits']} | {r['rotations']} / {len(r['galois_steps'])} | "
                 f"{_size(r['public_key_bytes'])} |")
+        lines += ["", "Per layer (rotations / diagonal products / ciphertext primes): "
+                  + "; ".join(f"`{name}` " + ", ".join(
+                      f"{rot} / {prod} / {limbs}" for rot, prod, limbs in zip(
+                          r["layer_rotations"], r["layer_products"], r["layer_limbs"], strict=True))
+                      for name, r in single["models"].items() if "layer_rotations" in r)
+                  + ". A rotation (a key switch) costs 10-20 products at N=16384 and grows with "
+                  "the square of the primes it carries, so the second convolution's rotations "
+                  "at 5 primes dominate."]
     batch = accurate.get("batch")
     if batch:
         lines += ["", "## Accurate models, batch packing", "",
