@@ -402,9 +402,9 @@ def _render_accurate(accurate: dict[str, Any]) -> list[str]:
                       f"{rot} / {prod} / {limbs}" for rot, prod, limbs in zip(
                           r["layer_rotations"], r["layer_products"], r["layer_limbs"], strict=True))
                       for name, r in single["models"].items() if "layer_rotations" in r)
-                  + ". A rotation (a key switch) costs 10-20 products at N=16384 and grows with "
-                  "the square of the primes it carries, so the second convolution's rotations "
-                  "at 5 primes dominate."]
+                  + ". A rotation (a key switch) costs about as much as 15-20 diagonal "
+                  "products at N=16384 (see `she/single.py`) and grows faster than linearly "
+                  "with the primes it carries, so the second convolution's rotations dominate."]
     batch = accurate.get("batch")
     if batch:
         lines += ["", "## Accurate models, batch packing", "",
