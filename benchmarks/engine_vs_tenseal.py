@@ -301,6 +301,26 @@ def run(data_dir: str, n_single: int, n_batch: int, fashion_dir: str | None = No
     return result
 
 
+def keep_earlier(result: dict[str, Any], earlier: dict[str, Any]) -> None:
+    """Sections this run skipped (``--single 0``, ``--batch 0``, no accurate models) are
+    kept from the earlier result, with the command and date that measured them."""
+    kept = []
+    for part in ("single", "batch"):
+        if part not in result["she"] and part in earlier.get("she", {}):
+            for who in ("she", "tenseal"):
+                if part in earlier.get(who, {}):
+                    result[who][part] = earlier[who][part]
+            kept.append(f"tutorial network, {part}")
+    for part, section in earlier.get("accurate", {}).items():
+        if part not in result.get("accurate", {}):
+            result.setdefault("accurate", {})[part] = section
+            kept.append(f"accurate models, {part}")
+    if kept:
+        origin = earlier.get("earlier") or {"command": earlier["command"], "date": earlier["date"]}
+        result["earlier"] = {**origin, "sections": kept}
+        result["comparisons"] = comparisons(result)
+
+
 def _size(n: float) -> str:
     return f"{n / 2 ** 20:,.2f} MiB" if n < 2 ** 30 else f"{n / 2 ** 30:,.2f} GiB"
 
@@ -322,6 +342,9 @@ def render(result: dict[str, Any]) -> str:
         + ". The baselines are plain TenSEAL code "
         "(`benchmarks/tenseal_baseline.py`): the tutorial's one-image implementation, and a "
         "4096-image batch with client-side im2col.",
+        *(["", f"Sections measured earlier ({', '.join(result['earlier']['sections'])}): "
+           f"`{result['earlier']['command']}` on {result['earlier']['date']}."]
+          if "earlier" in result else []),
         "",
         "## Targets",
         "",
@@ -439,6 +462,8 @@ def main(argv: list[str] | None = None) -> None:
     result = run(args.data, args.single, args.batch, args.fashion_data, args.accurate_single,
                  args.accurate_batch)
     out = Path(args.out)
+    if out.exists():
+        keep_earlier(result, json.loads(out.read_text()))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     if out.resolve() == (DOCS / "results" / "engine_vs_tenseal.json").resolve():
