@@ -3,6 +3,8 @@ measurements themselves take minutes; ``python -m benchmarks.engine_vs_tenseal``
 
 from __future__ import annotations
 
+import json
+
 from benchmarks import engine_vs_tenseal as bench
 
 
@@ -52,3 +54,23 @@ def test_render_shows_the_accurate_models_and_the_load():
     assert "12 / 46 / 6, 70 / 404 / 5" in text
     assert "load average 3.0 at the start, 4.0 at the end" in text
     assert "| accurate mnist_cnn.she.onnx batch: server ms per image | 20.00 | ≤ 10 | **no** |" in text
+
+
+def test_sections_a_run_skips_are_kept_from_the_earlier_result():
+    """A run of the accurate models alone keeps the tutorial network's sections of the
+    saved result (the repository's own), naming the run that measured them."""
+    earlier = json.loads((bench.DOCS / "results" / "engine_vs_tenseal.json").read_text())
+    result = _result()
+    result["comparisons"] = bench.comparisons(result)
+    bench.keep_earlier(result, earlier)
+    assert result["she"]["single"] == earlier["she"]["single"]
+    assert result["tenseal"]["batch"] == earlier["tenseal"]["batch"]
+    origin = earlier.get("earlier") or earlier
+    assert result["earlier"]["command"] == origin["command"]
+    assert {"tutorial network, single", "tutorial network, batch"} <= set(result["earlier"]["sections"])
+    measures = {r["measure"] for r in result["comparisons"]}
+    assert "single: baseline p50 server latency / SHE p50" in measures
+    assert "accurate mnist_cnn.she.onnx single: baseline p50 / SHE p50" in measures
+    text = bench.render(result)
+    assert "Sections measured earlier (tutorial network, single, tutorial network, batch" in text
+    assert "## Single: one image per request" in text and "## Accurate models, single packing" in text
