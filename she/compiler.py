@@ -442,10 +442,12 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
     failure: ParameterError | None = None
     best: Plan | None = None
     layouts: dict[int, list[layout.LayerLayout]] = {}  # by slot count, shared by the rungs
+    memo: dict[Any, Any] = {}  # what the rungs compute alike from the calibration data
     for s_bits, w_bits in ladder:
         try:
             plan = _compile_once(model, chain, scheme, packing, calibration, s_bits, w_bits,
-                                 security, poly_modulus_degree, range_margin, name, layouts)
+                                 security, poly_modulus_degree, range_margin, name, layouts,
+                                 memo)
         except ParameterError as exc:
             failure = exc
             continue
@@ -465,10 +467,14 @@ def _cost(plan: Plan) -> tuple[int, int, int]:
 def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
                   calibration: np.ndarray | None, scale_bits: int, weight_bits: int,
                   security: int, poly_modulus_degree: int | None, range_margin: float,
-                  name: str | None, layouts: dict[int, list[layout.LayerLayout]]) -> Plan:
+                  name: str | None, layouts: dict[int, list[layout.LayerLayout]],
+                  memo: dict[Any, Any] | None = None) -> Plan:
     """One rung of the precision ladder. ``layouts``: single packing's slot layouts by slot
     count (placed from the float weights, whose non-zero pattern holds that of any
-    quantisation; filled on first use)."""
+    quantisation; filled on first use). ``memo``: what the rungs of one ladder compute
+    alike from the calibration data (the model's activations, the quantisation's effect
+    per ``weight_bits``), filled on first use."""
+    memo = {} if memo is None else memo
     if not 16 <= scale_bits <= 40:
         raise ParameterError(f"scale_bits={scale_bits} is outside the supported range 16..40")
     if not 2 <= weight_bits <= 20:
@@ -485,9 +491,11 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
                 f"calibration samples must have {chain.layers[0].n_in} features each "
                 f"(input shape {chain.input_shape}), got array of shape {cal.shape}"
             )
-        acts = chain.activations(cal.reshape(len(cal), -1))
+        if "activations" not in memo:
+            acts = chain.activations(cal.reshape(len(cal), -1))
+            memo["activations"] = acts, _error_samples(cal.reshape(len(cal), -1), acts)
+        acts, samples = memo["activations"]
         bounds = [np.abs(a).max(axis=0) * range_margin for a in acts]
-        samples = _error_samples(cal.reshape(len(cal), -1), acts)
     else:
         lo, hi = model.input_range if isinstance(model, Model) else (0.0, 1.0)
         bounds = _interval_bounds(chain, lo, hi)
@@ -496,7 +504,10 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
                                  [b[None] for b in bounds])
         notes.append("no calibration data: value ranges from interval arithmetic (pessimistic)")
 
-    quantised = [quantise(layer.matrix, weight_bits) for layer in chain.layers]
+    if ("quantised", weight_bits) not in memo:
+        memo["quantised", weight_bits] = [quantise(layer.matrix, weight_bits)
+                                          for layer in chain.layers]
+    quantised = memo["quantised", weight_bits]
     y_out = float(bounds[-1].max(initial=0.0))
     max_prime = MAX_CT_PRIME_BITS - (KEYSWITCH_GUARD_BITS if packing == "single" else 0)
     if packing == "single":
@@ -549,10 +560,14 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
         plan._layouts = layouts[params.slots]
     deviation = None
     if calibration is not None:
-        deviation = range_margin * _quantisation_deviation(chain, quantised, cal)
+        if ("deviation", weight_bits) not in memo:
+            memo["deviation", weight_bits] = _quantisation_deviation(chain, quantised, cal)
+        deviation = range_margin * memo["deviation", weight_bits]
     _set_predicted_error(plan, quantised, samples, deviation)
     if calibration is not None:
-        _check_argmax_margin(plan, cal)
+        if "margins" not in memo:
+            memo["margins"] = _argmax_margins(chain, cal)
+        _check_argmax_margin(plan, memo["margins"])
     return plan
 
 
@@ -713,12 +728,17 @@ def _set_predicted_error(plan: Plan, quantised: list[tuple[np.ndarray, int, np.n
         plan.predicted_error = predict(plan.input_drop_bits)
 
 
-def _check_argmax_margin(plan: Plan, cal: np.ndarray) -> None:
-    """Refuse a plan whose predicted error would flip the argmax of calibration samples."""
+def _argmax_margins(chain: Chain, cal: np.ndarray) -> np.ndarray:
+    """Top-1 minus top-2 logit of every calibration sample (empty with a single output)."""
+    logits = np.sort(chain.run(cal.reshape(len(cal), -1)), axis=1)
+    return logits[:, -1] - logits[:, -2] if logits.shape[1] > 1 else np.zeros(0)
+
+
+def _check_argmax_margin(plan: Plan, margins: np.ndarray) -> None:
+    """Refuse a plan whose predicted error would flip the argmax of calibration samples
+    (``margins``: :func:`_argmax_margins`)."""
     if plan.n_outputs < 2:
         return
-    logits = np.sort(plan.chain.run(cal.reshape(len(cal), -1)), axis=1)
-    margins = logits[:, -1] - logits[:, -2]
     at_risk = float(np.mean(margins < plan.predicted_error))
     if at_risk > 0.01:
         raise ParameterError(

@@ -6,8 +6,12 @@ NTT form, where this combination is the same combination of the coefficient arra
 limb, modulo each RNS prime ``q``. So a whole layer is one matrix product per limb:
 ``W @ C_q mod q`` with ``C_q`` the ``(inputs, 2 * N)`` coefficient matrix of limb ``q``.
 
-The product runs in float64 (BLAS, or scipy's sparse kernel for convolutions), which is
-exact while every partial sum stays below 2^53. When ``max|row| * q/2`` fits, coefficients
+The product runs in float64 (BLAS, or scipy's sparse kernel for sparse layers), which is
+exact while every partial sum stays below 2^53. A convolution's rows fall into a few groups
+that read the same inputs (one group per output position: every channel there sees the same
+window); with large groups the product is one dense BLAS product per group over just those
+inputs (measured on the second convolution of the shipped MNIST CNN, 3136 x 6272 with 49
+groups: 8.5x faster than the sparse kernel). When ``max|row| * q/2`` fits, coefficients
 are centred to ``|c| <= q/2`` and multiplied at once; otherwise (wide layers, primes of up to
 60 bits) each coefficient is cut into ``k``-bit pieces, ``W @ piece`` is exact for each, and
 the pieces are recombined modulo ``q`` in uint64 (shifts of at most ``63 - log2 q`` bits
@@ -30,6 +34,19 @@ _EXACT_BITS = 53
 SPARSE_DENSITY = 0.25
 #: Narrowest coefficient piece worth a product (narrower: the layer is refused).
 MIN_PIECE_BITS = 8
+#: A sparse layer whose rows share their inputs in groups of at least this many weights on
+#: average is multiplied group by group with dense BLAS products (smaller groups: scipy's
+#: sparse kernel is as fast; measured: 32 x 25 groups gain nothing, 64 x 288 gain 8.5x).
+GROUP_MIN_WEIGHTS = 4096
+
+
+@dataclass
+class RowGroup:
+    """Rows of a layer that read the same inputs: ``weights`` is their dense block."""
+
+    rows: np.ndarray
+    columns: np.ndarray
+    weights: np.ndarray  # float64 (len(rows), len(columns))
 
 
 @dataclass
@@ -38,6 +55,8 @@ class LinearKernel:
 
     weights: np.ndarray | sp.csr_matrix  # float64 (dense or sparse)
     row_mass: float  # max_o sum_k |W[o, k]|
+    #: Sparse layers whose rows read their inputs in large groups: the product by groups.
+    groups: list[RowGroup] | None = None
 
     @classmethod
     def build(cls, weights: np.ndarray, max_prime: int) -> LinearKernel:
@@ -49,8 +68,10 @@ class LinearKernel:
                 f"a layer whose rows sum to {row_mass:.3g} in absolute value is too wide for "
                 f"exact float64 arithmetic"
             )
-        if np.count_nonzero(weights) / max(weights.size, 1) < SPARSE_DENSITY:
+        nonzero = np.count_nonzero(weights)
+        if nonzero / max(weights.size, 1) < SPARSE_DENSITY:
             kernel.weights = sp.csr_matrix(kernel.weights)
+            kernel.groups = _row_groups(kernel.weights, nonzero)
         return kernel
 
     @property
@@ -81,10 +102,19 @@ class LinearKernel:
                 out[:, :, j, :] = self._piecewise_product(c, q, bits).reshape(self.n_out, size, degree)
         return out
 
+    def _product(self, x: np.ndarray) -> np.ndarray:
+        """``W @ x`` in float64 (exact: every partial sum stays below 2^53)."""
+        if self.groups is None:
+            return self.weights @ x
+        out = np.zeros((self.n_out, x.shape[1]))
+        for group in self.groups:
+            out[group.rows] = group.weights @ x[group.columns]
+        return out
+
     def _centred_product(self, c: np.ndarray, q: int) -> np.ndarray:
         x = c.astype(np.float64)
         np.subtract(x, q, out=x, where=x > q / 2)
-        return _reduced(self.weights @ x, q)
+        return _reduced(self._product(x), q)
 
     def _piecewise_product(self, c: np.ndarray, q: int, bits: int) -> np.ndarray:
         """``W @ c mod q`` from ``bits``-bit pieces of ``c``, most significant first."""
@@ -93,7 +123,7 @@ class LinearKernel:
         acc: np.ndarray | None = None
         for p in reversed(range(math.ceil(q.bit_length() / bits))):
             piece = ((c >> np.uint64(bits * p)) & mask).astype(np.float64)
-            part = _reduced(self.weights @ piece, q)
+            part = _reduced(self._product(piece), q)
             if acc is not None:
                 for shift in range(bits, 0, -step):
                     acc <<= np.uint64(min(step, shift))
@@ -104,6 +134,25 @@ class LinearKernel:
                 acc = part
         assert acc is not None
         return acc
+
+
+def _row_groups(weights: sp.csr_matrix, nonzero: int) -> list[RowGroup] | None:
+    """The rows of ``weights`` grouped by the inputs they read, when the groups are large
+    enough (:data:`GROUP_MIN_WEIGHTS`) to be worth dense products; None otherwise. Rows
+    without weights belong to no group (their output is zero)."""
+    by_columns: dict[bytes, list[int]] = {}
+    for row in range(weights.shape[0]):
+        columns = weights.indices[weights.indptr[row]:weights.indptr[row + 1]]
+        if len(columns):
+            by_columns.setdefault(np.sort(columns).tobytes(), []).append(row)
+    if not by_columns or nonzero / len(by_columns) < GROUP_MIN_WEIGHTS:
+        return None
+    groups = []
+    for key, rows in by_columns.items():
+        columns = np.frombuffer(key, dtype=weights.indices.dtype).astype(np.intp)
+        block = np.ascontiguousarray(weights[rows][:, columns].toarray())
+        groups.append(RowGroup(np.asarray(rows), columns, block))
+    return groups
 
 
 def _reduced(acc: np.ndarray, q: int) -> np.ndarray:

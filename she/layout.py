@@ -29,6 +29,7 @@ This module is pure numpy; :mod:`she.single` runs it in SEAL.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from functools import cached_property
@@ -38,6 +39,10 @@ import numpy as np
 from . import placement
 from .errors import ParameterError
 
+#: A giant-step size that is not a power of two needs a Galois key of its own (one more key
+#: the client makes and uploads once per session): it is chosen only if it saves more than
+#: this many rotations per evaluation.
+KEY_ROTATIONS = 1
 
 def period(n: int) -> int:
     """The replication period of a vector of length ``n``: the next power of two."""
@@ -106,9 +111,14 @@ class LayerLayout:
 
     @cached_property
     def baby(self) -> int:
-        """Baby-step size ``b`` (a power of two): the one with the fewest rotations."""
-        return min((1 << k for k in range(int(math.log2(self.n_diagonals)) + 1)),
-                   key=lambda b: _schedule_rotations(self.used, b))
+        """Giant-step size ``b``: the one with the fewest rotations. A power of two needs no
+        Galois key beyond the powers of two; any other size needs one of its own, so it must
+        save more than :data:`KEY_ROTATIONS` rotations (convolutions placed by
+        :mod:`she.placement` have diagonals in clusters a few slots wide at a regular
+        stride, which a giant step of that stride covers)."""
+        return min(range(1, self.n_diagonals + 1),
+                   key=lambda b: (_schedule_rotations(self.used, b)
+                                  + (KEY_ROTATIONS if b & (b - 1) else 0), b))
 
     @cached_property
     def n_babies(self) -> int:
@@ -142,21 +152,41 @@ class LayerLayout:
         return len(self.groups) - max(1, min(int(np.searchsorted(upper, upper[-1] / 2)) + 1,
                                              len(self.groups) - 1))
 
+    @cached_property
+    def keys(self) -> frozenset[int]:
+        """Giant-step rotations that get a Galois key of their own (beyond the powers of
+        two): the giant-step size when it is not a power of two, and every jump of the
+        Horner sum that recurs often enough to save more than :data:`KEY_ROTATIONS`
+        rotations with one key."""
+        base = frozenset({self.baby} if self.baby & (self.baby - 1) else ())
+        jumps = _jumps(self.groups) + ([self.groups[self.split]] if self.split else [])
+        counts: dict[int, int] = {}
+        for jump in jumps:
+            counts[jump * self.baby] = counts.get(jump * self.baby, 0) + 1
+        return base | {step for step, m in counts.items()
+                       if m * (len(jump_steps(step, self.baby, base)) - 1) > KEY_ROTATIONS}
+
+    def jump(self, step: int) -> list[int]:
+        """The rotations that make a giant-step rotation by ``step``."""
+        return jump_steps(step, self.baby, self.keys)
+
     @property
     def rotation_steps(self) -> set[int]:
-        """Distinct rotation steps (each needs one Galois key): powers of two only."""
+        """Distinct rotation steps (each needs one Galois key): powers of two and
+        :attr:`keys`."""
         steps = set(self.fold_steps)
         if self.n_babies > 1:
             steps.add(1)
         jumps = _jumps(self.groups) + ([self.groups[self.split]] if self.split else [])
         for jump in jumps:
-            steps.update(power_of_two_steps(jump * self.baby))
+            steps.update(self.jump(jump * self.baby))
         return steps
 
     @property
     def rotations(self) -> int:
         """Rotations one evaluation performs (without a split between processes)."""
-        return _schedule_rotations(self.used, self.baby) + len(self.fold_steps)
+        return (self.n_babies - 1 + horner_rotations(self.groups, self.baby, self.keys)
+                + len(self.fold_steps))
 
     def diagonals(self, weights: np.ndarray) -> list[list[np.ndarray | None]]:
         """The baby-step-ready diagonals: entry ``[g][i]`` (``g`` indexes :attr:`groups`,
@@ -198,15 +228,27 @@ def power_of_two_steps(step: int) -> list[int]:
     return [1 << k for k in range(step.bit_length()) if step >> k & 1]
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def jump_steps(step: int, baby: int, keys: frozenset[int] = frozenset()) -> list[int]:
+    """A giant-step rotation by ``step`` (a multiple of the giant-step size ``baby``) as the
+    fewest rotations: one if ``keys`` (extra Galois keys) hold ``step``, else by ``baby``
+    and by powers of two."""
+    if step in keys:
+        return [step]
+    return min(([baby] * m + power_of_two_steps(step - m * baby)
+                for m in range(min(step // baby, step.bit_count()) + 1)), key=len)
+
+
 def _jumps(groups: list[int]) -> list[int]:
     """Giant-step counts rotated in Horner form over ``groups``: between consecutive
     non-empty groups (descending), then down to zero."""
     return [hi - lo for hi, lo in zip(groups[:0:-1], groups[-2::-1], strict=True)] + groups[:1]
 
 
-def horner_rotations(groups: list[int]) -> int:
-    """Rotations of a Horner sum over the giant steps ``groups`` (ascending), down to 0."""
-    return sum(j.bit_count() for j in _jumps(groups))
+def horner_rotations(groups: list[int], baby: int = 1, keys: frozenset[int] = frozenset()) -> int:
+    """Rotations of a Horner sum over the giant steps ``groups`` (ascending, of size
+    ``baby``), down to 0, with Galois keys for the powers of two and ``keys``."""
+    return sum(len(jump_steps(j * baby, baby, keys)) for j in _jumps(groups))
 
 
 def _schedule(used: np.ndarray, baby: int) -> tuple[int, list[int]]:
@@ -216,7 +258,7 @@ def _schedule(used: np.ndarray, baby: int) -> tuple[int, list[int]]:
 
 def _schedule_rotations(used: np.ndarray, baby: int) -> int:
     n_babies, groups = _schedule(used, baby)
-    return n_babies - 1 + horner_rotations(groups)
+    return n_babies - 1 + horner_rotations(groups, baby)
 
 
 def layouts(weights: list[np.ndarray], slots: int) -> list[LayerLayout]:

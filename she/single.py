@@ -1,7 +1,7 @@
 """Server-side execution of a plan in single packing (one sample per ciphertext, CKKS).
 
 The layout and the diagonal schedule come from :mod:`she.layout`; this module runs them
-with SEAL's evaluator: rotations (Galois keys for the plan's power-of-two steps only),
+with SEAL's evaluator: rotations (Galois keys for the plan's steps only),
 plaintext-diagonal products, bias addition, and square / relinearise / rescale between
 layers. Each linear layer multiplies by diagonals encoded at scale ``2^shift``; that scale
 is removed by the rescale after the following square, exactly as the plan's scales say.
@@ -129,16 +129,16 @@ def _diagonal_product(evaluator: sealapi.Evaluator, galois: sealapi.GaloisKeys,
         babies.append(nxt)
     groups = lay.groups
     if split:
-        upper = _in_child(seal, lambda: _horner(evaluator, galois, lay.baby, groups[split:],
+        upper = _in_child(seal, lambda: _horner(evaluator, galois, lay, groups[split:],
                                                 plain[split:], babies))
         try:
-            acc = _horner(evaluator, galois, lay.baby, groups[:split], plain[:split], babies)
+            acc = _horner(evaluator, galois, lay, groups[:split], plain[:split], babies)
         finally:
             joined = upper.result()  # always reap the child
         if joined is not None:
             acc = joined if acc is None else _added(evaluator, acc, joined)
     else:
-        acc = _horner(evaluator, galois, lay.baby, groups, plain, babies)
+        acc = _horner(evaluator, galois, lay, groups, plain, babies)
     assert acc is not None  # SingleEngine refuses all-zero layers
     for step in lay.fold_steps:
         rotated = sealapi.Ciphertext()
@@ -147,16 +147,17 @@ def _diagonal_product(evaluator: sealapi.Evaluator, galois: sealapi.GaloisKeys,
     return acc
 
 
-def _horner(evaluator: sealapi.Evaluator, galois: sealapi.GaloisKeys, baby: int,
+def _horner(evaluator: sealapi.Evaluator, galois: sealapi.GaloisKeys, lay: layout.LayerLayout,
             groups: list[int], plain: list[list[sealapi.Plaintext | None]],
             babies: list[sealapi.Ciphertext]) -> sealapi.Ciphertext | None:
-    """``sum_g rot(sum_i diag_gi * baby_i, groups[g] * baby)`` in Horner form (descending,
-    each jump made of power-of-two rotations); None if every diagonal is zero."""
+    """``sum_g rot(sum_i diag_gi * baby_i, groups[g] * b)`` in Horner form (descending, each
+    jump made of :meth:`~she.layout.LayerLayout.jump`); None if every diagonal is zero."""
+    baby = lay.baby
     acc: sealapi.Ciphertext | None = None
     at = 0  # the giant step acc is rotated to
     for j, row in zip(reversed(groups), reversed(plain), strict=True):
         if acc is not None:
-            _rotate(evaluator, acc, (at - j) * baby, galois)
+            _rotate(evaluator, acc, lay.jump((at - j) * baby), galois)
         for i, diag in enumerate(row):
             if diag is None:
                 continue
@@ -165,14 +166,14 @@ def _horner(evaluator: sealapi.Evaluator, galois: sealapi.GaloisKeys, baby: int,
             acc = term if acc is None else _added(evaluator, acc, term)
         at = j
     if acc is not None:
-        _rotate(evaluator, acc, at * baby, galois)
+        _rotate(evaluator, acc, lay.jump(at * baby), galois)
     return acc
 
 
-def _rotate(evaluator: sealapi.Evaluator, ct: sealapi.Ciphertext, step: int,
+def _rotate(evaluator: sealapi.Evaluator, ct: sealapi.Ciphertext, steps: list[int],
             galois: sealapi.GaloisKeys) -> None:
-    for piece in layout.power_of_two_steps(step):
-        evaluator.rotate_vector_inplace(ct, piece, galois)
+    for step in steps:
+        evaluator.rotate_vector_inplace(ct, step, galois)
 
 
 def _upper_cost(lay: layout.LayerLayout) -> int:
@@ -181,7 +182,7 @@ def _upper_cost(lay: layout.LayerLayout) -> int:
         return 0
     upper = lay.groups[lay.split:]
     products = int(np.count_nonzero(lay.used // lay.baby >= upper[0]))
-    return products + ROTATION_COST * layout.horner_rotations(upper)
+    return products + ROTATION_COST * layout.horner_rotations(upper, lay.baby, lay.keys)
 
 
 def _added(evaluator: sealapi.Evaluator, acc: sealapi.Ciphertext,

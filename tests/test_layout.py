@@ -21,12 +21,21 @@ def simulate(lay: layout.LayerLayout, weights: np.ndarray, xs: np.ndarray,
     giant steps, the fold included) on a plain slot vector ``xs``."""
     diags = lay.diagonals(weights)[groups]
     babies = [np.roll(xs, -i) for i in range(lay.n_babies)]
-    acc, at = np.zeros(lay.slots), 0
+    keys = lay.rotation_steps
+
+    def rotate(v: np.ndarray, step: int) -> np.ndarray:
+        for piece in lay.jump(step):  # the rotations the engine makes, with the plan's keys
+            assert piece in keys
+            v = np.roll(v, -piece)
+        return v
+
+    acc, at = np.zeros(lay.slots), None
     for j, row in zip(reversed(lay.groups[groups]), reversed(diags), strict=True):
-        acc = np.roll(acc, -(at - j) * lay.baby)
+        if at is not None:
+            acc = rotate(acc, (at - j) * lay.baby)
         acc += sum(d * babies[i] for i, d in enumerate(row) if d is not None)
         at = j
-    acc = np.roll(acc, -at * lay.baby)
+    acc = rotate(acc, at * lay.baby)
     for step in lay.fold_steps:
         acc = acc + np.roll(acc, -step)
     return acc
@@ -112,6 +121,25 @@ def test_rotation_steps_are_few_powers_of_two():
     assert sum(lay.n_diagonals for lay in lays) > 10 * len(steps)
 
 
+def test_clustered_diagonals_get_a_giant_step_of_their_stride():
+    """Diagonals in clusters of 5 every 28 slots (as placed strided convolutions leave
+    them): a giant step of 28 (one extra Galois key) needs half the rotations of the best
+    power of two, and the schedule, with the rotations the engine makes, is exact."""
+    n, slots = 256, 1024
+    offsets = np.array([28 * a + t for a in range(8) for t in range(5)])
+    rng = np.random.default_rng(28)
+    rows, cols = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    weights = np.where(np.isin((cols - rows) % n, offsets), rng.normal(size=(n, n)), 0.0)
+    lay = layout.LayerLayout(n, n, slots, offsets=offsets)
+    assert lay.baby == 28 and 28 in lay.rotation_steps
+    best_power_of_two = min(int((offsets % b).max()) + layout.horner_rotations(
+        sorted({int(d) // b for d in offsets}), b) for b in (1 << k for k in range(9)))
+    assert 2 * lay.rotations <= best_power_of_two
+    x = rng.normal(size=n)
+    np.testing.assert_allclose(simulate(lay, weights, first_input(lay, x)),
+                               layout.replicate(weights @ x, slots), atol=1e-9)
+
+
 def test_layer_wider_than_a_ciphertext_is_refused():
     with pytest.raises(she.ParameterError, match="needs 4096 slots but a ciphertext has 2048"):
         layout.layouts(dense_chain([(3000, 10)]), 2048)
@@ -138,6 +166,7 @@ def test_placed_convolutions_need_few_diagonals_and_compute_the_chain(stride):
         assert len(np.unique(lay.out_pos)) == lay.n_out and lay.out_pos.max() < lay.p_out
         assert len(lay.used) <= lay.n_diagonals // 3
         assert lay.rotations < layout.LayerLayout(lay.n_in, lay.n_out, slots, lay.replicas).rotations
+
     x = rng.normal(size=weights[0].shape[1])
     xs, h = first_input(lays[0], x), x
     for k, (lay, w) in enumerate(zip(lays, weights, strict=True)):

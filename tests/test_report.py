@@ -157,3 +157,8 @@ def test_render_from_the_saved_json(quick, tmp_path):
     rendered = report.main(["--render", "--out", str(docs)])
     assert rendered["rows"] == json.loads(json.dumps(result["rows"]))
     assert (docs / "benchmarks.md").read_text() == (out / "benchmarks.md").read_text()
+
+
+def test_pareto_front_keeps_the_points_nothing_beats():
+    points = [(1.0, 90.0), (2.0, 95.0), (3.0, 94.0), (0.5, 80.0), (2.0, 93.0), (5.0, 99.0)]
+    assert report.pareto_front(points) == [(0.5, 80.0), (1.0, 90.0), (2.0, 95.0), (5.0, 99.0)]

@@ -9,7 +9,7 @@ import pytest
 import tenseal.sealapi as sealapi
 
 import she
-from she import compact, layout, wire
+from she import compact, wire
 from she.context import galois_key_bytes
 from she.data import load_idx_dataset
 
@@ -147,7 +147,7 @@ def test_two_processes_compute_the_same_result(single, test_images, monkeypatch)
     monkeypatch.setattr(she.single, "SPLIT_MIN_COST", 1)  # split even these small layers
     plan, _, client, context, _ = single
     # The forked half rotates its sum into place with keys the plan asks for.
-    assert all(set(layout.power_of_two_steps(lay.groups[lay.split] * lay.baby))
+    assert all(set(lay.jump(lay.groups[lay.split] * lay.baby))
                <= set(plan.rotation_steps()) for lay in plan.layouts() if lay.split)
     outputs = []
     for workers in (1, 2):

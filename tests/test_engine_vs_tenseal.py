@@ -1,0 +1,76 @@
+"""The engine benchmark's targets and report for the accurate models (no encryption: the
+measurements themselves take minutes; ``python -m benchmarks.engine_vs_tenseal`` runs them)."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks import engine_vs_tenseal as bench
+
+
+def _percentiles(p50: float) -> dict[str, float]:
+    return {"mean": p50, "p50": p50, "p90": 1.5 * p50}
+
+
+def _result() -> dict:
+    single = {"data": "mnist", "images": 20, "first_server_s": 9.0, "server_s": _percentiles(0.5),
+              "public_key_bytes": 5e7, "workers": 2, "rotations": 118, "galois_steps": [1, 28],
+              "layer_rotations": [12, 70, 27, 9], "layer_products": [46, 404, 128, 16],
+              "layer_limbs": [6, 5, 3, 1], "poly_modulus_degree": 16384,
+              "modulus_bits": [50, 60], "depth": 3, "security_bits": 128,
+              "predicted_error": 0.1, "accuracy": 1.0, "argmax_agreement": 0.99,
+              "max_abs_error": 0.05}
+    batch = {"images": 8192, "server_s": 8192 * 0.02, "server_s_per_image": 0.02,
+             "peak_rss_bytes": 3 * 2 ** 30, "worker_peak_rss_bytes": 2 ** 30,
+             "poly_modulus_degree": 16384, "modulus_bits": [50, 60], "accuracy": 0.99,
+             "argmax_agreement": 0.999, "max_abs_error": 1e-3}
+    return {"command": "python -m benchmarks.engine_vs_tenseal", "date": "today",
+            "machine": {"cores": 2, "cpu": "cpu", "tenseal": "0.3", "she": "0.1"},
+            "model": "tutorial_cnn.onnx", "she": {}, "tenseal": {}, "wall_s": 60.0,
+            "load_average_start": 3.0, "load_average_end": 4.0,
+            "accurate": {"single": {"baseline": {"images": 20, "server_s": _percentiles(3.0),
+                                                 "accuracy": 1.0},
+                                    "models": {"mnist_cnn.she.onnx": single}},
+                         "batch": {"mnist_cnn.she.onnx": batch}}}
+
+
+def test_accurate_targets_are_same_run_ratios():
+    rows = {r["measure"]: r for r in bench.comparisons(_result())}
+    latency = rows["accurate mnist_cnn.she.onnx single: baseline p50 / SHE p50"]
+    assert latency["ratio"] == 6.0 and latency["target"] == 4 and latency["met"]
+    agreement = rows["accurate mnist_cnn.she.onnx single: agreement (%)"]
+    assert agreement["ratio"] == 99.0 and not agreement["met"]  # below 99.5 %
+    per_image = rows["accurate mnist_cnn.she.onnx batch: server ms per image"]
+    assert per_image["ratio"] == 20.0 and not per_image["met"]  # above 10 ms
+    assert rows["accurate mnist_cnn.she.onnx batch: peak RSS (GiB)"]["met"]  # 3 GiB < 4
+
+
+def test_render_shows_the_accurate_models_and_the_load():
+    result = _result()
+    result["comparisons"] = bench.comparisons(result)
+    text = bench.render(result)
+    assert "## Accurate models, single packing" in text and "## Accurate models, batch packing" in text
+    assert "| `mnist_cnn.she.onnx` (mnist) | 20 | 500 / 750 ms | 6.00 |" in text
+    assert "12 / 46 / 6, 70 / 404 / 5" in text
+    assert "load average 3.0 at the start, 4.0 at the end" in text
+    assert "| accurate mnist_cnn.she.onnx batch: server ms per image | 20.00 | ≤ 10 | **no** |" in text
+
+
+def test_sections_a_run_skips_are_kept_from_the_earlier_result():
+    """A run of the accurate models alone keeps the tutorial network's sections of the
+    saved result (the repository's own), naming the run that measured them."""
+    earlier = json.loads((bench.DOCS / "results" / "engine_vs_tenseal.json").read_text())
+    result = _result()
+    result["comparisons"] = bench.comparisons(result)
+    bench.keep_earlier(result, earlier)
+    assert result["she"]["single"] == earlier["she"]["single"]
+    assert result["tenseal"]["batch"] == earlier["tenseal"]["batch"]
+    origin = earlier.get("earlier") or earlier
+    assert result["earlier"]["command"] == origin["command"]
+    assert {"tutorial network, single", "tutorial network, batch"} <= set(result["earlier"]["sections"])
+    measures = {r["measure"] for r in result["comparisons"]}
+    assert "single: baseline p50 server latency / SHE p50" in measures
+    assert "accurate mnist_cnn.she.onnx single: baseline p50 / SHE p50" in measures
+    text = bench.render(result)
+    assert "Sections measured earlier (tutorial network, single, tutorial network, batch" in text
+    assert "## Single: one image per request" in text and "## Accurate models, single packing" in text
