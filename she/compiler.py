@@ -16,10 +16,9 @@ from the input) drops the same primes, so all sources at one depth share one lev
 scale. A layer that reads sources of different depths (a skip connection) works at the
 level of its deepest source: the shallower ones lose their extra primes (exact: in NTT form
 that is dropping limbs), and their columns of integer weights carry the ratio of the
-scales, ``round(W * 2^F * scale_ref / scale_s)``. With ``F >= scale_bits +``
-:data:`ALIGN_GUARD_BITS` that rounding is far below the encryption noise and enters the
-error model like any weight rounding; columns whose scale equals the reference scale stay
-exact.
+scales, ``round(W * 2^F * scale_ref / scale_s)``. With ``F >= scale_bits -``
+:data:`ALIGN_SLACK_BITS` that rounding is about one rescale's noise and enters the error
+model like any weight rounding; columns whose scale equals the reference scale stay exact.
 """
 
 from __future__ import annotations
@@ -44,10 +43,11 @@ from .params import (
 )
 
 SPEC_FORMAT = "she-spec/1"
-#: A layer that adds sources of different depths carries at least ``scale_bits`` plus this
-#: many fractional bits in its integer weights, so that the scale ratios folded into them
-#: are rounded well below the encryption noise.
-ALIGN_GUARD_BITS = 4
+#: A layer that adds sources of different depths carries at least ``scale_bits`` less this
+#: many fractional bits in its integer weights: the scale ratios folded into them are
+#: rounded by at most ``2^-(scale_bits - ALIGN_SLACK_BITS + 1)`` per weight, about the
+#: rounding noise of one rescale (and the error model counts it).
+ALIGN_SLACK_BITS = 8
 #: Largest ciphertext prime (SEAL's limit; :mod:`she.kernels` cuts wide coefficients into
 #: pieces, so fewer, larger primes cost the kernels nothing and make every SEAL operation
 #: and key smaller).
@@ -585,7 +585,12 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
         samples = _error_samples(inputs, acts)
     else:
         lo, hi = model.input_range if isinstance(model, Model) else (0.0, 1.0)
-        bounds = _interval_bounds(chain, lo, hi)
+        with np.errstate(over="ignore", invalid="ignore"):
+            bounds = _interval_bounds(chain, lo, hi)
+        if not all(np.isfinite(b).all() for b in bounds):
+            raise ParameterError(
+                "interval arithmetic over the declared input range finds no finite bound on "
+                f"the values of this depth-{chain.depth} model; pass calibration samples")
         # One pseudo-sample at every unit's bound.
         values = [np.full((1, chain.source_sizes[0]), max(abs(lo), abs(hi)))]
         values += [b[None] ** 2 for b in bounds[:-1]]
@@ -605,7 +610,7 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
         product_bits, shifts = _single_products(quantised, scale_bits, y_out, guard, max_prime)
     else:
         product_bits = [0] * len(quantised)
-        needed = [max(f, scale_bits + ALIGN_GUARD_BITS) if _mixed(chain, k) else f
+        needed = [max(f, scale_bits - ALIGN_SLACK_BITS) if _mixed(chain, k) else f
                   for k, (_, f, _) in enumerate(quantised)]
         per_depth = {d: max(n for n, e in zip(needed, depths, strict=True) if e == d)
                      for d in set(depths)}
@@ -681,9 +686,9 @@ def _align(plan: Plan, quantised: list[tuple[np.ndarray, int, np.ndarray]]
     the columns reading source ``s`` get the ratio ``r = scale_ref / scale_s`` folded into
     their integers, ``round(W * 2^F * r)``, so that every term of the integer combination
     lands at the scale ``scale_ref * 2^F``. Where ``r == 1`` (the reference itself, and any
-    source at the same depth) this is the layer's own quantisation, exact for power-of-two
-    weights; elsewhere the rounding (at most ``2^-(F+1) / r`` per weight, ``F`` at least
-    ``scale_bits +`` :data:`ALIGN_GUARD_BITS`) is the layer's weight error.
+    source at the same depth) this is exact for power-of-two weights; elsewhere the rounding
+    (at most ``2^-(F+1) / r`` per weight, ``F`` at least ``scale_bits -``
+    :data:`ALIGN_SLACK_BITS`) is the layer's weight error.
     """
     _, scales, refs = plan.sources()
     out = []
