@@ -517,10 +517,20 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
     failure: ParameterError | None = None
     best: Plan | None = None
     layouts: dict[int, list[layout.LayerLayout]] = {}  # by slot count, shared by the rungs
+    evaluated = None  # the calibration samples through the float model, shared by the rungs
+    if calibration is not None:
+        cal = np.asarray(calibration, dtype=np.float64)
+        if cal.ndim < 1 or cal[0].size != chain.source_sizes[0]:
+            raise ParameterError(
+                f"calibration samples must have {chain.source_sizes[0]} features each "
+                f"(input shape {chain.input_shape}), got array of shape {cal.shape}"
+            )
+        evaluated = chain.evaluate(cal.reshape(len(cal), -1))
     for s_bits, w_bits in ladder:
         try:
             plan = _compile_once(model, chain, scheme, packing, calibration, s_bits, w_bits,
-                                 security, poly_modulus_degree, range_margin, name, layouts)
+                                 security, poly_modulus_degree, range_margin, name, layouts,
+                                 evaluated)
         except ParameterError as exc:
             failure = exc
             continue
@@ -560,10 +570,12 @@ def _cost(plan: Plan) -> tuple[int, int, int]:
 def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
                   calibration: np.ndarray | None, scale_bits: int, weight_bits: int,
                   security: int, poly_modulus_degree: int | None, range_margin: float,
-                  name: str | None, layouts: dict[int, list[layout.LayerLayout]]) -> Plan:
+                  name: str | None, layouts: dict[int, list[layout.LayerLayout]],
+                  evaluated: tuple[list[np.ndarray], list[np.ndarray]] | None) -> Plan:
     """One rung of the precision ladder. ``layouts``: single packing's slot layouts by slot
     count (placed from the float weights, whose non-zero pattern holds that of any
-    quantisation; filled on first use)."""
+    quantisation; filled on first use). ``evaluated``: :meth:`Chain.evaluate` of the
+    calibration samples."""
     if not 16 <= scale_bits <= 40:
         raise ParameterError(f"scale_bits={scale_bits} is outside the supported range 16..40")
     if not 2 <= weight_bits <= 20:
@@ -574,13 +586,9 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
     notes: list[str] = []
 
     if calibration is not None:
-        cal = np.asarray(calibration, dtype=np.float64)
-        if cal.ndim < 1 or cal[0].size != chain.source_sizes[0]:
-            raise ParameterError(
-                f"calibration samples must have {chain.source_sizes[0]} features each "
-                f"(input shape {chain.input_shape}), got array of shape {cal.shape}"
-            )
-        inputs, acts = chain.evaluate(cal.reshape(len(cal), -1))
+        assert evaluated is not None
+        cal = np.asarray(calibration, dtype=np.float64).reshape(len(calibration), -1)
+        inputs, acts = evaluated
         bounds = [np.abs(a).max(axis=0) * range_margin for a in acts]
         samples = _error_samples(inputs, acts)
     else:
@@ -665,10 +673,10 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
         plan._layouts = layouts[params.slots]
     deviation = None
     if calibration is not None:
-        deviation = range_margin * _quantisation_deviation(chain, effective, cal)
+        deviation = range_margin * _quantisation_deviation(chain, effective, cal, acts[-1])
     _set_predicted_error(plan, effective, samples, deviation)
     if calibration is not None:
-        _check_argmax_margin(plan, cal)
+        _check_argmax_margin(plan, acts[-1])
     return plan
 
 
@@ -792,13 +800,13 @@ def _single_products(quantised: list[tuple[np.ndarray, int, np.ndarray]], scale_
 
 
 def _quantisation_deviation(chain: Chain, effective: list[tuple[np.ndarray, np.ndarray]],
-                            cal: np.ndarray) -> float:
-    """Largest |output change| that weight quantisation causes on the calibration samples."""
+                            cal: np.ndarray, outputs: np.ndarray) -> float:
+    """Largest |output change| that weight quantisation causes on the calibration samples
+    (``outputs``: the float model's outputs for them)."""
     rounded = Chain([Affine(real, layer.bias, layer.out_shape, layer.sources)
                      for layer, (real, _) in zip(chain.layers, effective, strict=True)],
                     chain.input_shape)
-    flat = cal.reshape(len(cal), -1)
-    return float(np.abs(rounded.run(flat) - chain.run(flat)).max(initial=0.0))
+    return float(np.abs(rounded.run(cal) - outputs).max(initial=0.0))
 
 
 def _error_samples(inputs: list[np.ndarray],
@@ -893,11 +901,12 @@ def _set_predicted_error(plan: Plan, effective: list[tuple[np.ndarray, np.ndarra
         plan.predicted_error = predict(plan.input_drop_bits)
 
 
-def _check_argmax_margin(plan: Plan, cal: np.ndarray) -> None:
-    """Refuse a plan whose predicted error would flip the argmax of calibration samples."""
+def _check_argmax_margin(plan: Plan, outputs: np.ndarray) -> None:
+    """Refuse a plan whose predicted error would flip the argmax of calibration samples
+    (``outputs``: the float model's outputs for them)."""
     if plan.n_outputs < 2:
         return
-    logits = np.sort(plan.chain.run(cal.reshape(len(cal), -1)), axis=1)
+    logits = np.sort(outputs, axis=1)
     margins = logits[:, -1] - logits[:, -2]
     at_risk = float(np.mean(margins < plan.predicted_error))
     if at_risk > 0.01:
