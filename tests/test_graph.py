@@ -256,3 +256,18 @@ def test_too_deep_a_plan_says_what_it_needs():
     assert plan.params.poly_modulus_degree <= 32768
     with pytest.raises(she.ParameterError, match=r"\d+-bit coefficient modulus.*N=32768"):
         she.compile(deep(20), scale_bits=26, weight_bits=12)
+
+
+def test_single_packing_refuses_a_layer_wider_than_a_ciphertext():
+    """A 32768-unit layer does not fit single packing's largest ciphertext: a clear error
+    (not a MemoryError from a dense matrix)."""
+    rng = np.random.default_rng(11)
+    model = _model([_conv("c", "input", "w", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+                    helper.make_node("Mul", ["c", "c"], ["s"]),
+                    helper.make_node("GlobalAveragePool", ["s"], ["g"]),
+                    helper.make_node("Flatten", ["g"], ["f"]),
+                    helper.make_node("Gemm", ["f", "fc"], ["out"], transB=1)],
+                   {"w": rng.normal(0, 0.3, (32, 3, 3, 3)), "fc": rng.normal(0, 0.3, (10, 32))},
+                   (3, 32, 32))
+    with pytest.raises(she.ParameterError, match="at most 16384 values per ciphertext"):
+        she.compile(model, packing="single")
