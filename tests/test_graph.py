@@ -290,3 +290,39 @@ def test_single_packing_refuses_a_layer_wider_than_a_ciphertext():
                    (3, 32, 32))
     with pytest.raises(she.ParameterError, match="at most 16384 values per ciphertext"):
         she.compile(model, packing="single")
+
+
+def test_index_maps_and_matmul_on_feature_maps_lower_exactly():
+    """Transpose, Slice, Pad, MatMul on the last axis of a feature map, ReduceSum, a constant
+    minus an encrypted tensor, Neg, and Concat of two slices of one tensor."""
+    rng = np.random.default_rng(12)
+    inits = {"w": rng.normal(0, 0.5, (3, 1, 3, 3)), "m": rng.normal(0, 0.5, (3, 5)),
+             "starts": np.array([1, 0], dtype=np.int64), "ends": np.array([9, 4], dtype=np.int64),
+             "axes": np.array([1, 3], dtype=np.int64), "k": rng.normal(0, 1, (1, 8, 10, 5)),
+             "raxes": np.array([3], dtype=np.int64), "pads": np.array([0, 1, 0, 0, 0, 2],
+                                                                     dtype=np.int64),
+             "fc": rng.normal(0, 0.3, (10, 17 + 8)), "shape": np.array([0, -1], dtype=np.int64)}
+    nodes = [
+        _conv("c", "input", "w", kernel_shape=[3, 3]),                  # (3, 10, 10)
+        helper.make_node("Transpose", ["c"], ["t"], perm=[0, 2, 3, 1]),  # (10, 10, 3)
+        helper.make_node("Slice", ["t", "starts", "ends", "axes"], ["s"]),  # (8, 10, 3)
+        helper.make_node("MatMul", ["s", "m"], ["mm"]),                 # (8, 10, 5)
+        helper.make_node("Sub", ["k", "mm"], ["d"]),
+        helper.make_node("Neg", ["d"], ["n"]),
+        helper.make_node("Mul", ["n", "n"], ["sq"]),
+        helper.make_node("ReduceSum", ["sq", "raxes"], ["r"], keepdims=1),  # (8, 10, 1)
+        helper.make_node("ReduceMean", ["r", "raxes"], ["r2"], keepdims=0),  # (8, 10)
+        helper.make_node("Pad", ["r2", "pads"], ["p"], mode="constant"),  # (9, 12)
+        helper.make_node("Reshape", ["p", "shape"], ["flat"]),           # 108
+        helper.make_node("Slice", ["flat", "s0", "e0", "a0"], ["part"]),  # 17
+        helper.make_node("Slice", ["flat", "s1", "e1", "a0", "step"], ["tail"]),  # 8, step -3
+        helper.make_node("Concat", ["part", "tail"], ["cat"], axis=1),  # 25
+        helper.make_node("Gemm", ["cat", "fc"], ["out"], transB=1),
+    ]
+    inits.update({"s0": np.array([3], dtype=np.int64), "e0": np.array([20], dtype=np.int64),
+                  "a0": np.array([1], dtype=np.int64), "s1": np.array([-1], dtype=np.int64),
+                  "e1": np.array([-25], dtype=np.int64), "step": np.array([-3], dtype=np.int64)})
+    model = _model(nodes, inits, (1, 12, 12), opset=18)
+    chain = lower(model)
+    x = rng.uniform(0, 1, (6, 1, 12, 12))
+    np.testing.assert_allclose(chain.run(x), model.run_plain(x), atol=1e-4, rtol=1e-4)
