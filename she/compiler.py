@@ -64,6 +64,8 @@ KEYSWITCH_GUARD_BITS = 6
 #: so many rounded products that exact (power-of-two) weights need it too.
 ENCODE_GUARD_BITS = 6
 PACKINGS = ("batch", "single")
+#: Ways to align the scales of a skip connection (``compile(skip_alignment=...)``).
+SKIP_ALIGNMENTS = ("auto", "integer", "rescale")
 #: Batch packing streams wide layers: at most about this many bytes of one layer's
 #: ciphertexts (before and after its square) are held at once.
 BATCH_CHUNK_BYTES = 1 << 30
@@ -104,6 +106,10 @@ class PlanLayer:
     product_primes: int = 0
     #: Sources the layer reads (0: the input, k + 1: the square of layer k), concatenated.
     sources: tuple[int, ...] = ()
+    #: Shallower sources whose terms are *rescaled early* to the layer's level (multiplied
+    #: by :meth:`Plan.early_constant` and rescaled in SEAL) instead of carrying the ratio of
+    #: the scales in their integer weights (see :func:`_align`).
+    early_sources: tuple[int, ...] = ()
 
     @property
     def exact(self) -> bool:
@@ -221,6 +227,17 @@ class Plan:
             limbs.append(n)
             scales.append(squared if layer is not self.layers[-1] else s_out)
         return limbs, scales, refs
+
+    def early_constant(self, index: int, source: int) -> float:
+        """The integer (as a float) that layer ``index``'s terms from ``source``, one of its
+        :attr:`PlanLayer.early_sources`, are multiplied by before being rescaled to the
+        layer's level: ``scale_ref * Q / scale_source`` rounded, where ``Q`` is the product of
+        the primes the rescale drops. The terms then land at the layer's scale up to a
+        relative ``2^-log2(Q)``."""
+        limbs, scales, refs = self.sources()
+        ref = refs[index]
+        dropped = math.prod(float(p) for p in self.params.ciphertext_primes[limbs[ref]:limbs[source]])
+        return float(round(scales[ref] * dropped / scales[source]))
 
     def scales(self) -> list[tuple[float, float]]:
         """(input scale, output scale) of every layer, from the actual primes."""
@@ -340,6 +357,7 @@ class Plan:
                 "weight_shift": layer.shift,
                 "max_abs_int_weight": int(abs(layer.weights).max()) if nnz else 0,
                 "sources": list(layer.sources),
+                "early_rescaled_sources": list(layer.early_sources),
                 "exact_weights": layer.exact,
                 "activation": "square" if i < self.squares else "none (output)",
                 "rescale_primes": layer.rescale_primes,
@@ -477,6 +495,7 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
     range_margin: float = 2.0,
     name: str | None = None,
     input_bits: int = bfv.INPUT_BITS,
+    skip_alignment: str = "auto",
 ) -> Plan:
     """Compile an HE-friendly model into a :class:`Plan`.
 
@@ -499,11 +518,19 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
         poly_modulus_degree: force a ring size (refused if it cannot hold the plan securely).
         range_margin: safety factor on calibrated value ranges.
         input_bits: BFV: bits of the quantised inputs' magnitude.
+        skip_alignment: how a layer that adds sources of different depths (a skip
+            connection) aligns their scales: ``"integer"`` folds the ratio of the scales into
+            the integer weights (no SEAL operation, more modulus bits), ``"rescale"``
+            multiplies the shallower terms by an integer and rescales them early (one SEAL
+            product and rescale per unit, no extra bits); ``"auto"`` (default) rescales
+            early only when that makes the ring smaller.
     """
     if scheme not in ("ckks", "bfv"):
         raise ParameterError(f"scheme {scheme!r} is not supported; use 'ckks' or 'bfv'")
     if packing not in PACKINGS:
         raise ParameterError(f"packing {packing!r} is not supported; use one of {PACKINGS}")
+    if skip_alignment not in SKIP_ALIGNMENTS:
+        raise ParameterError(f"skip_alignment {skip_alignment!r} is not one of {SKIP_ALIGNMENTS}")
     if scheme == "bfv":
         return _compile_bfv(model, packing, calibration, input_bits, weight_bits or bfv.WEIGHT_BITS,
                             security, poly_modulus_degree, name)
@@ -530,7 +557,7 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
         try:
             plan = _compile_once(model, chain, scheme, packing, calibration, s_bits, w_bits,
                                  security, poly_modulus_degree, range_margin, name, layouts,
-                                 evaluated)
+                                 evaluated, skip_alignment)
         except ParameterError as exc:
             failure = exc
             continue
@@ -571,7 +598,8 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
                   calibration: np.ndarray | None, scale_bits: int, weight_bits: int,
                   security: int, poly_modulus_degree: int | None, range_margin: float,
                   name: str | None, layouts: dict[int, list[layout.LayerLayout]],
-                  evaluated: tuple[list[np.ndarray], list[np.ndarray]] | None) -> Plan:
+                  evaluated: tuple[list[np.ndarray], list[np.ndarray]] | None,
+                  skip_alignment: str = "auto") -> Plan:
     """One rung of the precision ladder. ``layouts``: single packing's slot layouts by slot
     count (placed from the float weights, whose non-zero pattern holds that of any
     quantisation; filled on first use). ``evaluated``: :meth:`Chain.evaluate` of the
@@ -613,37 +641,37 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
     # reads). Squares at one depth share their rescale primes, hence one level and scale.
     depths = chain.source_depths[1:] + [chain.depth + 1]
     last = len(chain.layers) - 1
+    early: set[int] = set()  # layers whose shallower sources are rescaled early
     if packing == "single":
         guard = ENCODE_GUARD_BITS + max(0, weight_bits - 12)
         product_bits, shifts = _single_products(quantised, scale_bits, y_out, guard, max_prime)
     else:
         product_bits = [0] * len(quantised)
-        needed = [max(f, scale_bits - ALIGN_SLACK_BITS) if _mixed(chain, k) else f
-                  for k, (_, f, _) in enumerate(quantised)]
-        per_depth = {d: max(n for n, e in zip(needed, depths, strict=True) if e == d)
-                     for d in set(depths)}
-        shifts = [per_depth[d] for d in depths]
-
-    # Modulus chain: primes dropped at each depth (and single packing's products), then the
-    # output primes.
-    scale_shifts = [0 if prod else f for f, prod in zip(shifts, product_bits, strict=True)]
-    group_bits = {depths[k]: scale_bits + 2 * scale_shifts[k] for k in range(last)}
-    group_parts = {d: _split_bits(b, max_prime) for d, b in group_bits.items()}
-    out_bits = math.ceil(math.log2(max(y_out, 1.0)) + scale_bits + scale_shifts[-1]) + 3
-    # Capacity before each rescale: value * scale^2 must fit the primes that remain after it.
-    for d in sorted(group_parts):
-        bound = max(float(bounds[k].max(initial=0.0)) for k in range(last) if depths[k] == d)
-        need = math.log2(max(bound, 1.0)) * 2 + scale_bits + 2
-        rest = (out_bits + sum(sum(p) for e, p in group_parts.items() if e > d)
-                + sum(b for b, e in zip(product_bits, depths, strict=True) if e > d))
-        out_bits += max(0, math.ceil(need - rest))
-    ct_bits = list(_split_bits(out_bits, max_prime))
-    for d in sorted(set(depths), reverse=True):  # SEAL drops the last prime first
-        ct_bits += group_parts.get(d, [])
-        ct_bits += [b for b, e in zip(product_bits, depths, strict=True) if e == d and b]
-    special = MAX_CT_PRIME_BITS if packing == "single" else max(ct_bits)
-    modulus_bits = ct_bits + [special]
+        mixed = [k for k in range(len(quantised)) if _mixed(chain, k)]
+        own = [f for _, f, _ in quantised]
+        needed = [max(f, scale_bits - ALIGN_SLACK_BITS) if k in mixed else f
+                  for k, f in enumerate(own)]
+        shifts = _depth_shifts(needed, depths)
+        if mixed and skip_alignment != "integer":
+            # The other way to align a skip: rescale its shallower sources' terms early
+            # (one SEAL product and rescale per unit, no extra bits). By default only when
+            # the bits it saves make the ring smaller.
+            aligned = sum(_modulus_bits(shifts, product_bits, depths, bounds, scale_bits,
+                                        y_out, max_prime, packing))
+            plain = _depth_shifts(own, depths)
+            rescaled = sum(_modulus_bits(plain, product_bits, depths, bounds, scale_bits,
+                                         y_out, max_prime, packing))
+            if skip_alignment == "rescale" or (
+                    poly_modulus_degree is None and
+                    _ring_or_none(rescaled, security) < _ring_or_none(aligned, security)):
+                shifts, early = plain, set(mixed)
+                notes.append(f"skip connections aligned by early rescales ({rescaled} modulus "
+                             f"bits instead of {aligned})")
+    modulus_bits = _modulus_bits(shifts, product_bits, depths, bounds, scale_bits, y_out,
+                                 max_prime, packing)
     total = sum(modulus_bits)
+    group_parts = {depths[k]: _split_bits(scale_bits + 2 * (0 if product_bits[k] else shifts[k]),
+                                          max_prime) for k in range(last)}
     ring = poly_modulus_degree or _ring_for(total, security, chain, scale_bits)
     if packing == "single" and poly_modulus_degree is None:
         ring = max(ring, layout.min_ring_for([layer.matrix.shape for layer in chain.layers]))
@@ -662,6 +690,8 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
             weight_error=float(err.max(initial=0.0)) if not sp.issparse(err) else
             float(err.max()) if err.nnz else 0.0,
             sources=layer.sources,
+            early_sources=tuple(s for s in layer.sources if k in early and
+                                chain.source_depths[s] < depths[k] - 1),
         ))
     plan = Plan(model_name, scheme, packing, chain.input_shape, params, 2.0 ** scale_bits,
                 layers, 0.0, chain, calibrated=calibration is not None, notes=notes)
@@ -678,6 +708,46 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
     if calibration is not None:
         _check_argmax_margin(plan, acts[-1])
     return plan
+
+
+def _depth_shifts(needed: list[int], depths: list[int]) -> list[int]:
+    """Every layer's shift: the largest needed at its depth (one scale per depth)."""
+    per_depth = {d: max(n for n, e in zip(needed, depths, strict=True) if e == d)
+                 for d in set(depths)}
+    return [per_depth[d] for d in depths]
+
+
+def _modulus_bits(shifts: list[int], product_bits: list[int], depths: list[int],
+                  bounds: list[np.ndarray], scale_bits: int, y_out: float, max_prime: int,
+                  packing: str) -> list[int]:
+    """The modulus chain's prime sizes, special prime last: the output primes, then the
+    primes dropped at each depth (and single packing's products), deepest first."""
+    last = len(shifts) - 1
+    scale_shifts = [0 if prod else f for f, prod in zip(shifts, product_bits, strict=True)]
+    group_bits = {depths[k]: scale_bits + 2 * scale_shifts[k] for k in range(last)}
+    group_parts = {d: _split_bits(b, max_prime) for d, b in group_bits.items()}
+    out_bits = math.ceil(math.log2(max(y_out, 1.0)) + scale_bits + scale_shifts[-1]) + 3
+    # Capacity before each rescale: value * scale^2 must fit the primes that remain after it.
+    for d in sorted(group_parts):
+        bound = max(float(bounds[k].max(initial=0.0)) for k in range(last) if depths[k] == d)
+        need = math.log2(max(bound, 1.0)) * 2 + scale_bits + 2
+        rest = (out_bits + sum(sum(p) for e, p in group_parts.items() if e > d)
+                + sum(b for b, e in zip(product_bits, depths, strict=True) if e > d))
+        out_bits += max(0, math.ceil(need - rest))
+    ct_bits = list(_split_bits(out_bits, max_prime))
+    for d in sorted(set(depths), reverse=True):  # SEAL drops the last prime first
+        ct_bits += group_parts.get(d, [])
+        ct_bits += [b for b, e in zip(product_bits, depths, strict=True) if e == d and b]
+    special = MAX_CT_PRIME_BITS if packing == "single" else max(ct_bits)
+    return ct_bits + [special]
+
+
+def _ring_or_none(total_bits: int, security: int) -> float:
+    """The smallest ring for ``total_bits`` (infinity when none holds it)."""
+    try:
+        return smallest_ring(total_bits, security)
+    except ParameterError:
+        return math.inf
 
 
 def _mixed(chain: Chain, k: int) -> bool:
@@ -702,7 +772,8 @@ def _align(plan: Plan, quantised: list[tuple[np.ndarray, int, np.ndarray]]
     out = []
     for k, (layer, (w_int, f, err)) in enumerate(zip(plan.layers, quantised, strict=True)):
         real = plan.chain.layers[k].matrix
-        ratios = [scales[refs[k]] / scales[s] for s in layer.sources]
+        ratios = [1.0 if s in layer.early_sources else scales[refs[k]] / scales[s]
+                  for s in layer.sources]
         if all(r == 1.0 for r in ratios):
             out.append((w_int * 2.0 ** -f, err))
             continue
@@ -869,7 +940,8 @@ def _set_predicted_error(plan: Plan, effective: list[tuple[np.ndarray, np.ndarra
         rest = _applied(squared, chain.layer_input(rests, k))
         gain = _applied(squared, chain.layer_input(gains, k))
         s_out = scales[k][1]
-        rest = rest + 0.25 / s_out ** 2
+        # bias rounding, and the rounding of every early rescale
+        rest = rest + 0.25 / s_out ** 2 + len(plan.layers[k].early_sources) * rescale / s_out ** 2
         if deviation is None:  # rounding errors of known size, their signs independent
             rest = rest + _applied(_squared(w_err), inputs[k] ** 2)
         if plan.packing == "single":

@@ -85,6 +85,7 @@ class Engine:
         #: that reads the square of layer k (source k + 1): the chunk's columns of layer i,
         #: restricted to the output rows they reach.
         self.stream_kernels: list[list[list[tuple[int, np.ndarray, LinearKernel]]]] = []
+        self.early = [dict.fromkeys(layer.early_sources) for layer in layers]
         for k in range(len(layers) - 1):
             blocks = {i: _block(layer, k + 1, sizes).tocsc() for i, layer in enumerate(layers)
                       if k + 1 in layer.sources}
@@ -123,7 +124,9 @@ class Engine:
         refs = self.plan.sources()[2]
         last_input = max(k for k, layer in enumerate(layers) if 0 in layer.sources)
         source_scales = [scale]
-        acc: dict[int, np.ndarray] = {}  # accumulated linear outputs of later layers
+        # accumulated linear outputs of later layers (by layer, or by (layer, source) for
+        # terms that layer rescales early)
+        acc: dict[int | tuple[int, int], np.ndarray] = {}
         bridge = SealBridge(ctx)
         try:
             for k, layer in enumerate(layers):
@@ -132,9 +135,21 @@ class Engine:
                 for c, rows in enumerate(self.chunks[k]):
                     part = acc[k][rows] if k in acc else None
                     kernels = self.input_kernels[k]
-                    if kernels is not None:
+                    if kernels is not None and 0 not in self.early[k]:
                         direct = self._linear(bridge, kernels[c], inputs[:, :, :level], f"l{k}c{c}")
                         part = direct if part is None else self._added(part, direct)
+                    for s in self.early[k]:  # shallower terms, rescaled to this level
+                        if s == 0:
+                            term = self._linear(bridge, kernels[c], inputs, f"l{k}c{c}")
+                        elif (k, s) in acc:
+                            term = acc[(k, s)][rows]
+                        else:
+                            continue
+                        term, _ = self._square(bridge, relin, term,
+                                               source_scales[s] * 2.0 ** layer.shift,
+                                               term.shape[2] - level,
+                                               times=self.plan.early_constant(k, s))
+                        part = term if part is None else self._added(part, term)
                     if part is None:  # every weight of the chunk is zero
                         part = np.zeros((len(rows), 2, level, self.plan.params.poly_modulus_degree),
                                         dtype=np.uint64)
@@ -145,14 +160,19 @@ class Engine:
                                                        layer.rescale_primes)
                     del part
                     for i, reached, kernel in self.stream_kernels[k][c]:
-                        contribution = self._linear(bridge, kernel, squared[:, :, :self.levels[i]],
+                        # an early-rescaled source keeps its level until layer i rescales it
+                        key, limbs = ((i, k + 1), squared.shape[2]) if k + 1 in self.early[i] \
+                            else (i, self.levels[i])
+                        contribution = self._linear(bridge, kernel, squared[:, :, :limbs],
                                                     f"l{i}s{k}c{c}")
-                        if i not in acc:
-                            acc[i] = np.zeros((layers[i].weights.shape[0], *contribution.shape[1:]),
-                                              dtype=np.uint64)
-                        acc[i][reached] = self._added(acc[i][reached], contribution)
+                        if key not in acc:
+                            acc[key] = np.zeros((layers[i].weights.shape[0],
+                                                 *contribution.shape[1:]), dtype=np.uint64)
+                        acc[key][reached] = self._added(acc[key][reached], contribution)
                     del squared
-                acc.pop(k, None)
+                for key in [key for key in acc if key == k or isinstance(key, tuple)
+                            and key[0] == k]:
+                    del acc[key]
                 source_scales.append(next_scale)
                 if k >= last_input:
                     inputs = None  # the input ciphertexts are no longer needed
@@ -228,8 +248,9 @@ class Engine:
         return result
 
     def _square(self, bridge: SealBridge, relin: sealapi.RelinKeys, data: np.ndarray, scale: float,
-                rescales: int) -> tuple[np.ndarray, float]:
-        """Square every ciphertext, relinearise, and drop ``rescales`` primes."""
+                rescales: int, times: float | None = None) -> tuple[np.ndarray, float]:
+        """Square every ciphertext, relinearise, and drop ``rescales`` primes; with
+        ``times``, multiply by that integer (an early rescale) instead of squaring."""
         level = bridge.levels[data.shape[2]]
         out_level = bridge.levels[data.shape[2] - rescales]
         paths = [bridge.unit_path(i) for i in range(len(data))]
@@ -237,7 +258,7 @@ class Engine:
             raw = sealbytes.RawCiphertext(unit, scale, level.parms_id, level.ntt_form)
             Path(path).write_bytes(sealbytes.serialize(raw))
         _JOB.update(seal=bridge.seal, relin=relin, rescales=rescales,
-                    paths=paths, level=out_level)
+                    paths=paths, level=out_level, times=times)
         workers = min(self.workers, len(paths))
         try:
             scales = _run_pool(workers, _square_chunk,
@@ -325,15 +346,21 @@ def _reset_signals() -> None:
 
 
 def _square_chunk(indices: range) -> float:
-    """Worker: square, relinearise and rescale the ciphertexts at ``indices`` (files)."""
+    """Worker: square, relinearise (or multiply by ``times``) and rescale the ciphertexts at
+    ``indices`` (files)."""
     seal, relin, paths = _JOB["seal"], _JOB["relin"], _JOB["paths"]
     evaluator = sealapi.Evaluator(seal)
     scale = 0.0
     for i in indices:
         ct = sealapi.Ciphertext(seal)
         ct.load(seal, paths[i])
-        evaluator.square_inplace(ct)
-        evaluator.relinearize_inplace(ct, relin)
+        if _JOB["times"] is None:
+            evaluator.square_inplace(ct)
+            evaluator.relinearize_inplace(ct, relin)
+        else:  # the integer as a constant plaintext (SEAL encodes it exactly)
+            plain = sealapi.Plaintext()
+            sealapi.CKKSEncoder(seal).encode(1.0, ct.parms_id(), _JOB["times"], plain)
+            evaluator.multiply_plain_inplace(ct, plain)
         for _ in range(_JOB["rescales"]):
             evaluator.rescale_to_next_inplace(ct)
         ct.save(paths[i])

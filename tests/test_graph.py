@@ -326,3 +326,20 @@ def test_index_maps_and_matmul_on_feature_maps_lower_exactly():
     chain = lower(model)
     x = rng.uniform(0, 1, (6, 1, 12, 12))
     np.testing.assert_allclose(chain.run(x), model.run_plain(x), atol=1e-4, rtol=1e-4)
+
+
+def test_early_rescale_alignment_agrees_with_onnxruntime(mnist):
+    """The other alignment: the shallower source's terms are multiplied by an integer and
+    rescaled to the skip layer's level in SEAL, so the layer keeps its own small shift."""
+    model = _mnist_residual()
+    plan = she.compile(model, calibration=mnist, skip_alignment="rescale")
+    skip = plan.layers[2]
+    assert skip.early_sources == (1,) and skip.exact
+    assert skip.shift < round(np.log2(plan.input_scale)) - ALIGN_SLACK_BITS
+    integer = she.compile(model, calibration=mnist, skip_alignment="integer")
+    assert plan.params.total_bits < integer.params.total_bits
+    x = mnist[:32]
+    enc, _ = encrypted_predict(plan, x)
+    plain = model.run_plain(x)
+    assert np.abs(enc - plain).max() < plan.predicted_error
+    assert np.mean(enc.argmax(1) == plain.argmax(1)) == 1.0
