@@ -19,6 +19,9 @@ that is dropping limbs), and their columns of integer weights carry the ratio of
 scales, ``round(W * 2^F * scale_ref / scale_s)``. With ``F >= scale_bits -``
 :data:`ALIGN_SLACK_BITS` that rounding is about one rescale's noise and enters the error
 model like any weight rounding; columns whose scale equals the reference scale stay exact.
+Alternatively (``skip_alignment``) the shallower terms are rescaled early: multiplied by an
+integer in SEAL and rescaled by the primes between the two levels, which costs no bits; by
+default only when that makes the ring smaller.
 """
 
 from __future__ import annotations
