@@ -209,11 +209,8 @@ def _mnist_residual() -> she.Model:
 
 @pytest.fixture(scope="module")
 def residual_plan(mnist):
-    """Aligned by the integer weights (what ``auto`` picks here: the early rescale would
-    not make the ring smaller)."""
-    plan = she.compile(_mnist_residual(), calibration=mnist)
-    assert not any(layer.early_sources for layer in plan.layers)
-    return plan
+    """Aligned by the integer weights."""
+    return she.compile(_mnist_residual(), calibration=mnist, skip_alignment="integer")
 
 
 def test_scales_and_levels_align_exactly_at_a_skip(residual_plan):
@@ -342,6 +339,10 @@ def test_early_rescale_alignment_agrees_with_onnxruntime(mnist):
     assert skip.shift < round(np.log2(plan.input_scale)) - ALIGN_SLACK_BITS
     integer = she.compile(model, calibration=mnist, skip_alignment="integer")
     assert plan.params.total_bits < integer.params.total_bits
+    # the default takes the cheaper: here the early rescale, at a finer scale, in fewer primes
+    auto = she.compile(model, calibration=mnist)
+    assert auto.layers[2].early_sources == (1,)
+    assert len(auto.params.primes) <= len(integer.params.primes)
     x = mnist[:32]
     enc, _ = encrypted_predict(plan, x)
     plain = model.run_plain(x)
