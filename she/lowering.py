@@ -396,11 +396,17 @@ class _Tracer:
             if op == "Mul" and node.input[0] == node.input[1]:
                 return self._square(a)
             if op in ("Add", "Sub"):
-                if a.shape != b.shape:
-                    raise UnsupportedOperatorError(
-                        name, op, f"encrypted operands of shapes {a.shape} and {b.shape}: "
-                        "only equal shapes can be added")
-                # Sums of affine maps of the sources are affine: a skip connection.
+                try:
+                    if len(a.shape) != len(b.shape):
+                        raise ValueError(f"shapes {a.shape} and {b.shape} differ in rank")
+                    shape = np.broadcast_shapes(a.shape, b.shape)
+                except ValueError as exc:
+                    raise ModelError(f"node '{name}' ({op}): {exc}") from exc
+                # Sums of affine maps of the sources are affine (a skip connection); an
+                # operand that broadcasts is copied to the common shape first.
+                a, b = (v if v.shape == shape else
+                        v.indexed(np.broadcast_to(ops.indices(v.shape), shape).copy())
+                        for v in (a, b))
                 return a.plus(b, 1.0 if op == "Add" else -1.0)
             raise UnsupportedOperatorError(
                 name, op, "a product of two different encrypted values is not supported; "

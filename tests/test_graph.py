@@ -348,3 +348,19 @@ def test_early_rescale_alignment_agrees_with_onnxruntime(mnist):
     plain = model.run_plain(x)
     assert np.abs(enc - plain).max() < plan.predicted_error
     assert np.mean(enc.argmax(1) == plain.argmax(1)) == 1.0
+
+
+def test_encrypted_operands_broadcast():
+    """A feature map minus its mean over channels (GHN's per-patch mean): the (1, H, W)
+    operand is broadcast over the channels, then squared."""
+    rng = np.random.default_rng(13)
+    model = _model([_conv("c", "input", "w", kernel_shape=[3, 3]),
+                    helper.make_node("ReduceMean", ["c"], ["m"], axes=[1], keepdims=1),
+                    helper.make_node("Sub", ["c", "m"], ["d"]),
+                    helper.make_node("Mul", ["d", "d"], ["s"]),
+                    helper.make_node("Flatten", ["s"], ["f"]),
+                    helper.make_node("Gemm", ["f", "fc"], ["out"], transB=1)],
+                   {"w": rng.normal(0, 0.5, (4, 1, 3, 3)), "fc": rng.normal(0, 0.1, (10, 144))},
+                   (1, 8, 8))
+    x = rng.uniform(0, 1, (5, 1, 8, 8))
+    np.testing.assert_allclose(lower(model).run(x), model.run_plain(x), atol=1e-5, rtol=1e-5)
