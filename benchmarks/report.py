@@ -47,6 +47,7 @@ import numpy as np
 from she import assets
 from she.data import load_idx_dataset
 
+from . import cifar_sized
 from . import tenseal_baseline as tb
 from .engine_vs_tenseal import _in_fresh_process, she_batch, she_single
 from .mnist_demo import machine
@@ -557,6 +558,9 @@ def render(report: dict[str, Any]) -> str:
         lat = "-" if p["latency_s"] is None else f"{p['latency_s']:g} s"
         lines.append(f"| {p['system']} | {p['model']} | {p['accuracy']:.2%} | {lat} | "
                      f"{_ms(p['amortised_s'])} | {p['hardware']} | {p['source']} |")
+    cifar = RESULTS / "cifar_sized.json"  # written by python -m benchmarks.cifar_sized
+    if cifar.exists():
+        lines += [""] + cifar_sized.markdown(json.loads(cifar.read_text()))
     return "\n".join(lines) + "\n"
 
 

@@ -9,7 +9,19 @@ the modulus chain and the smallest ring size that keeps 128-bit security (or mor
 
 Modulus chain layout (SEAL rescales by the last ciphertext prime first)::
 
-    [ output primes | primes dropped by square K-1 | ... | by square 0 | special prime ]
+    [ output primes | primes dropped at depth D | ... | at depth 1 | special prime ]
+
+In a graph (skip connections, branches) every square at the same depth (the longest path
+from the input) drops the same primes, so all sources at one depth share one level and one
+scale. A layer that reads sources of different depths (a skip connection) works at the
+level of its deepest source: the shallower ones lose their extra primes (exact: in NTT form
+that is dropping limbs), and their columns of integer weights carry the ratio of the
+scales, ``round(W * 2^F * scale_ref / scale_s)``. With ``F >= scale_bits -``
+:data:`ALIGN_SLACK_BITS` that rounding is about one rescale's noise and enters the error
+model like any weight rounding; columns whose scale equals the reference scale stay exact.
+Alternatively (``skip_alignment``) the shallower terms are rescaled early: multiplied by an
+integer in SEAL and rescaled by the primes between the two levels, which costs no bits; by
+default only when that makes the ring smaller.
 """
 
 from __future__ import annotations
@@ -19,14 +31,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 
 from . import bfv, compact, layout
-from .errors import ParameterError
+from .errors import ModelError, ParameterError
 from .lowering import Affine, Chain, lower
 from .model import Model
-from .params import MAX_MODULUS_BITS, MIN_PRIME_BITS, EncryptionParameters, smallest_ring
+from .params import (
+    MAX_MODULUS_BITS,
+    MIN_PRIME_BITS,
+    RING_SIZES,
+    EncryptionParameters,
+    smallest_ring,
+)
 
 SPEC_FORMAT = "she-spec/1"
+#: A layer that adds sources of different depths carries at least ``scale_bits`` less this
+#: many fractional bits in its integer weights: the scale ratios folded into them are
+#: rounded by at most ``2^-(scale_bits - ALIGN_SLACK_BITS + 1)`` per weight, about the
+#: rounding noise of one rescale (and the error model counts it).
+ALIGN_SLACK_BITS = 8
 #: Largest ciphertext prime (SEAL's limit; :mod:`she.kernels` cuts wide coefficients into
 #: pieces, so fewer, larger primes cost the kernels nothing and make every SEAL operation
 #: and key smaller).
@@ -43,6 +67,8 @@ KEYSWITCH_GUARD_BITS = 6
 #: so many rounded products that exact (power-of-two) weights need it too.
 ENCODE_GUARD_BITS = 6
 PACKINGS = ("batch", "single")
+#: Ways to align the scales of a skip connection (``compile(skip_alignment=...)``).
+SKIP_ALIGNMENTS = ("auto", "integer", "rescale")
 #: Batch packing streams wide layers: at most about this many bytes of one layer's
 #: ciphertexts (before and after its square) are held at once.
 BATCH_CHUNK_BYTES = 1 << 30
@@ -70,7 +96,7 @@ SINGLE_PRECISION_LADDER = ((20, 12), (22, 12), (24, 12), (26, 12), (28, 14), (30
 class PlanLayer:
     """One affine layer of a plan, quantised for the integer kernel."""
 
-    weights: np.ndarray  # (n_out, n_in) int64: W_int = round(W * 2^shift)
+    weights: np.ndarray | sp.csr_matrix  # (n_out, n_in) int64: W_int = round(W * 2^shift)
     shift: int  # f: the layer's real weights are weights * 2^-shift
     bias: np.ndarray  # (n_out,) float64, added at the output scale
     out_shape: tuple[int, ...]
@@ -81,6 +107,12 @@ class PlanLayer:
     #: their product, so the scale is unchanged). Batch packing: 0, the 2^-shift goes into
     #: the scale instead.
     product_primes: int = 0
+    #: Sources the layer reads (0: the input, k + 1: the square of layer k), concatenated.
+    sources: tuple[int, ...] = ()
+    #: Shallower sources whose terms are *rescaled early* to the layer's level (multiplied
+    #: by :meth:`Plan.early_constant` and rescaled in SEAL) instead of carrying the ratio of
+    #: the scales in their integer weights (see :func:`_align`).
+    early_sources: tuple[int, ...] = ()
 
     @property
     def exact(self) -> bool:
@@ -110,8 +142,18 @@ class Plan:
     _layouts: list[layout.LayerLayout] | None = field(default=None, init=False, repr=False,
                                                        compare=False)
 
+    def __post_init__(self) -> None:
+        for k, layer in enumerate(self.layers):
+            layer.sources = layer.sources or (k,)
+
     @property
     def depth(self) -> int:
+        """Multiplicative depth: squares on the longest path from the input to the output."""
+        return self.chain.depth
+
+    @property
+    def squares(self) -> int:
+        """Squared layers (every layer but the output)."""
         return len(self.layers) - 1
 
     @property
@@ -169,36 +211,51 @@ class Plan:
         return bfv.run_integers([layer.weights for layer in self.layers],
                                 [layer.bias for layer in self.layers], x_int)
 
+    def sources(self) -> tuple[list[int], list[float], list[int]]:
+        """``(limbs, scales, references)``: the number of primes and the scale of every
+        source (0: the input, ``k + 1``: the square of layer ``k``, and a last entry for the
+        output), from the actual primes; and the *reference* source of every layer, its
+        deepest (fewest primes): the layer works at that source's level and scale."""
+        primes = self.params.ciphertext_primes
+        limbs, scales, refs = [len(primes)], [self.input_scale], []
+        for layer in self.layers:
+            ref = min(layer.sources, key=lambda s: (limbs[s], -scales[s]))
+            refs.append(ref)
+            n, delta = limbs[ref] - layer.product_primes, scales[ref]
+            s_out = delta if layer.product_primes else delta * 2.0 ** layer.shift
+            squared = s_out * s_out
+            for _ in range(layer.rescale_primes):  # SEAL drops the last prime first
+                squared /= primes[n - 1]
+                n -= 1
+            limbs.append(n)
+            scales.append(squared if layer is not self.layers[-1] else s_out)
+        return limbs, scales, refs
+
+    def early_constant(self, index: int, source: int) -> float:
+        """The integer (as a float) that layer ``index``'s terms from ``source``, one of its
+        :attr:`PlanLayer.early_sources`, are multiplied by before being rescaled to the
+        layer's level: ``scale_ref * Q / scale_source`` rounded, where ``Q`` is the product of
+        the primes the rescale drops. The terms then land at the layer's scale up to a
+        relative ``2^-log2(Q)``."""
+        limbs, scales, refs = self.sources()
+        ref = refs[index]
+        dropped = math.prod(float(p) for p in self.params.ciphertext_primes[limbs[ref]:limbs[source]])
+        return float(round(scales[ref] * dropped / scales[source]))
+
     def scales(self) -> list[tuple[float, float]]:
         """(input scale, output scale) of every layer, from the actual primes."""
-        primes = list(self.params.ciphertext_primes)
-        delta = self.input_scale
-        out = []
-        for layer in self.layers:
-            if layer.product_primes:
-                s_out = delta
-                del primes[len(primes) - layer.product_primes:]
-            else:
-                s_out = delta * 2.0 ** layer.shift
-            out.append((delta, s_out))
-            delta = s_out * s_out
-            for _ in range(layer.rescale_primes):
-                delta /= primes.pop()
-        return out
+        _, scales, refs = self.sources()
+        return [(scales[ref], scales[ref] * (1.0 if layer.product_primes else 2.0 ** layer.shift))
+                for layer, ref in zip(self.layers, refs, strict=True)]
 
     def levels(self) -> list[int]:
         """Number of ciphertext primes at the input of every layer."""
-        limbs = len(self.params.ciphertext_primes)
-        out = []
-        for layer in self.layers:
-            out.append(limbs)
-            limbs -= layer.product_primes + layer.rescale_primes
-        return out
+        limbs, _, refs = self.sources()
+        return [limbs[ref] for ref in refs]
 
     @property
     def output_limbs(self) -> int:
-        last = self.layers[-1]
-        return self.levels()[-1] - last.product_primes - last.rescale_primes
+        return self.sources()[0][-1]
 
     def chunk_units(self, index: int) -> int:
         """Batch packing: units of layer ``index`` computed, squared and passed on to the
@@ -207,19 +264,26 @@ class Plan:
         return max(1, min(self.layers[index].weights.shape[0], BATCH_CHUNK_BYTES // unit))
 
     def batch_memory_bytes(self) -> int:
-        """Batch packing: about the server's peak memory for one request. A layer's
-        input and the next layer's accumulated output are held whole; the layer's own
-        outputs and their squares only one chunk at a time (:meth:`chunk_units`)."""
+        """Batch packing: about the server's peak memory for one request (see
+        :class:`~she.engine.Engine`). The input ciphertexts are held until the last layer
+        that reads them; a layer's outputs and their squares one chunk at a time
+        (:meth:`chunk_units`), each chunk's products added into the accumulated outputs
+        of every later layer that reads it, which are held whole until that layer runs."""
         unit = 8 * 2 * self.params.poly_modulus_degree
-        levels = self.levels() + [self.output_limbs]
+        levels = self.levels()
+        last_input = max(k for k, layer in enumerate(self.layers) if 0 in layer.sources)
+        # layer i's accumulated outputs exist from the layer whose square it first reads (a
+        # layer that reads the input only is computed a chunk at a time; the output whole)
+        opened = [min((s - 1 for s in layer.sources if s), default=i)
+                  for i, layer in enumerate(self.layers)]
+        last = len(self.layers) - 1
         peak = 0
-        for k, layer in enumerate(self.layers):
-            held = layer.weights.shape[1] * levels[k]
-            if k < self.depth:
-                held += (self.layers[k + 1].weights.shape[0] * levels[k + 1]
-                         + 3 * self.chunk_units(k) * levels[k])
-            else:
-                held += layer.weights.shape[0] * levels[k]
+        for k in range(len(self.layers)):
+            held = self.n_inputs * levels[0] if k <= last_input else 0
+            held += sum(self.layers[i].weights.shape[0] * levels[i] for i in range(k, last + 1)
+                        if opened[i] <= k and (i > k or opened[i] < i or i == last))
+            if k < self.squares:
+                held += 3 * self.chunk_units(k) * levels[k]
             peak = max(peak, unit * held)
         return peak
 
@@ -287,16 +351,18 @@ class Plan:
         for i, (layer, (s_in, s_out), limbs) in enumerate(
             zip(self.layers, self.scales(), self.levels(), strict=True)
         ):
-            nnz = int(np.count_nonzero(layer.weights))
+            nnz = _nonzero(layer.weights)
             layers.append({
                 "index": i,
                 "inputs": int(layer.weights.shape[1]),
                 "outputs": int(layer.weights.shape[0]),
                 "nonzero_weights": nnz,
                 "weight_shift": layer.shift,
-                "max_abs_int_weight": int(np.abs(layer.weights).max(initial=0)),
+                "max_abs_int_weight": int(abs(layer.weights).max()) if nnz else 0,
+                "sources": list(layer.sources),
+                "early_rescaled_sources": list(layer.early_sources),
                 "exact_weights": layer.exact,
-                "activation": "square" if i < self.depth else "none (output)",
+                "activation": "square" if i < self.squares else "none (output)",
                 "rescale_primes": layer.rescale_primes,
                 "input_limbs": limbs,
                 "log2_scale_in": round(math.log2(s_in), 2),
@@ -308,6 +374,7 @@ class Plan:
             "scheme": self.scheme,
             "packing": self.packing,
             "depth": self.depth,
+            "squares": self.squares,
             "security_bits": self.params.security,
             "poly_modulus_degree": n,
             "slots": self.params.slots,
@@ -339,14 +406,41 @@ class Plan:
 
 # -- quantisation ---------------------------------------------------------------------------
 
-def quantise(matrix: np.ndarray, weight_bits: int) -> tuple[np.ndarray, int, np.ndarray]:
+def _nonzero(matrix: np.ndarray | sp.spmatrix) -> int:
+    """Non-zero entries of a dense or sparse matrix."""
+    return int(matrix.count_nonzero() if sp.issparse(matrix) else np.count_nonzero(matrix))
+
+
+def _applied(matrix: np.ndarray | sp.spmatrix, x: np.ndarray) -> np.ndarray:
+    """``x @ matrix.T`` for a batch ``x`` (B, n_in) and a dense or sparse matrix."""
+    return np.asarray(matrix @ x.T).T
+
+
+def _squared(matrix: np.ndarray | sp.spmatrix) -> np.ndarray | sp.spmatrix:
+    """Element-wise square of a dense or sparse matrix."""
+    return matrix.multiply(matrix).tocsr() if sp.issparse(matrix) else matrix * matrix
+
+
+def _with_data(matrix: sp.csr_matrix, data: np.ndarray) -> sp.csr_matrix:
+    """A sparse matrix of ``matrix``'s pattern holding ``data`` (its own index arrays: scipy
+    sorts them in place when it needs to)."""
+    return sp.csr_matrix((data, matrix.indices.copy(), matrix.indptr.copy()), shape=matrix.shape)
+
+
+def quantise(matrix: np.ndarray | sp.spmatrix,
+             weight_bits: int) -> tuple[np.ndarray, int, np.ndarray]:
     """Integer weights ``W_int`` and shift ``f`` with ``W ~= W_int * 2^-f``.
 
     If the weights are exactly representable with at most ``weight_bits +``
     :data:`EXACT_EXTRA_BITS` bits below the largest (power-of-two or fixed-point weights)
     the result is exact; otherwise the largest weight gets ``weight_bits`` bits. Returns
-    ``(W_int, f, abs_error)``.
+    ``(W_int, f, abs_error)``, sparse (of the same pattern) for a sparse ``matrix``.
     """
+    if sp.issparse(matrix):
+        matrix = sp.csr_matrix(matrix, copy=True)
+        matrix.sum_duplicates()  # canonical: sorted indices, no duplicates
+        w_int, f, err = quantise(matrix.data, weight_bits)
+        return _with_data(matrix, w_int), f, _with_data(matrix, err)
     amax = float(np.abs(matrix).max(initial=0.0))
     if amax == 0.0:
         return np.zeros(matrix.shape, dtype=np.int64), 0, np.zeros(matrix.shape)
@@ -365,18 +459,18 @@ def quantise(matrix: np.ndarray, weight_bits: int) -> tuple[np.ndarray, int, np.
 
 def _interval_bounds(chain: Chain, lo: float, hi: float) -> list[np.ndarray]:
     """Sound bounds on |pre-square value| of every unit of every layer (interval arithmetic)."""
-    low = np.full(chain.layers[0].n_in, lo)
-    high = np.full(chain.layers[0].n_in, hi)
+    lows = [np.full((1, chain.source_sizes[0]), lo)]
+    highs = [np.full((1, chain.source_sizes[0]), hi)]
     bounds = []
-    for i, layer in enumerate(chain.layers):
-        if i:
-            sq_lo = np.where((low <= 0) & (high >= 0), 0.0, np.minimum(low * low, high * high))
-            low, high = sq_lo, np.maximum(low * low, high * high)
+    for k, layer in enumerate(chain.layers):
+        low, high = chain.layer_input(lows, k)[0], chain.layer_input(highs, k)[0]
         centre, radius = (low + high) / 2, (high - low) / 2
         mid = layer.matrix @ centre + layer.bias
-        rad = np.abs(layer.matrix) @ radius
+        rad = abs(layer.matrix) @ radius
         low, high = mid - rad, mid + rad
         bounds.append(np.maximum(np.abs(low), np.abs(high)))
+        lows.append(np.where((low <= 0) & (high >= 0), 0.0, np.minimum(low * low, high * high))[None])
+        highs.append(np.maximum(low * low, high * high)[None])
     return bounds
 
 
@@ -404,6 +498,7 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
     range_margin: float = 2.0,
     name: str | None = None,
     input_bits: int = bfv.INPUT_BITS,
+    skip_alignment: str = "auto",
 ) -> Plan:
     """Compile an HE-friendly model into a :class:`Plan`.
 
@@ -426,11 +521,19 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
         poly_modulus_degree: force a ring size (refused if it cannot hold the plan securely).
         range_margin: safety factor on calibrated value ranges.
         input_bits: BFV: bits of the quantised inputs' magnitude.
+        skip_alignment: how a layer that adds sources of different depths (a skip
+            connection) aligns their scales: ``"integer"`` folds the ratio of the scales into
+            the integer weights (no SEAL operation, more modulus bits), ``"rescale"``
+            multiplies the shallower terms by an integer and rescales them early (one SEAL
+            product and rescale per unit, no extra bits); ``"auto"`` (default) rescales
+            early only when that makes the ring smaller.
     """
     if scheme not in ("ckks", "bfv"):
         raise ParameterError(f"scheme {scheme!r} is not supported; use 'ckks' or 'bfv'")
     if packing not in PACKINGS:
         raise ParameterError(f"packing {packing!r} is not supported; use one of {PACKINGS}")
+    if skip_alignment not in SKIP_ALIGNMENTS:
+        raise ParameterError(f"skip_alignment {skip_alignment!r} is not one of {SKIP_ALIGNMENTS}")
     if scheme == "bfv":
         return _compile_bfv(model, packing, calibration, input_bits, weight_bits or bfv.WEIGHT_BITS,
                             security, poly_modulus_degree, name)
@@ -439,15 +542,26 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
     else:
         ladder = ((scale_bits or 26, weight_bits or 12),)
     chain = model if isinstance(model, Chain) else lower(model)
+    if packing == "single":
+        chain = _dense_chain(chain, "single packing")
     failure: ParameterError | None = None
     best: Plan | None = None
     layouts: dict[int, list[layout.LayerLayout]] = {}  # by slot count, shared by the rungs
     memo: dict[Any, Any] = {}  # what the rungs compute alike from the calibration data
+    evaluated = None  # the calibration samples through the float model, shared by the rungs
+    if calibration is not None:
+        cal = np.asarray(calibration, dtype=np.float64)
+        if cal.ndim < 1 or cal[0].size != chain.source_sizes[0]:
+            raise ParameterError(
+                f"calibration samples must have {chain.source_sizes[0]} features each "
+                f"(input shape {chain.input_shape}), got array of shape {cal.shape}"
+            )
+        evaluated = chain.evaluate(cal.reshape(len(cal), -1))
     for s_bits, w_bits in ladder:
         try:
             plan = _compile_once(model, chain, scheme, packing, calibration, s_bits, w_bits,
                                  security, poly_modulus_degree, range_margin, name, layouts,
-                                 memo)
+                                 evaluated, skip_alignment, memo)
         except ParameterError as exc:
             failure = exc
             continue
@@ -460,6 +574,26 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
     return best
 
 
+def _dense_chain(chain: Chain, what: str) -> Chain:
+    """``chain`` with dense matrices, for single packing and BFV (chains of modest layers
+    only): a graph, or a layer too wide for them, is refused with a clear error."""
+    if not chain.is_chain:
+        raise ParameterError(
+            f"{what} runs chains of layers only, and this model adds or concatenates encrypted "
+            "values across activations (a skip connection or branches); use CKKS batch packing")
+    if what == "single packing":
+        widest = max(max(layer.n_in, layer.n_out) for layer in chain.layers)
+        most = max(RING_SIZES) // 2
+        if widest > most:
+            raise ParameterError(
+                f"single packing holds at most {most} values per ciphertext (N={max(RING_SIZES)}), "
+                f"and a layer of this model has {widest}; use batch packing")
+    try:
+        return chain.dense()
+    except ModelError as exc:
+        raise ParameterError(f"{what}: {exc}; use batch packing") from exc
+
+
 def _cost(plan: Plan) -> tuple[int, int, int]:
     return plan.params.poly_modulus_degree, len(plan.params.primes), plan.params.total_bits
 
@@ -468,12 +602,14 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
                   calibration: np.ndarray | None, scale_bits: int, weight_bits: int,
                   security: int, poly_modulus_degree: int | None, range_margin: float,
                   name: str | None, layouts: dict[int, list[layout.LayerLayout]],
+                  evaluated: tuple[list[np.ndarray], list[np.ndarray]] | None,
+                  skip_alignment: str = "auto",
                   memo: dict[Any, Any] | None = None) -> Plan:
     """One rung of the precision ladder. ``layouts``: single packing's slot layouts by slot
     count (placed from the float weights, whose non-zero pattern holds that of any
-    quantisation; filled on first use). ``memo``: what the rungs of one ladder compute
-    alike from the calibration data (the model's activations, the quantisation's effect
-    per ``weight_bits``), filled on first use."""
+    quantisation; filled on first use). ``evaluated``: :meth:`Chain.evaluate` of the
+    calibration samples. ``memo``: what the rungs of one ladder compute alike
+    (the quantised weights per ``weight_bits``), filled on first use."""
     memo = {} if memo is None else memo
     if not 16 <= scale_bits <= 40:
         raise ParameterError(f"scale_bits={scale_bits} is outside the supported range 16..40")
@@ -485,22 +621,23 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
     notes: list[str] = []
 
     if calibration is not None:
-        cal = np.asarray(calibration, dtype=np.float64)
-        if cal.ndim < 1 or cal[0].size != chain.layers[0].n_in:
-            raise ParameterError(
-                f"calibration samples must have {chain.layers[0].n_in} features each "
-                f"(input shape {chain.input_shape}), got array of shape {cal.shape}"
-            )
-        if "activations" not in memo:
-            acts = chain.activations(cal.reshape(len(cal), -1))
-            memo["activations"] = acts, _error_samples(cal.reshape(len(cal), -1), acts)
-        acts, samples = memo["activations"]
+        assert evaluated is not None
+        cal = np.asarray(calibration, dtype=np.float64).reshape(len(calibration), -1)
+        inputs, acts = evaluated
         bounds = [np.abs(a).max(axis=0) * range_margin for a in acts]
+        samples = _error_samples(inputs, acts)
     else:
         lo, hi = model.input_range if isinstance(model, Model) else (0.0, 1.0)
-        bounds = _interval_bounds(chain, lo, hi)
+        with np.errstate(over="ignore", invalid="ignore"):
+            bounds = _interval_bounds(chain, lo, hi)
+        if not all(np.isfinite(b).all() for b in bounds):
+            raise ParameterError(
+                "interval arithmetic over the declared input range finds no finite bound on "
+                f"the values of this depth-{chain.depth} model; pass calibration samples")
         # One pseudo-sample at every unit's bound.
-        samples = _error_samples(np.full((1, chain.layers[0].n_in), max(abs(lo), abs(hi))),
+        values = [np.full((1, chain.source_sizes[0]), max(abs(lo), abs(hi)))]
+        values += [b[None] ** 2 for b in bounds[:-1]]
+        samples = _error_samples([chain.layer_input(values, k) for k in range(len(bounds))],
                                  [b[None] for b in bounds])
         notes.append("no calibration data: value ranges from interval arithmetic (pessimistic)")
 
@@ -510,31 +647,42 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
     quantised = memo["quantised", weight_bits]
     y_out = float(bounds[-1].max(initial=0.0))
     max_prime = MAX_CT_PRIME_BITS - (KEYSWITCH_GUARD_BITS if packing == "single" else 0)
+    # Depth of every layer's square (the output layer's: one more than the deepest source it
+    # reads). Squares at one depth share their rescale primes, hence one level and scale.
+    depths = chain.source_depths[1:] + [chain.depth + 1]
+    last = len(chain.layers) - 1
+    early: set[int] = set()  # layers whose shallower sources are rescaled early
     if packing == "single":
         guard = ENCODE_GUARD_BITS + max(0, weight_bits - 12)
         product_bits, shifts = _single_products(quantised, scale_bits, y_out, guard, max_prime)
     else:
-        product_bits, shifts = [0] * len(quantised), [f for _, f, _ in quantised]
-
-    # Modulus chain: primes dropped after each square (and product), then the output primes.
-    scale_shifts = [0 if prod else f for f, prod in zip(shifts, product_bits, strict=True)]
-    rescale_bits = [scale_bits + 2 * f for f in scale_shifts[:-1]]
-    out_bits = math.ceil(math.log2(max(y_out, 1.0)) + scale_bits + scale_shifts[-1]) + 3
-    # Capacity before each rescale: value * scale^2 must fit the primes that remain after it.
-    rescale_parts = [_split_bits(b, max_prime) for b in rescale_bits]
-    for k in range(len(rescale_parts)):
-        need = math.log2(max(float(bounds[k].max()), 1.0)) * 2 + scale_bits + 2
-        rest = out_bits + sum(sum(p) for p in rescale_parts[k + 1:]) + sum(product_bits[k + 1:])
-        out_bits += max(0, math.ceil(need - rest))
-    out_parts = _split_bits(out_bits, max_prime)
-    ct_bits = list(out_parts)
-    for k in reversed(range(len(chain.layers))):  # SEAL drops the last prime first
-        ct_bits += rescale_parts[k] if k < len(rescale_parts) else []
-        ct_bits += [product_bits[k]] if product_bits[k] else []
-    special = MAX_CT_PRIME_BITS if packing == "single" else max(ct_bits)
-    modulus_bits = ct_bits + [special]
+        product_bits = [0] * len(quantised)
+        mixed = [k for k in range(len(quantised)) if _mixed(chain, k)]
+        own = [f for _, f, _ in quantised]
+        needed = [max(f, scale_bits - ALIGN_SLACK_BITS) if k in mixed else f
+                  for k, f in enumerate(own)]
+        shifts = _depth_shifts(needed, depths)
+        if mixed and skip_alignment != "integer":
+            # The other way to align a skip: rescale its shallower sources' terms early
+            # (one SEAL product and rescale per unit, no extra bits). By default only when
+            # the bits it saves make the ring smaller.
+            aligned = sum(_modulus_bits(shifts, product_bits, depths, bounds, scale_bits,
+                                        y_out, max_prime, packing))
+            plain = _depth_shifts(own, depths)
+            rescaled = sum(_modulus_bits(plain, product_bits, depths, bounds, scale_bits,
+                                         y_out, max_prime, packing))
+            if skip_alignment == "rescale" or (
+                    poly_modulus_degree is None and
+                    _ring_or_none(rescaled, security) < _ring_or_none(aligned, security)):
+                shifts, early = plain, set(mixed)
+                notes.append(f"skip connections aligned by early rescales ({rescaled} modulus "
+                             f"bits instead of {aligned})")
+    modulus_bits = _modulus_bits(shifts, product_bits, depths, bounds, scale_bits, y_out,
+                                 max_prime, packing)
     total = sum(modulus_bits)
-    ring = poly_modulus_degree or smallest_ring(total, security)
+    group_parts = {depths[k]: _split_bits(scale_bits + 2 * (0 if product_bits[k] else shifts[k]),
+                                          max_prime) for k in range(last)}
+    ring = poly_modulus_degree or _ring_for(total, security, chain, scale_bits)
     if packing == "single" and poly_modulus_degree is None:
         ring = max(ring, layout.min_ring_for([layer.matrix.shape for layer in chain.layers]))
     params = EncryptionParameters("ckks", ring, tuple(modulus_bits), security)
@@ -542,17 +690,22 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
     layers = []
     for k, (layer, (w_int, f, err)) in enumerate(zip(chain.layers, quantised, strict=True)):
         layers.append(PlanLayer(
-            weights=w_int << (shifts[k] - f),
+            weights=w_int * (1 << (shifts[k] - f)),
             shift=shifts[k],
             product_primes=1 if product_bits[k] else 0,
             bias=layer.bias.copy(),
             out_shape=layer.out_shape,
-            rescale_primes=len(rescale_parts[k]) if k < len(rescale_parts) else 0,
+            rescale_primes=len(group_parts[depths[k]]) if k < last else 0,
             value_bound=float(bounds[k].max(initial=0.0)),
-            weight_error=float(err.max(initial=0.0)),
+            weight_error=float(err.max(initial=0.0)) if not sp.issparse(err) else
+            float(err.max()) if err.nnz else 0.0,
+            sources=layer.sources,
+            early_sources=tuple(s for s in layer.sources if k in early and
+                                chain.source_depths[s] < depths[k] - 1),
         ))
     plan = Plan(model_name, scheme, packing, chain.input_shape, params, 2.0 ** scale_bits,
                 layers, 0.0, chain, calibrated=calibration is not None, notes=notes)
+    effective = _align(plan, quantised)
     if packing == "single":
         if params.slots not in layouts:  # refuses layers wider than a ciphertext
             layouts[params.slots] = layout.layouts([layer.matrix for layer in chain.layers],
@@ -560,15 +713,106 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
         plan._layouts = layouts[params.slots]
     deviation = None
     if calibration is not None:
-        if ("deviation", weight_bits) not in memo:
-            memo["deviation", weight_bits] = _quantisation_deviation(chain, quantised, cal)
-        deviation = range_margin * memo["deviation", weight_bits]
-    _set_predicted_error(plan, quantised, samples, deviation)
+        deviation = range_margin * _quantisation_deviation(chain, effective, cal, acts[-1])
+    _set_predicted_error(plan, effective, samples, deviation)
     if calibration is not None:
-        if "margins" not in memo:
-            memo["margins"] = _argmax_margins(chain, cal)
-        _check_argmax_margin(plan, memo["margins"])
+        _check_argmax_margin(plan, acts[-1])
     return plan
+
+
+def _depth_shifts(needed: list[int], depths: list[int]) -> list[int]:
+    """Every layer's shift: the largest needed at its depth (one scale per depth)."""
+    per_depth = {d: max(n for n, e in zip(needed, depths, strict=True) if e == d)
+                 for d in set(depths)}
+    return [per_depth[d] for d in depths]
+
+
+def _modulus_bits(shifts: list[int], product_bits: list[int], depths: list[int],
+                  bounds: list[np.ndarray], scale_bits: int, y_out: float, max_prime: int,
+                  packing: str) -> list[int]:
+    """The modulus chain's prime sizes, special prime last: the output primes, then the
+    primes dropped at each depth (and single packing's products), deepest first."""
+    last = len(shifts) - 1
+    scale_shifts = [0 if prod else f for f, prod in zip(shifts, product_bits, strict=True)]
+    group_bits = {depths[k]: scale_bits + 2 * scale_shifts[k] for k in range(last)}
+    group_parts = {d: _split_bits(b, max_prime) for d, b in group_bits.items()}
+    out_bits = math.ceil(math.log2(max(y_out, 1.0)) + scale_bits + scale_shifts[-1]) + 3
+    # Capacity before each rescale: value * scale^2 must fit the primes that remain after it.
+    for d in sorted(group_parts):
+        bound = max(float(bounds[k].max(initial=0.0)) for k in range(last) if depths[k] == d)
+        need = math.log2(max(bound, 1.0)) * 2 + scale_bits + 2
+        rest = (out_bits + sum(sum(p) for e, p in group_parts.items() if e > d)
+                + sum(b for b, e in zip(product_bits, depths, strict=True) if e > d))
+        out_bits += max(0, math.ceil(need - rest))
+    ct_bits = list(_split_bits(out_bits, max_prime))
+    for d in sorted(set(depths), reverse=True):  # SEAL drops the last prime first
+        ct_bits += group_parts.get(d, [])
+        ct_bits += [b for b, e in zip(product_bits, depths, strict=True) if e == d and b]
+    special = MAX_CT_PRIME_BITS if packing == "single" else max(ct_bits)
+    return ct_bits + [special]
+
+
+def _ring_or_none(total_bits: int, security: int) -> float:
+    """The smallest ring for ``total_bits`` (infinity when none holds it)."""
+    try:
+        return smallest_ring(total_bits, security)
+    except ParameterError:
+        return math.inf
+
+
+def _mixed(chain: Chain, k: int) -> bool:
+    """Whether layer ``k`` reads sources of different depths (a skip connection)."""
+    return len({chain.source_depths[s] for s in chain.layers[k].sources}) > 1
+
+
+def _align(plan: Plan, quantised: list[tuple[np.ndarray, int, np.ndarray]]
+           ) -> list[tuple[np.ndarray | sp.spmatrix, np.ndarray | sp.spmatrix]]:
+    """Align the scales of the sources each layer adds (skip connections), in place, and
+    return every layer's effective real weights and absolute weight error.
+
+    A layer works at the level and scale of its reference source (:meth:`Plan.sources`);
+    the columns reading source ``s`` get the ratio ``r = scale_ref / scale_s`` folded into
+    their integers, ``round(W * 2^F * r)``, so that every term of the integer combination
+    lands at the scale ``scale_ref * 2^F``. Where ``r == 1`` (the reference itself, and any
+    source at the same depth) this is exact for power-of-two weights; elsewhere the rounding
+    (at most ``2^-(F+1) / r`` per weight, ``F`` at least ``scale_bits -``
+    :data:`ALIGN_SLACK_BITS`) is the layer's weight error.
+    """
+    _, scales, refs = plan.sources()
+    out = []
+    for k, (layer, (w_int, f, err)) in enumerate(zip(plan.layers, quantised, strict=True)):
+        real = plan.chain.layers[k].matrix
+        ratios = [1.0 if s in layer.early_sources else scales[refs[k]] / scales[s]
+                  for s in layer.sources]
+        if all(r == 1.0 for r in ratios):
+            out.append((w_int * 2.0 ** -f, err))
+            continue
+        sizes = [plan.chain.source_sizes[s] for s in layer.sources]
+        column = np.repeat(np.asarray(ratios), sizes)
+        scaled = sp.csr_matrix(real) @ sp.diags(column * 2.0 ** layer.shift)
+        weights = scaled.copy()
+        weights.data = np.round(weights.data)
+        layer.weights = weights.astype(np.int64)
+        effective = weights @ sp.diags(2.0 ** -layer.shift / column)
+        error = abs(sp.csr_matrix(real) - effective)
+        layer.weight_error = float(error.max()) if error.nnz else 0.0
+        out.append((effective, error))
+    return out
+
+
+def _ring_for(total_bits: int, security: int, chain: Chain, scale_bits: int) -> int:
+    """The smallest ring for ``total_bits``, or an error that says what the plan needs."""
+    try:
+        return smallest_ring(total_bits, security)
+    except ParameterError:
+        largest = max(MAX_MODULUS_BITS[security])
+        raise ParameterError(
+            f"this model needs a {total_bits}-bit coefficient modulus (depth {chain.depth}, "
+            f"{scale_bits}-bit scale), but the largest ring N={largest} holds "
+            f"{MAX_MODULUS_BITS[security][largest]} bits at {security}-bit security; it would "
+            f"need N={2 * largest} or more ({8 * 2 * 2 * largest * total_bits // 60 / 2**20:.0f} "
+            "MiB per ciphertext), which SEAL does not offer: reduce the depth (fewer "
+            "activations on the longest path) or the scale") from None
 
 
 def _compile_bfv(model: Model | Chain, packing: str, calibration: np.ndarray | None,
@@ -578,7 +822,7 @@ def _compile_bfv(model: Model | Chain, packing: str, calibration: np.ndarray | N
         raise ParameterError("BFV runs in batch packing only; use scheme='ckks' for single packing")
     if security not in MAX_MODULUS_BITS:
         raise ParameterError(f"security level {security} is not allowed: use 128, 192 or 256")
-    chain = model if isinstance(model, Chain) else lower(model)
+    chain = _dense_chain(model if isinstance(model, Chain) else lower(model), "BFV")
     input_range = model.input_range if isinstance(model, Model) else (0.0, 1.0)
     q = bfv.plan_parameters(chain, input_range, input_bits=input_bits, weight_bits=weight_bits,
                             security=security, poly_modulus_degree=poly_modulus_degree,
@@ -636,23 +880,23 @@ def _single_products(quantised: list[tuple[np.ndarray, int, np.ndarray]], scale_
     return products, shifts
 
 
-def _quantisation_deviation(chain: Chain, quantised: list[tuple[np.ndarray, int, np.ndarray]],
-                            cal: np.ndarray) -> float:
-    """Largest |output change| that weight quantisation causes on the calibration samples."""
-    rounded = Chain([Affine(w_int * 2.0 ** -f, layer.bias, layer.out_shape)
-                     for layer, (w_int, f, _) in zip(chain.layers, quantised, strict=True)],
+def _quantisation_deviation(chain: Chain, effective: list[tuple[np.ndarray, np.ndarray]],
+                            cal: np.ndarray, outputs: np.ndarray) -> float:
+    """Largest |output change| that weight quantisation causes on the calibration samples
+    (``outputs``: the float model's outputs for them)."""
+    rounded = Chain([Affine(real, layer.bias, layer.out_shape, layer.sources)
+                     for layer, (real, _) in zip(chain.layers, effective, strict=True)],
                     chain.input_shape)
-    flat = cal.reshape(len(cal), -1)
-    return float(np.abs(rounded.run(flat) - chain.run(flat)).max(initial=0.0))
+    return float(np.abs(rounded.run(cal) - outputs).max(initial=0.0))
 
 
-def _error_samples(x: np.ndarray,
+def _error_samples(inputs: list[np.ndarray],
                    acts: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """The samples the error model follows: ``(inputs, pre)``, each layer's input and
-    pre-square values for at most about :data:`ERROR_SAMPLES` of them (those with the
-    largest activations in some hidden layer, where noise is amplified most)."""
-    inputs = [x] + [a * a for a in acts[:-1]]
-    if len(x) > ERROR_SAMPLES:
+    pre-square values (:meth:`Chain.evaluate`) for at most about :data:`ERROR_SAMPLES` of
+    them (those with the largest activations in some hidden layer, where noise is amplified
+    most)."""
+    if len(inputs[0]) > ERROR_SAMPLES:
         hidden = acts[:-1] or acts
         per = max(1, ERROR_SAMPLES // (2 * len(hidden)))
         keep: set[int] = set()
@@ -664,7 +908,7 @@ def _error_samples(x: np.ndarray,
     return inputs, acts
 
 
-def _set_predicted_error(plan: Plan, quantised: list[tuple[np.ndarray, int, np.ndarray]],
+def _set_predicted_error(plan: Plan, effective: list[tuple[np.ndarray, np.ndarray]],
                          samples: tuple[list[np.ndarray], list[np.ndarray]],
                          deviation: float | None) -> None:
     """Set ``plan.predicted_error``, a 6-sigma estimate of the absolute error of the
@@ -683,6 +927,9 @@ def _set_predicted_error(plan: Plan, quantised: list[tuple[np.ndarray, int, np.n
     the noise variances (the square of an error, second order, is left out), so the inputs'
     share is followed apart and choosing the dropped bits costs nothing. ``deviation``: the
     weight-quantisation error measured on calibration samples (with a margin), added.
+    ``effective``: every layer's real weights as the plan computes them, and their absolute
+    rounding error. In a graph the variances are followed per source, and a layer's input
+    is its sources' side by side.
     """
     n = plan.params.poly_modulus_degree
     # Coefficient variance of a rounding that also multiplies the secret (a rescale, or a
@@ -690,24 +937,32 @@ def _set_predicted_error(plan: Plan, quantised: list[tuple[np.ndarray, int, np.n
     rounding = (1 + 2 * n / 3) / 12
     rescale = rounding * n
     scales = plan.scales()
+    source_scales = plan.sources()[1]
     diag_scales = plan.diagonal_scales()
     inputs, pre = samples
-    rest = np.zeros(inputs[0].shape)
-    gain = np.ones(inputs[0].shape)  # per unit of input noise variance
-    for k, (w_int, shift, w_err) in enumerate(quantised):
-        squared = (w_int * 2.0 ** -shift) ** 2
-        rest, gain = rest @ squared.T, gain @ squared.T
+    chain = plan.chain
+    samples_n = len(inputs[0])
+    # per source: variance from everything but the inputs' noise, and per unit of the latter
+    rests = [np.zeros((samples_n, chain.source_sizes[0]))]
+    gains = [np.ones((samples_n, chain.source_sizes[0]))]
+    for k, (real, w_err) in enumerate(effective):
+        squared = _squared(real)
+        rest = _applied(squared, chain.layer_input(rests, k))
+        gain = _applied(squared, chain.layer_input(gains, k))
         s_out = scales[k][1]
-        rest = rest + 0.25 / s_out ** 2
+        # bias rounding, and the rounding of every early rescale
+        rest = rest + 0.25 / s_out ** 2 + len(plan.layers[k].early_sources) * rescale / s_out ** 2
         if deviation is None:  # rounding errors of known size, their signs independent
-            rest = rest + (inputs[k] ** 2) @ (w_err ** 2).T
+            rest = rest + _applied(_squared(w_err), inputs[k] ** 2)
         if plan.packing == "single":
             norms = np.sum(inputs[k] ** 2, axis=1, keepdims=True)
             rest = rest + n / 12 / diag_scales[k] ** 2 * norms + rescale / s_out ** 2
-        if k < plan.depth:
+        if k < plan.squares:
             amplify = 4 * pre[k] ** 2
-            rest = amplify * rest + rescale / scales[k + 1][0] ** 2
+            rest = amplify * rest + rescale / source_scales[k + 1] ** 2
             gain = amplify * gain
+        rests.append(rest)
+        gains.append(gain)
 
     # Per-coefficient variance of the inputs' noise: a fresh encryption's, and in single
     # packing the folded upload's (she.compact): e + tau(e), one key switch rounding like a
@@ -728,17 +983,13 @@ def _set_predicted_error(plan: Plan, quantised: list[tuple[np.ndarray, int, np.n
         plan.predicted_error = predict(plan.input_drop_bits)
 
 
-def _argmax_margins(chain: Chain, cal: np.ndarray) -> np.ndarray:
-    """Top-1 minus top-2 logit of every calibration sample (empty with a single output)."""
-    logits = np.sort(chain.run(cal.reshape(len(cal), -1)), axis=1)
-    return logits[:, -1] - logits[:, -2] if logits.shape[1] > 1 else np.zeros(0)
-
-
-def _check_argmax_margin(plan: Plan, margins: np.ndarray) -> None:
+def _check_argmax_margin(plan: Plan, outputs: np.ndarray) -> None:
     """Refuse a plan whose predicted error would flip the argmax of calibration samples
-    (``margins``: :func:`_argmax_margins`)."""
+    (``outputs``: the float model's outputs for them)."""
     if plan.n_outputs < 2:
         return
+    logits = np.sort(outputs, axis=1)
+    margins = logits[:, -1] - logits[:, -2]
     at_risk = float(np.mean(margins < plan.predicted_error))
     if at_risk > 0.01:
         raise ParameterError(

@@ -15,6 +15,10 @@ nor their squares are ever held whole. The result is the same, bit for bit. A ch
 feature map ``(C, H, W)`` is a band of rows across all channels, so that a convolution
 after it touches only the next layer's outputs near that band: each chunk's product is
 restricted to the output units its weights reach.
+
+A graph (skip connections, branches) runs the same way: each square's chunks are streamed
+into every later layer that reads them, and the input ciphertexts are kept until the last
+layer that reads them (see :meth:`Engine.run`).
 """
 
 from __future__ import annotations
@@ -27,11 +31,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import scipy.sparse as sp
 import tenseal as ts
 import tenseal.sealapi as sealapi
 
 from . import sealbytes
-from .compiler import Plan
+from .compiler import Plan, PlanLayer
 from .context import SealBridge
 from .errors import FormatError, ParameterError
 from .kernels import LinearKernel, add_constant, add_constant_bfv
@@ -61,23 +66,39 @@ class Engine:
                 "whose activations act on fewer values (pool before the activation)")
         self.primes = plan.params.ciphertext_primes
         q = max(self.primes)
-        #: Unit indices of every hidden layer, streamed one chunk after the other.
+        layers = plan.layers
+        self.levels = plan.levels()
+        #: Unit indices of every layer, computed (and squared) one chunk after the other;
+        #: the output layer in one piece.
         self.chunks = [_chunks(layer.out_shape, plan.chunk_units(k))
-                       for k, layer in enumerate(plan.layers[:-1])]
-        #: The first layer by row chunks; every later layer by the column chunks matching
-        #: the previous layer's row chunks, restricted to the output rows they reach.
-        first = plan.layers[0].weights
-        self.first_kernels = ([LinearKernel.build(first[rows], q) for rows in self.chunks[0]]
-                              if self.chunks else [LinearKernel.build(first, q)])
-        self.next_kernels: list[list[tuple[np.ndarray, LinearKernel]]] = []
-        for k, chunks in enumerate(self.chunks):
-            weights = plan.layers[k + 1].weights
-            kernels = []
-            for cols in chunks:
-                block = weights[:, cols]
-                reached = np.flatnonzero(np.abs(block).sum(axis=1))
-                kernels.append((reached, LinearKernel.build(block[reached], q)))
-            self.next_kernels.append(kernels)
+                       for k, layer in enumerate(layers[:-1])]
+        self.chunks.append([np.arange(layers[-1].weights.shape[0])])
+        sizes = plan.chain.source_sizes
+        #: Per layer and chunk: the kernel over the input ciphertexts (None: the layer does
+        #: not read the input).
+        self.input_kernels: list[list[LinearKernel] | None] = []
+        for k, layer in enumerate(layers):
+            block = _block(layer, 0, sizes) if 0 in layer.sources else None
+            self.input_kernels.append(None if block is None else
+                                      [LinearKernel.build(block[rows], q) for rows in self.chunks[k]])
+        #: Per hidden layer k and chunk: ``(i, reached, kernel)`` for every later layer ``i``
+        #: that reads the square of layer k (source k + 1): the chunk's columns of layer i,
+        #: restricted to the output rows they reach.
+        self.stream_kernels: list[list[list[tuple[int, np.ndarray, LinearKernel]]]] = []
+        self.early = [dict.fromkeys(layer.early_sources) for layer in layers]
+        for k in range(len(layers) - 1):
+            blocks = {i: _block(layer, k + 1, sizes).tocsc() for i, layer in enumerate(layers)
+                      if k + 1 in layer.sources}
+            per_chunk = []
+            for cols in self.chunks[k]:
+                entries = []
+                for i, block in blocks.items():
+                    part = block[:, cols]
+                    reached = np.flatnonzero(np.asarray(abs(part).sum(axis=1)).ravel())
+                    if len(reached):
+                        entries.append((i, reached, LinearKernel.build(part[reached], q)))
+                per_chunk.append(entries)
+            self.stream_kernels.append(per_chunk)
 
     def run(self, ctx: ts.Context, relin: sealapi.RelinKeys, inputs: np.ndarray,
             scale: float) -> tuple[np.ndarray, float]:
@@ -90,35 +111,72 @@ class Engine:
             scale: their CKKS scale (1 in BFV).
 
         Returns the output coefficient arrays and their scale.
+
+        Layer ``k`` runs at the level of its deepest source (the others' extra primes are
+        left out, which in NTT form is exact) and at that source's scale; the compiler
+        folded the ratio of the scales into the weights. Each chunk of a layer is its
+        accumulated outputs plus its product over the input ciphertexts; after its square,
+        the chunk's product with every later layer that reads it is added into that
+        layer's accumulated outputs.
         """
+        layers = self.plan.layers
+        last = len(layers) - 1
+        refs = self.plan.sources()[2]
+        last_input = max(k for k, layer in enumerate(layers) if 0 in layer.sources)
+        source_scales = [scale]
+        # accumulated linear outputs of later layers (by layer, or by (layer, source) for
+        # terms that layer rescales early)
+        acc: dict[int | tuple[int, int], np.ndarray] = {}
         bridge = SealBridge(ctx)
         try:
-            if not self.chunks:  # one affine layer, no square
-                out = self._linear(bridge, self.first_kernels[0], inputs, "out")
-                return out, self._add_bias(out, 0, scale, np.arange(out.shape[0]))
-            pre = None  # layer k's linear outputs (before bias), once accumulated
-            for k, chunks in enumerate(self.chunks):
-                acc, next_scale = None, scale
-                for c, rows in enumerate(chunks):
-                    part = (self._linear(bridge, self.first_kernels[c], inputs, f"l0c{c}")
-                            if pre is None else pre[rows])
-                    part_scale = self._add_bias(part, k, scale, rows)
+            for k, layer in enumerate(layers):
+                level = self.levels[k]
+                next_scale = scale
+                for c, rows in enumerate(self.chunks[k]):
+                    part = acc[k][rows] if k in acc else None
+                    kernels = self.input_kernels[k]
+                    if kernels is not None and 0 not in self.early[k]:
+                        direct = self._linear(bridge, kernels[c], inputs[:, :, :level], f"l{k}c{c}")
+                        part = direct if part is None else self._added(part, direct)
+                    for s in self.early[k]:  # shallower terms, rescaled to this level
+                        if s == 0:
+                            term = self._linear(bridge, kernels[c], inputs, f"l{k}c{c}")
+                        elif (k, s) in acc:
+                            term = acc[(k, s)][rows]
+                        else:
+                            continue
+                        term, _ = self._square(bridge, relin, term,
+                                               source_scales[s] * 2.0 ** layer.shift,
+                                               term.shape[2] - level,
+                                               times=self.plan.early_constant(k, s))
+                        part = term if part is None else self._added(part, term)
+                    if part is None:  # every weight of the chunk is zero
+                        part = np.zeros((len(rows), 2, level, self.plan.params.poly_modulus_degree),
+                                        dtype=np.uint64)
+                    part_scale = self._add_bias(part, k, source_scales[refs[k]], rows)
+                    if k == last:
+                        return part, part_scale
                     squared, next_scale = self._square(bridge, relin, part, part_scale,
-                                                       self.plan.layers[k].rescale_primes)
+                                                       layer.rescale_primes)
                     del part
-                    reached, kernel = self.next_kernels[k][c]
-                    if not len(reached):
-                        continue
-                    contribution = self._linear(bridge, kernel, squared, f"l{k + 1}c{c}")
+                    for i, reached, kernel in self.stream_kernels[k][c]:
+                        # an early-rescaled source keeps its level until layer i rescales it
+                        key, limbs = ((i, k + 1), squared.shape[2]) if k + 1 in self.early[i] \
+                            else (i, self.levels[i])
+                        contribution = self._linear(bridge, kernel, squared[:, :, :limbs],
+                                                    f"l{i}s{k}c{c}")
+                        if key not in acc:
+                            acc[key] = np.zeros((layers[i].weights.shape[0],
+                                                 *contribution.shape[1:]), dtype=np.uint64)
+                        acc[key][reached] = self._added(acc[key][reached], contribution)
                     del squared
-                    if acc is None:
-                        n_out = self.plan.layers[k + 1].weights.shape[0]
-                        acc = np.zeros((n_out, *contribution.shape[1:]), dtype=np.uint64)
-                    acc[reached] = self._added(acc[reached], contribution)
-                pre, scale = acc, next_scale
-                inputs = None  # the input ciphertexts are no longer needed
-            assert pre is not None
-            return pre, self._add_bias(pre, len(self.chunks), scale, np.arange(pre.shape[0]))
+                for key in [key for key in acc if key == k or isinstance(key, tuple)
+                            and key[0] == k]:
+                    del acc[key]
+                source_scales.append(next_scale)
+                if k >= last_input:
+                    inputs = None  # the input ciphertexts are no longer needed
+            raise AssertionError("the output layer returns")
         finally:
             bridge.close()
 
@@ -190,8 +248,9 @@ class Engine:
         return result
 
     def _square(self, bridge: SealBridge, relin: sealapi.RelinKeys, data: np.ndarray, scale: float,
-                rescales: int) -> tuple[np.ndarray, float]:
-        """Square every ciphertext, relinearise, and drop ``rescales`` primes."""
+                rescales: int, times: float | None = None) -> tuple[np.ndarray, float]:
+        """Square every ciphertext, relinearise, and drop ``rescales`` primes; with
+        ``times``, multiply by that integer (an early rescale) instead of squaring."""
         level = bridge.levels[data.shape[2]]
         out_level = bridge.levels[data.shape[2] - rescales]
         paths = [bridge.unit_path(i) for i in range(len(data))]
@@ -199,7 +258,7 @@ class Engine:
             raw = sealbytes.RawCiphertext(unit, scale, level.parms_id, level.ntt_form)
             Path(path).write_bytes(sealbytes.serialize(raw))
         _JOB.update(seal=bridge.seal, relin=relin, rescales=rescales,
-                    paths=paths, level=out_level)
+                    paths=paths, level=out_level, times=times)
         workers = min(self.workers, len(paths))
         try:
             scales = _run_pool(workers, _square_chunk,
@@ -213,6 +272,12 @@ class Engine:
             Path(path).unlink()  # shared memory: free it as soon as it is read
             Path(f"{path}.raw").unlink()
         return out, scales[0]
+
+
+def _block(layer: PlanLayer, source: int, sizes: list[int]) -> sp.csr_matrix:
+    """The columns of ``layer``'s weights that read ``source`` (of ``sizes[source]`` units)."""
+    start = sum(sizes[s] for s in layer.sources if s < source)
+    return sp.csr_matrix(layer.weights)[:, start:start + sizes[source]]
 
 
 def _chunks(shape: tuple[int, ...], units: int) -> list[np.ndarray]:
@@ -281,15 +346,21 @@ def _reset_signals() -> None:
 
 
 def _square_chunk(indices: range) -> float:
-    """Worker: square, relinearise and rescale the ciphertexts at ``indices`` (files)."""
+    """Worker: square, relinearise (or multiply by ``times``) and rescale the ciphertexts at
+    ``indices`` (files)."""
     seal, relin, paths = _JOB["seal"], _JOB["relin"], _JOB["paths"]
     evaluator = sealapi.Evaluator(seal)
     scale = 0.0
     for i in indices:
         ct = sealapi.Ciphertext(seal)
         ct.load(seal, paths[i])
-        evaluator.square_inplace(ct)
-        evaluator.relinearize_inplace(ct, relin)
+        if _JOB["times"] is None:
+            evaluator.square_inplace(ct)
+            evaluator.relinearize_inplace(ct, relin)
+        else:  # the integer as a constant plaintext (SEAL encodes it exactly)
+            plain = sealapi.Plaintext()
+            sealapi.CKKSEncoder(seal).encode(1.0, ct.parms_id(), _JOB["times"], plain)
+            evaluator.multiply_plain_inplace(ct, plain)
         for _ in range(_JOB["rescales"]):
             evaluator.rescale_to_next_inplace(ct)
         ct.save(paths[i])

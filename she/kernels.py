@@ -59,18 +59,23 @@ class LinearKernel:
     groups: list[RowGroup] | None = None
 
     @classmethod
-    def build(cls, weights: np.ndarray, max_prime: int) -> LinearKernel:
-        """Prepare ``weights`` (int64, (n_out, n_in)) for primes up to ``max_prime``."""
-        row_mass = float(np.abs(weights).sum(axis=1).max(initial=0))
-        kernel = cls(weights.astype(np.float64), row_mass)
+    def build(cls, weights: np.ndarray | sp.spmatrix, max_prime: int) -> LinearKernel:
+        """Prepare ``weights`` (int64, (n_out, n_in), dense or scipy.sparse) for primes up to
+        ``max_prime``."""
+        row_mass = float(np.asarray(abs(weights).sum(axis=1)).max(initial=0))
+        size = max(weights.shape[0] * weights.shape[1], 1)
+        nonzero = weights.nnz if sp.issparse(weights) else np.count_nonzero(weights)
+        if nonzero / size < SPARSE_DENSITY:
+            matrix = sp.csr_matrix(weights, dtype=np.float64)
+        else:
+            matrix = (weights.toarray() if sp.issparse(weights) else weights).astype(np.float64)
+        kernel = cls(matrix, row_mass)
         if kernel.piece_bits(max_prime) < MIN_PIECE_BITS:
             raise ParameterError(
                 f"a layer whose rows sum to {row_mass:.3g} in absolute value is too wide for "
                 f"exact float64 arithmetic"
             )
-        nonzero = np.count_nonzero(weights)
-        if nonzero / max(weights.size, 1) < SPARSE_DENSITY:
-            kernel.weights = sp.csr_matrix(kernel.weights)
+        if sp.issparse(kernel.weights):
             kernel.groups = _row_groups(kernel.weights, nonzero)
         return kernel
 

@@ -1,9 +1,10 @@
 """Loading and validating HE-friendly ONNX models.
 
 An HE-friendly model is an ordinary ONNX file that uses only operators the encrypted
-engine can run (see :data:`SUPPORTED_OPS`): linear layers, average pooling, reshapes,
-element-wise arithmetic with constants, and polynomial activations written with ``Mul``
-or ``Pow``. SHE-specific hints live in ``metadata_props`` (``she.input_range``, ...).
+engine can run (see :data:`SUPPORTED_OPS`): linear layers, average pooling and means,
+reshapes, concatenations, element-wise arithmetic with constants, additions of encrypted
+tensors (skip connections), and polynomial activations written with ``Mul`` or ``Pow``.
+SHE-specific hints live in ``metadata_props`` (``she.input_range``, ...).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from .errors import ModelError, UnsupportedOperatorError
 SUPPORTED_OPS = frozenset({
     "Add", "AveragePool", "Cast", "Concat", "Constant", "Conv", "Div", "Dropout", "Flatten",
     "Gather", "Gemm", "GlobalAveragePool", "Identity", "MatMul", "Mul", "Neg", "Pad", "Pow",
-    "Reshape", "Shape", "Slice", "Squeeze", "Sub", "Transpose", "Unsqueeze",
+    "ReduceMean", "ReduceSum", "Reshape", "Shape", "Slice", "Squeeze", "Sub", "Transpose",
+    "Unsqueeze",
 })
 
 #: Operators that have an HE-friendly replacement in ``she convert``.

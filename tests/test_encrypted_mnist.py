@@ -73,16 +73,17 @@ def test_argmax_margin_check_refuses_what_it_should(toy_plan, toy_calibration):
 
     from she.compiler import _check_argmax_margin
 
-    logits = np.sort(toy_plan.chain.run(toy_calibration.reshape(len(toy_calibration), -1)), 1)
+    outputs = toy_plan.chain.run(toy_calibration.reshape(len(toy_calibration), -1))
+    logits = np.sort(outputs, 1)
     margins = np.sort(logits[:, -1] - logits[:, -2])
     allowed = int(0.01 * len(margins))  # this many samples may be at risk
     # Just above the (allowed+1)-th smallest margin: allowed+1 samples at risk -> refused.
     risky = dataclasses.replace(toy_plan, predicted_error=float(margins[allowed]) * 1.0001)
     with pytest.raises(she.ParameterError, match="could change the predicted class"):
-        _check_argmax_margin(risky, toy_calibration)
+        _check_argmax_margin(risky, outputs)
     # Just below it: only `allowed` samples at risk -> accepted.
     fine = dataclasses.replace(toy_plan, predicted_error=float(margins[allowed]) * 0.9999)
-    _check_argmax_margin(fine, toy_calibration)
+    _check_argmax_margin(fine, outputs)
 
 
 @pytest.mark.slow

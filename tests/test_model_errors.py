@@ -205,21 +205,24 @@ def test_product_of_two_encrypted_tensors():
 
 
 def test_skip_connection_across_a_square():
+    """Lowers as a graph (the output reads the input and the square); single packing and
+    BFV, which run chains only, refuse it with a clear error."""
     proto = _dense(helper.make_node("Mul", ["g", "g"], ["sq"], name="square"),
                    helper.make_node("Add", ["sq", "g"], ["out"], name="skip"))
     model = she.model.from_proto(proto)
-    with pytest.raises(she.ModelError, match="skip connection") as info:
-        lower(model)
-    assert "'skip'" in str(info.value)
-    assert not isinstance(info.value, she.UnsupportedOperatorError)
+    chain = lower(model)
+    assert chain.layers[-1].sources == (0, 1) and not chain.is_chain
+    for scheme, packing in (("ckks", "single"), ("bfv", "batch")):
+        with pytest.raises(she.ParameterError, match="chains of layers only"):
+            she.compile(model, scheme=scheme, packing=packing)
 
 
-def test_skip_connection_to_the_output():
-    """The output uses the pre-square tensor while a square was taken: refused at the end."""
+def test_unused_square_is_dropped():
+    """The output uses the pre-square tensor: the square reaches nothing and is dropped."""
     proto = _dense(helper.make_node("Mul", ["g", "g"], ["sq"], name="square"),
                    helper.make_node("Identity", ["g"], ["out"]))
-    with pytest.raises(she.ModelError):
-        lower(she.model.from_proto(proto))
+    chain = lower(she.model.from_proto(proto))
+    assert chain.depth == 0 and len(chain.layers) == 1
 
 
 def test_higher_power_is_refused():

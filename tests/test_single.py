@@ -9,7 +9,7 @@ import pytest
 import tenseal.sealapi as sealapi
 
 import she
-from she import compact, wire
+from she import compact, layout, wire
 from she.context import galois_key_bytes
 from she.data import load_idx_dataset
 
