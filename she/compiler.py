@@ -107,6 +107,10 @@ class Plan:
     #: Single packing: low bits of every input coefficient the client rounds away before
     #: sending (:mod:`she.compact`); chosen within :data:`DROP_ERROR_SHARE`.
     input_drop_bits: int = 0
+    #: CKKS noise flooding of the results (:mod:`she.privacy`): the statistical distance
+    #: exponent ``s`` and ``log2`` of the flooding bound; ``predicted_error`` includes it.
+    circuit_privacy: int | None = None
+    flood_bits: int | None = None
     _layouts: list[layout.LayerLayout] | None = field(default=None, init=False, repr=False,
                                                        compare=False)
 
@@ -404,6 +408,7 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
     range_margin: float = 2.0,
     name: str | None = None,
     input_bits: int = bfv.INPUT_BITS,
+    circuit_privacy: int | None = None,
 ) -> Plan:
     """Compile an HE-friendly model into a :class:`Plan`.
 
@@ -426,12 +431,19 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
         poly_modulus_degree: force a ring size (refused if it cannot hold the plan securely).
         range_margin: safety factor on calibrated value ranges.
         input_bits: BFV: bits of the quantised inputs' magnitude.
+        circuit_privacy: CKKS: flood the results' noise to a statistical distance of
+            ``2^-circuit_privacy`` (:mod:`she.privacy`); the flooding's error is added to the
+            predicted error before the argmax check, so the ladder picks a precise enough
+            setting or the model is refused.
     """
     if scheme not in ("ckks", "bfv"):
         raise ParameterError(f"scheme {scheme!r} is not supported; use 'ckks' or 'bfv'")
     if packing not in PACKINGS:
         raise ParameterError(f"packing {packing!r} is not supported; use one of {PACKINGS}")
     if scheme == "bfv":
+        if circuit_privacy is not None:
+            raise ParameterError("noise flooding (circuit_privacy) is implemented for CKKS; "
+                                 "BFV results are re-randomised only")
         return _compile_bfv(model, packing, calibration, input_bits, weight_bits or bfv.WEIGHT_BITS,
                             security, poly_modulus_degree, name)
     if scale_bits is None and weight_bits is None:
@@ -446,6 +458,10 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
         try:
             plan = _compile_once(model, chain, scheme, packing, calibration, s_bits, w_bits,
                                  security, poly_modulus_degree, range_margin, name, layouts)
+            if circuit_privacy is not None:
+                from .privacy import budget_flooding  # privacy builds on this module
+
+                budget_flooding(plan, circuit_privacy, calibration)
         except ParameterError as exc:
             failure = exc
             continue

@@ -31,7 +31,7 @@ from . import sealbytes
 from .errors import FormatError, ParameterError, SecurityError
 from .params import EncryptionParameters
 
-KeysT = TypeVar("KeysT", sealapi.RelinKeys, sealapi.GaloisKeys)
+KeysT = TypeVar("KeysT", sealapi.RelinKeys, sealapi.GaloisKeys, sealapi.PublicKey)
 _SEAL_MAGIC = sealbytes.MAGIC.to_bytes(2, "little")
 
 #: Refuse uploaded contexts larger than this many bytes.
@@ -132,6 +132,31 @@ def _save_serializable(ctx: ts.Context, create: Callable[[sealapi.KeyGenerator],
         return bridge.save_serializable(create(keygen))
     finally:
         bridge.close()
+
+
+def public_key_bytes(ctx: ts.Context) -> bytes:
+    """The context's public key in SEAL's serialisation (TenSEAL's bindings offer no seeded
+    form for it). The server re-randomises its results with it (:mod:`she.privacy`)."""
+    bridge = SealBridge(ctx)
+    try:
+        return bridge.save_serializable(ctx.public_key().data)
+    finally:
+        bridge.close()
+
+
+def key_level(ctx: ts.Context) -> sealbytes.LevelSpec:
+    """The shape of a public key: a ciphertext over every prime, special prime included."""
+    data = ctx.seal_context().data.key_context_data()
+    moduli = tuple(m.value() for m in data.parms().coeff_modulus())
+    return sealbytes.LevelSpec(tuple(data.parms_id()), moduli,
+                               data.parms().poly_modulus_degree(), ntt_form=True)
+
+
+def load_public_key(ctx: ts.Context, data: bytes) -> sealapi.PublicKey:
+    """Load an uploaded public key: its size, parameters and coefficients are checked
+    (:func:`she.sealbytes.parse`, bounded decompression) before SEAL sees it."""
+    sealbytes.parse(bytes(data), key_level(ctx))
+    return _load_keys(ctx, data, sealapi.PublicKey(), "public")
 
 
 def load_relin_keys(ctx: ts.Context, data: bytes) -> sealapi.RelinKeys:
