@@ -71,15 +71,8 @@ class Server:
 
     @property
     def session_key_bytes(self) -> int:
-        """Memory one session's keys hold on the server: the relinearisation key, the
-        Galois keys (single packing) and the public key, expanded. A key-switching key is
-        one two-polynomial ciphertext over every prime per ciphertext prime."""
-        params = self.plan.params
-        poly = 8 * params.poly_modulus_degree * len(params.primes)
-        switching = len(params.ciphertext_primes) * 2 * poly
-        galois = (len(galois_elements(self.plan.rotation_steps(), params.poly_modulus_degree,
-                                      conjugate=True)) if self.plan.packing == "single" else 0)
-        return (1 + galois) * switching + 2 * poly
+        """Memory one session's keys hold on this server (:func:`session_key_bytes`)."""
+        return session_key_bytes(self.plan)
 
     def prepare(self) -> None:
         """Do once, before serving, the work the first request would otherwise do in every
@@ -179,3 +172,14 @@ class Server:
         finally:
             bridge.close()
 
+
+def session_key_bytes(plan: Plan) -> int:
+    """Memory one session's keys hold on a server: the relinearisation key, the Galois keys
+    (single packing) and the public key, expanded. A key-switching key is one
+    two-polynomial ciphertext over every prime per ciphertext prime."""
+    params = plan.params
+    poly = 8 * params.poly_modulus_degree * len(params.primes)
+    switching = len(params.ciphertext_primes) * 2 * poly
+    galois = (len(galois_elements(plan.rotation_steps(), params.poly_modulus_degree,
+                                  conjugate=True)) if plan.packing == "single" else 0)
+    return (1 + galois) * switching + 2 * poly
