@@ -232,7 +232,7 @@ async def _spool_body(request: Request, limit: int, read_timeout: float) -> IO[b
                 chunk = await asyncio.wait_for(chunks.__anext__(), read_timeout)
             except StopAsyncIteration:
                 break
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 raise HTTPException(408, f"no request data for {read_timeout:g} s") from None
             size += len(chunk)
             if size > limit:
@@ -255,7 +255,7 @@ async def _drain(request: Request, limit: int, read_timeout: float) -> None:
     while size <= limit:
         try:
             size += len(await asyncio.wait_for(chunks.__anext__(), read_timeout))
-        except (StopAsyncIteration, TimeoutError):
+        except (StopAsyncIteration, asyncio.TimeoutError):
             return
 
 

@@ -101,7 +101,7 @@ class WorkerPool:
                 try:
                     await asyncio.wait_for(condition.wait_for(lambda: self._free > 0),
                                            self.queue_timeout)
-                except TimeoutError:
+                except asyncio.TimeoutError:
                     raise Busy(f"no worker became free within {self.queue_timeout:g} s; "
                                "retry later", retry) from None
                 finally:
