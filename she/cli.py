@@ -453,6 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
+        if argv is None:  # the command line, not an embedding: cheap forks (she.workers)
+            from .workers import reexec_with_huge_pages
+
+            reexec_with_huge_pages()
         args.model = [args.model, *args.more_models]
     try:
         result = args.func(args)

@@ -18,16 +18,26 @@ they get :class:`Busy` (the service answers 503 with ``Retry-After``), never a h
 Forking while another thread of the parent is inside SEAL could copy a locked SEAL mutex
 into the child, so the parent's own SEAL work (loading a session's keys) and the forks
 exclude each other through :attr:`WorkerPool.seal_lock`.
+
+A fork costs in proportion to the parent's page tables, and the parent holds every
+session's keys (single packing: ~70 MiB each). With glibc's malloc on transparent huge
+pages (:func:`reexec_with_huge_pages`, done by ``she serve``) the page tables are 512
+times smaller: measured on a server process of 1.2 GiB (12 sessions of the demo model),
+fork and exit took 0.21 s with 4 KiB pages and 0.02 s with huge pages. The child also
+turns Python's garbage collector off, which would otherwise touch (and so copy) every
+object of the parent's heap.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import pickle
 import select
 import signal
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +45,8 @@ from collections.abc import Callable
 from starlette.concurrency import run_in_threadpool
 
 _LENGTH = struct.Struct("<Q")
+#: glibc tunable: malloc asks for transparent huge pages (glibc 2.35+; ignored elsewhere).
+HUGE_PAGES = "glibc.malloc.hugetlb=1"
 _OK, _RAISED = 0, 1
 
 
@@ -153,6 +165,7 @@ def _child(fn: Callable[[int], bytes], processes: int, fd: int) -> None:
     """Run ``fn`` in the forked child and write ``kind | length | payload`` to ``fd``."""
     code = 1
     try:
+        gc.disable()  # a collection would touch, and so copy, every object of the parent
         # The host's handlers (uvicorn's graceful shutdown) must not run here.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -192,3 +205,15 @@ def _describe(status: int) -> str:
         return f"killed by signal {signal.Signals(os.WTERMSIG(status)).name}"
     return f"exit status {os.waitstatus_to_exitcode(status)}"
 
+
+def reexec_with_huge_pages() -> None:
+    """Restart this process (same pid, same arguments) with :data:`HUGE_PAGES` in
+    ``GLIBC_TUNABLES`` unless it is there already (Linux only; glibc reads tunables at
+    start-up). Call it first thing in a command that serves."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if not sys.platform.startswith("linux") or "glibc.malloc.hugetlb" in tunables:
+        return
+    os.environ["GLIBC_TUNABLES"] = f"{tunables}:{HUGE_PAGES}" if tunables else HUGE_PAGES
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, sys.orig_argv)
