@@ -111,6 +111,9 @@ class Plan:
     #: exponent ``s`` and ``log2`` of the flooding bound; ``predicted_error`` includes it.
     circuit_privacy: int | None = None
     flood_bits: int | None = None
+    #: CKKS: the part of ``predicted_error`` due to encryption noise (without the measured
+    #: weight-quantisation deviation, which is part of the function computed).
+    noise_error: float | None = None
     _layouts: list[layout.LayerLayout] | None = field(default=None, init=False, repr=False,
                                                        compare=False)
 
@@ -458,9 +461,14 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
         try:
             plan = _compile_once(model, chain, scheme, packing, calibration, s_bits, w_bits,
                                  security, poly_modulus_degree, range_margin, name, layouts)
-            if circuit_privacy is not None:
-                from .privacy import budget_flooding  # privacy builds on this module
+            if circuit_privacy is not None:  # the output primes must also hold the flooding
+                from .privacy import budget_flooding, flooding_headroom_bits
 
+                extra = flooding_headroom_bits(plan, circuit_privacy)
+                if extra:
+                    plan = _compile_once(model, chain, scheme, packing, calibration, s_bits,
+                                         w_bits, security, poly_modulus_degree, range_margin,
+                                         name, layouts, extra)
                 budget_flooding(plan, circuit_privacy, calibration)
         except ParameterError as exc:
             failure = exc
@@ -481,10 +489,12 @@ def _cost(plan: Plan) -> tuple[int, int, int]:
 def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
                   calibration: np.ndarray | None, scale_bits: int, weight_bits: int,
                   security: int, poly_modulus_degree: int | None, range_margin: float,
-                  name: str | None, layouts: dict[int, list[layout.LayerLayout]]) -> Plan:
+                  name: str | None, layouts: dict[int, list[layout.LayerLayout]],
+                  extra_output_bits: int = 0) -> Plan:
     """One rung of the precision ladder. ``layouts``: single packing's slot layouts by slot
     count (placed from the float weights, whose non-zero pattern holds that of any
-    quantisation; filled on first use)."""
+    quantisation; filled on first use). ``extra_output_bits``: added to the output primes
+    (room for noise flooding, :mod:`she.privacy`)."""
     if not 16 <= scale_bits <= 40:
         raise ParameterError(f"scale_bits={scale_bits} is outside the supported range 16..40")
     if not 2 <= weight_bits <= 20:
@@ -524,7 +534,8 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
     # Modulus chain: primes dropped after each square (and product), then the output primes.
     scale_shifts = [0 if prod else f for f, prod in zip(shifts, product_bits, strict=True)]
     rescale_bits = [scale_bits + 2 * f for f in scale_shifts[:-1]]
-    out_bits = math.ceil(math.log2(max(y_out, 1.0)) + scale_bits + scale_shifts[-1]) + 3
+    out_bits = (math.ceil(math.log2(max(y_out, 1.0)) + scale_bits + scale_shifts[-1]) + 3
+                + extra_output_bits)
     # Capacity before each rescale: value * scale^2 must fit the primes that remain after it.
     rescale_parts = [_split_bits(b, max_prime) for b in rescale_bits]
     for k in range(len(rescale_parts)):
@@ -727,6 +738,7 @@ def _set_predicted_error(plan: Plan, quantised: list[tuple[np.ndarray, int, np.n
         plan.input_drop_bits = max(d for d in range(compact.MAX_DROP_BITS + 1)
                                    if predict(d) <= budget)
         plan.predicted_error = predict(plan.input_drop_bits)
+    plan.noise_error = plan.predicted_error - (deviation or 0.0)
 
 
 def _check_argmax_margin(plan: Plan, cal: np.ndarray) -> None:

@@ -45,26 +45,56 @@ MAX_FLOOD_BITS = 62
 
 def flood_bits(plan: Plan, security_bits: int) -> int:
     """``log2 B`` of the flooding that hides the evaluation noise of ``plan``'s results to a
-    statistical distance of ``2^-security_bits``.
+    statistical distance of ``2^-security_bits``; refused when the output level cannot
+    hold it beside the outputs (:func:`flooding_headroom_bits` says how many bits short).
+    """
+    bits = _needed_bits(plan, security_bits)
+    if bits > _room_bits(plan):
+        raise ParameterError(f"noise flooding to 2^-{security_bits} needs {bits}-bit noise, "
+                             f"more than the output level holds ({_room_bits(plan):.0f} bits)")
+    return bits
 
-    The noise of one output coefficient is bounded by the plan's predicted error (a
-    6-sigma bound on the decrypted values) times the output scale over ``sqrt(N)`` (a slot
-    sums ``N`` coefficients with unit weights), so ``||e||_1 <= n N err scale / sqrt(N)``
-    over ``n`` output ciphertexts.
+
+def flooding_headroom_bits(plan: Plan, security_bits: int) -> int:
+    """Bits the output primes of ``plan`` lack to hold the flooding to
+    ``2^-security_bits`` (0 if they suffice); the compiler adds them."""
+    return max(0, math.ceil(_needed_bits(plan, security_bits) + 1 - _room_bits(plan)))
+
+
+def _needed_bits(plan: Plan, security_bits: int) -> int:
+    """``log2 B`` for ``2^-security_bits``: ``B = 2^(s-1) ||e||_1``.
+
+    The plan's predicted noise error (:attr:`~she.compiler.Plan.noise_error`: its predicted
+    error without the weight quantisation, which is no noise) is a 6-sigma
+    (:data:`~she.compiler.SIGMAS`) bound on the decrypted values; a slot sums ``N``
+    coefficients with unit weights, so one output coefficient's noise has a standard
+    deviation of at most ``err * scale / (SIGMAS sqrt(N))``, and the ``n N`` coefficients
+    of ``n`` output ciphertexts have ``||e||_1 <= n sqrt(N) err scale / SIGMAS`` (the mean
+    absolute value of a normal variable is 0.8 of its deviation; a sum of thousands stays
+    below 1.0 of it).
     """
     if plan.scheme != "ckks":
         raise ParameterError("noise flooding is implemented for CKKS; BFV results are "
                              "re-randomised only")
     if not 0 <= security_bits <= 128:
         raise ParameterError(f"circuit privacy of {security_bits} bits is outside 0..128")
+    noise = plan.predicted_error if plan.noise_error is None else plan.noise_error
     n = plan.params.poly_modulus_degree
-    norm = plan.output_ciphertexts * math.sqrt(n) * plan.predicted_error * plan.output_scale()
+    norm = plan.output_ciphertexts * math.sqrt(n) * noise * plan.output_scale() / SIGMAS
     bits = math.ceil(security_bits - 1 + math.log2(max(norm, 1.0)))
-    room = math.log2(min(plan.params.ciphertext_primes[:plan.output_limbs])) - 2
-    if bits > min(MAX_FLOOD_BITS, room):
+    if bits > MAX_FLOOD_BITS:
         raise ParameterError(f"noise flooding to 2^-{security_bits} needs {bits}-bit noise, "
-                             f"more than the output level holds ({room:.0f} bits)")
+                             f"more than the {MAX_FLOOD_BITS} bits supported")
     return bits
+
+
+def _room_bits(plan: Plan) -> float:
+    """``log2`` of the largest noise the output level holds beside the outputs (bounded
+    by the last layer's value bound): the flooded values stay below an eighth of its
+    modulus."""
+    q_bits = sum(math.log2(q) for q in plan.params.ciphertext_primes[:plan.output_limbs])
+    values = max(plan.layers[-1].value_bound, 1.0) * plan.output_scale()
+    return math.log2(max(2.0 ** (q_bits - 3) - values, 1.0))
 
 
 def flooding_error(plan: Plan, bits: int) -> float:
