@@ -145,7 +145,7 @@ class Rerandomiser:
 
 def _uniform_noise(bits: int, moduli: tuple[int, ...], n: int) -> np.ndarray:
     """A polynomial with coefficients uniform in ``[-2^bits, 2^bits)`` from ``os.urandom``,
-    as ``(limbs, n)`` residues."""
+    as ``(limbs, n)`` residues (``bits`` <= 62 and every prime below 2^61: int64 holds it)."""
     raw = np.frombuffer(os.urandom(8 * n), dtype=np.uint64)
-    values = (raw & np.uint64((1 << (bits + 1)) - 1)).astype(object) - (1 << bits)
-    return np.stack([np.asarray(values % q, dtype=np.uint64) for q in moduli])
+    values = (raw & np.uint64((1 << (bits + 1)) - 1)).astype(np.int64) - np.int64(1 << bits)
+    return np.stack([np.remainder(values, np.int64(q)).astype(np.uint64) for q in moduli])

@@ -217,6 +217,25 @@ def test_killed_worker_gives_503_and_the_next_request_succeeds(live, clients, sm
     assert _http(live, "GET", "/v1/health").json()["worker_failures"] >= 1
 
 
+def test_short_soak_keeps_server_memory_flat(live, clients, small_model):  # noqa: F811
+    """20 requests (the 1000-request soak is in benchmarks.serve): after 8 of them the
+    server's resident memory grows by less than 16 MiB (one request's body is ~6 MiB)."""
+    _, x, _ = small_model
+    session = _register(live, clients[2])
+    request = clients[2].encrypt(x[:1])
+
+    def rss() -> int:
+        status = Path(f"/proc/{live.proc.pid}/status").read_text()
+        return int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) * 1024
+
+    for i in range(20):
+        assert _http(live, "POST", f"/v1/sessions/{session}/predict",
+                     content=request).status_code == 200
+        if i == 7:
+            settled = rss()
+    assert rss() - settled < 16 * 2**20
+
+
 def test_full_queue_gets_503_with_retry_after(small_model, clients):  # noqa: F811
     _, x, _ = small_model
     live = Live(small_model[0], "--workers", "1", "--queue", "0")
