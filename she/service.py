@@ -249,7 +249,13 @@ async def _spool_body(request: Request, limit: int, read_timeout: float) -> IO[b
 
 async def _drain(request: Request, limit: int, read_timeout: float) -> None:
     """Read and discard up to ``limit`` bytes of the body, so that an early answer reaches
-    a client that is still sending instead of a connection reset."""
+    a client that is still sending instead of a connection reset (nothing is read when
+    ``Content-Length`` announces more, or is not a number)."""
+    try:
+        if int(request.headers.get("content-length", "0")) > limit:
+            return
+    except ValueError:
+        return
     size = 0
     chunks = request.stream().__aiter__()
     while size <= limit:
