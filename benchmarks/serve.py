@@ -231,7 +231,9 @@ def render(result: dict) -> str:
     r8 = next(r for r in result["load"] if r["clients"] == 8)
     return f"""{START}
 `{result['command']}`, {result['date']} ({m['cores']} cores, {m['cpu']}, shared with
-other jobs; TenSEAL {m['tenseal']}). Demo model, {result['packing']} packing, server with
+other jobs: 5-minute load average {result['load_average'][0]:.1f} at the start and
+{result['load_average'][1]:.1f} at the end; TenSEAL {m['tenseal']}). Demo model,
+{result['packing']} packing, server with
 `--workers {result['workers']}` (the default: every core) and `--rate-limit 0` (every
 client comes from 127.0.0.1). Request {b['request'] / 1024:.0f} KiB, registration upload
 {b['public_context'] / 2**20:.1f} MiB, {b['session_keys'] / 2**20:.1f} MiB of keys per
@@ -262,8 +264,10 @@ def main() -> None:
     parser.add_argument("--per-client", type=int, default=4,
                         help="requests per client in the load runs (a lone client sends 16)")
     args = parser.parse_args()
+    load_before = os.getloadavg()[1]
     result = run(args.packing, args.soak, args.per_client)
     result.update(benchmark="serve", machine=machine(),
+                  load_average=[load_before, os.getloadavg()[1]],
                   command=f"python -m benchmarks.serve --packing {args.packing} "
                           f"--soak {args.soak} --per-client {args.per_client}",
                   date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))

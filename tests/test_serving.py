@@ -262,7 +262,7 @@ def test_full_queue_gets_503_with_retry_after(small_model, clients):  # noqa: F8
 def test_key_memory_budget_evicts_lru_and_rate_limit(small_model, clients, plan):  # noqa: F811
     cost = she.Server(plan, workers=1).session_key_bytes
     live = Live(small_model[0], "--max-key-memory-mb", str(2.5 * cost / 2**20),
-                "--rate-limit", "2", "--rate-burst", "6")
+                "--rate-limit", "0.05", "--rate-burst", "8")
     try:
         first, second, third = (_register(live, c) for c in clients[:3])
         health = _http(live, "GET", "/v1/health").json()
@@ -270,10 +270,13 @@ def test_key_memory_budget_evicts_lru_and_rate_limit(small_model, clients, plan)
         assert health["key_memory_bytes"] == 2 * cost
         assert _http(live, "DELETE", f"/v1/sessions/{first}").status_code == 404  # evicted
         assert _http(live, "DELETE", f"/v1/sessions/{second}").status_code == 204
-        codes = [_http(live, "GET", "/v1/models").status_code for _ in range(8)]
-        assert codes.count(429) >= 1
-        limited = _http(live, "GET", "/v1/models")
+        # the rate limit counts per API key: KEY_A made 6 requests, KEY_B a burst of 8 is
+        # allowed (then one request per 20 s)
+        codes = [_http(live, "GET", "/v1/models", KEY_B).status_code for _ in range(10)]
+        assert codes[:8] == [200] * 8 and codes[-1] == 429
+        limited = _http(live, "GET", "/v1/models", KEY_B)
         assert limited.status_code == 429 and int(limited.headers["Retry-After"]) >= 1
+        assert _http(live, "GET", "/v1/models", KEY_A).status_code == 200
         assert third
     finally:
         live.stop()
