@@ -129,8 +129,14 @@ class WorkerPool:
 
     def _fork(self, fn: Callable[[int], bytes], processes: int) -> bytes:
         read_end, write_end = os.pipe()
-        with self.seal_lock:
-            pid = os.fork()
+        try:
+            with self.seal_lock:
+                pid = os.fork()
+        except OSError as exc:  # no memory or process slots left: a 503, not a 500
+            os.close(read_end)
+            os.close(write_end)
+            self.failures += 1
+            raise WorkerDied(f"cannot start a worker process: {exc}") from None
         if pid == 0:  # the child: answer through the pipe, never return into the server
             os.close(read_end)
             _child(fn, processes, write_end)

@@ -370,7 +370,7 @@ def test_session_store_budget_and_rate_limiter_units():
 def test_schema_driven_fuzzer_finds_no_5xx(small_model, clients):  # noqa: F811
     """schemathesis generates requests for every operation of the OpenAPI description
     (positive and negative data, binary bodies, odd session ids and model names); half of
-    the predict and delete calls go to a real session so that bodies reach the checks."""
+    the predict calls go to a real session so that their bodies reach the parsers."""
     import schemathesis
     from hypothesis import HealthCheck, given, settings
 
@@ -386,7 +386,8 @@ def test_schema_driven_fuzzer_finds_no_5xx(small_model, clients):  # noqa: F811
             @given(case=operation.as_strategy())
             def check(case) -> None:
                 statuses = seen.setdefault(operation.label, [])
-                if "session" in (case.path_parameters or {}) and len(statuses) % 2:
+                if "session" in (case.path_parameters or {}) and case.method != "DELETE" \
+                        and len(statuses) % 2:
                     case.path_parameters["session"] = session
                 response = case.call(base_url=live.url, headers={"X-API-Key": KEY_A},
                                      timeout=120)
