@@ -691,7 +691,8 @@ def _set_predicted_error(plan: Plan, quantised: list[tuple[np.ndarray, int, np.n
     affine map; then ``4 y^2`` amplification (``y``: the sample's pre-square value) and
     rescale rounding at each square. In single packing every diagonal entry also carries
     CKKS encoding noise, which reaches an output in proportion to the norm of the sample's
-    layer input, and the rescale after the product adds rounding. All of it is linear in
+    layer input, and the rescale after the product adds rounding. The server's
+    re-randomisation of every result adds a public-key encryption's noise. All of it is linear in
     the noise variances (the square of an error, second order, is left out), so the inputs'
     share is followed apart and choosing the dropped bits costs nothing. ``deviation``: the
     weight-quantisation error measured on calibration samples (with a margin), added.
@@ -720,6 +721,9 @@ def _set_predicted_error(plan: Plan, quantised: list[tuple[np.ndarray, int, np.n
             amplify = 4 * pre[k] ** 2
             rest = amplify * rest + rescale / scales[k + 1][0] ** 2
             gain = amplify * gain
+    # The server re-randomises every result (she.privacy): a public-key encryption of zero
+    # decrypts to e0 + u e + e1 s (u, s ternary, variance 2/3 per coefficient).
+    rest = rest + NOISE_SIGMA ** 2 * (1 + 4 * n / 3) * n / scales[-1][1] ** 2
 
     # Per-coefficient variance of the inputs' noise: a fresh encryption's, and in single
     # packing the folded upload's (she.compact): e + tau(e), one key switch rounding like a
