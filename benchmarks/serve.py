@@ -9,14 +9,15 @@ request, the latency-oriented mode) on 127.0.0.1, registers one session per clie
   compete with the server's) and requests per second; every prediction is checked
   against the plaintext model;
 * repeats the 8-client run on a server with ``--workers 1``, the serialised baseline
-  (one evaluation at a time, as with the former global lock);
+  (one evaluation at a time, as with the former global lock); ``--ab ROUNDS`` instead
+  compares the two in alternating rounds on servers running side by side;
 * soaks the server with ``--soak`` requests from 4 clients, one of which deletes and
   re-registers its session every 100 requests, and samples the server's resident memory
   every 10 requests (plotted to ``docs/results/serve_soak.png``).
 
 Writes ``docs/results/serve.json`` and the results section of ``docs/serving.md``::
 
-    python -m benchmarks.serve [--soak 1000] [--packing single]
+    python -m benchmarks.serve [--soak 1000] [--packing single] [--ab ROUNDS]
 """
 
 from __future__ import annotations
@@ -243,8 +244,9 @@ session on the server.
 | --- | --- | --- | --- | --- | --- |
 {chr(10).join(rows)}
 
-With 8 clients the default server answers {r8['requests_per_second'] /
-s['requests_per_second']:.2f}x the requests per second of the serialised one (same run).
+The `--workers 1` row comes from a second server started after the soak; with the load
+of other jobs drifting meanwhile, its ratio to the 8-client row ({r8['requests_per_second'] /
+s['requests_per_second']:.2f}x) is no measurement of the design: `--ab` (below) is.
 
 Soak: {soak['requests']} requests from {soak['clients']} clients in {soak['seconds']:.0f} s
 (one session deleted and registered again every 100 requests), {soak['wrong_predictions']}
@@ -257,13 +259,46 @@ MiB at the end; growth after the first tenth at most
 {END}"""
 
 
+def ab(rounds: int, packing: str) -> dict:
+    """The default server (every core) against ``--workers 1``, in alternating 8-client
+    rounds on two servers running side by side, so that a shared machine's load drift
+    hits both alike; 2 requests per client per round."""
+    samples, _ = assets.demo_samples()
+    model = she.load(assets.demo_model_path())
+    plan = she.compile(model, packing=packing)
+    clients = [she.Client(plan.spec()) for _ in range(8)]
+    reference = model.run_plain(samples[:4]).argmax(1)
+    requests = [[c.encrypt(samples[k:k + 1]) for k in range(4)] for c in clients]
+    servers = {"default": Served("--packing", packing),
+               "workers_1": Served("--packing", packing, "--workers", "1")}
+    try:
+        sessions = {name: [s.register(c) for c in clients] for name, s in servers.items()}
+        rates: dict[str, list[float]] = {name: [] for name in servers}
+        for _ in range(rounds):
+            for name, served in servers.items():
+                rates[name].append(_load(served, clients, sessions[name], requests, 8, 2,
+                                         reference)["requests_per_second"])
+    finally:
+        for served in servers.values():
+            served.stop()
+    return {"rounds": rounds, "requests_per_second": rates,
+            "ratio_of_medians": float(np.median(rates["default"])
+                                      / np.median(rates["workers_1"]))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--packing", choices=["single", "batch"], default="single")
     parser.add_argument("--soak", type=int, default=1000, help="requests of the soak run")
     parser.add_argument("--per-client", type=int, default=4,
                         help="requests per client in the load runs (a lone client sends 16)")
+    parser.add_argument("--ab", type=int, metavar="ROUNDS",
+                        help="only compare the default server with --workers 1 in ROUNDS "
+                             "alternating rounds (printed, not written)")
     args = parser.parse_args()
+    if args.ab:
+        print(json.dumps(ab(args.ab, args.packing), indent=2))
+        return
     load_before = os.getloadavg()[1]
     result = run(args.packing, args.soak, args.per_client)
     result.update(benchmark="serve", machine=machine(),
