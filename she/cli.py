@@ -22,10 +22,10 @@ from . import assets
 from .client import Client
 from .compiler import Plan, compile
 from .data import load_idx_dataset, read_idx
-from .errors import DataError, SheError
+from .errors import DataError, ParameterError, SheError
 from .model import load
 from .pipeline import encrypted_predict
-from .server import Server
+from .server import Server, session_key_bytes
 
 #: Environment variable holding the API key of ``serve`` and ``predict``.
 API_KEY_ENV = "SHE_API_KEY"
@@ -51,6 +51,9 @@ def _add_compile_options(p: argparse.ArgumentParser) -> None:
                    help="ckks (default, any depth) or bfv (batch packing: the integer-quantised "
                         "model exactly; refused when its values exceed a 60-bit plaintext modulus)")
     p.add_argument("--input-bits", type=int, default=8, help="BFV: bits of the quantised inputs")
+    p.add_argument("--circuit-privacy", type=int, metavar="S",
+                   help="CKKS: flood the results' noise to statistical distance 2^-S (costs "
+                        "precision, see docs/serving.md; results are re-randomised anyway)")
 
 
 def _plan(args: argparse.Namespace) -> Plan:
@@ -63,7 +66,8 @@ def _plan(args: argparse.Namespace) -> Plan:
     return compile(model, calibration=calibration, scale_bits=args.scale_bits,
                    weight_bits=args.weight_bits, security=args.security,
                    poly_modulus_degree=args.poly_modulus_degree, packing=args.packing,
-                   scheme=args.scheme, input_bits=args.input_bits)
+                   scheme=args.scheme, input_bits=args.input_bits,
+                   circuit_privacy=args.circuit_privacy)
 
 
 def _inputs(args: argparse.Namespace, shape: tuple[int, ...]) -> np.ndarray:
@@ -103,7 +107,8 @@ def _image(path: Path, shape: tuple[int, ...]) -> np.ndarray:
 
 def cmd_inspect(args: argparse.Namespace) -> dict[str, Any]:
     plan = _plan(args)
-    return plan.describe()
+    return {**plan.describe(), "session_key_bytes": session_key_bytes(plan),
+            "circuit_privacy_bits": plan.circuit_privacy}
 
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
@@ -211,12 +216,14 @@ def cmd_decrypt(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
-    from .service import ServiceConfig, serve
+    from .service import ServiceConfig, default_key_memory, serve
 
     if args.replicas is not None and args.ray is None:
         raise SheError("--replicas needs --ray (replicas are Ray Serve replicas)")
     if args.replicas is not None and args.replicas < 1:
         raise SheError("--replicas must be at least 1")
+    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+        raise ParameterError("--ssl-certfile and --ssl-keyfile go together")
     if args.ray is not None:
         from .ray_batch import require_ray
 
@@ -226,9 +233,17 @@ def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
         plan = _plan(argparse.Namespace(**{**vars(args), "model": path}))
         plans.append(plan)
         _log(args, f"serving {plan.model_name}: N={plan.params.poly_modulus_degree}, "
-                   f"depth {plan.depth}, fingerprint {plan.params.fingerprint()}")
+                   f"depth {plan.depth}, fingerprint {plan.params.fingerprint()}, "
+                   f"{session_key_bytes(plan) / 2**20:.1f} MiB of keys per session")
+    key_memory = (int(args.max_key_memory_mb * 2**20) if args.max_key_memory_mb
+                  else default_key_memory())
     config = ServiceConfig(session_ttl=args.session_ttl, max_sessions=args.max_sessions,
-                           max_body_bytes=args.max_body_mb * 1024 * 1024, api_key=_api_key(args))
+                           max_body_bytes=args.max_body_mb * 1024 * 1024,
+                           api_keys=_api_keys(args), max_key_memory=key_memory,
+                           workers=args.workers, queue=args.queue,
+                           queue_timeout=args.queue_timeout, job_timeout=args.job_timeout,
+                           rate_limit=args.rate_limit, rate_burst=args.rate_burst,
+                           read_timeout=args.read_timeout)
     if args.ray is not None:
         from .ray_serve import serve_forever
 
@@ -239,8 +254,30 @@ def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
                       address=args.ray or None)
     else:
         serve({p.model_name: Server(p, workers=args.workers) for p in plans}, args.host,
-              args.port, config)
+              args.port, config, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
     return {"stopped": True}
+
+
+def _api_keys(args: argparse.Namespace) -> tuple[str, ...]:
+    """The API keys ``serve`` accepts: ``--api-key`` (repeatable; visible in the process
+    list, hence the warning), ``--api-key-file`` (one per line) and the environment
+    variables ``SHE_API_KEY`` (one key) and ``SHE_API_KEYS`` (comma-separated)."""
+    keys = list(args.api_key or [])
+    if keys:
+        print("she: warning: --api-key is visible in the process list; prefer "
+              f"{API_KEY_ENV} or --api-key-file", file=sys.stderr)
+    if args.api_key_file:
+        try:
+            text = Path(args.api_key_file).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(f"cannot read the API key file {args.api_key_file}: {exc}") from exc
+        file_keys = [line.strip() for line in text.splitlines() if line.strip()]
+        if not file_keys:
+            raise DataError(f"the API key file {args.api_key_file} is empty")
+        keys += file_keys
+    keys.append(os.environ.get(API_KEY_ENV, ""))
+    keys += os.environ.get("SHE_API_KEYS", "").split(",")
+    return tuple(dict.fromkeys(k.strip() for k in keys if k.strip()))
 
 
 def cmd_batch(args: argparse.Namespace) -> dict[str, Any]:
@@ -365,6 +402,10 @@ def _print_human(command: str, result: dict[str, Any]) -> None:
               f"{b['relin_keys']:,} B, Galois keys {b['galois_keys']:,} B, upload per request "
               f"{b['upload_per_request']:,} B (keys seeded, single-packing inputs compact, "
               f"the rest uncompressed)")
+        print(f"server memory per session (keys expanded): {r['session_key_bytes'] / 2**20:.1f} "
+              f"MiB; results re-randomised"
+              + (f", noise flooded to 2^-{r['circuit_privacy_bits']}"
+                 if r["circuit_privacy_bits"] is not None else ""))
         if r["galois_steps"]:
             print(f"single packing: {r['rotations']} rotations per sample, Galois steps "
                   f"{r['galois_steps']}")
@@ -443,18 +484,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("more_models", nargs="*", metavar="MODEL", help="further models")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require this X-API-Key header (visible in the process "
-                                     f"list: prefer {API_KEY_ENV} or --api-key-file)")
-    p.add_argument("--api-key-file", help="require the X-API-Key held in this file")
+    p.add_argument("--api-key", action="append",
+                   help="require this X-API-Key header (repeatable; sessions are bound to "
+                        "the key that made them; visible in the process list: prefer "
+                         f"{API_KEY_ENV}, SHE_API_KEYS or --api-key-file)")
+    p.add_argument("--api-key-file", help="file with accepted API keys, one per line")
     p.add_argument("--session-ttl", type=float, default=3600.0, help="seconds (default 3600)")
     p.add_argument("--max-sessions", type=int, default=64)
+    p.add_argument("--max-key-memory-mb", type=float,
+                   help="memory for all sessions' keys; the least recently used sessions are "
+                        "evicted past it (default: a quarter of the machine's memory)")
     p.add_argument("--max-body-mb", type=int, default=1024, help="request body cap (MiB)")
-    p.add_argument("--workers", type=int, help="processes for HE work (default: all cores)")
+    p.add_argument("--workers", type=int,
+                   help="HE processes at once, over all requests (default: all cores)")
     p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                    help="run as a Ray Serve application (needs she[ray]) on the cluster at "
                         "ADDRESS, or on an embedded local Ray instance without one")
     p.add_argument("--replicas", type=int,
                    help="with --ray: service replicas, one CPU each (default 1)")
+    p.add_argument("--queue", type=int, default=64,
+                   help="requests waiting for a worker before 503 (default 64)")
+    p.add_argument("--queue-timeout", type=float, default=120.0,
+                   help="seconds a request waits for a worker before 503 (default 120)")
+    p.add_argument("--job-timeout", type=float, default=900.0,
+                   help="seconds one evaluation may take before 503 (default 900)")
+    p.add_argument("--rate-limit", type=float, default=20.0,
+                   help="requests per second per API key or client address, 0: off "
+                        "(default 20)")
+    p.add_argument("--rate-burst", type=int, default=40, help="burst allowance (default 40)")
+    p.add_argument("--read-timeout", type=float, default=30.0,
+                   help="seconds without request data before 408 (default 30)")
+    p.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM)")
+    p.add_argument("--ssl-keyfile", help="the certificate's private key (PEM)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("batch", help="score a whole data set encrypted, chunks as Ray tasks "
@@ -494,6 +555,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
+        if argv is None:  # the command line, not an embedding: cheap forks (she.workers)
+            from .workers import reexec_with_huge_pages
+
+            reexec_with_huge_pages()
         args.model = [args.model, *args.more_models]
     try:
         result = args.func(args)

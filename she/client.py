@@ -23,6 +23,7 @@ from .context import (
     level_specs,
     new_secret_context,
     public_context_bytes,
+    public_key_bytes,
     relin_key_bytes,
 )
 from .errors import FormatError, ParameterError
@@ -72,13 +73,15 @@ class Client:
         return self.params.fingerprint()
 
     def public_context(self) -> bytes:
-        """What the server needs (no secret key): the parameters, the relinearisation keys
-        and, for single packing, the Galois keys of the plan's rotations and of the
-        conjugation that unfolds the compact upload. Made once."""
+        """What the server needs (no secret key): the parameters, the relinearisation keys,
+        for single packing the Galois keys of the plan's rotations and of the conjugation
+        that unfolds the compact upload, and last a public key, with which the server
+        re-randomises every result (:mod:`she.privacy`). Made once."""
         if self._public is None:
             items = [public_context_bytes(self.ctx), relin_key_bytes(self.ctx)]
             if self.packing == "single":  # the rotations, and the conjugation that unfolds
                 items.append(galois_key_bytes(self.ctx, self.galois_steps, conjugate=True))
+            items.append(public_key_bytes(self.ctx))  # the server re-randomises with it
             meta = {"fingerprint": self.fingerprint, "model": self.spec.get("model")}
             self._public = wire.pack(wire.KIND_CONTEXT, meta, items)
         return self._public

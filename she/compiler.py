@@ -139,6 +139,13 @@ class Plan:
     #: Single packing: low bits of every input coefficient the client rounds away before
     #: sending (:mod:`she.compact`); chosen within :data:`DROP_ERROR_SHARE`.
     input_drop_bits: int = 0
+    #: CKKS noise flooding of the results (:mod:`she.privacy`): the statistical distance
+    #: exponent ``s`` and ``log2`` of the flooding bound; ``predicted_error`` includes it.
+    circuit_privacy: int | None = None
+    flood_bits: int | None = None
+    #: CKKS: the part of ``predicted_error`` due to encryption noise (without the measured
+    #: weight-quantisation deviation, which is part of the function computed).
+    noise_error: float | None = None
     _layouts: list[layout.LayerLayout] | None = field(default=None, init=False, repr=False,
                                                        compare=False)
 
@@ -499,6 +506,7 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
     name: str | None = None,
     input_bits: int = bfv.INPUT_BITS,
     skip_alignment: str = "auto",
+    circuit_privacy: int | None = None,
 ) -> Plan:
     """Compile an HE-friendly model into a :class:`Plan`.
 
@@ -527,6 +535,10 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
             multiplies the shallower terms by an integer and rescales them early (one SEAL
             product and rescale per unit, no extra bits); ``"auto"`` (default) rescales
             early only when that makes the ring smaller.
+        circuit_privacy: CKKS: flood the results' noise to a statistical distance of
+            ``2^-circuit_privacy`` (:mod:`she.privacy`); the flooding's error is added to the
+            predicted error before the argmax check, so the ladder picks a precise enough
+            setting or the model is refused.
     """
     if scheme not in ("ckks", "bfv"):
         raise ParameterError(f"scheme {scheme!r} is not supported; use 'ckks' or 'bfv'")
@@ -535,6 +547,9 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
     if skip_alignment not in SKIP_ALIGNMENTS:
         raise ParameterError(f"skip_alignment {skip_alignment!r} is not one of {SKIP_ALIGNMENTS}")
     if scheme == "bfv":
+        if circuit_privacy is not None:
+            raise ParameterError("noise flooding (circuit_privacy) is implemented for CKKS; "
+                                 "BFV results are re-randomised only")
         return _compile_bfv(model, packing, calibration, input_bits, weight_bits or bfv.WEIGHT_BITS,
                             security, poly_modulus_degree, name)
     if scale_bits is None and weight_bits is None:
@@ -562,6 +577,16 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
             plan = _compile_once(model, chain, scheme, packing, calibration, s_bits, w_bits,
                                  security, poly_modulus_degree, range_margin, name, layouts,
                                  evaluated, skip_alignment, memo)
+            if circuit_privacy is not None:  # the output primes must also hold the flooding
+                from .privacy import budget_flooding, flooding_headroom_bits
+
+                extra = flooding_headroom_bits(plan, circuit_privacy)
+                if extra:
+                    plan = _compile_once(model, chain, scheme, packing, calibration, s_bits,
+                                         w_bits, security, poly_modulus_degree, range_margin,
+                                         name, layouts, evaluated, skip_alignment, memo, extra)
+                budget_flooding(plan, circuit_privacy,
+                                None if evaluated is None else evaluated[1][-1])
         except ParameterError as exc:
             failure = exc
             continue
@@ -604,12 +629,15 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
                   name: str | None, layouts: dict[int, list[layout.LayerLayout]],
                   evaluated: tuple[list[np.ndarray], list[np.ndarray]] | None,
                   skip_alignment: str = "auto",
-                  memo: dict[Any, Any] | None = None) -> Plan:
+                  memo: dict[Any, Any] | None = None,
+                  extra_output_bits: int = 0) -> Plan:
     """One rung of the precision ladder. ``layouts``: single packing's slot layouts by slot
     count (placed from the float weights, whose non-zero pattern holds that of any
     quantisation; filled on first use). ``evaluated``: :meth:`Chain.evaluate` of the
     calibration samples. ``memo``: what the rungs of one ladder compute alike
-    (the quantised weights per ``weight_bits``), filled on first use."""
+    (the quantised weights per ``weight_bits``), filled on first use.
+    ``extra_output_bits``: added to the output primes (room for noise flooding,
+    :mod:`she.privacy`)."""
     memo = {} if memo is None else memo
     if not 16 <= scale_bits <= 40:
         raise ParameterError(f"scale_bits={scale_bits} is outside the supported range 16..40")
@@ -667,10 +695,10 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
             # (one SEAL product and rescale per unit, no extra bits). By default only when
             # the bits it saves make the ring smaller.
             aligned = sum(_modulus_bits(shifts, product_bits, depths, bounds, scale_bits,
-                                        y_out, max_prime, packing))
+                                        y_out, max_prime, packing, extra_output_bits))
             plain = _depth_shifts(own, depths)
             rescaled = sum(_modulus_bits(plain, product_bits, depths, bounds, scale_bits,
-                                         y_out, max_prime, packing))
+                                         y_out, max_prime, packing, extra_output_bits))
             if skip_alignment == "rescale" or (
                     poly_modulus_degree is None and
                     _ring_or_none(rescaled, security) < _ring_or_none(aligned, security)):
@@ -678,7 +706,7 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
                 notes.append(f"skip connections aligned by early rescales ({rescaled} modulus "
                              f"bits instead of {aligned})")
     modulus_bits = _modulus_bits(shifts, product_bits, depths, bounds, scale_bits, y_out,
-                                 max_prime, packing)
+                                 max_prime, packing, extra_output_bits)
     total = sum(modulus_bits)
     group_parts = {depths[k]: _split_bits(scale_bits + 2 * (0 if product_bits[k] else shifts[k]),
                                           max_prime) for k in range(last)}
@@ -729,14 +757,16 @@ def _depth_shifts(needed: list[int], depths: list[int]) -> list[int]:
 
 def _modulus_bits(shifts: list[int], product_bits: list[int], depths: list[int],
                   bounds: list[np.ndarray], scale_bits: int, y_out: float, max_prime: int,
-                  packing: str) -> list[int]:
-    """The modulus chain's prime sizes, special prime last: the output primes, then the
-    primes dropped at each depth (and single packing's products), deepest first."""
+                  packing: str, extra_output_bits: int = 0) -> list[int]:
+    """The modulus chain's prime sizes, special prime last: the output primes (with
+    ``extra_output_bits`` of room for noise flooding), then the primes dropped at each depth
+    (and single packing's products), deepest first."""
     last = len(shifts) - 1
     scale_shifts = [0 if prod else f for f, prod in zip(shifts, product_bits, strict=True)]
     group_bits = {depths[k]: scale_bits + 2 * scale_shifts[k] for k in range(last)}
     group_parts = {d: _split_bits(b, max_prime) for d, b in group_bits.items()}
-    out_bits = math.ceil(math.log2(max(y_out, 1.0)) + scale_bits + scale_shifts[-1]) + 3
+    out_bits = (math.ceil(math.log2(max(y_out, 1.0)) + scale_bits + scale_shifts[-1]) + 3
+                + extra_output_bits)
     # Capacity before each rescale: value * scale^2 must fit the primes that remain after it.
     for d in sorted(group_parts):
         bound = max(float(bounds[k].max(initial=0.0)) for k in range(last) if depths[k] == d)
@@ -923,7 +953,8 @@ def _set_predicted_error(plan: Plan, effective: list[tuple[np.ndarray, np.ndarra
     affine map; then ``4 y^2`` amplification (``y``: the sample's pre-square value) and
     rescale rounding at each square. In single packing every diagonal entry also carries
     CKKS encoding noise, which reaches an output in proportion to the norm of the sample's
-    layer input, and the rescale after the product adds rounding. All of it is linear in
+    layer input, and the rescale after the product adds rounding. The server's
+    re-randomisation of every result adds a public-key encryption's noise. All of it is linear in
     the noise variances (the square of an error, second order, is left out), so the inputs'
     share is followed apart and choosing the dropped bits costs nothing. ``deviation``: the
     weight-quantisation error measured on calibration samples (with a margin), added.
@@ -963,6 +994,9 @@ def _set_predicted_error(plan: Plan, effective: list[tuple[np.ndarray, np.ndarra
             gain = amplify * gain
         rests.append(rest)
         gains.append(gain)
+    # The server re-randomises every result (she.privacy): a public-key encryption of zero
+    # decrypts to e0 + u e + e1 s (u, s ternary, variance 2/3 per coefficient).
+    rest = rest + NOISE_SIGMA ** 2 * (1 + 4 * n / 3) * n / scales[-1][1] ** 2
 
     # Per-coefficient variance of the inputs' noise: a fresh encryption's, and in single
     # packing the folded upload's (she.compact): e + tau(e), one key switch rounding like a
@@ -981,6 +1015,7 @@ def _set_predicted_error(plan: Plan, effective: list[tuple[np.ndarray, np.ndarra
         plan.input_drop_bits = max(d for d in range(compact.MAX_DROP_BITS + 1)
                                    if predict(d) <= budget)
         plan.predicted_error = predict(plan.input_drop_bits)
+    plan.noise_error = plan.predicted_error - (deviation or 0.0)
 
 
 def _check_argmax_margin(plan: Plan, outputs: np.ndarray) -> None:

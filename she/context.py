@@ -36,7 +36,7 @@ from . import sealbytes
 from .errors import FormatError, ParameterError, SecurityError
 from .params import EncryptionParameters
 
-KeysT = TypeVar("KeysT", sealapi.RelinKeys, sealapi.GaloisKeys)
+KeysT = TypeVar("KeysT", sealapi.RelinKeys, sealapi.GaloisKeys, sealapi.PublicKey)
 _SEAL_MAGIC = sealbytes.MAGIC.to_bytes(2, "little")
 
 #: Refuse uploaded contexts larger than this many bytes.
@@ -262,6 +262,25 @@ def _save_serializable(ctx: ts.Context, create: Callable[[sealapi.KeyGenerator],
         bridge.close()
 
 
+def public_key_bytes(ctx: ts.Context) -> bytes:
+    """The context's public key in SEAL's serialisation (TenSEAL's bindings offer no seeded
+    form for it). The server re-randomises its results with it (:mod:`she.privacy`)."""
+    bridge = SealBridge(ctx)
+    try:
+        return bridge.save_serializable(ctx.public_key().data)
+    finally:
+        bridge.close()
+
+
+def load_public_key(ctx: ts.Context, data: bytes) -> sealapi.PublicKey:
+    """Load an uploaded public key: its size, parameters and coefficients are checked
+    (:func:`she.sealbytes.parse`, bounded decompression) before SEAL sees it."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise FormatError("the public key is not in SEAL's serialised format")
+    sealbytes.parse(bytes(data), key_level(ctx))
+    return _seal_load(ctx, bytes(data), sealapi.PublicKey(), "public")
+
+
 def load_relin_keys(ctx: ts.Context, data: bytes) -> sealapi.RelinKeys:
     """Load uploaded relinearisation keys: exactly one key (for ``s^2``) of the size
     ``ctx``'s parameters give, checked before SEAL loads it."""
@@ -304,10 +323,15 @@ def _load_keys(ctx: ts.Context, data: bytes, keys: KeysT, what: str, entries: in
     missing = [label for index, label in wanted.items() if index not in filled]
     if missing:
         raise FormatError(f"{what} keys for {', '.join(missing)} are missing")
+    return _seal_load(ctx, sealbytes.wrap(body), keys, what)
+
+
+def _seal_load(ctx: ts.Context, data: bytes, keys: KeysT, what: str) -> KeysT:
+    """``keys.load`` from checked bytes ``data``; SEAL validates them against ``ctx``."""
     bridge = SealBridge(ctx)
     try:
-        Path(bridge.unit_path(0)).write_bytes(sealbytes.wrap(body))
-        del body
+        Path(bridge.unit_path(0)).write_bytes(data)
+        del data
         keys.load(ctx.seal_context().data, bridge.unit_path(0))
     except Exception as exc:  # SEAL raises ValueError / RuntimeError on invalid keys
         raise FormatError(f"{what} keys do not load for these parameters: {exc}") from exc

@@ -19,14 +19,18 @@ from . import compact, sealbytes, wire
 from .compiler import Plan, compile
 from .context import (
     SealBridge,
+    galois_elements,
     level_specs,
     load_galois_keys,
     load_public_context,
+    load_public_key,
     load_relin_keys,
+    new_secret_context,
 )
 from .engine import Engine
 from .errors import FormatError
 from .model import load
+from .privacy import Rerandomiser
 from .single import SingleEngine
 
 
@@ -38,6 +42,8 @@ class EvaluationKeys:
     fingerprint: str
     relin: sealapi.RelinKeys = field(repr=False)
     galois: sealapi.GaloisKeys | None = field(default=None, repr=False)
+    #: The client's public key: every result is re-randomised with it (:mod:`she.privacy`).
+    public: sealapi.PublicKey | None = field(default=None, repr=False)
 
 
 class Server:
@@ -63,6 +69,25 @@ class Server:
         self.max_request_bytes = (plan.input_ciphertexts * (self.max_item_bytes + 8)
                                   + wire.MAX_META_BYTES + 64)
 
+    @property
+    def session_key_bytes(self) -> int:
+        """Memory one session's keys hold on this server (:func:`session_key_bytes`)."""
+        return session_key_bytes(self.plan)
+
+    def prepare(self) -> None:
+        """Do once, before serving, the work the first request would otherwise do in every
+        forked worker (single packing: encoding the weights' diagonals)."""
+        if isinstance(self.engine, SingleEngine):
+            self.engine._encode_diagonals(new_secret_context(self.plan.params)
+                                          .seal_context().data)
+
+    def use_processes(self, processes: int) -> None:
+        """Let one evaluation use at most ``processes`` processes (a forked request worker
+        sets its share of the budget, see :mod:`she.workers`)."""
+        self.engine.workers = max(1, processes)
+        if isinstance(self.engine, SingleEngine) and processes < 2:
+            self.engine.split = [0] * len(self.engine.split)
+
     @classmethod
     def from_model(cls, path: str | Path, **compile_options: Any) -> Server:
         """Load an HE-friendly ONNX model and compile it (see :func:`she.compile`)."""
@@ -70,26 +95,30 @@ class Server:
 
     @property
     def spec(self) -> dict[str, Any]:
-        """The public model spec clients need."""
-        return self.plan.spec()
+        """The public model spec clients need, with what a session costs the server and
+        the privacy of its results."""
+        return {**self.plan.spec(), "session_key_bytes": self.session_key_bytes,
+                "predicted_error": self.plan.predicted_error,
+                "rerandomised": True, "circuit_privacy_bits": self.plan.circuit_privacy}
 
     def load_context(self, data: bytes) -> EvaluationKeys:
         """Accept a client's public context message."""
         steps = self.plan.rotation_steps()
         single = self.plan.packing == "single"  # Galois keys: rotations and conjugation
-        msg = wire.unpack(data, kind=wire.KIND_CONTEXT, max_items=3,
+        msg = wire.unpack(data, kind=wire.KIND_CONTEXT, max_items=4,
                           max_item_bytes=len(data))
         if msg.meta.get("fingerprint") != self.fingerprint:
             raise FormatError("context was made for other encryption parameters")
         if msg.items:  # a context that carries a secret key is refused whatever follows it
             ctx = load_public_context(msg.items[0], self.plan.params)
-        if len(msg.items) != 2 + single:
-            raise FormatError(f"expected {2 + single} items (public context, "
-                              f"relinearisation keys{', Galois keys' if single else ''}), "
-                              f"got {len(msg.items)}")
+        if len(msg.items) != 3 + single:
+            raise FormatError(f"expected {3 + single} items (public context, "
+                              f"relinearisation keys{', Galois keys' if single else ''}, "
+                              f"public key), got {len(msg.items)}")
         relin = load_relin_keys(ctx, msg.items[1])
         galois = load_galois_keys(ctx, msg.items[2], steps, conjugate=True) if single else None
-        return EvaluationKeys(ctx, self.fingerprint, relin, galois)
+        public = load_public_key(ctx, msg.items[-1])
+        return EvaluationKeys(ctx, self.fingerprint, relin, galois, public)
 
     def evaluate(self, keys: EvaluationKeys, data: bytes) -> bytes:
         """Run the model on a ciphertext message; returns the encrypted result message."""
@@ -102,22 +131,29 @@ class Server:
         batch = wire.batch_size(msg.meta, self.plan.batch_capacity)
         if len(msg.items) != n_in:
             raise FormatError(f"expected {n_in} input ciphertexts, got {len(msg.items)}")
+        if keys.public is None:
+            raise FormatError("these evaluation keys carry no public key")
         if isinstance(self.engine, SingleEngine):
-            items = [self._evaluate_single(keys, level, msg.items[0])]
+            results = [self._evaluate_single(keys, level, msg.items[0])]
         else:
             scale = self.plan.ciphertext_scale
             inputs = self.engine.parse_inputs(keys.ctx, msg.items, level, scale)
             msg.items.clear()
             out, scale = self.engine.run(keys.ctx, keys.relin, inputs, scale)
             out_level = level_specs(keys.ctx)[out.shape[2]]
-            items = [sealbytes.serialize(sealbytes.RawCiphertext(unit, scale, out_level.parms_id,
-                                                                 out_level.ntt_form),
-                                         compress=True) for unit in out]
+            results = [sealbytes.RawCiphertext(unit, scale, out_level.parms_id, out_level.ntt_form)
+                       for unit in out]
+        bridge = SealBridge(keys.ctx)
+        try:  # every result leaves as a fresh encryption (and flooded, if the plan says so)
+            rerandomise = Rerandomiser(bridge, keys.public, self.plan.flood_bits)
+            items = [sealbytes.serialize(rerandomise(raw), compress=True) for raw in results]
+        finally:
+            bridge.close()
         meta = {"fingerprint": self.fingerprint, "batch": batch, "model": self.plan.model_name}
         return wire.pack(wire.KIND_CIPHERTEXTS, meta, items)
 
     def _evaluate_single(self, keys: EvaluationKeys, level: sealbytes.LevelSpec,
-                         item: bytes) -> bytes:
+                         item: bytes) -> sealbytes.RawCiphertext:
         """Single packing: ``item`` is the compact input ciphertext (:mod:`she.compact`),
         rebuilt here into SEAL's seeded form, which SEAL expands, and unfolded: added to its
         conjugate."""
@@ -132,8 +168,18 @@ class Server:
         bridge = SealBridge(keys.ctx)
         try:
             ct = compact.unfold(bridge, level, v, scale, seed_info, keys.galois)
-            out = self.engine.run(keys.ctx, keys.relin, keys.galois, ct)
-            return bridge.save_serializable(out)
+            return bridge.from_seal(self.engine.run(keys.ctx, keys.relin, keys.galois, ct))
         finally:
             bridge.close()
 
+
+def session_key_bytes(plan: Plan) -> int:
+    """Memory one session's keys hold on a server: the relinearisation key, the Galois keys
+    (single packing) and the public key, expanded. A key-switching key is one
+    two-polynomial ciphertext over every prime per ciphertext prime."""
+    params = plan.params
+    poly = 8 * params.poly_modulus_degree * len(params.primes)
+    switching = len(params.ciphertext_primes) * 2 * poly
+    galois = (len(galois_elements(plan.rotation_steps(), params.poly_modulus_degree,
+                                  conjugate=True)) if plan.packing == "single" else 0)
+    return (1 + galois) * switching + 2 * poly

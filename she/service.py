@@ -3,41 +3,63 @@
 Endpoints (all under ``/v1``; binary bodies are ``application/octet-stream`` in the
 :mod:`she.wire` format, see ``docs/http-api.md``):
 
-* ``GET  /v1/health``                      liveness and counts
+* ``GET  /v1/health``                      liveness, counts, workers and key memory
 * ``GET  /v1/models``                      the models served
 * ``GET  /v1/models/{model}``              a model's public spec
 * ``POST /v1/models/{model}/sessions``     upload a public context, get a session id
 * ``POST /v1/sessions/{session}/predict``  ciphertexts in, encrypted result out
 * ``DELETE /v1/sessions/{session}``        forget a session
 
-Nothing from the network is trusted: bodies are capped while they stream in (413),
-malformed bytes get 400/422 with a message, unknown sessions 404, and homomorphic work
-runs in a worker thread, never on the event loop. SEAL work is serialised by one lock:
-each evaluation already uses every core (see :mod:`she.engine`), and forking worker
-processes while another thread is inside SEAL would not be safe.
+Nothing from the network is trusted. Every ``/v1`` route depends on the API-key check
+and the rate limit (a router dependency: no path matching). Sessions and sizes are checked
+before a body is read; bodies stream into a spool with a read timeout and are refused
+(413) as soon as they pass their cap; malformed bytes get 400/422 with a message, unknown
+sessions 404, and no exception ever leaves as a bare 500: anything unexpected is logged
+and answered with a JSON error. Homomorphic work runs in a forked process per request
+(:mod:`she.workers`), at most ``workers`` at once; beyond that requests queue, boundedly,
+and then get 503 with ``Retry-After``. Session keys live in a :class:`SessionStore`
+bounded by count and by memory (the least recently used sessions are evicted first).
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import hmac
+import logging
 import secrets
+import tempfile
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
-from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from . import __version__
 from .context import MAX_CONTEXT_BYTES
+from .engine import _physical_memory
 from .errors import ParameterError, SecurityError, SheError
 from .server import EvaluationKeys, Server
+from .workers import Busy, WorkerDied, WorkerPool, WorkerTimeout
 
 API = "/v1"
 _BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+#: Bodies up to this size stay in memory while they arrive; larger ones go to a file.
+SPOOL_BYTES = 4 * 1024 * 1024
+#: Most clients (API keys or addresses) whose request rate is remembered.
+RATE_CLIENTS = 4096
+log = logging.getLogger("she.service")
+
+
+def default_key_memory() -> int:
+    """Default budget for session keys: a quarter of the machine's memory (1 GiB if it
+    cannot be read)."""
+    return _physical_memory() // 4 or 1 << 30
 
 
 @dataclass
@@ -48,58 +70,133 @@ class ServiceConfig:
     max_sessions: int = 64
     max_body_bytes: int = 1024 * 1024 * 1024
     max_context_bytes: int = 64 * 1024 * 1024
-    api_key: str | None = None
+    #: Accepted X-API-Key values (none: no key needed). A session is bound to its key.
+    api_keys: tuple[str, ...] = ()
+    #: Memory all sessions' keys may hold (bytes); default :func:`default_key_memory`.
+    max_key_memory: int = field(default_factory=default_key_memory)
+    workers: int | None = None  # HE processes at once (default: every core)
+    queue: int = 64  # requests waiting for a worker
+    queue_timeout: float = 120.0  # seconds a request may wait for a worker
+    job_timeout: float = 900.0  # seconds a request may compute
+    rate_limit: float = 20.0  # requests per second per API key or client address (0: off)
+    rate_burst: int = 40
+    read_timeout: float = 30.0  # seconds without a byte of the body before 408
 
 
 @dataclass
-class _Session:
+class Session:
+    """One client's registered keys."""
+
     model: str
     keys: EvaluationKeys
+    key_bytes: int
+    owner: str | None
     last_used: float
     created: float = field(default_factory=time.time)
 
 
-class SessionStore:
-    """Sessions with a time-to-live (since last use) and a cap."""
+class UnknownSession(LookupError):
+    """No such session (never created, expired, evicted, or another API key's)."""
 
-    def __init__(self, ttl: float, cap: int, clock: Callable[[], float] = time.monotonic):
-        self.ttl, self.cap, self.clock = ttl, cap, clock
-        self._sessions: dict[str, _Session] = {}
+
+class StoreFull(Exception):
+    """A session cannot be stored: the count or the key memory budget is exhausted."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class SessionStore:
+    """Sessions with a time-to-live (since last use), a count cap and a key-memory budget.
+
+    :meth:`put` evicts the least recently used sessions until the new one's keys fit the
+    budget; a session whose keys alone exceed it, or one past the count cap (which evicts
+    nothing: expiry only), raises :class:`StoreFull`. A session id is 192 random bits and
+    answers only to the API key that created it. Another store (for example a shared one
+    for several replicas) can replace this one: the service uses only these methods.
+    """
+
+    def __init__(self, ttl: float, cap: int, max_key_bytes: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl, self.cap, self.max_key_bytes, self.clock = ttl, cap, max_key_bytes, clock
+        self._sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()
+        self.key_bytes = 0
+        self.evicted = 0
 
     def _expire(self) -> None:
         now = self.clock()
         for sid in [s for s, v in self._sessions.items() if now - v.last_used > self.ttl]:
-            del self._sessions[sid]
+            self._drop(sid)
 
-    def add(self, model: str, keys: EvaluationKeys) -> str:
+    def _drop(self, sid: str) -> None:
+        self.key_bytes -= self._sessions.pop(sid).key_bytes
+
+    def check_fits(self, key_bytes: int) -> None:
+        """Raise :class:`StoreFull` if keys of ``key_bytes`` can never be stored."""
+        if key_bytes > self.max_key_bytes:
+            raise StoreFull(f"one session's keys take {key_bytes / 2**20:.1f} MiB, more than "
+                            f"the server's key memory budget of "
+                            f"{self.max_key_bytes / 2**20:.1f} MiB", 507)
+
+    def put(self, model: str, keys: EvaluationKeys, key_bytes: int, owner: str | None) -> str:
+        self.check_fits(key_bytes)
         with self._lock:
             self._expire()
             if len(self._sessions) >= self.cap:
-                raise HTTPException(503, f"session limit of {self.cap} reached; delete a "
-                                         "session or retry later")
+                raise StoreFull(f"session limit of {self.cap} reached; delete a session or "
+                                "retry later", 503)
+            while self.key_bytes + key_bytes > self.max_key_bytes:
+                self._drop(next(iter(self._sessions)))
+                self.evicted += 1
             sid = secrets.token_urlsafe(24)
-            self._sessions[sid] = _Session(model, keys, self.clock())
+            self._sessions[sid] = Session(model, keys, key_bytes, owner, self.clock())
+            self.key_bytes += key_bytes
             return sid
 
-    def get(self, sid: str) -> _Session:
+    def get(self, sid: str, owner: str | None) -> Session:
         with self._lock:
             self._expire()
             session = self._sessions.get(sid)
-            if session is None:
-                raise HTTPException(404, "unknown or expired session; register again")
+            if session is None or session.owner != owner:
+                raise UnknownSession(sid)
             session.last_used = self.clock()
+            self._sessions.move_to_end(sid)
             return session
 
-    def delete(self, sid: str) -> None:
+    def delete(self, sid: str, owner: str | None) -> None:
         with self._lock:
-            if self._sessions.pop(sid, None) is None:
-                raise HTTPException(404, "unknown or expired session")
+            session = self._sessions.get(sid)
+            if session is None or session.owner != owner:
+                raise UnknownSession(sid)
+            self._drop(sid)
 
     def __len__(self) -> int:
         with self._lock:
             self._expire()
             return len(self._sessions)
+
+
+class RateLimiter:
+    """A token bucket per client: ``rate`` requests per second, bursts of ``burst``."""
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic):
+        self.rate, self.burst, self.clock = rate, max(1, burst), clock
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def retry_after(self, client: str) -> float:
+        """0 if ``client`` may make a request now (and count it), else seconds to wait."""
+        if self.rate <= 0:
+            return 0.0
+        now = self.clock()
+        tokens, then = self._buckets.pop(client, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - then) * self.rate)
+        wait = 0.0 if tokens >= 1 else (1 - tokens) / self.rate
+        self._buckets[client] = (tokens - 1 if wait == 0 else tokens, now)
+        while len(self._buckets) > RATE_CLIENTS:
+            self._buckets.popitem(last=False)
+        return wait
 
 
 def _status(exc: SheError) -> int:
@@ -110,37 +207,79 @@ def _status(exc: SheError) -> int:
     return 400
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes ``limit`` bytes."""
+def _unavailable(detail: str, retry_after: int) -> HTTPException:
+    return HTTPException(503, detail, headers={"Retry-After": str(retry_after)})
+
+
+async def _spool_body(request: Request, limit: int, read_timeout: float) -> IO[bytes]:
+    """The request body in a spool (memory, then a temporary file), refused with 413 as
+    soon as it passes ``limit`` bytes and with 408 after ``read_timeout`` seconds without
+    data."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
-            if int(declared) > limit:
-                raise HTTPException(413, f"request body larger than {limit} bytes")
+            size = int(declared)
         except ValueError as exc:
             raise HTTPException(400, "invalid Content-Length") from exc
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
         if size > limit:
             raise HTTPException(413, f"request body larger than {limit} bytes")
-        chunks.append(chunk)
-    if size == 0:
-        raise HTTPException(400, "empty request body")
-    return b"".join(chunks)
+    spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 - returned
+    try:
+        size = 0
+        chunks = request.stream().__aiter__()
+        while True:
+            try:
+                chunk = await asyncio.wait_for(chunks.__anext__(), read_timeout)
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                raise HTTPException(408, f"no request data for {read_timeout:g} s") from None
+            size += len(chunk)
+            if size > limit:
+                raise HTTPException(413, f"request body larger than {limit} bytes")
+            spool.write(chunk)
+        if size == 0:
+            raise HTTPException(400, "empty request body")
+        spool.seek(0)
+        return spool
+    except BaseException:
+        spool.close()
+        raise
+
+
+async def _drain(request: Request, limit: int, read_timeout: float) -> None:
+    """Read and discard up to ``limit`` bytes of the body, so that an early answer reaches
+    a client that is still sending instead of a connection reset (nothing is read when
+    ``Content-Length`` announces more, or is not a number)."""
+    try:
+        if int(request.headers.get("content-length", "0")) > limit:
+            return
+    except ValueError:
+        return
+    size = 0
+    chunks = request.stream().__aiter__()
+    while size <= limit:
+        try:
+            size += len(await asyncio.wait_for(chunks.__anext__(), read_timeout))
+        except (StopAsyncIteration, asyncio.TimeoutError):
+            return
 
 
 def create_app(servers: dict[str, Server], config: ServiceConfig | None = None,
                sessions: SessionStore | None = None) -> FastAPI:
     """Build the FastAPI application serving ``servers`` (model name -> Server).
 
-    ``sessions`` replaces the in-memory session store by another with the same methods
-    (``add``, ``get``, ``delete``, ``len``), e.g. :class:`she.ray_serve.SharedSessionStore`.
+    ``sessions`` replaces the in-memory :class:`SessionStore` by another with the same
+    methods and attributes, e.g. :class:`she.ray_serve.SharedSessionStore`.
     """
     config = config or ServiceConfig()
     if sessions is None:
-        sessions = SessionStore(config.session_ttl, config.max_sessions)
-    he_lock = threading.Lock()
+        sessions = SessionStore(config.session_ttl, config.max_sessions, config.max_key_memory)
+    pool = WorkerPool(config.workers, queue=config.queue, queue_timeout=config.queue_timeout,
+                      job_timeout=config.job_timeout)
+    limiter = RateLimiter(config.rate_limit, config.rate_burst)
+    for server in servers.values():
+        server.prepare()
     max_request = min(config.max_body_bytes, max(s.max_request_bytes for s in servers.values()))
     app = FastAPI(
         title="SHE encrypted inference",
@@ -149,90 +288,158 @@ def create_app(servers: dict[str, Server], config: ServiceConfig | None = None,
                     "sees inputs or results, and never receives a secret key. Binary bodies "
                     "use the SHE wire format (docs/http-api.md).",
     )
-    app.state.sessions = sessions
+    app.state.sessions, app.state.pool = sessions, pool
+    keys = [(k.encode(), hashlib.sha256(k.encode()).hexdigest()[:16]) for k in config.api_keys]
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        if config.api_key and request.url.path.startswith(API):
-            given = request.headers.get("x-api-key", "")
-            if not hmac.compare_digest(given.encode(), config.api_key.encode()):
-                return JSONResponse({"detail": "missing or wrong X-API-Key"}, status_code=401)
-        return await call_next(request)
+    async def caller(request: Request) -> str | None:
+        """The API-key check (a router dependency) and the rate limit; returns the owner
+        of the sessions this caller may use (a hash of its key; None without keys)."""
+        owner = None
+        if keys:
+            given = request.headers.get("x-api-key", "").encode()
+            # compare with every key, so that the time taken does not say which one matched
+            matches = [owner for key, owner in keys if hmac.compare_digest(given, key)]
+            if not matches:
+                raise HTTPException(401, "missing or wrong X-API-Key")
+            owner = matches[0]
+        client = owner or (request.client.host if request.client else "unknown")
+        wait = limiter.retry_after(client)
+        if wait:
+            raise HTTPException(429, f"more than {config.rate_limit:g} requests per second",
+                                headers={"Retry-After": str(max(1, round(wait + 0.5)))})
+        return owner
+
+    router = APIRouter(prefix=API, dependencies=[Depends(caller)])
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        reference = secrets.token_hex(4)
+        log.error("unexpected error %s on %s %s", reference, request.method,
+                  request.scope.get("path"), exc_info=exc)
+        return JSONResponse({"detail": f"internal error (reference {reference}, in the "
+                                       "server log)"}, status_code=500)
 
     def server_for(model: str) -> Server:
         if model not in servers:
             raise HTTPException(404, f"unknown model {model!r}; GET {API}/models lists them")
         return servers[model]
 
-    def guarded(fn: Callable[..., Any], *args: Any) -> Any:
-        with he_lock:
+    def load_keys(server: Server, body: IO[bytes]) -> EvaluationKeys:
+        with pool.seal_lock:  # no fork while this process is inside SEAL
             try:
-                return fn(*args)
+                return server.load_context(body.read())
             except SheError as exc:
                 raise HTTPException(_status(exc), str(exc)) from exc
 
-    @app.get(f"{API}/health", summary="Liveness and counts")
+    @router.get("/health", summary="Liveness, counts, workers and key memory")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "version": __version__, "models": len(servers),
-                "sessions": len(sessions)}
+                "sessions": len(sessions), "key_memory_bytes": sessions.key_bytes,
+                "max_key_memory_bytes": sessions.max_key_bytes,
+                "evicted_sessions": sessions.evicted, **pool.stats()}
 
-    @app.get(f"{API}/models", summary="List the models served")
+    @router.get("/models", summary="List the models served")
     async def list_models() -> list[dict[str, Any]]:
         return [{"name": name, "scheme": s.plan.scheme, "packing": s.plan.packing,
                  "fingerprint": s.fingerprint} for name, s in servers.items()]
 
-    @app.get(f"{API}/models/{{model}}", summary="A model's public spec",
-             description="Everything a client needs: scheme, packing, ring size, modulus "
-                         "bits and primes, input shape and scale, number and layout of "
-                         "the ciphertexts expected, and how to read the output.")
+    @router.get("/models/{model}", summary="A model's public spec",
+                description="Everything a client needs: scheme, packing, ring size, modulus "
+                            "bits and primes, input shape and scale, number and layout of the "
+                            "ciphertexts expected, how to read the output, what one session's "
+                            "keys cost the server, and the privacy of the results.")
     async def model_spec(model: str) -> dict[str, Any]:
         server = server_for(model)
         return {**server.spec, "fingerprint": server.fingerprint}
 
-    @app.post(f"{API}/models/{{model}}/sessions", status_code=201,
-              summary="Register a session by uploading the public context",
-              description="Body: a SHE context message holding TenSEAL's serialised context "
-                          "(parameters only), the relinearisation keys and, for single "
-                          "packing, the Galois keys (SEAL format). Refused with 403 if it "
-                          "carries a secret key, 422 if its parameters differ from the model's.",
-              openapi_extra={"requestBody": {"content": _BINARY, "required": True}})
-    async def register(model: str, request: Request) -> dict[str, Any]:
-        # The body is read before anything can fail: answering early while the client is
-        # still sending makes many HTTP clients see a connection reset instead of the answer.
-        body = await _read_body(request, min(config.max_context_bytes, MAX_CONTEXT_BYTES))
+    @router.post("/models/{model}/sessions", status_code=201,
+                 summary="Register a session by uploading the public context",
+                 description="Body: a SHE context message holding TenSEAL's serialised context "
+                             "(parameters only), the relinearisation keys, for single packing "
+                             "the Galois keys, and a public key (SEAL format). Refused with "
+                             "403 if it carries a secret key, 422 if its parameters differ "
+                             "from the model's, 507 if one session's keys exceed the key "
+                             "memory budget.",
+                 openapi_extra={"requestBody": {"content": _BINARY, "required": True}})
+    async def register(model: str, request: Request,
+                       owner: str | None = Depends(caller)) -> dict[str, Any]:
         server = server_for(model)
-        keys = await run_in_threadpool(guarded, server.load_context, body)
-        sid = sessions.add(model, keys)
-        return {"session": sid, "model": model, "ttl_seconds": config.session_ttl}
+        try:
+            sessions.check_fits(server.session_key_bytes)
+        except StoreFull as exc:
+            raise HTTPException(exc.status, str(exc)) from None
+        body = await _spool_body(request, min(config.max_context_bytes, MAX_CONTEXT_BYTES),
+                                 config.read_timeout)
+        try:
+            keys = await run_in_threadpool(load_keys, server, body)
+        finally:
+            body.close()
+        try:
+            sid = sessions.put(model, keys, server.session_key_bytes, owner)
+        except StoreFull as exc:
+            headers = {"Retry-After": "60"} if exc.status == 503 else None
+            raise HTTPException(exc.status, str(exc), headers=headers) from None
+        return {"session": sid, "model": model, "ttl_seconds": config.session_ttl,
+                "key_bytes": server.session_key_bytes}
 
-    @app.post(f"{API}/sessions/{{session}}/predict",
-              summary="Evaluate the model on ciphertexts",
-              description="Body: a SHE ciphertext message (one SEAL ciphertext per input "
-                          "feature, batch packing). Response: a SHE ciphertext message with "
-                          "one ciphertext per output.",
-              response_class=Response,
-              responses={200: {"content": _BINARY, "description": "encrypted result"}},
-              openapi_extra={"requestBody": {"content": _BINARY, "required": True}})
-    async def predict(session: str, request: Request) -> Response:
-        body = await _read_body(request, max_request)
-        entry = sessions.get(session)
+    @router.post("/sessions/{session}/predict",
+                 summary="Evaluate the model on ciphertexts",
+                 description="Body: a SHE ciphertext message (batch packing: one SEAL "
+                             "ciphertext per input feature; single packing: one compact "
+                             "ciphertext). Response: a SHE ciphertext message with the "
+                             "re-randomised results. 503 with Retry-After when every worker "
+                             "is busy and the queue is full, or when the worker failed.",
+                 response_class=Response,
+                 responses={200: {"content": _BINARY, "description": "encrypted result"}},
+                 openapi_extra={"requestBody": {"content": _BINARY, "required": True}})
+    async def predict(session: str, request: Request,
+                      owner: str | None = Depends(caller)) -> Response:
+        try:
+            entry = sessions.get(session, owner)
+        except UnknownSession:
+            await _drain(request, max_request, config.read_timeout)
+            raise HTTPException(404, "unknown or expired session; register again") from None
         server = servers[entry.model]
-        if len(body) > server.max_request_bytes:
-            raise HTTPException(413, f"request body larger than {server.max_request_bytes} "
-                                     f"bytes, the most model {entry.model!r} can take")
-        result = await run_in_threadpool(guarded, server.evaluate, entry.keys, body)
+        limit = min(max_request, server.max_request_bytes)
+        body = await _spool_body(request, limit, config.read_timeout)
+
+        def job(processes: int) -> bytes:  # runs in the forked worker
+            server.use_processes(processes)
+            return server.evaluate(entry.keys, body.read())
+
+        try:
+            result = await pool.run(job)
+        except Busy as exc:
+            raise _unavailable(str(exc), exc.retry_after) from None
+        except (WorkerDied, WorkerTimeout) as exc:
+            log.warning("predict on %s failed: %s", entry.model, exc)
+            raise _unavailable(f"{exc}; the request was not completed, retry it", 1) from None
+        except SheError as exc:
+            raise HTTPException(_status(exc), str(exc)) from None
+        finally:
+            body.close()
         return Response(result, media_type="application/octet-stream")
 
-    @app.delete(f"{API}/sessions/{{session}}", status_code=204, summary="Delete a session")
-    async def delete_session(session: str) -> Response:
-        sessions.delete(session)
+    @router.delete("/sessions/{session}", status_code=204, summary="Delete a session")
+    async def delete_session(session: str, owner: str | None = Depends(caller)) -> Response:
+        try:
+            sessions.delete(session, owner)
+        except UnknownSession:
+            raise HTTPException(404, "unknown or expired session") from None
         return Response(status_code=204)
 
+    app.include_router(router)
     return app
 
 
-def serve(servers: dict[str, Server], host: str, port: int, config: ServiceConfig) -> None:
-    """Run the service under uvicorn (blocking)."""
+def serve(servers: dict[str, Server], host: str, port: int, config: ServiceConfig, *,
+          ssl_certfile: str | None = None, ssl_keyfile: str | None = None,
+          max_connections: int = 256) -> None:
+    """Run the service under uvicorn (blocking); HTTPS with a certificate and key file.
+    Beyond ``max_connections`` open connections uvicorn answers 503; idle keep-alive
+    connections close after 5 s."""
     import uvicorn
 
-    uvicorn.run(create_app(servers, config), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(servers, config), host=host, port=port, log_level="info",
+                ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
+                limit_concurrency=max_connections, timeout_keep_alive=5)

@@ -9,7 +9,7 @@ import tenseal.sealapi as sealapi
 
 import she
 from she import wire
-from she.context import public_context_bytes, relin_key_bytes
+from she.context import public_context_bytes, public_key_bytes, relin_key_bytes
 from she.params import MAX_MODULUS_BITS, RING_SIZES, EncryptionParameters, check_security
 
 SEAL_LEVELS = {128: sealapi.SEC_LEVEL_TYPE.TC128, 192: sealapi.SEC_LEVEL_TYPE.TC192,
@@ -129,7 +129,7 @@ def test_public_context_is_accepted_and_has_no_secret_key(toy_server_client):
     # its secret key); the relinearisation keys travel separately in seeded form.
     assert not keys.ctx.has_secret_key() and not keys.ctx.has_public_key()
     assert keys.relin.size() == 1  # the key-switching key for s^2
-    msg = wire.unpack(client.public_context(), kind=wire.KIND_CONTEXT, max_items=3,
+    msg = wire.unpack(client.public_context(), kind=wire.KIND_CONTEXT, max_items=4,
                       max_item_bytes=1 << 30)
     assert len(msg.items[0]) < 1024
     # Seeded: about half of the expanded keys TenSEAL itself would serialise.
@@ -185,7 +185,8 @@ def test_server_refuses_missing_or_foreign_relinearisation_keys(toy_server_clien
         server.load_context(message)
     # Keys made for other parameters: SEAL's own validation refuses them.
     foreign = relin_key_bytes(she.Client(plan_192.spec()).ctx)
-    message = wire.pack(wire.KIND_CONTEXT, {"fingerprint": client.fingerprint}, [body, foreign])
+    message = wire.pack(wire.KIND_CONTEXT, {"fingerprint": client.fingerprint},
+                        [body, foreign, public_key_bytes(client.ctx)])
     with pytest.raises(she.FormatError, match="relinearisation keys"):
         server.load_context(message)
 

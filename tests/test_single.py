@@ -108,7 +108,7 @@ def test_more_than_one_sample_is_refused(single, test_images):
 
 def test_context_without_galois_keys_is_refused(single):
     _, server, client, context, _ = single
-    msg = wire.unpack(context, kind=wire.KIND_CONTEXT, max_items=3, max_item_bytes=1 << 30)
+    msg = wire.unpack(context, kind=wire.KIND_CONTEXT, max_items=4, max_item_bytes=1 << 30)
     stripped = wire.pack(wire.KIND_CONTEXT, msg.meta, msg.items[:2])
     with pytest.raises(she.FormatError, match="Galois keys"):
         server.load_context(stripped)
@@ -117,7 +117,7 @@ def test_context_without_galois_keys_is_refused(single):
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "other-steps", "no-conjugation"])
 def test_bad_galois_keys_are_refused(single, damage):
     plan, server, client, context, _ = single
-    msg = wire.unpack(context, kind=wire.KIND_CONTEXT, max_items=3, max_item_bytes=1 << 30)
+    msg = wire.unpack(context, kind=wire.KIND_CONTEXT, max_items=4, max_item_bytes=1 << 30)
     keys = msg.items[2]
     if damage == "garbage":
         keys = np.random.default_rng(0).bytes(len(keys))
@@ -128,7 +128,7 @@ def test_bad_galois_keys_are_refused(single, damage):
     else:  # every rotation, but nothing to unfold the upload with
         keys = galois_key_bytes(client.ctx, plan.rotation_steps())
     with pytest.raises(she.FormatError, match="Galois keys"):
-        server.load_context(wire.pack(wire.KIND_CONTEXT, msg.meta, [*msg.items[:2], keys]))
+        server.load_context(wire.pack(wire.KIND_CONTEXT, msg.meta, [*msg.items[:2], keys, msg.items[3]]))
 
 
 def test_spec_asking_for_too_many_keys_is_refused(single):
