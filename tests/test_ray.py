@@ -66,7 +66,9 @@ def plain(small_model):  # noqa: F811
     return she.load(path).run_plain(x)
 
 
-def test_ray_tasks_return_exactly_what_the_local_server_returns(cluster, plan, small_model):  # noqa: F811
+def test_ray_tasks_return_what_the_local_server_returns(cluster, plan, small_model):  # noqa: F811
+    """The same results as the local server, up to the fresh noise of the re-randomisation
+    that makes every response differ by design (and that the Ray workers apply too)."""
     _, x, _ = small_model
     client = she.Client(plan.spec())
     server = she.Server(plan, workers=1)
@@ -76,7 +78,12 @@ def test_ray_tasks_return_exactly_what_the_local_server_returns(cluster, plan, s
     try:
         refs = [evaluator.submit(i, r) for i, r in enumerate(requests)]
         results = [evaluator.result(ref, i) for i, ref in enumerate(refs)]
-        assert [r.message for r in results] == [server.evaluate(keys, r) for r in requests]
+        for result, request in zip(results, requests, strict=True):
+            here = server.evaluate(keys, request)
+            assert result.message != here  # re-randomised, by Ray's workers as here
+            ray_logits, local_logits = client.decrypt(result.message), client.decrypt(here)
+            assert np.array_equal(ray_logits.argmax(1), local_logits.argmax(1))
+            assert np.abs(ray_logits - local_logits).max() < plan.predicted_error
         assert all(r.cpu_seconds > 0 and r.node in ray_batch.alive_nodes() for r in results)
         with pytest.raises(she.FormatError, match="bad magic"):  # a SHE error stays one
             evaluator.result(evaluator.submit(9, b"junk" * 10), 9)
@@ -188,7 +195,7 @@ def served(cluster, plan):
     from ray import serve
 
     port = test_service._free_port()
-    config = ServiceConfig(api_key=test_service.API_KEY, max_sessions=12,
+    config = ServiceConfig(api_keys=(test_service.API_KEY,), max_sessions=12,
                            max_body_bytes=64 * 1024 * 1024)
     ray_serve.start([plan], config, host="127.0.0.1", port=port, replicas=2)
     yield SimpleNamespace(url=f"http://127.0.0.1:{port}")
@@ -247,3 +254,40 @@ def test_sessions_survive_replica_restart(served, plain, small_model, tmp_path):
     remote.close()
     r = test_service._http(served, "POST", f"/v1/sessions/{session}/predict", content=request)
     assert r.status_code == 404  # deleted through one replica, gone for all
+
+
+def test_shared_store_binds_owners_caps_and_reloads_evicted_keys(cluster, plan):
+    """The store's interface as the service uses it: the table keeps the owner and the cap
+    (StoreFull 503), the replica's cache keeps the key-memory budget (StoreFull 507 for keys
+    that never fit; evicted keys are loaded again from the table's message)."""
+    from she.service import StoreFull, UnknownSession
+
+    key_bytes = she.Server(plan).session_key_bytes
+    config = ServiceConfig(max_sessions=2, max_key_memory=key_bytes)  # one session's keys
+    table = ray_serve.session_table(config, "store-test")
+    try:
+        server = ray_serve._ReplicaServer(plan, workers=1)
+        store = ray_serve.SharedSessionStore(table, {"small": server}, config)
+        message = she.Client(plan.spec()).public_context()
+        with pytest.raises(StoreFull) as full:
+            store.check_fits(key_bytes + 1)
+        assert full.value.status == 507
+        first = store.put("small", server.load_context(message), key_bytes, "alice")
+        second = store.put("small", server.load_context(message), key_bytes, "bob")
+        assert len(store) == 2 and store.key_bytes == key_bytes and store.evicted == 1
+        with pytest.raises(StoreFull) as full:  # the table's cap, not the cache's budget
+            store.put("small", server.load_context(message), key_bytes, "alice")
+        assert full.value.status == 503
+        with pytest.raises(UnknownSession):  # another key's session
+            store.get(first, "bob")
+        session = store.get(first, "alice")  # evicted here, loaded again from the table
+        assert (session.model, session.owner, session.key_bytes) == ("small", "alice", key_bytes)
+        assert session.keys.public is not None and store.evicted == 2
+        with pytest.raises(UnknownSession):
+            store.delete(second, "alice")
+        store.delete(second, "bob")
+        with pytest.raises(UnknownSession):
+            store.get(second, "bob")
+        assert len(store) == 1
+    finally:
+        ray.kill(table)
