@@ -40,6 +40,7 @@ from types import ModuleType
 from typing import Any, NamedTuple
 
 import numpy as np
+import scipy.sparse as sp
 
 from .client import Client
 from .compiler import Plan
@@ -401,15 +402,31 @@ def plan_digest(plan: Plan) -> str:
     """A digest of what a plan computes: its public spec and every layer's weights."""
     h = hashlib.sha256(json.dumps(plan.spec(), sort_keys=True, default=str).encode())
     for layer in plan.layers:
-        h.update(np.ascontiguousarray(layer.weights).tobytes())
-        h.update(np.ascontiguousarray(layer.bias).tobytes())
+        _hash_array(h, layer.weights)
+        _hash_array(h, layer.bias)
         h.update(str(layer.shift).encode())
     return h.hexdigest()
 
 
+def _hash_array(h: Any, a: Any) -> None:
+    """Feed an array's content to ``h``: dense by dtype, shape and bytes, scipy.sparse by
+    its canonical CSR arrays."""
+    if sp.issparse(a):
+        a = sp.csr_matrix(a)
+        a.sum_duplicates()
+        a.sort_indices()
+        h.update(f"csr{a.shape}{a.dtype.str}".encode())
+        for part in (a.indptr, a.indices, a.data):
+            h.update(np.ascontiguousarray(part).tobytes())
+    else:
+        a = np.asarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+
+
 def _array_digest(x: np.ndarray) -> str:
-    h = hashlib.sha256(f"{x.dtype.str}{x.shape}".encode())
-    h.update(np.ascontiguousarray(x).tobytes())
+    h = hashlib.sha256()
+    _hash_array(h, x)
     return h.hexdigest()
 
 
