@@ -13,12 +13,11 @@ import numpy as np
 import pytest
 import test_service
 import uvicorn
-from fastapi import HTTPException
 
 import she
-from she.cli import API_KEY_ENV, _api_key, build_parser
+from she.cli import API_KEY_ENV, _api_key, _api_keys, build_parser
 from she.remote import RemoteClient, RemoteError
-from she.service import ServiceConfig, SessionStore, create_app
+from she.service import ServiceConfig, SessionStore, StoreFull, UnknownSession, create_app
 
 KEY = "s3cret-test-key"
 
@@ -40,7 +39,7 @@ def plans(small_mnist):
 @pytest.fixture(scope="module")
 def live(plans):
     servers = {name: she.Server(plan, workers=1) for name, (plan, _) in plans.items()}
-    config = ServiceConfig(api_key=KEY, max_sessions=3)
+    config = ServiceConfig(api_keys=(KEY,), max_sessions=3)
     app = create_app(servers, config)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -118,20 +117,19 @@ def test_session_cap_gives_503_and_frees_on_delete(live, plans, tmp_path):
 
 def test_sessions_expire_after_their_ttl_without_use():
     now = [1000.0]
-    store = SessionStore(ttl=60, cap=2, clock=lambda: now[0])
-    a = store.add("m", None)
-    b = store.add("m", None)
-    with pytest.raises(HTTPException) as full:
-        store.add("m", None)
-    assert full.value.status_code == 503
+    store = SessionStore(ttl=60, cap=2, max_key_bytes=10, clock=lambda: now[0])
+    a = store.put("m", None, 1, "owner")
+    b = store.put("m", None, 1, "owner")
+    with pytest.raises(StoreFull) as full:
+        store.put("m", None, 1, "owner")
+    assert full.value.status == 503
     now[0] += 50
-    store.get(a)              # use renews a's lease, not b's
+    store.get(a, "owner")     # use renews a's lease, not b's
     now[0] += 20              # b: 70 s unused -> expired; a: 20 s
-    with pytest.raises(HTTPException) as gone:
-        store.get(b)
-    assert gone.value.status_code == 404
-    assert len(store) == 1 and store.get(a).model == "m"
-    store.add("m", None)      # the expired one no longer counts against the cap
+    with pytest.raises(UnknownSession):
+        store.get(b, "owner")
+    assert len(store) == 1 and store.get(a, "owner").model == "m"
+    store.put("m", None, 1, "owner")  # the expired one no longer counts against the cap
     now[0] += 61
     assert len(store) == 0
 
@@ -155,7 +153,7 @@ def test_api_key_from_environment_or_file(tmp_path, monkeypatch, capsys):
     assert _api_key(parser.parse_args(base)) is None
     serve = parser.parse_args(["serve", "m.onnx", "--api-key-file", str(tmp_path / "none")])
     with pytest.raises(she.DataError, match="cannot read"):
-        _api_key(serve)
+        _api_keys(serve)
 
 
 def test_wrong_key_from_remote_client_is_a_clear_error(live, tmp_path):
