@@ -9,12 +9,15 @@ as a subprocess by :mod:`benchmarks.concrete_peer`::
 ``--model`` is one of the trained ReLU (or square-activation) ONNX networks in
 ``she/assets``; :class:`OnnxModule` turns it back into a torch module with the same weights,
 and Concrete ML's own API does the rest: ``compile_torch_model`` (``n_bits``,
-``rounding_threshold_bits``, ``p_error`` as given), FHE simulation on every test image in
-``--data``, then the deployment flow, ``FHEModelDev`` / ``FHEModelClient`` /
-``FHEModelServer``, which encrypts, evaluates and decrypts one image per request until
-``--fhe-images`` images are done or ``--fhe-budget-s`` seconds of encrypted execution are
-spent (at least one image). ``--data`` holds ``calibration`` (compilation input set),
-``x`` and ``y`` (the test images, ``N x 1 x 28 x 28`` in ``[0, 1]``, and labels). The JSON
+``rounding_threshold_bits``, ``p_error`` as given), the quantised model in the clear
+(``fhe="disable"``) on every test image in ``--data``, FHE simulation (one image at a
+time, slow) on the first ``--simulate-images``, then the deployment flow,
+``FHEModelDev`` / ``FHEModelClient`` / ``FHEModelServer``, which encrypts, evaluates and
+decrypts one image per request until ``--fhe-images`` images are done (0: no keys, no
+encrypted run) or ``--fhe-budget-s`` seconds of server evaluation are spent (an
+evaluation still running then is given up and reported as unfinished).
+``--data`` holds ``calibration`` (compilation input set), ``x`` and ``y`` (the test
+images, ``N x 1 x 28 x 28`` in ``[0, 1]``, and labels). The JSON
 written to ``--out`` holds timings, sizes, accuracies, predictions and the parameters
 Concrete ML chose; progress goes to stderr.
 """
@@ -23,8 +26,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -141,6 +146,27 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return result, time.perf_counter() - start
 
 
+def _bounded(fn: Callable[[], Any], timeout: float) -> tuple[Any, float, bool]:
+    """``(fn(), seconds, still running)``: ``fn`` runs in a daemon thread that is given up
+    on after ``timeout`` seconds (the process then ends with :func:`os._exit`)."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # re-raised in the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    start = time.perf_counter()
+    thread.start()
+    thread.join(max(timeout, 0.0))
+    seconds = time.perf_counter() - start
+    if "error" in box:
+        raise box["error"]
+    return box.get("value"), seconds, thread.is_alive()
+
+
 def _predict(fn: Callable[[np.ndarray], Any], x: np.ndarray, what: str,
              chunk: int = 500) -> np.ndarray:
     out = []
@@ -152,11 +178,11 @@ def _predict(fn: Callable[[np.ndarray], Any], x: np.ndarray, what: str,
 
 def measure(model_path: str, calibration: np.ndarray, x: np.ndarray, y: np.ndarray, *,
             n_bits: int = 6, rounding_threshold_bits: int | None = 5,
-            p_error: float | None = None, fhe_images: int = 10,
-            fhe_budget_s: float = 300.0) -> dict[str, Any]:
-    """Compile ``model_path`` with Concrete ML, simulate it on ``x``, run it encrypted on
-    the first images of ``x`` within the budget; returns the JSON-ready result."""
-    from concrete.ml.deployment import FHEModelClient, FHEModelDev, FHEModelServer
+            p_error: float | None = None, simulate_images: int | None = None,
+            fhe_images: int = 10, fhe_budget_s: float = 300.0) -> dict[str, Any]:
+    """Compile ``model_path`` with Concrete ML, run its quantised model in the clear on
+    ``x``, simulate FHE on the first ``simulate_images`` (default: all), run it encrypted on
+    the first images within the budget; returns the JSON-ready result."""
     from concrete.ml.torch.compile import compile_torch_model
 
     module = OnnxModule(onnx.load(model_path)).eval()
@@ -173,55 +199,79 @@ def measure(model_path: str, calibration: np.ndarray, x: np.ndarray, y: np.ndarr
                   if isinstance(v, int | float | str) and not isinstance(v, bool)}
     _log(f"compiled in {compile_s:.0f} s: {statistics.get('programmable_bootstrap_count')} "
          f"PBS, max bit width {circuit.graph.maximum_integer_bit_width()}")
+    clear_pred = quantized.forward(x, fhe="disable").argmax(1)
+    ns = len(x) if simulate_images is None else min(simulate_images, len(x))
     sim_pred, simulate_s = _timed(lambda: _predict(
-        lambda b: quantized.forward(b, fhe="simulate").argmax(1), x, "simulate"))
+        lambda b: quantized.forward(b, fhe="simulate").argmax(1), x[:ns], "simulate"))
     result: dict[str, Any] = {
-        "model": Path(model_path).name, "compile_s": compile_s,
+        "model": Path(model_path).name, "compile_s": compile_s, "images": len(x),
         "float_predictions": float_pred.tolist(),
         "float_accuracy": float(np.mean(float_pred == y)),
-        "simulate_images": len(x), "simulate_s": simulate_s,
-        "simulate_accuracy": float(np.mean(sim_pred == y)),
-        "simulate_agreement_with_float": float(np.mean(sim_pred == float_pred)),
+        "quantized_accuracy": float(np.mean(clear_pred == y)),
+        "quantized_agreement_with_float": float(np.mean(clear_pred == float_pred)),
+        "simulate_images": ns, "simulate_s": simulate_s,
+        "simulate_accuracy": float(np.mean(sim_pred == y[:ns])),
+        "simulate_agreement_with_quantized": float(np.mean(sim_pred == clear_pred[:ns])),
         "parameters": {"n_bits": n_bits, "rounding_threshold_bits": rounding_threshold_bits,
                        "p_error_requested": p_error, "p_error": circuit.p_error,
                        "global_p_error": circuit.global_p_error,
                        "max_bit_width": int(circuit.graph.maximum_integer_bit_width()),
                        "statistics": statistics},
     }
-    with tempfile.TemporaryDirectory(prefix="concrete-bench-") as tmp:
-        FHEModelDev(f"{tmp}/model", quantized).save()
-        client = FHEModelClient(f"{tmp}/model", key_dir=f"{tmp}/keys")
-        _, keygen_s = _timed(client.generate_private_and_evaluation_keys)
-        evaluation_keys = client.get_serialized_evaluation_keys()
-        server = FHEModelServer(f"{tmp}/model")
-        server.load()
-        _log(f"keys generated in {keygen_s:.1f} s ({len(evaluation_keys) / 2 ** 20:.1f} MiB)")
-        stages: dict[str, list[float]] = {"encrypt": [], "server": [], "decrypt": []}
-        fhe_pred, upload, download = [], 0, 0
-        spent = 0.0
-        for i in range(min(fhe_images, len(x))):
-            request, enc_s = _timed(lambda i=i: client.quantize_encrypt_serialize(x[i:i + 1]))
-            response, server_s = _timed(lambda r=request: server.run(r, evaluation_keys))
-            logits, dec_s = _timed(lambda r=response: client.deserialize_decrypt_dequantize(r))
-            fhe_pred.append(int(np.asarray(logits).argmax(1)[0]))
-            for key, value in zip(stages, (enc_s, server_s, dec_s), strict=True):
-                stages[key].append(value)
-            upload, download = len(request), len(response)
-            spent += enc_s + server_s + dec_s
-            _log(f"encrypted image {i + 1}: server {server_s:.1f} s")
-            if spent > fhe_budget_s:
-                break
-    n = len(fhe_pred)
+    result.update(_deployment(quantized, x, fhe_images, fhe_budget_s))
+    n = result["fhe_images"]
+    fhe_pred = np.array(result["fhe_predictions"], dtype=np.int64)
     result.update({
-        "fhe_images": n, "fhe_budget_s": fhe_budget_s, "fhe_predictions": fhe_pred,
-        "fhe_accuracy": float(np.mean(np.array(fhe_pred) == y[:n])),
-        "fhe_agreement_with_simulation": float(np.mean(np.array(fhe_pred) == sim_pred[:n])),
-        "keygen_s": keygen_s, "evaluation_key_bytes": len(evaluation_keys),
-        "upload_bytes": upload, "download_bytes": download,
-        **{f"{k}_s": _percentiles(v) for k, v in stages.items()},
+        "fhe_accuracy": float(np.mean(fhe_pred == y[:n])) if n else None,
+        "fhe_agreement_with_simulation": float(np.mean(fhe_pred == sim_pred[:n])) if n else None,
         "versions": _versions(), "threads": torch.get_num_threads(),
     })
     return result
+
+
+def _deployment(quantized: Any, x: np.ndarray, fhe_images: int,
+                fhe_budget_s: float) -> dict[str, Any]:
+    """The deployment flow on the first ``fhe_images`` images of ``x`` (0: nothing, not even
+    keys), one request each, until ``fhe_budget_s`` seconds of server time are spent."""
+    from concrete.ml.deployment import FHEModelClient, FHEModelDev, FHEModelServer
+
+    stages: dict[str, list[float]] = {"encrypt": [], "server": [], "decrypt": []}
+    out: dict[str, Any] = {"fhe_images": 0, "fhe_budget_s": fhe_budget_s, "fhe_predictions": [],
+                           "fhe_unfinished_s": None, "keygen_s": None,
+                           "evaluation_key_bytes": None, "upload_bytes": None,
+                           "download_bytes": None}
+    if fhe_images <= 0:
+        return {**out, **{f"{k}_s": None for k in stages}}
+    spent = 0.0
+    with tempfile.TemporaryDirectory(prefix="concrete-bench-") as tmp:
+        FHEModelDev(f"{tmp}/model", quantized).save()
+        client = FHEModelClient(f"{tmp}/model", key_dir=f"{tmp}/keys")
+        _, out["keygen_s"] = _timed(client.generate_private_and_evaluation_keys)
+        evaluation_keys = client.get_serialized_evaluation_keys()
+        out["evaluation_key_bytes"] = len(evaluation_keys)
+        server = FHEModelServer(f"{tmp}/model")
+        server.load()
+        _log(f"keys generated in {out['keygen_s']:.1f} s ({len(evaluation_keys) / 2 ** 20:.1f} MiB)")
+        for i in range(min(fhe_images, len(x))):
+            request, enc_s = _timed(lambda i=i: client.quantize_encrypt_serialize(x[i:i + 1]))
+            out["upload_bytes"] = len(request)
+            response, server_s, running = _bounded(
+                lambda r=request: server.run(r, evaluation_keys), fhe_budget_s - spent)
+            if running:
+                out["fhe_unfinished_s"] = server_s
+                _log(f"encrypted image {i + 1} unfinished after {server_s:.0f} s: budget spent")
+                break
+            logits, dec_s = _timed(lambda r=response: client.deserialize_decrypt_dequantize(r))
+            out["fhe_predictions"].append(int(np.asarray(logits).argmax(1)[0]))
+            for key, value in zip(stages, (enc_s, server_s, dec_s), strict=True):
+                stages[key].append(value)
+            out["download_bytes"] = len(response)
+            spent += server_s
+            _log(f"encrypted image {i + 1}: server {server_s:.1f} s")
+            if spent >= fhe_budget_s:
+                break
+    out["fhe_images"] = len(out["fhe_predictions"])
+    return {**out, **{f"{k}_s": _percentiles(v) if v else None for k, v in stages.items()}}
 
 
 def _versions() -> dict[str, str]:
@@ -238,14 +288,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-bits", type=int, default=6)
     parser.add_argument("--rounding-threshold-bits", type=int, default=5)
     parser.add_argument("--p-error", type=float, default=None, help="default: Concrete ML's")
+    parser.add_argument("--simulate-images", type=int, default=None, help="default: all")
     parser.add_argument("--fhe-images", type=int, default=10)
     parser.add_argument("--fhe-budget-s", type=float, default=300.0)
     args = parser.parse_args(argv)
     data = np.load(args.data)
     result = measure(args.model, data["calibration"], data["x"], data["y"], n_bits=args.n_bits,
                      rounding_threshold_bits=args.rounding_threshold_bits, p_error=args.p_error,
-                     fhe_images=args.fhe_images, fhe_budget_s=args.fhe_budget_s)
+                     simulate_images=args.simulate_images, fhe_images=args.fhe_images,
+                     fhe_budget_s=args.fhe_budget_s)
     Path(args.out).write_text(json.dumps(result) + "\n")
+    if result["fhe_unfinished_s"] is not None:
+        sys.stderr.flush()
+        os._exit(0)  # the given-up evaluation still runs in its thread
 
 
 if __name__ == "__main__":

@@ -12,11 +12,14 @@ from __future__ import annotations
 import json
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .concrete_env import CONCRETE_ML_VERSION, ENV_VARIABLE
 
 ADAPTER = Path(__file__).with_name("concrete_adapter.py")
 #: Mode names of the Concrete ML rows.
@@ -46,14 +49,14 @@ def measure(python: str, model_path: Path, calibration: np.ndarray, x: np.ndarra
             y: np.ndarray, settings: ConcreteSettings = ConcreteSettings()) -> dict[str, Any]:
     """Run :mod:`benchmarks.concrete_adapter` on ``model_path`` with ``python`` (the Concrete
     ML environment); calibration and test images as the report loaded them."""
-    n = settings.simulate_images
     with tempfile.TemporaryDirectory(prefix="she-concrete-") as tmp:
         data, out = Path(tmp) / "data.npz", Path(tmp) / "result.json"
         np.savez(data, calibration=calibration[:settings.calibration_images].astype(np.float32),
-                 x=x[:n].astype(np.float32), y=y[:n])
+                 x=x.astype(np.float32), y=y)
         command = [python, str(ADAPTER), "--model", str(model_path), "--data", str(data),
                    "--out", str(out), "--n-bits", str(settings.n_bits),
                    "--rounding-threshold-bits", str(settings.rounding_threshold_bits),
+                   "--simulate-images", str(settings.simulate_images),
                    "--fhe-images", str(settings.fhe_images),
                    "--fhe-budget-s", str(settings.fhe_budget_s)]
         if settings.p_error is not None:
@@ -66,30 +69,35 @@ def measure(python: str, model_path: Path, calibration: np.ndarray, x: np.ndarra
 
 
 def rows(model: str, result: dict[str, Any]) -> list[dict[str, Any]]:
-    """The report rows of one :func:`measure` result: FHE simulation on the test set, and
-    encrypted execution one image per request (the deployment API's flow)."""
-    params = result["parameters"]
-    stats = params["statistics"]
-    common = {"model": model, "concrete_parameters": params, "versions": result["versions"],
-              "threads": result["threads"], "compile_s": result["compile_s"],
-              "float_accuracy": result["float_accuracy"]}
+    """The report rows of one :func:`measure` result: FHE simulation on the test set
+    (with the deployment's sizes and key generation time), and encrypted execution one
+    image per request when at least one image finished within the budget."""
     n = result["simulate_images"]
-    simulation = {**common, "mode": SIMULATION_MODE, "images": n,
+    deployment = {k: result[k] for k in ("keygen_s", "evaluation_key_bytes", "upload_bytes",
+                                         "download_bytes", "fhe_images", "fhe_budget_s",
+                                         "fhe_unfinished_s")}
+    simulation = {"model": model, "mode": SIMULATION_MODE, "images": n,
                   "accuracy": result["simulate_accuracy"],
-                  "argmax_agreement": result["simulate_agreement_with_float"],
+                  "argmax_agreement": result["simulate_agreement_with_quantized"],
                   "eval_s_per_image": result["simulate_s"] / n,
-                  "latency_s": result["simulate_s"] / n}
+                  "latency_s": result["simulate_s"] / n, "threads": result["threads"],
+                  "float_accuracy": result["float_accuracy"], "compile_s": result["compile_s"],
+                  "quantized_accuracy": result["quantized_accuracy"],
+                  "quantized_images": result["images"],
+                  "concrete_parameters": result["parameters"], "versions": result["versions"],
+                  "deployment": deployment}
+    if not result["fhe_images"]:
+        return [simulation]
     enc, server, dec = result["encrypt_s"], result["server_s"], result["decrypt_s"]
-    encrypted = {**common, "mode": ENCRYPTED_MODE, "images": result["fhe_images"],
-                 "fhe_budget_s": result["fhe_budget_s"], "accuracy": result["fhe_accuracy"],
+    encrypted = {"model": model, "mode": ENCRYPTED_MODE, "images": result["fhe_images"],
+                 "accuracy": result["fhe_accuracy"],
                  "argmax_agreement": result["fhe_agreement_with_simulation"],
                  "encrypt_s": enc, "eval_s": server, "decrypt_s": dec,
                  "latency_s": enc["p50"] + server["p50"] + dec["p50"],
                  "eval_s_per_image": server["p50"], "upload_bytes": result["upload_bytes"],
                  "download_bytes": result["download_bytes"],
                  "public_key_bytes": result["evaluation_key_bytes"],
-                 "keygen_s": result["keygen_s"],
-                 "pbs_count": stats.get("programmable_bootstrap_count")}
+                 "keygen_s": result["keygen_s"], "threads": result["threads"]}
     return [simulation, encrypted]
 
 
@@ -105,64 +113,90 @@ def _she_params(row: dict[str, Any]) -> str:
     return f"CKKS N={row['poly_modulus_degree']}, {row['modulus_bits']}, depth {row['depth']}"
 
 
-def section(report: dict[str, Any], seconds: Any, size: Any) -> list[str]:
-    """Markdown lines of the Concrete ML comparison (``seconds`` and ``size`` format
-    seconds and bytes as the rest of the report does)."""
-    status = report.get("concrete")
-    lines = ["## Concrete ML, measured in the same run", ""]
-    concrete = [r for r in report["rows"] if r["mode"] == ENCRYPTED_MODE]
-    if not concrete:
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} s" if value >= 1 else f"{1e3 * value:.1f} ms"
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2%}"
+
+
+def section(report: dict[str, Any], size: Callable[[float | None], str]) -> list[str]:
+    """Markdown lines of the Concrete ML comparison (``size`` formats bytes as the rest of
+    the report does)."""
+    seconds = _seconds
+    lines = ["## Concrete ML, measured in the same run", "",
+             f"Concrete ML needs an environment of its own (it pins its own torch): create it "
+             f"once with `python -m benchmarks.concrete_env` (`.venv-concrete`, "
+             f"concrete-ml=={CONCRETE_ML_VERSION}; several GB), and the report measures it "
+             f"beside SHE (or pass `--concrete-python PATH`, or set `${ENV_VARIABLE}`).", ""]
+    simulated = [r for r in report["rows"] if r["mode"] == SIMULATION_MODE]
+    if not simulated:
+        status = report.get("concrete")
         reason = status["reason"] if status else "not run by this report's command"
         return lines + [f"Not measured: {reason}.", ""]
-    version = concrete[0]["versions"]
+    version = simulated[0]["versions"]
     lines += [
         f"Concrete ML {version['concrete-ml']} (concrete-python {version['concrete-python']}, "
         f"torch {version['torch']}) in its own environment (`python -m benchmarks.concrete_env`), "
         "run by `benchmarks/concrete_adapter.py` as a subprocess of the report: "
         "`compile_torch_model` on the trained network (ReLU: Concrete ML runs it as trained; "
         "SHE runs what `she convert` made of it), then `FHEModelDev` / `FHEModelClient` / "
-        "`FHEModelServer`, one image per request. Same test images as SHE, in the same run; "
-        "ratios are Concrete ML / SHE (single packing). Concrete ML's accuracy is its FHE "
-        "simulation on the test set; its encrypted execution ran on the first images within "
-        "the stated budget, agreement against the simulation.", "",
-        "| network | toolkit | parameters | accuracy (images) | encrypted images: accuracy, "
+        "`FHEModelServer`, one image per request. Same test images as SHE, in the same run. "
+        "Concrete ML's accuracy is its FHE simulation on the first test images (agreement: "
+        "with its quantised model in the clear, `fhe=\"disable\"`, whose accuracy on the "
+        "whole test set is given too); its encrypted execution ran on the first images until "
+        "the budget of server time was spent (agreement: with the simulation). SHE's accuracy "
+        "is its encrypted batch row's (agreement: with its plaintext model).", "",
+        "| network | toolkit | parameters | accuracy (images) | encrypted: images, accuracy, "
         "agreement | server p50 | server p90 | encrypt p50 | decrypt p50 | key generation | "
         "evaluation keys | upload / download |",
         "|" + " --- |" * 12,
     ]
     ratios = []
-    for c in concrete:
-        mine = {r["mode"]: r for r in report["rows"] if r["model"] == c["model"]}
-        sim = mine.get(SIMULATION_MODE)
-        she = mine.get("SHE CKKS single")
-        she_acc = mine.get("SHE CKKS batch") or mine.get("HE-friendly plaintext (onnxruntime)") \
-            or mine.get("plaintext (onnxruntime)")
+    for sim in simulated:
+        mine = {r["mode"]: r for r in report["rows"] if r["model"] == sim["model"]}
+        she, c, d = mine.get("SHE CKKS single"), mine.get(ENCRYPTED_MODE), sim["deployment"]
+        she_acc = mine.get("SHE CKKS batch") or she
         if she:
-            keygen = seconds(she.get("keygen_s")) if she.get("keygen_s") is not None else "-"
-            acc = (f"{she_acc['accuracy']:.2%} ({she_acc['images']}, {she_acc['mode']})"
-                   if she_acc else "-")
             lines.append(
-                f"| {c['model']} | SHE | {_she_params(she)} | {acc} | {she['images']}: "
-                f"{she['accuracy']:.2%}, {she['argmax_agreement']:.2%} | "
-                f"{seconds(she['eval_s']['p50'])} | {seconds(she['eval_s']['p90'])} | "
-                f"{seconds(she['encrypt_s']['p50'])} | {seconds(she['decrypt_s']['p50'])} | "
-                f"{keygen} | {size(she['public_key_bytes'])} | "
+                f"| {sim['model']} | SHE | {_she_params(she)} | {_percent(she_acc['accuracy'])} "
+                f"({she_acc['images']}) | {she['images']}, {_percent(she['accuracy'])}, "
+                f"{_percent(she['argmax_agreement'])} | {seconds(she['eval_s']['p50'])} | "
+                f"{seconds(she['eval_s']['p90'])} | {seconds(she['encrypt_s']['p50'])} | "
+                f"{seconds(she['decrypt_s']['p50'])} | {seconds(she.get('keygen_s'))} | "
+                f"{size(she['public_key_bytes'])} | "
                 f"{size(she['upload_bytes'])} / {size(she['download_bytes'])} |")
-        sim_acc = f"{sim['accuracy']:.2%} ({sim['images']}, FHE simulation)" if sim else "-"
+        unfinished = ("" if d["fhe_unfinished_s"] is None else
+                      f"; the next unfinished after {d['fhe_unfinished_s']:.0f} s")
+        encrypted = ("not run, " if not (d["fhe_images"] or d["fhe_unfinished_s"]) else
+                     f"{d['fhe_images']} in {d['fhe_budget_s']:g} s{unfinished}, ")
+        encrypted += (f"{_percent(c['accuracy'])}, {_percent(c['argmax_agreement'])}"
+                      if c else "-, -")
+        timing = ([c["eval_s"]["p50"], c["eval_s"]["p90"], c["encrypt_s"]["p50"],
+                   c["decrypt_s"]["p50"]] if c else [None] * 4)
         lines.append(
-            f"| {c['model']} | Concrete ML | {_describe(c['concrete_parameters'])} | {sim_acc} | "
-            f"{c['images']} (budget {c['fhe_budget_s']:g} s): {c['accuracy']:.2%}, "
-            f"{c['argmax_agreement']:.2%} | {seconds(c['eval_s']['p50'])} | "
-            f"{seconds(c['eval_s']['p90'])} | {seconds(c['encrypt_s']['p50'])} | "
-            f"{seconds(c['decrypt_s']['p50'])} | {seconds(c['keygen_s'])} | "
-            f"{size(c['public_key_bytes'])} | {size(c['upload_bytes'])} / "
-            f"{size(c['download_bytes'])} |")
+            f"| {sim['model']} | Concrete ML | {_describe(sim['concrete_parameters'])} | "
+            f"{_percent(sim['accuracy'])} ({sim['images']}, FHE simulation); "
+            f"{_percent(sim['quantized_accuracy'])} ({sim['quantized_images']}, quantised, "
+            f"clear) | {encrypted} | "
+            + " | ".join(seconds(t) for t in timing)
+            + f" | {seconds(d['keygen_s'])} | {size(d['evaluation_key_bytes'])} | "
+            f"{size(d['upload_bytes'])} / {size(d['download_bytes'])} |")
         if she:
+            ratio = [f"server p50 {c['eval_s']['p50'] / she['eval_s']['p50']:.1f}x" if c else
+                     f"server > {d['fhe_unfinished_s'] / she['eval_s']['p50']:.0f}x (no image "
+                     "finished)" if d["fhe_unfinished_s"] else "no encrypted run"]
+            if she.get("keygen_s") and d["keygen_s"]:
+                ratio.append(f"key generation {d['keygen_s'] / she['keygen_s']:.1f}x")
+            if d["evaluation_key_bytes"]:
+                ratio += [f"evaluation keys "
+                          f"{d['evaluation_key_bytes'] / she['public_key_bytes']:.1f}x",
+                          f"upload {d['upload_bytes'] / she['upload_bytes']:.2f}x"]
             ratios.append(
-                f"- {c['model']}: server p50 {c['eval_s']['p50'] / she['eval_s']['p50']:.1f}x, "
-                f"evaluation keys {c['public_key_bytes'] / she['public_key_bytes']:.1f}x, "
-                f"upload {c['upload_bytes'] / she['upload_bytes']:.2f}x, accuracy "
-                f"{100 * ((sim or c)['accuracy'] - (she_acc or she)['accuracy']):+.2f} points "
-                f"(Concrete ML - SHE); Concrete ML compiled it in {c['compile_s']:.0f} s")
-    lines += ["", "Concrete ML / SHE, same run:", "", *ratios, ""]
+                f"- {sim['model']}: {', '.join(ratio)}; accuracy "
+                f"{100 * (sim['accuracy'] - she_acc['accuracy']):+.2f} points (Concrete ML "
+                f"simulation on {sim['images']} images, SHE encrypted on {she_acc['images']}); "
+                f"Concrete ML compiled it in {sim['compile_s']:.0f} s")
+    lines += ["", "Concrete ML / SHE, measured in the same run:", "", *ratios, ""]
     return lines
