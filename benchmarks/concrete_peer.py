@@ -68,10 +68,12 @@ def measure(python: str, model_path: Path, calibration: np.ndarray, x: np.ndarra
         return json.loads(out.read_text())
 
 
-def rows(model: str, result: dict[str, Any]) -> list[dict[str, Any]]:
+def rows(model: str, result: dict[str, Any], she_command: str | None = None
+         ) -> list[dict[str, Any]]:
     """The report rows of one :func:`measure` result: FHE simulation on the test set
-    (with the deployment's sizes and key generation time), and encrypted execution one
-    image per request when at least one image finished within the budget."""
+    (with the deployment's sizes and key generation time, and ``she_command``, the
+    command that made SHE's model of the same network), and encrypted execution one image
+    per request when at least one image finished within the budget."""
     n = result["simulate_images"]
     deployment = {k: result[k] for k in ("keygen_s", "evaluation_key_bytes", "upload_bytes",
                                          "download_bytes", "fhe_images", "fhe_budget_s",
@@ -85,7 +87,7 @@ def rows(model: str, result: dict[str, Any]) -> list[dict[str, Any]]:
                   "quantized_accuracy": result["quantized_accuracy"],
                   "quantized_images": result["images"],
                   "concrete_parameters": result["parameters"], "versions": result["versions"],
-                  "deployment": deployment}
+                  "deployment": deployment, "she_command": she_command}
     if not result["fhe_images"]:
         return [simulation]
     enc, server, dec = result["encrypt_s"], result["server_s"], result["decrypt_s"]
@@ -197,6 +199,7 @@ def section(report: dict[str, Any], size: Callable[[float | None], str]) -> list
                 f"- {sim['model']}: {', '.join(ratio)}; accuracy "
                 f"{100 * (sim['accuracy'] - she_acc['accuracy']):+.2f} points (Concrete ML "
                 f"simulation on {sim['images']} images, SHE encrypted on {she_acc['images']}); "
-                f"Concrete ML compiled it in {sim['compile_s']:.0f} s")
+                f"Concrete ML compiled it in {sim['compile_s']:.0f} s"
+                + (f"; SHE's model: `{sim['she_command']}`" if sim.get("she_command") else ""))
     lines += ["", "Concrete ML / SHE, measured in the same run:", "", *ratios, ""]
     return lines
