@@ -27,6 +27,16 @@ SIMULATION_MODE = "Concrete ML FHE simulation (plaintext)"
 ENCRYPTED_MODE = "Concrete ML encrypted, one image"
 
 
+#: Why the report runs the wide networks through Concrete ML's compiler and simulation only.
+WIDE_NOTE = (
+    "Encrypted execution \"not run\": the wide networks (the MNIST accuracy-target CNN, "
+    "32 and 64 channels) are compiled and simulated only. Concrete ML compiles that CNN to "
+    "over 100,000 programmable bootstraps; run encrypted on this 2-core machine "
+    "(`benchmarks/concrete_adapter.py --model she/assets/mnist_cnn.onnx --fhe-images 1`, "
+    "2026-11-27), it generated 1.3 GB of evaluation keys in 367 s and was then killed at "
+    "9 GB of memory before the first image finished.")
+
+
 @dataclass(frozen=True)
 class ConcreteSettings:
     """Concrete ML's compilation options (those of the comparison issue; ``p_error=None``
@@ -201,5 +211,8 @@ def section(report: dict[str, Any], size: Callable[[float | None], str]) -> list
                 f"simulation on {sim['images']} images, SHE encrypted on {she_acc['images']}); "
                 f"Concrete ML compiled it in {sim['compile_s']:.0f} s"
                 + (f"; SHE's model: `{sim['she_command']}`" if sim.get("she_command") else ""))
+    if any(not (r["deployment"]["fhe_images"] or r["deployment"]["fhe_unfinished_s"])
+           for r in simulated):
+        lines += ["", WIDE_NOTE]
     lines += ["", "Concrete ML / SHE, measured in the same run:", "", *ratios, ""]
     return lines

@@ -50,12 +50,16 @@ def test_adapter_module_refuses_unsupported_operators():
         OnnxModule(helper.make_model(graph))
 
 
-def test_missing_environment_is_skipped_with_the_reason(tmp_path):
-    python, reason = concrete_env.find(str(tmp_path / "no-such-python"))
+def test_missing_environment_is_skipped_with_the_reason(tmp_path, mnist_dir):
+    missing = str(tmp_path / "no-such-python")
+    python, reason = concrete_env.find(missing)
     assert python is None and "does not exist" in reason
-    lines = concrete_peer.section({"rows": [], "concrete": {"python": None, "reason": reason}},
-                                  report._bytes)
-    assert f"Not measured: {reason}." in lines
+    # the report still renders, with the reason, and how to create the environment
+    result = report.run(str(mnist_dir.parent), quick=True, only=["MNIST ReLU MLP (converted)"],
+                        modes=("concrete",), concrete_python=missing)
+    assert result["rows"] == [] and result["concrete"]["python"] is None
+    text = report.render(result)
+    assert f"Not measured: {reason}." in text and "python -m benchmarks.concrete_env" in text
     assert report.mode_kind(concrete_peer.ENCRYPTED_MODE) == "concrete"
     assert report.mode_kind(concrete_peer.SIMULATION_MODE) == "concrete"
 
