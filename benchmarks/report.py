@@ -310,9 +310,8 @@ def run(data_dir: str, quick: bool, only: list[str] | None = None,
             rows.append(_single_row(name, _in_fresh_process(she_single, str(path), train_x,
                                                             x[:ns], y[:ns]), "SHE CKKS single"))
             progress(f"{name}: CKKS single, {ns} images")
-        if python and subject in concrete:  # wide models: no encrypted run (over 9 GB)
-            settings = (dataclasses.replace(sizes.concrete, fhe_images=0) if subject.wide
-                        else sizes.concrete)
+        if python and subject in concrete:
+            settings = sizes.concrete.for_wide() if subject.wide else sizes.concrete
             result = concrete_peer.measure(python, assets.asset_path(subject.original),
                                            train_x, x, y, settings)
             record = assets.asset_path(subject.asset.replace(".she.onnx", ".json"))
