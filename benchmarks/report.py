@@ -17,8 +17,9 @@ results beside them.
   the encrypted agreement with its plaintext, against the converter issue's targets;
 * Concrete ML (``--modes concrete``), in its own environment (``--concrete-python PATH``,
   else :func:`benchmarks.concrete_env.find`'s default; none: skipped, the reason printed),
-  on the trained networks of the models marked ``concrete`` (ReLU; SHE runs their
-  conversion): FHE simulation and encrypted execution (:mod:`benchmarks.concrete_peer`);
+  on the trained networks of the models marked ``concrete`` (ReLU, SHE running their
+  conversion; or the tutorial network's squares, which both run as they are): FHE
+  simulation and encrypted execution (:mod:`benchmarks.concrete_peer`);
 * published results, marked as not measured here, with their sources.
 
 ``--render`` measures nothing and writes the markdown and plots again from the saved JSON.
@@ -114,12 +115,12 @@ class Subject:
     wide: bool = False  # wide layers: single packing takes seconds, so fewer images
     bfv: dict[str, int] | None = None  # BFV compile options; None: not run in BFV
     target_drop: float | None = None  # allowed accuracy drop of the conversion (points)
-    concrete: bool = False  # Concrete ML measured on the original (trained) network too
+    concrete: bool = False  # Concrete ML measured on the trained network (original) too
 
 
 SUBJECTS = (
     Subject("shipped demo model", "mnist", "mnist_demo.onnx"),
-    Subject("TenSEAL-tutorial network", "mnist", "tutorial_cnn.onnx"),
+    Subject("TenSEAL-tutorial network", "mnist", "tutorial_cnn.onnx", concrete=True),
     Subject("MNIST ReLU CNN (converted)", "mnist", "mnist_cnn.she.onnx", "mnist_cnn.onnx",
             wide=True, target_drop=0.5, concrete=True),
     Subject("Fashion-MNIST ReLU CNN (converted)", "fashion-mnist", "fashion_cnn.she.onnx",
@@ -260,7 +261,7 @@ def run(data_dir: str, quick: bool, only: list[str] | None = None,
     rows: list[dict[str, Any]] = []
     encrypted = [s for s in subjects if not s.wide or sizes.wide_single_images]
     peers = only is None
-    concrete = [s for s in encrypted if s.concrete and s.original and "concrete" in modes]
+    concrete = [s for s in encrypted if s.concrete and "concrete" in modes]
     python, concrete_status = (concrete_env.find(concrete_python) if concrete
                                else (None, "no model to measure"))
     if concrete and python is None:
@@ -312,7 +313,7 @@ def run(data_dir: str, quick: bool, only: list[str] | None = None,
             progress(f"{name}: CKKS single, {ns} images")
         if python and subject in concrete:
             settings = sizes.concrete.for_wide() if subject.wide else sizes.concrete
-            result = concrete_peer.measure(python, assets.asset_path(subject.original),
+            result = concrete_peer.measure(python, assets.asset_path(subject.original or subject.asset),
                                            train_x, x, y, settings)
             record = assets.asset_path(subject.asset.replace(".she.onnx", ".json"))
             command = json.loads(record.read_text())["command"] if record.exists() else None
