@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -80,11 +81,13 @@ def measure(python: str, model_path: Path, calibration: np.ndarray, x: np.ndarra
                    "--fhe-budget-s", str(settings.fhe_budget_s)]
         if settings.p_error is not None:
             command += ["--p-error", str(settings.p_error)]
+        load_before = os.getloadavg()[0]
         done = subprocess.run(command, check=False)
         if done.returncode != 0 or not out.exists():
             raise ConcreteError(f"the Concrete ML adapter failed on {model_path.name} "
                                 f"(exit code {done.returncode}; its error is above)")
-        return json.loads(out.read_text())
+        # the machine is shared: its load beside the timings
+        return {**json.loads(out.read_text()), "load_average": [load_before, os.getloadavg()[0]]}
 
 
 def rows(model: str, result: dict[str, Any], she_command: str | None = None
@@ -106,7 +109,8 @@ def rows(model: str, result: dict[str, Any], she_command: str | None = None
                   "quantized_accuracy": result["quantized_accuracy"],
                   "quantized_images": result["images"],
                   "concrete_parameters": result["parameters"], "versions": result["versions"],
-                  "deployment": deployment, "she_command": she_command}
+                  "deployment": deployment, "she_command": she_command,
+                  "load_average": result.get("load_average")}
     if not result["fhe_images"]:
         return [simulation]
     enc, server, dec = result["encrypt_s"], result["server_s"], result["decrypt_s"]
@@ -220,6 +224,8 @@ def section(report: dict[str, Any], size: Callable[[float | None], str]) -> list
                 f"{100 * (sim['accuracy'] - she_acc['accuracy']):+.2f} points (Concrete ML "
                 f"simulation on {sim['images']} images, SHE encrypted on {she_acc['images']}); "
                 f"Concrete ML compiled it in {sim['compile_s']:.0f} s"
+                + (" (1-minute load average {:.0f} before and {:.0f} after its run on 2 cores)"
+                   .format(*sim["load_average"]) if sim.get("load_average") else "")
                 + (f"; SHE's model: `{sim['she_command']}`" if sim.get("she_command") else ""))
     if any(not (r["deployment"]["fhe_images"] or r["deployment"]["fhe_unfinished_s"])
            for r in simulated):
