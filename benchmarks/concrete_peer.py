@@ -194,7 +194,8 @@ def section(report: dict[str, Any], size: Callable[[float | None], str]) -> list
                 f"{size(she['public_key_bytes'])} | "
                 f"{size(she['upload_bytes'])} / {size(she['download_bytes'])} |")
         unfinished = ("" if d["fhe_unfinished_s"] is None else
-                      f"; the next unfinished after {d['fhe_unfinished_s']:.0f} s")
+                      f" (image {d['fhe_images'] + 1} given up after "
+                      f"{d['fhe_unfinished_s']:.0f} s)")
         encrypted = ("not run, " if not (d["fhe_images"] or d["fhe_unfinished_s"]) else
                      f"{d['fhe_images']} in {d['fhe_budget_s']:g} s{unfinished}, ")
         encrypted += (f"{_percent(c['accuracy'])}, {_percent(c['argmax_agreement'])}"
