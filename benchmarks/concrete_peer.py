@@ -222,8 +222,10 @@ def section(report: dict[str, Any], size: Callable[[float | None], str]) -> list
                           f"upload {d['upload_bytes'] / she['upload_bytes']:.2f}x"]
             ratios.append(
                 f"- {sim['model']}: {', '.join(ratio)}; accuracy "
-                f"{100 * (sim['accuracy'] - she_acc['accuracy']):+.2f} points (Concrete ML "
-                f"simulation on {sim['images']} images, SHE encrypted on {she_acc['images']}); "
+                f"{100 * (sim['quantized_accuracy'] - she_acc['accuracy']):+.2f} points "
+                f"(Concrete ML's quantised model on {sim['quantized_images']} images, whose FHE "
+                f"simulation agreed with it on {_percent(sim['argmax_agreement'])} of "
+                f"{sim['images']}; SHE encrypted on {she_acc['images']}); "
                 f"Concrete ML compiled it in {sim['compile_s']:.0f} s"
                 + (" (1-minute load average {:.0f} before and {:.0f} after its run on 2 cores)"
                    .format(*sim["load_average"]) if sim.get("load_average") else "")
