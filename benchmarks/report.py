@@ -316,7 +316,8 @@ def run(data_dir: str, quick: bool, only: list[str] | None = None,
             result = concrete_peer.measure(python, assets.asset_path(subject.original or subject.asset),
                                            train_x, x, y, settings)
             record = assets.asset_path(subject.asset.replace(".she.onnx", ".json"))
-            command = json.loads(record.read_text())["command"] if record.exists() else None
+            command = (json.loads(record.read_text())["command"]  # converted models only
+                       if subject.original and record.exists() else None)
             rows += concrete_peer.rows(name, result, she_command=command)
             progress(f"{name}: Concrete ML, {result['simulate_images']} images simulated, "
                      f"{result['fhe_images']} encrypted")
