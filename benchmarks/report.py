@@ -15,6 +15,11 @@ results beside them.
   ciphertext (50 images; ``--quick``: 3) and a 4096-image batch (skipped by ``--quick``);
 * conversion targets: for each converted model, the accuracy drop from its original and
   the encrypted agreement with its plaintext, against the converter issue's targets;
+* Concrete ML (``--modes concrete``), in its own environment (``--concrete-python PATH``,
+  else :func:`benchmarks.concrete_env.find`'s default; none: skipped, the reason printed),
+  on the trained networks of the models marked ``concrete`` (ReLU, SHE running their
+  conversion; or the tutorial network's squares, which both run as they are): FHE
+  simulation and encrypted execution (:mod:`benchmarks.concrete_peer`);
 * published results, marked as not measured here, with their sources.
 
 ``--render`` measures nothing and writes the markdown and plots again from the saved JSON.
@@ -33,6 +38,7 @@ Upload and download times are the measured byte counts at an assumed link speed
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import shlex
@@ -47,7 +53,7 @@ import numpy as np
 from she import assets
 from she.data import load_idx_dataset
 
-from . import cifar_sized
+from . import cifar_sized, concrete_env, concrete_peer
 from . import tenseal_baseline as tb
 from .engine_vs_tenseal import _in_fresh_process, she_batch, she_single
 from .mnist_demo import machine
@@ -68,12 +74,13 @@ PUBLISHED = (
     ("SHE (TFHE)", "SHE MNIST CNN", 0.9954, 9.3, None, "Xeon E7-4850 (16 threads)",
      "Lou & Jiang, NeurIPS 2019"),
     ("Concrete ML", "MNIST CNNs", 0.96, 2.9, None, "2-core machine of this project",
-     "range 96-98 % at 2.9-8.2 s quoted in the benchmark issue; not measured by this script"),
+     "range 96-98 % at 2.9-8.2 s quoted in the benchmark issue (measured here: see the Concrete "
+     "ML section)"),
 )
 
 
 #: Kinds of rows a model can have (``--modes``).
-MODE_KINDS = ("plaintext", "batch", "bfv", "single")
+MODE_KINDS = ("plaintext", "batch", "bfv", "single", "concrete")
 
 
 @dataclass(frozen=True)
@@ -85,12 +92,16 @@ class Sizes:
     wide_single_images: int  # single packing of models with wide layers (seconds per image)
     peer_single_images: int
     peer_batch_images: int  # 0: skipped
+    concrete: concrete_peer.ConcreteSettings = concrete_peer.ConcreteSettings()
 
     @classmethod
     def for_run(cls, quick: bool) -> Sizes:
         """``--quick`` runs the wide models (seconds to minutes per ciphertext operation
         batch) in plaintext only."""
-        return cls(512, 5, 0, 3, 0) if quick else cls(10_000, 500, 500, 50, 4096)
+        if quick:
+            return cls(512, 5, 0, 3, 0, concrete_peer.ConcreteSettings(
+                simulate_images=100, fhe_images=2, fhe_budget_s=600.0))
+        return cls(10_000, 500, 500, 50, 4096)
 
 
 @dataclass(frozen=True)
@@ -104,19 +115,24 @@ class Subject:
     wide: bool = False  # wide layers: single packing takes seconds, so fewer images
     bfv: dict[str, int] | None = None  # BFV compile options; None: not run in BFV
     target_drop: float | None = None  # allowed accuracy drop of the conversion (points)
+    concrete: bool = False  # Concrete ML measured on the trained network (original) too
 
 
 SUBJECTS = (
     Subject("shipped demo model", "mnist", "mnist_demo.onnx"),
-    Subject("TenSEAL-tutorial network", "mnist", "tutorial_cnn.onnx"),
+    Subject("TenSEAL-tutorial network", "mnist", "tutorial_cnn.onnx", concrete=True),
     Subject("MNIST ReLU CNN (converted)", "mnist", "mnist_cnn.she.onnx", "mnist_cnn.onnx",
-            wide=True, target_drop=0.5),
+            wide=True, target_drop=0.5, concrete=True),
     Subject("Fashion-MNIST ReLU CNN (converted)", "fashion-mnist", "fashion_cnn.she.onnx",
             "fashion_cnn.onnx", wide=True, target_drop=1.5),
     Subject("MNIST GHN network (converted)", "mnist", "ghn_cnn.she.onnx", "ghn_cnn.onnx",
             wide=True, target_drop=0.5),
     Subject("MNIST shallow ReLU CNN (converted)", "mnist", "shallow_cnn.she.onnx",
             "shallow_cnn.onnx", bfv={"input_bits": 8, "weight_bits": 8}, target_drop=0.5),
+    Subject("MNIST ReLU MLP (converted)", "mnist", "mlp_cnn.she.onnx", "mlp_cnn.onnx",
+            concrete=True),
+    Subject("TenSEAL-tutorial architecture, ReLU (converted)", "mnist",
+            "tutorial_relu_cnn.she.onnx", "tutorial_relu_cnn.onnx", concrete=True),
 )
 
 
@@ -145,7 +161,7 @@ def _single_row(name: str, r: dict[str, Any], mode: str) -> dict[str, Any]:
             "poly_modulus_degree": r["poly_modulus_degree"],
             "modulus_bits": r.get("modulus_bits") or r.get("coeff_mod_bit_sizes"),
             "depth": r.get("depth", 2), "peak_rss_bytes": r.get("peak_rss_bytes"),
-            "threads": r.get("workers", 1)}
+            "threads": r.get("workers", 1), "keygen_s": r.get("keygen_s")}
 
 
 def _batch_row(name: str, r: dict[str, Any], mode: str) -> dict[str, Any]:
@@ -217,6 +233,8 @@ def conversion_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def mode_kind(mode: str) -> str:
     """The kind of a row's mode, one of :data:`MODE_KINDS` (peer rows: ``"peer"``)."""
+    if mode.startswith("Concrete ML"):
+        return "concrete"
     if "plaintext" in mode:
         return "plaintext"
     if mode.startswith("SHE"):
@@ -225,20 +243,32 @@ def mode_kind(mode: str) -> str:
 
 
 def run(data_dir: str, quick: bool, only: list[str] | None = None,
-        modes: tuple[str, ...] = MODE_KINDS) -> dict[str, Any]:
+        modes: tuple[str, ...] = MODE_KINDS, concrete_python: str | None = None,
+        concrete_simulate_images: int | None = None) -> dict[str, Any]:
     """Measure everything (or only the models named in ``only``, without the peers, and
-    only the ``modes`` among :data:`MODE_KINDS`); returns the JSON-ready report."""
+    only the ``modes`` among :data:`MODE_KINDS`); returns the JSON-ready report.
+    ``concrete_python``: the Concrete ML environment's interpreter (default:
+    :func:`benchmarks.concrete_env.find`'s); ``concrete_simulate_images``: fewer test
+    images for Concrete ML's (slow, one image at a time) FHE simulation."""
     started = time.perf_counter()
     sizes = Sizes.for_run(quick)
+    if concrete_simulate_images is not None:
+        sizes = dataclasses.replace(sizes, concrete=dataclasses.replace(
+            sizes.concrete, simulate_images=concrete_simulate_images))
     subjects = [s for s in SUBJECTS if assets.asset_path(s.asset).exists()
                 and (Path(data_dir) / s.dataset).is_dir() and (only is None or s.name in only)]
     missing = [s.name for s in SUBJECTS if s not in subjects]
     rows: list[dict[str, Any]] = []
     encrypted = [s for s in subjects if not s.wide or sizes.wide_single_images]
     peers = only is None
+    concrete = [s for s in encrypted if s.concrete and "concrete" in modes]
+    python, concrete_status = (concrete_env.find(concrete_python) if concrete
+                               else (None, "no model to measure"))
+    if concrete and python is None:
+        print(f"Concrete ML rows skipped: {concrete_status}", file=sys.stderr, flush=True)
     steps = (("plaintext" in modes) * sum(1 + bool(s.original) for s in subjects)
              + sum(("batch" in modes) + ("single" in modes) + ("bfv" in modes and bool(s.bfv))
-                   for s in encrypted)
+                   for s in encrypted) + bool(python) * len(concrete)
              + peers * (1 + bool(sizes.peer_batch_images)))
     done = 0
 
@@ -281,15 +311,27 @@ def run(data_dir: str, quick: bool, only: list[str] | None = None,
             rows.append(_single_row(name, _in_fresh_process(she_single, str(path), train_x,
                                                             x[:ns], y[:ns]), "SHE CKKS single"))
             progress(f"{name}: CKKS single, {ns} images")
+        if python and subject in concrete:
+            settings = sizes.concrete.for_wide() if subject.wide else sizes.concrete
+            result = concrete_peer.measure(python, assets.asset_path(subject.original or subject.asset),
+                                           train_x, x, y, settings)
+            record = assets.asset_path(subject.asset.replace(".she.onnx", ".json"))
+            command = (json.loads(record.read_text())["command"]  # converted models only
+                       if subject.original and record.exists() else None)
+            rows += concrete_peer.rows(name, result, she_command=command)
+            progress(f"{name}: Concrete ML, {result['simulate_images']} images simulated, "
+                     f"{result['fhe_images']} encrypted")
     if peers:
         rows += _peer_rows(data_dir, sizes, progress)
     return {
         "command": "python -m benchmarks " + shlex.join(sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(), "quick": quick, "sizes": sizes.__dict__, "rows": rows,
+        "machine": machine(), "quick": quick, "sizes": dataclasses.asdict(sizes), "rows": rows,
         "conversion_targets": conversion_targets(rows),
         "accuracy_targets": accuracy_targets(rows),
         "missing_models": missing,
+        "concrete": {"python": python, "reason": concrete_status,
+                     "settings": sizes.concrete.__dict__},
         "published": [dict(zip(("system", "model", "accuracy", "latency_s", "amortised_s",
                                 "hardware", "source"), p, strict=True)) for p in PUBLISHED],
         "link_mbit_s": LINK_MBIT_S, "wall_s": time.perf_counter() - started,
@@ -328,6 +370,8 @@ def merge_update(previous: dict[str, Any], update: dict[str, Any], models: list[
     rows += fresh.values()
     merged = dict(previous, rows=rows, conversion_targets=conversion_targets(rows),
                   accuracy_targets=accuracy_targets(rows))
+    if update.get("concrete", {}).get("python"):
+        merged["concrete"] = update["concrete"]
     merged["updates"] = [*previous.get("updates", []),
                          {"models": models, "modes": list(modes), "command": update["command"],
                           "date": update["date"],
@@ -503,6 +547,7 @@ def render(report: dict[str, Any]) -> str:
     lines += ["", "Single-packing rows: per request (one image), p50 unless marked p90; batch rows: "
               "amortised over the batch. Plaintext rows: onnxruntime on the whole test set at once.",
               "", "![time per image by stage](results/stages.png)", ""]
+    lines += concrete_peer.section(report, _bytes)
     if report.get("missing_models"):
         lines += [f"Not measured (model not shipped in `she/assets`, or its data set not found; "
                   f"models are trained by `python -m converters.train_targets`): "
@@ -576,6 +621,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "existing report (recorded in it with this command and date)")
     parser.add_argument("--modes", nargs="+", choices=MODE_KINDS, default=list(MODE_KINDS),
                         help="with --update: measure and replace only these modes' rows")
+    parser.add_argument("--concrete-python", metavar="PATH",
+                        help="interpreter of the Concrete ML environment (default: "
+                        f"${concrete_env.ENV_VARIABLE}, else .venv-concrete; create it with "
+                        "`python -m benchmarks.concrete_env`)")
+    parser.add_argument("--concrete-simulate-images", type=int, metavar="N",
+                        help="Concrete ML FHE simulation on the first N test images only "
+                        "(default: all; it runs one image at a time)")
     parser.add_argument("--render", action="store_true",
                         help="measure nothing: write the markdown, plots and derived tables "
                         "again from the saved JSON")
@@ -593,9 +645,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         previous = json.loads(saved.read_text())
         modes = tuple(args.modes)
         report = merge_update(previous, run(args.data, previous["quick"], only=args.update,
-                                            modes=modes), args.update, modes)
+                                            modes=modes, concrete_python=args.concrete_python,
+                                            concrete_simulate_images=args.concrete_simulate_images),
+                              args.update, modes)
     else:
-        report = run(args.data, args.quick)
+        report = run(args.data, args.quick, concrete_python=args.concrete_python,
+                     concrete_simulate_images=args.concrete_simulate_images)
     (out / "results").mkdir(parents=True, exist_ok=True)
     (out / "results" / "benchmarks.json").write_text(json.dumps(report, indent=2) + "\n")
     plot(report, out / "results")

@@ -3,7 +3,10 @@
 For one data set (MNIST or Fashion-MNIST): train :func:`converters.zoo.two_conv_relu_cnn`
 (two Conv + BatchNorm + ReLU blocks, MaxPool, Dropout, two dense layers; nothing
 HE-specific; or with ``--arch shallow`` :func:`converters.zoo.shallow_relu_cnn`, one
-activation, for BFV; or with ``--arch ghn`` the GHN network :func:`converters.zoo.ghn_cnn`)
+activation, for BFV; or with ``--arch ghn`` the GHN network :func:`converters.zoo.ghn_cnn`;
+with ``--arch mlp`` the dense network :func:`converters.zoo.relu_mlp`; or with
+``--arch tutorial`` the TenSEAL-tutorial architecture with ReLU,
+:func:`converters.zoo.tutorial_relu_cnn`)
 with random-shift augmentation, export it to ONNX, convert it exactly as
 ``she convert`` does (batch norm folded, max pool to average pool, quadratic activations
 fitted on the calibration data, power-of-two weights, distillation fine-tuning on the
@@ -38,7 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", required=True, help="IDX directory (train and t10k files)")
     parser.add_argument("--name", required=True, help="asset name prefix, e.g. mnist")
     parser.add_argument("--out-dir", default="she/assets")
-    parser.add_argument("--arch", choices=("two_conv", "shallow", "ghn"), default="two_conv")
+    parser.add_argument("--arch", choices=("two_conv", "shallow", "ghn", "mlp", "tutorial"),
+                        default="two_conv")
     parser.add_argument("--channels", type=int, nargs="+", default=[32, 64],
                         help="conv channels (two for two_conv, one for shallow)")
     parser.add_argument("--hidden", type=int, default=128)
@@ -64,6 +68,10 @@ def _train(args: argparse.Namespace, out: Path) -> dict:
         net = zoo.shallow_relu_cnn(args.channels[0])
     elif args.arch == "ghn":
         net = zoo.ghn_cnn(args.channels[0], args.hidden)
+    elif args.arch == "mlp":
+        net = zoo.relu_mlp(args.hidden)
+    elif args.arch == "tutorial":
+        net = zoo.tutorial_relu_cnn(args.hidden)
     else:
         net = zoo.two_conv_relu_cnn(tuple(args.channels), args.hidden)
     net, accuracy = zoo.train(net, args.data, epochs=args.epochs, lr=args.lr, seed=args.seed,

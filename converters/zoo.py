@@ -39,6 +39,21 @@ def shallow_relu_cnn(channels: int = 16) -> nn.Module:
         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(channels * 7 * 7, 10))
 
 
+def relu_mlp(hidden: int = 64) -> nn.Module:
+    """Flatten, Linear(784, hidden) + ReLU, Linear(hidden, 10): the smallest ordinary MNIST
+    network, the MLP that the Concrete ML comparison runs on both toolkits."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, hidden), nn.ReLU(),
+                         nn.Linear(hidden, 10))
+
+
+def tutorial_relu_cnn(hidden: int = 64) -> nn.Module:
+    """The TenSEAL-tutorial architecture (Conv 4 x 7x7 stride 3, Linear 256 -> hidden ->
+    10) with ReLU where the tutorial squares: the ordinary network a model owner would
+    train, which the Concrete ML comparison runs on both toolkits."""
+    return nn.Sequential(nn.Conv2d(1, 4, 7, stride=3), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(256, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+
 def random_shift(batch: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
     """Shift every image independently by up to ``max_shift`` pixels in x and y (zero fill)."""
     if max_shift == 0:
