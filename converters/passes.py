@@ -1,6 +1,11 @@
 """Conversion passes: each rewrites an ONNX model in place and is usable on its own.
 
-* :func:`remove_identities` drops Identity and Dropout (inference is the identity).
+* :func:`remove_identities` drops Identity, Dropout and float-to-float Cast (inference is
+  the identity).
+* :func:`fold_shapes` replaces Reshape targets computed from the input's shape (tf2onnx's
+  Shape -> Gather -> Concat) by constants.
+* :func:`fold_layout` folds the NCHW -> NHWC Transpose before a flatten (Keras flattens
+  channels-last) into the weights of the MatMul/Gemm after it.
 * :func:`fold_constants` evaluates nodes whose inputs are all constant.
 * :func:`fold_batchnorm` folds BatchNormalization into the Conv/Gemm before it, or writes
   it as ``Mul`` + ``Add`` by constants.
@@ -41,10 +46,16 @@ POOLING_MODES = ("average", "polynomial")
 FIT_SAMPLES = 20000
 
 
+def _is_identity(node: onnx.NodeProto) -> bool:
+    if node.op_type == "Cast":  # skl2onnx casts its float input to float
+        return any(a.name == "to" and a.i == onnx.TensorProto.FLOAT for a in node.attribute)
+    return node.op_type in ("Identity", "Dropout")
+
+
 def remove_identities(model: onnx.ModelProto) -> int:
-    """Remove Identity and Dropout nodes; returns how many were removed."""
+    """Remove Identity, Dropout and Cast-to-float nodes; returns how many were removed."""
     removed = 0
-    for node in [n for n in model.graph.node if n.op_type in ("Identity", "Dropout")]:
+    for node in [n for n in model.graph.node if _is_identity(n)]:
         graph_outputs = {o.name for o in model.graph.output}
         if node.output[0] in graph_outputs:
             # Keep the graph output name: rename the producer's output instead.
@@ -87,6 +98,92 @@ def fold_constants(model: onnx.ModelProto) -> int:
         folded += 1
     g.remove_unused_initializers(model)
     return folded
+
+
+def remove_dead_nodes(model: onnx.ModelProto) -> int:
+    """Remove nodes none of whose outputs is used; returns the count."""
+    removed = 0
+    while True:
+        used = {name for node in model.graph.node for name in node.input}
+        used |= {o.name for o in model.graph.output}
+        dead = [n for n in model.graph.node if not any(out in used for out in n.output)]
+        if not dead:
+            break
+        for node in dead:
+            model.graph.node.remove(node)
+        removed += len(dead)
+    g.remove_unused_initializers(model)
+    return removed
+
+
+def fold_shapes(model: onnx.ModelProto) -> int:
+    """Make every Reshape target constant: a target computed from the input's shape is
+    evaluated for two batch sizes; the entry that follows the batch becomes -1. Returns
+    the number of targets replaced."""
+    targets = [n for n in model.graph.node
+               if n.op_type == "Reshape" and g.get_array(model, n.input[1]) is None]
+    if not targets:
+        return 0
+    _, shape = g.input_info(model)
+    names = [n.input[1] for n in targets]
+    one, two = (g.run(model, np.zeros((b, *shape), np.float32), names) for b in (1, 2))
+    for node, a, b in zip(targets, one, two, strict=True):
+        a, b = np.asarray(a).reshape(-1), np.asarray(b).reshape(-1)
+        varying = np.flatnonzero(a != b)
+        if len(varying) > 1 or any(a[i] != 1 or b[i] != 2 for i in varying):
+            raise ModelError(f"node '{node.name}': its Reshape target depends on more than the "
+                             "batch size")
+        target = a.astype(np.int64)
+        target[varying] = -1
+        node.input[1] = g.fresh("shape")
+        g.set_array(model, node.input[1], target)
+    remove_dead_nodes(model)
+    return len(targets)
+
+
+def _flatten_after(model: onnx.ModelProto, node: onnx.NodeProto) -> onnx.NodeProto | None:
+    """The Flatten(axis=1) or Reshape(-1 | 0, features) reading ``node``'s output alone."""
+    users = g.consumers(model, node.output[0])
+    if len(users) != 1 or node.output[0] in {o.name for o in model.graph.output}:
+        return None
+    user = users[0]
+    if user.op_type == "Flatten":
+        return user if next((a.i for a in user.attribute if a.name == "axis"), 1) == 1 else None
+    if user.op_type == "Reshape":
+        target = g.get_array(model, user.input[1])
+        if target is not None and target.size == 2 and target[0] in (-1, 0) and target[1] > 0:
+            return user
+    return None
+
+
+def fold_layout(model: onnx.ModelProto, sample: np.ndarray) -> int:
+    """Fold ``Transpose(perm=[0, 2, 3, 1]) -> flatten -> MatMul/Gemm`` (Keras flattening
+    channels-last) into ``Flatten -> MatMul/Gemm`` with the weight rows permuted (exact);
+    returns the count. ``sample`` (one input) gives the transposed tensor's shape."""
+    count = 0
+    for node in [n for n in model.graph.node if n.op_type == "Transpose"]:
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+        flat = _flatten_after(model, node) if perm == [0, 2, 3, 1] else None
+        users = [] if flat is None else g.consumers(model, flat.output[0])
+        if len(users) != 1 or users[0].op_type not in ("MatMul", "Gemm"):
+            continue
+        dense = users[0]
+        w = g.get_array(model, dense.input[1])
+        attrs = {a.name: helper.get_attribute_value(a) for a in dense.attribute}
+        if w is None or w.ndim != 2 or attrs.get("transA", 0):
+            continue
+        _, c, h, wd = g.run(model, sample[:1], [node.input[0]])[0].shape
+        order = np.arange(h * wd * c).reshape(h, wd, c).transpose(2, 0, 1).reshape(-1)
+        trans_b = attrs.get("transB", 0)
+        g.set_array(model, dense.input[1], w[:, order] if trans_b else w[order])
+        g.rename_input(model, node.output[0], node.input[0])
+        model.graph.node.remove(node)
+        new_flat = helper.make_node("Flatten", [flat.input[0]], [flat.output[0]], axis=1,
+                                    name=f"{flat.name}_nchw")
+        g.replace_node(model, flat, [new_flat])
+        count += 1
+    g.remove_unused_initializers(model)
+    return count
 
 
 def fold_batchnorm(model: onnx.ModelProto) -> int:

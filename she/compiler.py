@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from . import bfv, compact, layout
+from . import bfv, compact, layout, tail
 from .errors import ParameterError
 from .lowering import Affine, Chain, lower
 from .model import Model
@@ -107,6 +107,8 @@ class Plan:
     #: Single packing: low bits of every input coefficient the client rounds away before
     #: sending (:mod:`she.compact`); chosen within :data:`DROP_ERROR_SHARE`.
     input_drop_bits: int = 0
+    #: The model's plaintext tail (:mod:`she.tail`), re-applied by the client after decryption.
+    tail: str | None = None
     _layouts: list[layout.LayerLayout] | None = field(default=None, init=False, repr=False,
                                                        compare=False)
 
@@ -257,6 +259,7 @@ class Plan:
                             if self.packing == "single" and self.layouts()[0].replicas > 1 else 0),
             "input_drop_bits": self.input_drop_bits,
             "layout": self._layout_text(),
+            **({"tail": self.tail} if self.tail else {}),
             **({"plain_modulus": str(self.params.plain_modulus),
                 "input_int_range": list(self.input_int_range or ())} if self.scheme == "bfv" else {}),
         }
@@ -432,8 +435,9 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
     if packing not in PACKINGS:
         raise ParameterError(f"packing {packing!r} is not supported; use one of {PACKINGS}")
     if scheme == "bfv":
-        return _compile_bfv(model, packing, calibration, input_bits, weight_bits or bfv.WEIGHT_BITS,
-                            security, poly_modulus_degree, name)
+        return _with_tail(_compile_bfv(model, packing, calibration, input_bits,
+                                       weight_bits or bfv.WEIGHT_BITS, security,
+                                       poly_modulus_degree, name), model)
     if scale_bits is None and weight_bits is None:
         ladder = PRECISION_LADDER if packing == "batch" else SINGLE_PRECISION_LADDER
     else:
@@ -455,7 +459,14 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
     if best is None:
         assert failure is not None
         raise failure
-    return best
+    return _with_tail(best, model)
+
+
+def _with_tail(plan: Plan, model: Model | Chain) -> Plan:
+    """The plan, carrying the model's plaintext tail (see :mod:`she.tail`) if it has one."""
+    if isinstance(model, Model):
+        plan.tail = model.metadata.get(tail.METADATA_KEY)
+    return plan
 
 
 def _cost(plan: Plan) -> tuple[int, int, int]:
