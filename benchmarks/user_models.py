@@ -117,8 +117,8 @@ def sklearn_mlp(x: np.ndarray, y: np.ndarray, out: Path, epochs: int = 10, seed:
 
 
 def keras_cnn(x: np.ndarray, y: np.ndarray, out: Path, epochs: int = 3, seed: int = 0,
-              opset: int = 13) -> Path:
-    """Keras ``Conv2D(8, 3, relu) -> MaxPooling2D -> Flatten -> Dense(10, softmax)`` on NHWC
+              opset: int = 13, channels: int = 8) -> Path:
+    """Keras ``Conv2D(channels, 3, relu) -> MaxPooling2D -> Flatten -> Dense(10, softmax)`` on NHWC
     input, trained in torch with the same layout, written as tf2onnx writes it."""
     import torch
     from torch import nn
@@ -126,8 +126,8 @@ def keras_cnn(x: np.ndarray, y: np.ndarray, out: Path, epochs: int = 3, seed: in
     class NHWC(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.conv = nn.Conv2d(1, 8, 3)
-            self.dense = nn.Linear(13 * 13 * 8, 10)
+            self.conv = nn.Conv2d(1, channels, 3)
+            self.dense = nn.Linear(13 * 13 * channels, 10)
 
         def forward(self, t):
             h = torch.max_pool2d(torch.relu(self.conv(t.permute(0, 3, 1, 2))), 2)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -155,7 +156,8 @@ class _Stages:
         agree = None if self.reference is None else float(np.mean(pred == self.reference))
         self.report.stages.append(Stage(name, acc, agree))
         if self.progress:
-            print(f"  {name}: accuracy {acc if acc is None else f'{acc:.2%}'}", flush=True)
+            print(f"  {name}: accuracy {acc if acc is None else f'{acc:.2%}'}", file=sys.stderr,
+                  flush=True)
 
 
 def prepare(model: Any, sample: np.ndarray, *, input_shape: tuple[int, ...] | None = None,
@@ -334,7 +336,7 @@ def _degree_options(proto: onnx.ModelProto, calibration: np.ndarray, eval_x: np.
         if progress:
             acc = "" if accuracy is None else f", accuracy {accuracy:.2%}"
             print(f"  degree {degree}: depth {options[-1]['depth']}, "
-                  f"fit rmse {options[-1]['fit_rmse']:.4f}{acc}", flush=True)
+                  f"fit rmse {options[-1]['fit_rmse']:.4f}{acc}", file=sys.stderr, flush=True)
     return options
 
 

@@ -489,6 +489,54 @@ def pow2_nearest(values: np.ndarray) -> np.ndarray:
     return (np.sign(values) * 2.0 ** np.round(np.log2(mag))).astype(np.float32)
 
 
+#: Operators that act on every channel alike and linearly (a per-channel factor commutes).
+_CHANNEL_LINEAR = ("AveragePool", "GlobalAveragePool", "Flatten", "Pad")
+
+
+def _compensate(model: onnx.ModelProto, scale: str, ratio: np.ndarray) -> bool:
+    """Rounding an activation's scale ``a`` to a power of two multiplies its output
+    ``a t^2 + gamma`` by ``1/ratio`` per channel once ``gamma`` is divided by ``ratio`` too;
+    the next linear layer then takes ``ratio`` into its weights (before their own
+    rounding), so the model is unchanged. Follows single-consumer channel-wise linear
+    operators to that layer; returns False (nothing changed) when there is none."""
+    users = g.consumers(model, scale)
+    add = g.consumers(model, users[0].output[0]) if len(users) == 1 else []
+    if len(add) != 1 or add[0].op_type != "Add":
+        return False
+    gamma = g.get_array(model, add[0].input[1])
+    tensor, flattened = add[0].output[0], False
+    while True:
+        nxt = g.consumers(model, tensor)
+        if len(nxt) != 1 or tensor in {o.name for o in model.graph.output}:
+            return False
+        node = nxt[0]
+        if node.op_type in _CHANNEL_LINEAR and node.input[0] == tensor:
+            if node.op_type == "Pad" and len(node.input) > 2 and node.input[2] and \
+                    np.any(g.get_array(model, node.input[2]) != 0):
+                return False
+            flattened |= node.op_type == "Flatten"
+            tensor = node.output[0]
+            continue
+        break
+    axis = _weight_axis(model, node)
+    w = g.get_array(model, node.input[1]) if len(node.input) > 1 else None
+    if gamma is None or axis is None or w is None or w.ndim < 2 or node.input[0] != tensor:
+        return False
+    in_axis = 1 if node.op_type == "Conv" else 1 - axis
+    per_feature = w.shape[in_axis] // len(ratio)
+    if per_feature * len(ratio) != w.shape[in_axis] or (per_feature > 1 and not flattened
+                                                       and node.op_type != "Conv"):
+        return False
+    factor = np.repeat(ratio, per_feature) if node.op_type != "Conv" else ratio
+    shape = [1] * w.ndim
+    shape[in_axis] = -1
+    g.set_array(model, node.input[1], (w * factor.reshape(shape)).astype(np.float32))
+    g.set_array(model, add[0].input[1],
+                (gamma / ratio.reshape(np.shape(gamma)) if np.size(gamma) == len(ratio)
+                 else gamma / ratio).astype(np.float32))
+    return True
+
+
 def quantise_pow2(model: onnx.ModelProto, exponent_bits: int = 4, terms: int = 1) -> int:
     """Round Conv/Gemm/MatMul weights to powers of two (sums of ``terms`` of them), and the
     activation scales ``a`` to one power of two.
@@ -502,9 +550,12 @@ def quantise_pow2(model: onnx.ModelProto, exponent_bits: int = 4, terms: int = 1
     if terms not in (1, 2, 3):
         raise ParameterError(f"pow2 terms={terms} is outside 1..3")
     count = 0
-    for init in model.graph.initializer:
+    for init in list(model.graph.initializer):
         if init.name.startswith(SCALE_PREFIX):
-            g.set_array(model, init.name, pow2_nearest(numpy_helper.to_array(init)))
+            a = numpy_helper.to_array(init)
+            rounded = pow2_nearest(a)
+            _compensate(model, init.name, (a / rounded).reshape(-1))
+            g.set_array(model, init.name, rounded)
             count += 1
     for node in model.graph.node:
         axis = _weight_axis(model, node)

@@ -143,7 +143,7 @@ class Client:
         logits = self.decrypt_logits(data)
         if self.tail is None:
             return logits
-        return self.tail.main_output(self.tail.run(logits), logits)
+        return self.tail.evaluate(logits)[1]
 
     def decrypt_outputs(self, data: bytes) -> dict[str, Any]:
         """Every output of the original model, by name (``{"logits": ...}`` without a

@@ -56,36 +56,36 @@ class Tail:
                              f"input; found {bad or len(proto.graph.input)}")
         self.proto = proto
         self.output_names = [o.name for o in proto.graph.output]
+        # ZipMap turns the probabilities into a list of dicts: its input is kept as well
+        self._extra = [n.input[0] for n in proto.graph.node if n.op_type == "ZipMap"]
         self._session: Any = None
 
-    def run(self, logits: np.ndarray) -> dict[str, Any]:
-        """The original model's outputs, by name, from ``logits`` of shape (batch, classes)."""
+    def evaluate(self, logits: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
+        """The original model's outputs, by name, from ``logits`` of shape (batch,
+        classes), and its float output shaped like the logits (the probabilities; the
+        logits themselves when the tail computes none)."""
         if self._session is None:
             import onnxruntime as ort
 
+            probe = onnx.ModelProto()
+            probe.CopyFrom(self.proto)
+            for name in self._extra:
+                probe.graph.output.append(onnx.helper.make_tensor_value_info(
+                    name, onnx.TensorProto.FLOAT, None))
             options = ort.SessionOptions()
             options.log_severity_level = 3
-            self._session = ort.InferenceSession(self.proto.SerializeToString(), options,
+            self._session = ort.InferenceSession(probe.SerializeToString(), options,
                                                  providers=["CPUExecutionProvider"])
-        name = self.proto.graph.input[0].name
-        values = self._session.run(None, {name: np.asarray(logits, np.float32)})
-        return dict(zip(self.output_names, values, strict=True))
+        logits = np.asarray(logits, np.float32)
+        values = self._session.run(None, {self.proto.graph.input[0].name: logits})
+        outputs = dict(zip(self.output_names, values, strict=False))
+        main = next((v for v in values if isinstance(v, np.ndarray) and v.dtype.kind == "f"
+                     and v.shape == logits.shape), logits)
+        return outputs, np.asarray(main, np.float64)
 
-    def main_output(self, outputs: dict[str, Any], logits: np.ndarray) -> np.ndarray:
-        """The first output that is a float array shaped like the logits (the
-        probabilities), or the logits themselves when the tail has none."""
-        for value in outputs.values():
-            if isinstance(value, np.ndarray) and value.dtype.kind == "f" and \
-                    value.shape == np.shape(logits):
-                return value.astype(np.float64)
-        return np.asarray(logits)
-
-    def labels(self, outputs: dict[str, Any]) -> list | None:
-        """The label output (one class per sample), if the tail computes one."""
-        for value in outputs.values():
-            if isinstance(value, np.ndarray) and value.ndim == 1:
-                return value.tolist()
-        return None
+    def run(self, logits: np.ndarray) -> dict[str, Any]:
+        """The original model's outputs, by name (see :meth:`evaluate`)."""
+        return self.evaluate(logits)[0]
 
 
 def from_spec(spec: dict[str, Any]) -> Tail | None:

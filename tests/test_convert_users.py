@@ -1,0 +1,225 @@
+"""The default conversion on models made the way users make them (one per exporter family:
+scikit-learn through skl2onnx, a tf2onnx-style Keras graph, torch's legacy and dynamo
+exporters), on real MNIST data. Each is trained briefly on a few thousand images and
+converted by :func:`converters.search` with a small budget; the checks are the issue's:
+the drop is within a stated bound, the encrypted run agrees with the converted plaintext,
+and the client re-applies the removed tail (probabilities and labels)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import she
+from benchmarks import user_models
+from she.data import load_idx_dataset
+from she.pipeline import encrypted_predict
+
+torch = pytest.importorskip("torch", reason="the converter tests need the 'convert' extra")
+TRAIN, TEST = 3000, 500
+#: Stated bound on the test-accuracy drop of the default conversion of these tiny models
+#: trained for seconds on 3000 images (the full-size numbers are in docs/conversion.md).
+MAX_TEST_DROP = 0.03
+
+
+@pytest.fixture(scope="module")
+def mnist(mnist_dir):
+    x, y = load_idx_dataset(mnist_dir, "train")
+    xt, yt = load_idx_dataset(mnist_dir, "test")
+    return x[:TRAIN], y[:TRAIN], xt[:TEST], yt[:TEST]
+
+
+def _original(path, x) -> dict[str, object]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(None, {session.get_inputs()[0].name: x}), strict=True))
+
+
+def _search(path, x, y, xt, yt, **kwargs):
+    import converters
+
+    return converters.search(str(path), x, y, test_x=xt, test_y=yt, budget=20, seed=0,
+                             progress=False, **kwargs)
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["zipmap-off", "zipmap-on"])
+def sklearn_model(request, mnist, tmp_path_factory):
+    pytest.importorskip("skl2onnx", reason="needs skl2onnx and scikit-learn (dev extra)")
+    x, y, xt, yt = mnist
+    path = tmp_path_factory.mktemp("skl") / "mlp.onnx"
+    user_models.sklearn_mlp(x, y, path, epochs=30, zipmap=request.param)
+    return path
+
+
+def test_sklearn_mlp_converts_and_client_reapplies_its_tail(sklearn_model, mnist):
+    x, y, xt, yt = mnist
+    flat, flat_t = x.reshape(len(x), -1), xt.reshape(len(xt), -1)
+    proto, report = _search(sklearn_model, flat, y, flat_t, yt)
+    original = _original(sklearn_model, flat_t)
+    assert report.tail_outputs == list(original)  # label and probabilities, in order
+    ops = {n.op_type for n in proto.graph.node}
+    assert not ops & {"Softmax", "ArgMax", "ZipMap", "ArrayFeatureExtractor", "Relu"}
+    acc = {s.name: s.accuracy for s in report.stages}
+    assert acc["original"] - report.stages[-1].accuracy <= MAX_TEST_DROP
+    assert report.search["trials"][report.search["chosen"]]["val_accuracy"] >= \
+        report.search["trials"][report.search["chosen"]]["val_accuracy_converted"]
+    model = she.model.from_proto(proto)
+    plan = she.compile(model, calibration=flat[:500])
+    assert "tail" in plan.spec()
+    server, client = she.Server(plan), she.Client(plan.spec())
+    keys = server.load_context(client.public_context())
+    response = server.evaluate(keys, client.encrypt(flat_t[:64]))
+    logits = client.decrypt_logits(response)
+    plain = model.run_plain(flat_t[:64])
+    assert np.mean(logits.argmax(1) == plain.argmax(1)) >= 0.98
+    assert np.abs(logits - plain).max() < plan.predicted_error
+    outputs = client.decrypt_outputs(response)
+    assert list(outputs) == list(original)
+    labels = np.asarray(outputs[list(original)[0]])
+    probs = client.decrypt(response)  # the original's float output: probabilities
+    softmax = np.exp(plain - plain.max(1, keepdims=True))
+    softmax /= softmax.sum(1, keepdims=True)
+    assert probs.shape == plain.shape and np.allclose(probs.sum(1), 1, atol=1e-5)
+    assert np.abs(probs - softmax).max() < 1e-2
+    original_labels = np.asarray(original[list(original)[0]])[:64]
+    same = plain.argmax(1) == np.asarray(original_labels)
+    assert same.mean() > 0.85
+    assert np.array_equal(labels[same], original_labels[same])
+
+
+def test_keras_style_graph_folds_its_layout_like_its_torch_twin(mnist, tmp_path):
+    """A tf2onnx-style graph (NHWC input, Transposes, Shape/Gather/Concat reshape, Softmax)
+    converts, and compiles to the ring size and depth of the same network written NCHW."""
+    import converters
+
+    x, y, xt, yt = mnist
+    nhwc, nhwc_t = user_models.to_nhwc(x), user_models.to_nhwc(xt)
+    path = user_models.keras_cnn(x, y, tmp_path / "keras.onnx", epochs=2, channels=2)
+    graph = onnx.load(str(path))
+    assert {"Shape", "Gather", "Concat", "Transpose", "Softmax"} <= \
+        {n.op_type for n in graph.graph.node}
+    proto, report = _search(path, nhwc, y, nhwc_t, yt)
+    assert report.folded_shapes == 1 and report.folded_layouts == 1
+    assert report.tail_outputs == ["dense"]
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("Transpose") == 1 and ops[0] == "Transpose"  # only the input's
+    assert "Shape" not in ops
+    acc = {s.name: s.accuracy for s in report.stages}
+    assert acc["original"] - report.stages[-1].accuracy <= MAX_TEST_DROP
+    # The twin: the same weights in NCHW, flattened channels-first (what the fold computes).
+    twin_dense = onnx.numpy_helper.to_array(
+        next(i for i in proto.graph.initializer
+             if i.name == next(n for n in proto.graph.node if n.op_type == "MatMul").input[1]))
+    model = she.model.from_proto(proto)
+    plan = she.compile(model, calibration=nhwc[:300])
+    enc, _ = encrypted_predict(plan, nhwc_t[:32])
+    plain = model.run_plain(nhwc_t[:32])
+    assert np.mean(enc.argmax(1) == plain.argmax(1)) >= 0.95
+    assert np.abs(enc - plain).max() < plan.predicted_error
+    # the NCHW twin of the converted model: same depth and ring size
+    twin = onnx.ModelProto()
+    twin.CopyFrom(proto)
+    twin.graph.node.remove(twin.graph.node[0])
+    first = twin.graph.node[0]
+    first.input[0] = "input_1"
+    del twin.graph.input[:]
+    twin.graph.input.append(onnx.helper.make_tensor_value_info("input_1", onnx.TensorProto.FLOAT,
+                                                               ["n", 1, 28, 28]))
+    twin_plan = she.compile(she.model.from_proto(twin), calibration=x[:300])
+    assert (twin_plan.params.poly_modulus_degree, twin_plan.depth) == \
+        (plan.params.poly_modulus_degree, plan.depth)
+    assert twin_dense.shape[0] == 13 * 13 * 2
+    assert np.allclose(she.model.from_proto(twin).run_plain(x[:50]), model.run_plain(nhwc[:50]),
+                       atol=1e-4)
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_torch_exports_convert_within_the_stated_drop(exporter, mnist, tmp_path):
+    from torch import nn
+
+    x, y, xt, yt = mnist
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.ZeroPad2d(1), nn.Conv2d(1, 2, 3, stride=2), nn.BatchNorm2d(2),
+                        nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2 * 7 * 7, 10),
+                        nn.LogSoftmax(dim=1))
+    user_models._train_torch(net, x, y, epochs=2, seed=0)
+    path = tmp_path / "net.onnx"
+    if exporter == "legacy":
+        user_models._legacy_export(net, path, (1, 28, 28), opset=13)
+    else:
+        torch.onnx.export(net, (torch.zeros(2, 1, 28, 28),), str(path), dynamo=True,
+                          external_data=True, input_names=["input"],
+                          dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+        assert (tmp_path / "net.onnx.data").exists()
+    proto, report = _search(path, x, y, xt, yt)
+    assert report.folded_batchnorms == 1 and report.replaced_pools == 1
+    assert len(report.tail_outputs) == 1  # LogSoftmax, re-applied by the client
+    acc = {s.name: s.accuracy for s in report.stages}
+    assert acc["original"] - report.stages[-1].accuracy <= MAX_TEST_DROP
+    trials = report.search["trials"]
+    assert all(t["val_accuracy"] >= t["val_accuracy_converted"] for t in trials)
+    model = she.model.from_proto(proto)
+    tail = she.tail.Tail(model.metadata[she.tail.METADATA_KEY])
+    logits = model.run_plain(xt[:20])
+    log_probs = tail.evaluate(logits)[1]
+    assert np.allclose(np.exp(log_probs).sum(1), 1, atol=1e-4)
+    assert np.array_equal(log_probs.argmax(1), logits.argmax(1))
+
+
+def test_search_is_reproducible_and_reports_every_setting(mnist, tmp_path):
+    from torch import nn
+
+    x, y, xt, yt = mnist
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(784, 16), nn.BatchNorm1d(16), nn.ReLU(),
+                        nn.Linear(16, 10))
+    user_models._train_torch(net, x, y, epochs=1, seed=1)
+    path = user_models._legacy_export(net, tmp_path / "mlp.onnx", (1, 28, 28), opset=21)
+    import converters
+
+    # an unreachable target: every candidate is tried (budget permitting) and reported
+    runs = [converters.search(str(path), x[:1200], y[:1200], max_drop=-50, budget=60, seed=3,
+                              progress=False) for _ in range(2)]
+    (a, ra), (b, rb) = runs
+    assert ra.search["target_met"] is False and "no setting reached" in ra.search["reason"]
+    assert len(ra.search["trials"]) >= 2
+    chosen = ra.search["trials"][ra.search["chosen"]]
+    assert chosen["val_accuracy"] == max(t["val_accuracy"] for t in ra.search["trials"])
+    assert a.SerializeToString() == b.SerializeToString()  # same seed, same model
+
+
+def test_cli_default_convert_reads_image_folders_in_the_models_layout(mnist, tmp_path, capsys):
+    from PIL import Image
+
+    from she.cli import main
+
+    x, y, xt, yt = mnist
+    for split, images, labels in (("train", x[:600], y[:600]), ("test", xt[:100], yt[:100])):
+        for i, (img, label) in enumerate(zip(images, labels, strict=True)):
+            folder = tmp_path / "digits" / split / f"class_{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray((img[0] * 255).round().astype(np.uint8)).save(folder / f"{i}.png")
+    path = user_models.keras_cnn(x, y, tmp_path / "keras.onnx", epochs=1, channels=2)
+    out = tmp_path / "keras.she.onnx"
+    code = main(["convert", str(path), "-o", str(out), "--data", str(tmp_path / "digits"),
+                 "--budget", "5", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured
+    result = json.loads(captured.out)
+    assert result["search"]["training_samples"] + result["search"]["validation_samples"] == 600
+    assert result["eval_samples"] == 100 and result["stages"][0]["accuracy"] > 0.5
+    assert she.load(out).metadata[she.tail.METADATA_KEY]
+    # a model whose input layout cannot be told from the images: a clear error, no file
+    bad = tmp_path / "bad.onnx"
+    graph = onnx.load(str(path))
+    dims = graph.graph.input[0].type.tensor_type.shape.dim
+    dims[1].dim_value = 700
+    del dims[2:]
+    onnx.save(graph, str(bad))
+    assert main(["convert", str(bad), "-o", str(tmp_path / "never.onnx"), "--data",
+                 str(tmp_path / "digits")]) == 2
+    assert "cannot" in capsys.readouterr().err and not (tmp_path / "never.onnx").exists()
