@@ -68,13 +68,16 @@ def finetune(model: onnx.ModelProto, x: np.ndarray, teacher_logits: np.ndarray, 
             return result
     bar = _bar(epochs * ((len(xs) + batch_size - 1) // batch_size), progress)
     for epoch in range(1, epochs + 1):
-        if deadline is not None and epoch > 1 and time.monotonic() > deadline:
+        if deadline is not None and time.monotonic() > deadline:
             result.stopped = "budget"
             break
         order = torch.randperm(len(xs), generator=generator)
         total, count = 0.0, 0
         student.train()
         for i in range(0, len(xs), batch_size):
+            if deadline is not None and i and time.monotonic() > deadline:
+                result.stopped = "budget"  # mid-epoch: scored below, then stopped
+                break
             idx = order[i:i + batch_size]
             optimiser.zero_grad()
             out = student(xs[idx])
@@ -108,6 +111,8 @@ def finetune(model: onnx.ModelProto, x: np.ndarray, teacher_logits: np.ndarray, 
                 group["lr"] /= 2
         if target is not None and best_acc >= target:
             result.stopped = "target"
+            break
+        if result.stopped == "budget":
             break
         if stale >= patience:
             result.stopped = "patience"

@@ -7,8 +7,9 @@
 2. The exact clean-up (:func:`converters.convert.prepare`) is done once.
 3. Candidate settings are tried from the cheapest encrypted model to the most accurate
    (:func:`candidates`): degree-2 activations with two power-of-two terms per weight (the
-   integer kernel multiplies by any small integer at the same cost, and one term loses
-   far more: a two-conv MNIST CNN kept 61 % before fine-tuning); a polynomial max pool (when the model has max pools); degree-4 activations when
+   integer kernel multiplies by any small integer at the same cost, and two terms round
+   about six times less than one); a polynomial max pool (when the model has max pools);
+   degree-4 activations when
    the depth stays within :data:`MAX_DEPTH`; float weights. Each is converted and then
    fine-tuned on all the remaining training data (distillation plus cross-entropy) with
    early stopping on the validation split (:func:`converters.finetune.finetune`). The
