@@ -236,7 +236,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_decrypt(args: argparse.Namespace) -> dict[str, Any]:
     client = Client.load(args.key)
-    return _classify(client.decrypt(_read(args.input)))
+    return _classify(client.decrypt_outputs(_read(args.input)))
 
 
 def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
@@ -260,17 +260,37 @@ def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
     remote = RemoteClient(args.server, args.model, api_key=args.api_key, key_dir=args.key_dir)
     x = _inputs(args, tuple(remote.spec["input_shape"]))
     t = time.perf_counter()
-    logits = remote.predict(x)
+    outputs = remote.predict_outputs(x)
     elapsed = time.perf_counter() - t
-    return {**_classify(logits), "seconds": elapsed, "server": args.server, "model": args.model}
+    return {**_classify(outputs), "seconds": elapsed, "server": args.server, "model": args.model}
 
 
-def _classify(logits: np.ndarray) -> dict[str, Any]:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probs = shifted / shifted.sum(axis=1, keepdims=True)
-    return {"predictions": logits.argmax(1).tolist(),
-            "probabilities": np.round(probs, 4).tolist(),
-            "logits": np.round(logits, 4).tolist()}
+def _classify(outputs: dict[str, Any]) -> dict[str, Any]:
+    """Predictions and probabilities from a client's decrypted outputs: the logits (softmax
+    computed here), or the original model's outputs re-applied by its tail (its label
+    output, if any, gives the predictions)."""
+    if "logits" in outputs and len(outputs) == 1:
+        logits = outputs["logits"]
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs = shifted / shifted.sum(axis=1, keepdims=True)
+        return {"predictions": logits.argmax(1).tolist(),
+                "probabilities": np.round(probs, 4).tolist(),
+                "logits": np.round(logits, 4).tolist()}
+    result: dict[str, Any] = {"outputs": {}}
+    for name, value in outputs.items():
+        if isinstance(value, np.ndarray):
+            value = np.round(value, 4) if value.dtype.kind == "f" else value
+            result["outputs"][name] = value.tolist()
+            if value.ndim == 1 and "predictions" not in result:
+                result["predictions"] = value.tolist()
+            elif value.ndim == 2 and "probabilities" not in result:
+                result["probabilities"] = value.tolist()
+        else:  # ZipMap: one {class: probability} dict per sample
+            result["outputs"][name] = [{str(k): round(float(v), 4) for k, v in row.items()}
+                                       for row in value]
+    if "predictions" not in result and "probabilities" in result:
+        result["predictions"] = np.argmax(result["probabilities"], axis=1).tolist()
+    return result
 
 
 def _read(path: str) -> bytes:
@@ -295,6 +315,21 @@ def _print_human(command: str, result: dict[str, Any]) -> None:
             chosen = " (chosen)" if option["degree"] == result["degree"] else ""
             print(f"  degree {option['degree']}: depth {option['depth']}, fit rmse "
                   f"{option['fit_rmse']:.4f}{acc}{chosen}")
+        search = result.get("search")
+        if search:
+            print(f"settings tried (validation split of {search['validation_samples']}, original "
+                  f"{search['original_val_accuracy']:.2%}, target drop <= "
+                  f"{search['max_drop_points']} points):")
+            for i, trial in enumerate(search["trials"]):
+                mark = " (chosen)" if i == search["chosen"] else ""
+                print(f"  [{i + 1}] {trial['description']}: {trial['val_accuracy_converted']:.2%}"
+                      f" -> {trial['val_accuracy']:.2%} after {trial['epochs']} epochs "
+                      f"({trial['stopped']}), drop {trial['drop_points']:.2f}, depth "
+                      f"{trial['depth']}, {trial['seconds']:.0f} s{mark}")
+            print(f"chosen: {search['reason']} ({search['seconds']:.0f} s in all)")
+        if result.get("tail_outputs"):
+            print(f"removed from the encrypted part, re-applied by the client after "
+                  f"decryption: the computation of {', '.join(result['tail_outputs'])}")
         params = result["parameters"]
         print(f"depth {result['depth']}; N={params['poly_modulus_degree']}, modulus bits "
               f"{params['modulus_bits']}, {params['security_bits']}-bit security")
