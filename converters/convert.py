@@ -135,7 +135,7 @@ class Settings:
     def describe(self) -> str:
         weights = (f"pow2 {self.pow2_terms} term{'s' if self.pow2_terms > 1 else ''}, "
                    f"{self.exponent_bits} exponent bits" if self.pow2 else "float weights")
-        return (f"degree {self.degree}, {self.max_pool} max pool"
+        return (f"degree {self.degree}, max pool as {self.max_pool}"
                 f"{', pool first' if self.pool_first else ''}, {weights}")
 
 

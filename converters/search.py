@@ -105,7 +105,7 @@ def search(model: Any, x: np.ndarray, y: np.ndarray, *, test_x: np.ndarray | Non
            test_y: np.ndarray | None = None, max_drop: float = MAX_DROP,
            budget: float = BUDGET, seed: int = 0, input_shape: tuple[int, ...] | None = None,
            input_range: tuple[float, float] | None = None,
-           settings: list[Settings] | None = None,
+           settings: list[Settings] | None = None, max_epochs: int = MAX_EPOCHS,
            progress: bool = True) -> tuple[onnx.ModelProto, ConversionReport]:
     """Convert ``model`` choosing the settings (see the module docstring).
 
@@ -116,6 +116,7 @@ def search(model: Any, x: np.ndarray, y: np.ndarray, *, test_x: np.ndarray | Non
         budget: seconds; no new fine-tuning epoch or setting starts after it.
         seed: makes the split and the fine-tuning reproducible.
         settings: the settings to try instead of :func:`candidates`.
+        max_epochs: most fine-tuning epochs per setting.
     """
     started = time.monotonic()
     deadline = started + budget
@@ -149,7 +150,7 @@ def search(model: Any, x: np.ndarray, y: np.ndarray, *, test_x: np.ndarray | Non
         _log(progress, f"[{k + 1}] {setting.describe()}: {converted:.2%} before fine-tuning")
         from .finetune import finetune
 
-        result = finetune(trial_proto, train_x, teacher, epochs=MAX_EPOCHS, lr=LEARNING_RATE,
+        result = finetune(trial_proto, train_x, teacher, epochs=max_epochs, lr=LEARNING_RATE,
                           pow2_bits=setting.exponent_bits if setting.pow2 else None,
                           pow2_terms=setting.pow2_terms, labels=train_y, batch_size=BATCH_SIZE,
                           validation=(val_x, val_y), target=target, deadline=deadline,
