@@ -96,8 +96,10 @@ def _check_argmax(model: onnx.ModelProto, tail: onnx.ModelProto, logits: str,
 
     z = g.run(model, sample, [logits])[0]
     if z.ndim != 2:
-        raise ModelError(f"the tensor before the final Softmax/ArgMax ('{logits}') has shape "
-                         f"{z.shape}; expected (samples, classes)")
+        first = next(n for n in tail.graph.node if logits in n.input)
+        raise ModelError(f"node '{first.name}' ({first.op_type}) cannot be converted: it can "
+                         f"only be moved to the client at the end of a classifier, and its input "
+                         f"'{logits}' has shape {z.shape}, not (samples, classes)")
     winners = z.argmax(1)
     for name, value in Tail(encode(tail)).run(z).items():
         if isinstance(value, np.ndarray) and value.dtype.kind == "f" and \
