@@ -76,10 +76,17 @@ def _check_tail(client, response, plain, original, n):
     return outputs
 
 
-def test_sklearn_mlp_converts_and_client_reapplies_its_tail(sklearn_models, mnist):
+@pytest.fixture(scope="module")
+def sklearn_converted(sklearn_models, mnist):
+    x, y, xt, yt = mnist
+    return _search(sklearn_models[False], x.reshape(len(x), -1), y, xt.reshape(len(xt), -1), yt)
+
+
+def test_sklearn_mlp_converts_and_client_reapplies_its_tail(sklearn_models, sklearn_converted,
+                                                            mnist):
     x, y, xt, yt = mnist
     flat, flat_t = x.reshape(len(x), -1), xt.reshape(len(xt), -1)
-    proto, report = _search(sklearn_models[False], flat, y, flat_t, yt)
+    proto, report = sklearn_converted
     original = _original(sklearn_models[False], flat_t)
     assert report.tail_outputs == list(original) == ["label", "probabilities"]
     ops = {n.op_type for n in proto.graph.node}
@@ -99,6 +106,38 @@ def test_sklearn_mlp_converts_and_client_reapplies_its_tail(sklearn_models, mnis
     assert np.mean(logits.argmax(1) == plain.argmax(1)) >= 0.98
     assert np.abs(logits - plain).max() < plan.predicted_error
     _check_tail(client, response, logits, original, 64)
+
+
+def test_she_decrypt_prints_the_original_label_output(sklearn_models, sklearn_converted, mnist,
+                                                     tmp_path, capsys):
+    """The offline file flow on a converted skl2onnx model: `she decrypt` prints the labels
+    and probabilities the original's tail computes from the decrypted logits."""
+    import converters
+    from she.cli import main
+
+    x, _, xt, _ = mnist
+    flat, flat_t = x.reshape(len(x), -1), xt.reshape(len(xt), -1)
+    path = tmp_path / "mlp.she.onnx"
+    converters.save_atomically(sklearn_converted[0], path)
+    np.savez(tmp_path / "cal.npz", x=flat[:300])
+    np.save(tmp_path / "in.npy", flat_t[:5])
+    key, public = tmp_path / "client.key", tmp_path / "public.ctx"
+    compile_args = [str(path), "--calibration", str(tmp_path / "cal.npz")]
+    for argv in (["keygen", *compile_args, "--secret", str(key), "--public", str(public)],
+                 ["encrypt", "--key", str(key), str(tmp_path / "in.npy"), "-o",
+                  str(tmp_path / "in.ct")],
+                 ["eval", *compile_args, "--context", str(public), str(tmp_path / "in.ct"),
+                  "-o", str(tmp_path / "out.ct")],
+                 ["decrypt", "--key", str(key), str(tmp_path / "out.ct"), "--json"]):
+        assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    plain = she.load(path).run_plain(flat_t[:5])
+    original = _original(sklearn_models[False], flat_t[:5])
+    assert set(result["outputs"]) == {"label", "probabilities"}
+    assert result["predictions"] == result["outputs"]["label"] == plain.argmax(1).tolist()
+    assert np.allclose(np.sum(result["probabilities"], axis=1), 1, atol=1e-3)
+    same = plain.argmax(1) == original["label"]
+    assert np.array_equal(np.asarray(result["predictions"])[same], original["label"][same])
 
 
 def test_sklearn_zipmap_output_comes_back_as_dicts(sklearn_models, mnist):
