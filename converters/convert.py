@@ -262,7 +262,9 @@ def convert(model: Any, calibration: np.ndarray, *, eval_x: np.ndarray | None = 
         input_shape: one sample's shape, needed for torch modules.
         input_range: declared input range written to the model metadata (default: the
             calibration data's min and max).
-        finetune_epochs: epochs of distillation fine-tuning (needs torch); 0 to skip.
+        finetune_epochs: epochs of distillation fine-tuning (needs torch); 0 to skip. From
+            2000 calibration samples up, a tenth is held out and the epoch that scores best
+            on it (accuracy, or agreement with the original without labels) is kept.
         calibration_labels: true classes of the calibration samples; fine-tuning then adds
             a cross-entropy term to the distillation loss.
         finetune_lr: its learning rate.
@@ -298,10 +300,19 @@ def convert(model: Any, calibration: np.ndarray, *, eval_x: np.ndarray | None = 
     if finetune_epochs:
         from .finetune import finetune
 
-        result = finetune(proto, calibration, teacher, epochs=finetune_epochs, lr=finetune_lr,
-                          pow2_bits=exponent_bits if pow2 else None, pow2_terms=pow2_terms,
-                          labels=calibration_labels, progress=progress)
+        # a tenth held out (from 2000 samples up): the best epoch on it is kept, scored
+        # against the labels, or the original's predictions without them
+        held = len(calibration) // 10 if len(calibration) >= 2000 else 0
+        validation = None if not held else (calibration[:held], teacher[:held].argmax(1)
+                                            if calibration_labels is None
+                                            else calibration_labels[:held])
+        result = finetune(proto, calibration[held:], teacher[held:], epochs=finetune_epochs,
+                          lr=finetune_lr, pow2_bits=exponent_bits if pow2 else None,
+                          pow2_terms=pow2_terms, validation=validation, patience=None,
+                          labels=None if calibration_labels is None else
+                          calibration_labels[held:], progress=progress)
         report.finetune_losses = result.losses
+        report.finetune_val_accuracy = result.val_accuracy
         stage(proto, f"fine-tuned ({finetune_epochs} epochs)")
     finish(proto, tail, calibration, settings, report, input_range)
     return proto, report

@@ -41,12 +41,14 @@ def finetune(model: onnx.ModelProto, x: np.ndarray, teacher_logits: np.ndarray, 
              pow2_bits: int | None = None, pow2_terms: int = 1,
              labels: np.ndarray | None = None,
              validation: tuple[np.ndarray, np.ndarray] | None = None,
-             target: float | None = None, patience: int = 2, deadline: float | None = None,
+             target: float | None = None, patience: int | None = 2,
+             deadline: float | None = None,
              progress: bool = True, seed: int = 0) -> FinetuneResult:
     """Train ``model`` in place (see the module docstring); returns the history.
 
-    Without ``validation`` it runs ``epochs`` epochs with a cosine learning-rate schedule.
-    ``deadline`` is a :func:`time.monotonic` time after which no new epoch starts.
+    Without ``validation`` (or with ``patience=None``) it runs ``epochs`` epochs with a
+    cosine learning-rate schedule; with validation it still keeps the best epoch's weights.
+    ``deadline`` is a :func:`time.monotonic` time after which training stops.
     """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -54,7 +56,7 @@ def finetune(model: onnx.ModelProto, x: np.ndarray, teacher_logits: np.ndarray, 
     optimiser = torch.optim.Adam(student.parameters(), lr=lr)
     steps = max(1, epochs * (len(x) // batch_size))
     schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps)
-                if validation is None else None)
+                if validation is None or patience is None else None)
     xs = torch.from_numpy(np.asarray(x, np.float32))
     ys = torch.from_numpy(np.asarray(teacher_logits, np.float32))
     classes = None if labels is None else torch.from_numpy(np.asarray(labels, np.int64))
@@ -105,7 +107,7 @@ def finetune(model: onnx.ModelProto, x: np.ndarray, teacher_logits: np.ndarray, 
             bar.set_postfix(loss=f"{total / count:.4f}", val=f"{acc:.2%}")
         if acc > best_acc:
             best_acc, best_state, stale, result.best_epoch = acc, _snapshot(student), 0, epoch
-        else:
+        elif patience is not None:
             stale += 1
             for group in optimiser.param_groups:
                 group["lr"] /= 2
@@ -114,7 +116,7 @@ def finetune(model: onnx.ModelProto, x: np.ndarray, teacher_logits: np.ndarray, 
             break
         if result.stopped == "budget":
             break
-        if stale >= patience:
+        if patience is not None and stale >= patience:
             result.stopped = "patience"
             break
     if bar is not None:

