@@ -54,13 +54,20 @@ TARGET_AGREEMENT = 0.995
 MARKERS = ("<!-- convert_users:begin -->", "<!-- convert_users:end -->")
 
 
-def measure(family: str, dataset: str, data_root: Path, n: int, workdir: Path) -> dict:
-    """Train, export, convert with the default command, run encrypted; one result row."""
+def measure(family: str, dataset: str, data_root: Path, n: int, workdir: Path,
+            trained: Path | None = None) -> dict:
+    """Train, export, convert with the default command, run encrypted; one result row.
+    ``trained``: a directory already holding ``{family}-{dataset}.onnx`` from an earlier
+    run of the same trainer (training is then skipped)."""
     data_dir = data_root / dataset
     x, y = load_dataset(data_dir, "train", (1, 28, 28))
     t0 = time.perf_counter()
-    path = user_models.train(family, x, y, workdir / f"{family}-{dataset}.onnx")
-    train_s = time.perf_counter() - t0
+    name = f"{family}-{dataset}.onnx"
+    if trained is not None and (trained / name).exists():
+        path, train_s = trained / name, None
+    else:
+        path = user_models.train(family, x, y, workdir / name)
+        train_s = round(time.perf_counter() - t0, 1)
     out = workdir / f"{family}-{dataset}.she.onnx"
     argv = [sys.executable, "-m", "she", "convert", str(path), "-o", str(out), "--data",
             str(data_dir), "--json"]
@@ -88,7 +95,7 @@ def measure(family: str, dataset: str, data_root: Path, n: int, workdir: Path) -
         "model": family, "data": dataset, "exporter_file": path.name,
         "command": shlex.join(["python", "-m", "she", "convert", path.name, "-o", out.name,
                                "--data", str(data_dir)]),
-        "train_s": round(train_s, 1),
+        "train_s": train_s,
         "convert_wall_s": round(convert_s, 1), "convert_cpu_s": round(cpu_s, 1),
         "test_samples": report["eval_samples"],
         "original_accuracy": original, "converted_accuracy": converted,
@@ -158,13 +165,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS,
                         help="family:dataset pairs (default: every family on both)")
     parser.add_argument("--n", type=int, default=500, help="encrypted test images (default 500)")
+    parser.add_argument("--trained", type=Path, help="directory of models this module's "
+                        "trainers already wrote ({family}-{dataset}.onnx): not trained again")
     args = parser.parse_args(argv)
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"rows": {}}
     with tempfile.TemporaryDirectory(prefix="she-users-") as tmp:
         for item in args.models:
             family, _, dataset = item.partition(":")
             print(f"== {family} on {dataset}", file=sys.stderr, flush=True)
-            row = measure(family, dataset or "mnist", Path(args.data), args.n, Path(tmp))
+            row = measure(family, dataset or "mnist", Path(args.data), args.n, Path(tmp),
+                          args.trained)
             results["rows"][f"{family}:{row['data']}"] = row
             results.update(date=datetime.datetime.now(datetime.timezone.utc)
                            .isoformat(timespec="seconds"), machine=machine())
