@@ -118,7 +118,8 @@ def remove_dead_nodes(model: onnx.ModelProto) -> int:
 
 def fold_shapes(model: onnx.ModelProto) -> int:
     """Make every Reshape target constant: a target computed from the input's shape is
-    evaluated for two batch sizes; the entry that follows the batch becomes -1. Returns
+    evaluated for two batch sizes; the entry that follows the batch becomes -1 (0 when
+    the target has a -1 already). Returns
     the number of targets replaced."""
     targets = [n for n in model.graph.node
                if n.op_type == "Reshape" and g.get_array(model, n.input[1]) is None]
@@ -134,7 +135,11 @@ def fold_shapes(model: onnx.ModelProto) -> int:
             raise ModelError(f"node '{node.name}': its Reshape target depends on more than the "
                              "batch size")
         target = a.astype(np.int64)
-        target[varying] = -1
+        # the batch entry: -1, or 0 (copy the input's batch axis) when -1 is taken
+        target[varying] = 0 if np.any(target == -1) and list(varying) == [0] else -1
+        if np.sum(target == -1) > 1:
+            raise ModelError(f"node '{node.name}': its Reshape target depends on more than the "
+                             "batch size")
         node.input[1] = g.fresh("shape")
         g.set_array(model, node.input[1], target)
     remove_dead_nodes(model)
