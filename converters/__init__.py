@@ -1,5 +1,6 @@
 """Model conversion and training for SHE (needs torch for torch inputs and training)."""
 
-from .convert import ConversionReport, convert, save_atomically
+from .convert import ConversionReport, Settings, convert, prepare, save_atomically
+from .search import search
 
-__all__ = ["ConversionReport", "convert", "save_atomically"]
+__all__ = ["ConversionReport", "Settings", "convert", "prepare", "save_atomically", "search"]

@@ -2,11 +2,21 @@
 
 The converted model runs as a :class:`~converters.torch_graph.TorchGraph`; its weights,
 biases and polynomial coefficients are trained to reproduce the original model's logits on
-the calibration data (mean squared error), with power-of-two weights through a
-straight-through estimator. A progress bar shows the epochs.
+the training data (mean squared error, plus cross-entropy to the true classes when they
+are given), with power-of-two weights through a straight-through estimator. A progress bar
+shows the batches.
+
+With validation data, every epoch is scored on it: training stops as soon as the
+validation accuracy reaches ``target``, halves the learning rate when an epoch does not
+improve it and stops after ``patience`` such epochs, or stops at ``deadline``; the model
+keeps the weights of its best validation epoch.
 """
 
 from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -16,32 +26,60 @@ from torch import nn
 from .torch_graph import TorchGraph
 
 
+@dataclass
+class FinetuneResult:
+    """What fine-tuning did: the mean loss and validation accuracy of every epoch."""
+
+    losses: list[float] = field(default_factory=list)
+    val_accuracy: list[float] = field(default_factory=list)
+    best_epoch: int = 0  # 0: the weights before fine-tuning were best
+    stopped: str = "epochs"  # "epochs", "target", "patience" or "budget"
+
+
 def finetune(model: onnx.ModelProto, x: np.ndarray, teacher_logits: np.ndarray, *,
              epochs: int = 3, lr: float = 1e-3, batch_size: int = 128,
              pow2_bits: int | None = None, pow2_terms: int = 1,
              labels: np.ndarray | None = None,
-             progress: bool = True, seed: int = 0) -> list[float]:
-    """Train ``model`` in place; returns the mean loss of every epoch.
+             validation: tuple[np.ndarray, np.ndarray] | None = None,
+             target: float | None = None, patience: int | None = 2,
+             deadline: float | None = None,
+             progress: bool = True, seed: int = 0) -> FinetuneResult:
+    """Train ``model`` in place (see the module docstring); returns the history.
 
-    The loss is the mean squared error to ``teacher_logits``, plus the cross-entropy to
-    ``labels`` when they are given (the true classes help where the student cannot
-    reproduce every logit of the teacher).
+    Without ``validation`` (or with ``patience=None``) it runs ``epochs`` epochs with a
+    cosine learning-rate schedule; with validation it still keeps the best epoch's weights.
+    ``deadline`` is a :func:`time.monotonic` time after which training stops.
     """
     torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
     student = TorchGraph(model, pow2_bits=pow2_bits, pow2_terms=pow2_terms)
     optimiser = torch.optim.Adam(student.parameters(), lr=lr)
     steps = max(1, epochs * (len(x) // batch_size))
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps)
+    schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps)
+                if validation is None or patience is None else None)
     xs = torch.from_numpy(np.asarray(x, np.float32))
     ys = torch.from_numpy(np.asarray(teacher_logits, np.float32))
     classes = None if labels is None else torch.from_numpy(np.asarray(labels, np.int64))
-    losses = []
+    result = FinetuneResult()
+    best_state, best_acc, stale = None, -1.0, 0
+    if validation is not None:
+        best_acc = _accuracy(student, *validation)
+        result.val_accuracy.append(best_acc)
+        if target is not None and best_acc >= target:
+            result.stopped = "target"
+            return result
     bar = _bar(epochs * ((len(xs) + batch_size - 1) // batch_size), progress)
-    for _ in range(epochs):
-        order = torch.randperm(len(xs))
+    for epoch in range(1, epochs + 1):
+        if deadline is not None and time.monotonic() > deadline:
+            result.stopped = "budget"
+            break
+        order = torch.randperm(len(xs), generator=generator)
         total, count = 0.0, 0
         student.train()
         for i in range(0, len(xs), batch_size):
+            if deadline is not None and i and time.monotonic() > deadline:
+                result.stopped = "budget"  # mid-epoch: scored below, then stopped
+                break
             idx = order[i:i + batch_size]
             optimiser.zero_grad()
             out = student(xs[idx])
@@ -53,17 +91,54 @@ def finetune(model: onnx.ModelProto, x: np.ndarray, teacher_logits: np.ndarray, 
             loss.backward()
             nn.utils.clip_grad_norm_(student.parameters(), 1.0)
             optimiser.step()
-            schedule.step()
+            if schedule is not None:
+                schedule.step()
             total += loss.item() * len(idx)
             count += len(idx)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{total / count:.4f}")
-        losses.append(total / count)
+        result.losses.append(total / count)
+        if validation is None:
+            continue
+        acc = _accuracy(student, *validation)
+        result.val_accuracy.append(acc)
+        if bar is not None:
+            bar.set_postfix(loss=f"{total / count:.4f}", val=f"{acc:.2%}")
+        if acc > best_acc:
+            best_acc, best_state, stale, result.best_epoch = acc, _snapshot(student), 0, epoch
+        elif patience is not None:
+            stale += 1
+            for group in optimiser.param_groups:
+                group["lr"] /= 2
+        if target is not None and best_acc >= target:
+            result.stopped = "target"
+            break
+        if result.stopped == "budget":
+            break
+        if patience is not None and stale >= patience:
+            result.stopped = "patience"
+            break
     if bar is not None:
         bar.close()
+    if validation is not None:
+        if best_state is None:
+            return result  # no epoch beat the starting point: the model is left unchanged
+        student.load_state_dict(best_state)
     student.write_back()
-    return losses
+    return result
+
+
+def _snapshot(student: nn.Module) -> dict:
+    return copy.deepcopy(student.state_dict())
+
+
+def _accuracy(student: TorchGraph, x: np.ndarray, y: np.ndarray) -> float:
+    student.eval()
+    with torch.no_grad():
+        hits = sum(int((student(torch.from_numpy(np.asarray(x[i:i + 1000], np.float32)))
+                        .argmax(1).numpy() == y[i:i + 1000]).sum()) for i in range(0, len(x), 1000))
+    return hits / len(x)
 
 
 def _bar(total: int, enabled: bool):
@@ -73,4 +148,4 @@ def _bar(total: int, enabled: bool):
         from tqdm import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, desc="fine-tuning", unit="batch")
+    return tqdm(total=total, desc="fine-tuning", unit="batch", leave=False)

@@ -25,7 +25,7 @@ IMPORTABLE_OPS = frozenset({
     "Identity", "LeakyRelu", "MatMul", "MaxPool", "Mul", "Neg", "Pad", "ReduceMean", "Relu", "Reshape",
     "Shape", "Sigmoid", "Slice", "Squeeze", "Sub", "Tanh", "Transpose", "Unsqueeze",
 })
-MIN_OPSET, MAX_OPSET = 13, 20
+MIN_OPSET, MAX_OPSET = 13, 21
 _names = itertools.count()
 
 
@@ -55,12 +55,17 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
     return model
 
 
-def check_importable(model: onnx.ModelProto) -> None:
-    """Refuse opsets and operators the converter does not handle, naming the node."""
+def check_opset(model: onnx.ModelProto) -> None:
+    """Refuse opsets the converter does not handle."""
     version = opset(model)
     if not MIN_OPSET <= version <= MAX_OPSET:
         raise ModelError(f"opset {version} is not supported; export with an opset from "
                          f"{MIN_OPSET} to {MAX_OPSET}")
+
+
+def check_importable(model: onnx.ModelProto) -> None:
+    """Refuse opsets and operators the converter does not handle, naming the node."""
+    check_opset(model)
     for i, node in enumerate(model.graph.node):
         if node.op_type not in IMPORTABLE_OPS or node.domain not in ("", "ai.onnx"):
             raise ModelError(
@@ -164,9 +169,13 @@ def run(model: onnx.ModelProto, x: np.ndarray, outputs: list[str] | None = None,
     probe.CopyFrom(model)
     names = outputs or [o.name for o in model.graph.output]
     existing = {o.name for o in probe.graph.output}
-    for name in names:
-        if name not in existing:
-            probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    extra = [name for name in names if name not in existing]
+    if extra:  # intermediate tensors: float unless shape inference knows better (shapes)
+        types = {info.name: info.type.tensor_type.elem_type for info in
+                 onnx.shape_inference.infer_shapes(probe).graph.value_info}
+        for name in extra:
+            probe.graph.output.append(helper.make_tensor_value_info(
+                name, types.get(name) or TensorProto.FLOAT, None))
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(probe.SerializeToString(), options,

@@ -1,6 +1,11 @@
 """Conversion passes: each rewrites an ONNX model in place and is usable on its own.
 
-* :func:`remove_identities` drops Identity and Dropout (inference is the identity).
+* :func:`remove_identities` drops Identity, Dropout and float-to-float Cast (inference is
+  the identity).
+* :func:`fold_shapes` replaces Reshape targets computed from the input's shape (tf2onnx's
+  Shape -> Gather -> Concat) by constants.
+* :func:`fold_layout` folds the NCHW -> NHWC Transpose before a flatten (Keras flattens
+  channels-last) into the weights of the MatMul/Gemm after it.
 * :func:`fold_constants` evaluates nodes whose inputs are all constant.
 * :func:`fold_batchnorm` folds BatchNormalization into the Conv/Gemm before it, or writes
   it as ``Mul`` + ``Add`` by constants.
@@ -41,10 +46,16 @@ POOLING_MODES = ("average", "polynomial")
 FIT_SAMPLES = 20000
 
 
+def _is_identity(node: onnx.NodeProto) -> bool:
+    if node.op_type == "Cast":  # skl2onnx casts its float input to float
+        return any(a.name == "to" and a.i == onnx.TensorProto.FLOAT for a in node.attribute)
+    return node.op_type in ("Identity", "Dropout")
+
+
 def remove_identities(model: onnx.ModelProto) -> int:
-    """Remove Identity and Dropout nodes; returns how many were removed."""
+    """Remove Identity, Dropout and Cast-to-float nodes; returns how many were removed."""
     removed = 0
-    for node in [n for n in model.graph.node if n.op_type in ("Identity", "Dropout")]:
+    for node in [n for n in model.graph.node if _is_identity(n)]:
         graph_outputs = {o.name for o in model.graph.output}
         if node.output[0] in graph_outputs:
             # Keep the graph output name: rename the producer's output instead.
@@ -87,6 +98,97 @@ def fold_constants(model: onnx.ModelProto) -> int:
         folded += 1
     g.remove_unused_initializers(model)
     return folded
+
+
+def remove_dead_nodes(model: onnx.ModelProto) -> int:
+    """Remove nodes none of whose outputs is used; returns the count."""
+    removed = 0
+    while True:
+        used = {name for node in model.graph.node for name in node.input}
+        used |= {o.name for o in model.graph.output}
+        dead = [n for n in model.graph.node if not any(out in used for out in n.output)]
+        if not dead:
+            break
+        for node in dead:
+            model.graph.node.remove(node)
+        removed += len(dead)
+    g.remove_unused_initializers(model)
+    return removed
+
+
+def fold_shapes(model: onnx.ModelProto) -> int:
+    """Make every Reshape target constant: a target computed from the input's shape is
+    evaluated for two batch sizes; the entry that follows the batch becomes -1 (0 when
+    the target has a -1 already). Returns
+    the number of targets replaced."""
+    targets = [n for n in model.graph.node
+               if n.op_type == "Reshape" and g.get_array(model, n.input[1]) is None]
+    if not targets:
+        return 0
+    _, shape = g.input_info(model)
+    names = [n.input[1] for n in targets]
+    one, two = (g.run(model, np.zeros((b, *shape), np.float32), names) for b in (1, 2))
+    for node, a, b in zip(targets, one, two, strict=True):
+        a, b = np.asarray(a).reshape(-1), np.asarray(b).reshape(-1)
+        varying = np.flatnonzero(a != b)
+        if len(varying) > 1 or any(a[i] != 1 or b[i] != 2 for i in varying):
+            raise ModelError(f"node '{node.name}': its Reshape target depends on more than the "
+                             "batch size")
+        target = a.astype(np.int64)
+        # the batch entry: -1, or 0 (copy the input's batch axis) when -1 is taken
+        target[varying] = 0 if np.any(target == -1) and list(varying) == [0] else -1
+        if np.sum(target == -1) > 1:
+            raise ModelError(f"node '{node.name}': its Reshape target depends on more than the "
+                             "batch size")
+        node.input[1] = g.fresh("shape")
+        g.set_array(model, node.input[1], target)
+    remove_dead_nodes(model)
+    return len(targets)
+
+
+def _flatten_after(model: onnx.ModelProto, node: onnx.NodeProto) -> onnx.NodeProto | None:
+    """The Flatten(axis=1) or Reshape(-1 | 0, features) reading ``node``'s output alone."""
+    users = g.consumers(model, node.output[0])
+    if len(users) != 1 or node.output[0] in {o.name for o in model.graph.output}:
+        return None
+    user = users[0]
+    if user.op_type == "Flatten":
+        return user if next((a.i for a in user.attribute if a.name == "axis"), 1) == 1 else None
+    if user.op_type == "Reshape":
+        target = g.get_array(model, user.input[1])
+        if target is not None and target.size == 2 and target[0] in (-1, 0) and target[1] > 0:
+            return user
+    return None
+
+
+def fold_layout(model: onnx.ModelProto, sample: np.ndarray) -> int:
+    """Fold ``Transpose(perm=[0, 2, 3, 1]) -> flatten -> MatMul/Gemm`` (Keras flattening
+    channels-last) into ``Flatten -> MatMul/Gemm`` with the weight rows permuted (exact);
+    returns the count. ``sample`` (one input) gives the transposed tensor's shape."""
+    count = 0
+    for node in [n for n in model.graph.node if n.op_type == "Transpose"]:
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+        flat = _flatten_after(model, node) if perm == [0, 2, 3, 1] else None
+        users = [] if flat is None else g.consumers(model, flat.output[0])
+        if len(users) != 1 or users[0].op_type not in ("MatMul", "Gemm"):
+            continue
+        dense = users[0]
+        w = g.get_array(model, dense.input[1])
+        attrs = {a.name: helper.get_attribute_value(a) for a in dense.attribute}
+        if w is None or w.ndim != 2 or attrs.get("transA", 0):
+            continue
+        _, c, h, wd = g.run(model, sample[:1], [node.input[0]])[0].shape
+        order = np.arange(h * wd * c).reshape(h, wd, c).transpose(2, 0, 1).reshape(-1)
+        trans_b = attrs.get("transB", 0)
+        g.set_array(model, dense.input[1], w[:, order] if trans_b else w[order])
+        g.rename_input(model, node.output[0], node.input[0])
+        model.graph.node.remove(node)
+        new_flat = helper.make_node("Flatten", [flat.input[0]], [flat.output[0]], axis=1,
+                                    name=f"{flat.name}_nchw")
+        g.replace_node(model, flat, [new_flat])
+        count += 1
+    g.remove_unused_initializers(model)
+    return count
 
 
 def fold_batchnorm(model: onnx.ModelProto) -> int:
@@ -392,6 +494,54 @@ def pow2_nearest(values: np.ndarray) -> np.ndarray:
     return (np.sign(values) * 2.0 ** np.round(np.log2(mag))).astype(np.float32)
 
 
+#: Operators that act on every channel alike and linearly (a per-channel factor commutes).
+_CHANNEL_LINEAR = ("AveragePool", "GlobalAveragePool", "Flatten", "Pad")
+
+
+def _compensate(model: onnx.ModelProto, scale: str, ratio: np.ndarray) -> bool:
+    """Rounding an activation's scale ``a`` to a power of two multiplies its output
+    ``a t^2 + gamma`` by ``1/ratio`` per channel once ``gamma`` is divided by ``ratio`` too;
+    the next linear layer then takes ``ratio`` into its weights (before their own
+    rounding), so the model is unchanged. Follows single-consumer channel-wise linear
+    operators to that layer; returns False (nothing changed) when there is none."""
+    users = g.consumers(model, scale)
+    add = g.consumers(model, users[0].output[0]) if len(users) == 1 else []
+    if len(add) != 1 or add[0].op_type != "Add":
+        return False
+    gamma = g.get_array(model, add[0].input[1])
+    tensor, flattened = add[0].output[0], False
+    while True:
+        nxt = g.consumers(model, tensor)
+        if len(nxt) != 1 or tensor in {o.name for o in model.graph.output}:
+            return False
+        node = nxt[0]
+        if node.op_type in _CHANNEL_LINEAR and node.input[0] == tensor:
+            if node.op_type == "Pad" and len(node.input) > 2 and node.input[2] and \
+                    np.any(g.get_array(model, node.input[2]) != 0):
+                return False
+            flattened |= node.op_type == "Flatten"
+            tensor = node.output[0]
+            continue
+        break
+    axis = _weight_axis(model, node)
+    w = g.get_array(model, node.input[1]) if len(node.input) > 1 else None
+    if gamma is None or axis is None or w is None or w.ndim < 2 or node.input[0] != tensor:
+        return False
+    in_axis = 1 if node.op_type == "Conv" else 1 - axis
+    per_feature = w.shape[in_axis] // len(ratio)
+    if per_feature * len(ratio) != w.shape[in_axis] or (per_feature > 1 and not flattened
+                                                       and node.op_type != "Conv"):
+        return False
+    factor = np.repeat(ratio, per_feature) if node.op_type != "Conv" else ratio
+    shape = [1] * w.ndim
+    shape[in_axis] = -1
+    g.set_array(model, node.input[1], (w * factor.reshape(shape)).astype(np.float32))
+    g.set_array(model, add[0].input[1],
+                (gamma / ratio.reshape(np.shape(gamma)) if np.size(gamma) == len(ratio)
+                 else gamma / ratio).astype(np.float32))
+    return True
+
+
 def quantise_pow2(model: onnx.ModelProto, exponent_bits: int = 4, terms: int = 1) -> int:
     """Round Conv/Gemm/MatMul weights to powers of two (sums of ``terms`` of them), and the
     activation scales ``a`` to one power of two.
@@ -405,9 +555,12 @@ def quantise_pow2(model: onnx.ModelProto, exponent_bits: int = 4, terms: int = 1
     if terms not in (1, 2, 3):
         raise ParameterError(f"pow2 terms={terms} is outside 1..3")
     count = 0
-    for init in model.graph.initializer:
+    for init in list(model.graph.initializer):
         if init.name.startswith(SCALE_PREFIX):
-            g.set_array(model, init.name, pow2_nearest(numpy_helper.to_array(init)))
+            a = numpy_helper.to_array(init)
+            rounded = pow2_nearest(a)
+            _compensate(model, init.name, (a / rounded).reshape(-1))
+            g.set_array(model, init.name, rounded)
             count += 1
     for node in model.graph.node:
         axis = _weight_axis(model, node)

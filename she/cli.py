@@ -21,7 +21,7 @@ import numpy as np
 from . import assets
 from .client import Client
 from .compiler import Plan, compile
-from .data import load_idx_dataset, read_idx
+from .data import arrange, load_dataset, load_idx_dataset, read_idx
 from .errors import DataError, ParameterError, SheError
 from .model import load
 from .pipeline import encrypted_predict
@@ -156,30 +156,64 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_convert(args: argparse.Namespace) -> dict[str, Any]:
     try:
-        from converters import convert, save_atomically
+        from converters import convert, save_atomically, search
+        from converters.convert import Settings
+        from converters.onnx_graph import input_info, load_onnx
     except ImportError as exc:  # pragma: no cover - converters ships with the package
         raise SheError(f"the converter is not installed: {exc}") from exc
-    eval_x = eval_y = None
+    shape = input_info(load_onnx(args.model))[1]
+    train = test = None
     if args.data:
-        calibration, labels = load_idx_dataset(args.data, "train")
-        calibration, labels = (calibration[:args.calibration_samples],
-                               labels[:args.calibration_samples])
-        eval_x, eval_y = load_idx_dataset(args.data, "test")
-    elif args.calibration:
-        calibration, labels = assets.load_inputs(args.calibration)
-    else:
-        raise DataError("give calibration data: --data DIR (IDX) or --calibration FILE.npz")
+        train = load_dataset(args.data, "train", shape, args.scale)
+        test = load_dataset(args.data, "test", shape, args.scale)
+        if train is None:
+            raise DataError(f"{args.data}: no training split found")
+    if args.train:
+        train = _npz(args.train, shape)
     if args.eval:
-        eval_x, eval_y = assets.load_inputs(args.eval)
-    proto, report = convert(args.model, calibration, calibration_labels=labels,
-                            eval_x=eval_x, eval_y=eval_y,
-                            degree=args.degree, pow2=not args.no_pow2,
-                            exponent_bits=args.exponent_bits, pow2_terms=args.pow2_terms,
-                            finetune_epochs=args.finetune_epochs, finetune_lr=args.lr,
-                            pool_first=args.pool_first, max_pool=args.max_pool,
-                            progress=not args.json)
+        test = _npz(args.eval, shape)
+    if train is None and args.calibration:
+        train = _npz(args.calibration, shape)
+    if train is None:
+        raise DataError("give training data: --data DIR (IDX files or image folders), "
+                        "--train FILE.npz, or --calibration FILE.npz (unlabelled, with --fast)")
+    x, labels = train
+    if args.samples:
+        x, labels = x[:args.samples], (None if labels is None else labels[:args.samples])
+    eval_x, eval_y = test if test is not None else (None, None)
+    fixed = {name: getattr(args, name) for name in
+             ("degree", "max_pool", "exponent_bits", "pow2_terms") if getattr(args, name)}
+    if args.no_pow2:
+        fixed["pow2"] = False
+    if args.pool_first:
+        fixed["pool_first"] = True
+    progress = True  # on stderr (stdout keeps the one JSON object of --json)
+    if args.fast or labels is None:
+        if not args.fast:
+            _log(args, "no labels: one-shot conversion without fine-tuning (as --fast)")
+        if args.fast and args.calibration_samples:
+            x = x[:args.calibration_samples]
+            labels = None if labels is None else labels[:args.calibration_samples]
+        settings = Settings(**fixed)
+        proto, report = convert(args.model, x, calibration_labels=labels, eval_x=eval_x,
+                                eval_y=eval_y, degree=settings.degree, pow2=settings.pow2,
+                                exponent_bits=settings.exponent_bits,
+                                pow2_terms=settings.pow2_terms,
+                                finetune_epochs=args.finetune_epochs or 0, finetune_lr=args.lr,
+                                pool_first=settings.pool_first, max_pool=settings.max_pool,
+                                progress=progress)
+    else:
+        proto, report = search(args.model, x, labels, test_x=eval_x, test_y=eval_y,
+                               max_drop=args.max_drop, budget=args.budget, seed=args.seed,
+                               settings=[Settings(**fixed)] if fixed else None,
+                               progress=progress)
     save_atomically(proto, args.output)
     return {"output": args.output, **report.as_dict()}
+
+
+def _npz(path: str, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray | None]:
+    x, y = assets.load_inputs(path)
+    return arrange(x, shape), y
 
 
 def cmd_keygen(args: argparse.Namespace) -> dict[str, Any]:
@@ -212,7 +246,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_decrypt(args: argparse.Namespace) -> dict[str, Any]:
     client = Client.load(args.key)
-    return _classify(client.decrypt(_read(args.input)))
+    return _classify(client.decrypt_outputs(_read(args.input)))
 
 
 def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
@@ -304,9 +338,9 @@ def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
                           key_dir=args.key_dir)
     x = _inputs(args, tuple(remote.spec["input_shape"]))
     t = time.perf_counter()
-    logits = remote.predict(x)
+    outputs = remote.predict_outputs(x)
     elapsed = time.perf_counter() - t
-    return {**_classify(logits), "seconds": elapsed, "server": args.server, "model": args.model}
+    return {**_classify(outputs), "seconds": elapsed, "server": args.server, "model": args.model}
 
 
 def _api_key(args: argparse.Namespace) -> str | None:
@@ -329,12 +363,32 @@ def _api_key(args: argparse.Namespace) -> str | None:
     return os.environ.get(API_KEY_ENV) or None
 
 
-def _classify(logits: np.ndarray) -> dict[str, Any]:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probs = shifted / shifted.sum(axis=1, keepdims=True)
-    return {"predictions": logits.argmax(1).tolist(),
-            "probabilities": np.round(probs, 4).tolist(),
-            "logits": np.round(logits, 4).tolist()}
+def _classify(outputs: dict[str, Any]) -> dict[str, Any]:
+    """Predictions and probabilities from a client's decrypted outputs: the logits (softmax
+    computed here), or the original model's outputs re-applied by its tail (its label
+    output, if any, gives the predictions)."""
+    if "logits" in outputs and len(outputs) == 1:
+        logits = outputs["logits"]
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs = shifted / shifted.sum(axis=1, keepdims=True)
+        return {"predictions": logits.argmax(1).tolist(),
+                "probabilities": np.round(probs, 4).tolist(),
+                "logits": np.round(logits, 4).tolist()}
+    result: dict[str, Any] = {"outputs": {}}
+    for name, value in outputs.items():
+        if isinstance(value, np.ndarray):
+            value = np.round(value, 4) if value.dtype.kind == "f" else value
+            result["outputs"][name] = value.tolist()
+            if value.ndim == 1 and "predictions" not in result:
+                result["predictions"] = value.tolist()
+            elif value.ndim == 2 and "probabilities" not in result:
+                result["probabilities"] = value.tolist()
+        else:  # ZipMap: one {class: probability} dict per sample
+            result["outputs"][name] = [{str(k): round(float(v), 4) for k, v in row.items()}
+                                       for row in value]
+    if "predictions" not in result and "probabilities" in result:
+        result["predictions"] = np.argmax(result["probabilities"], axis=1).tolist()
+    return result
 
 
 def _read(path: str) -> bytes:
@@ -359,6 +413,21 @@ def _print_human(command: str, result: dict[str, Any]) -> None:
             chosen = " (chosen)" if option["degree"] == result["degree"] else ""
             print(f"  degree {option['degree']}: depth {option['depth']}, fit rmse "
                   f"{option['fit_rmse']:.4f}{acc}{chosen}")
+        search = result.get("search")
+        if search:
+            print(f"settings tried (validation split of {search['validation_samples']}, original "
+                  f"{search['original_val_accuracy']:.2%}, target drop <= "
+                  f"{search['max_drop_points']} points):")
+            for i, trial in enumerate(search["trials"]):
+                mark = " (chosen)" if i == search["chosen"] else ""
+                print(f"  [{i + 1}] {trial['description']}: {trial['val_accuracy_converted']:.2%}"
+                      f" -> {trial['val_accuracy']:.2%} after {trial['epochs']} epochs "
+                      f"({trial['stopped']}), drop {trial['drop_points']:.2f}, depth "
+                      f"{trial['depth']}, {trial['seconds']:.0f} s{mark}")
+            print(f"chosen: {search['reason']} ({search['seconds']:.0f} s in all)")
+        if result.get("tail_outputs"):
+            print(f"removed from the encrypted part, re-applied by the client after "
+                  f"decryption: the computation of {', '.join(result['tail_outputs'])}")
         params = result["parameters"]
         print(f"depth {result['depth']}; N={params['poly_modulus_degree']}, modulus bits "
               f"{params['modulus_bits']}, {params['security_bits']}-bit security")
@@ -425,27 +494,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="DIR", help="read MNIST IDX files from DIR instead")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("convert", help="convert a trained ONNX model into an HE-friendly one")
-    p.add_argument("model", help="trained ONNX model (opset 13-20)")
+    p = sub.add_parser("convert", help="convert a trained ONNX model into an HE-friendly one",
+                       description="By default the converter fine-tunes on the labelled "
+                       "training data and searches its settings until the accuracy drop on a "
+                       "validation split is within --max-drop, or --budget runs out.")
+    p.add_argument("model", help="trained ONNX model (opset 13-21)")
     p.add_argument("-o", "--output", required=True, help="where to write the HE-friendly model")
-    p.add_argument("--data", metavar="DIR", help="IDX data set: calibrate on its training "
-                   "split, report accuracy on its test split")
-    p.add_argument("--calibration", metavar="NPZ", help="calibration inputs (.npz/.npy)")
-    p.add_argument("--eval", metavar="NPZ", help="evaluation inputs and labels (.npz)")
-    p.add_argument("--calibration-samples", type=int, default=10000)
-    p.add_argument("--degree", type=int, default=2, choices=(2, 3, 4),
+    p.add_argument("--data", metavar="DIR", help="data set: MNIST-style IDX files, or images in "
+                   "class folders (DIR/train/<class>/, DIR/test/<class>/); trains on the "
+                   "training split, reports on the test split")
+    p.add_argument("--train", metavar="NPZ", help="labelled training data (.npz: x, y)")
+    p.add_argument("--eval", metavar="NPZ", help="test inputs and labels (.npz), reported only")
+    p.add_argument("--calibration", metavar="NPZ", help="unlabelled inputs (.npz/.npy): a "
+                   "one-shot conversion without fine-tuning")
+    p.add_argument("--scale", type=float, default=1 / 255,
+                   help="factor applied to image pixels (default 1/255: pixels in [0, 1])")
+    p.add_argument("--max-drop", type=float, default=0.5,
+                   help="accuracy drop target in points on the validation split (default 0.5)")
+    p.add_argument("--budget", type=float, default=540.0,
+                   help="seconds for the settings search (default 540)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split and fine-tuning")
+    p.add_argument("--samples", type=int, help="use only the first N training samples")
+    p.add_argument("--fast", action="store_true", help="one-shot conversion with the given "
+                   "settings (no search; fine-tuning only with --finetune-epochs)")
+    p.add_argument("--calibration-samples", type=int, default=10000,
+                   help="--fast: calibration samples (default 10000)")
+    p.add_argument("--degree", type=int, choices=(2, 3, 4),
                    help="activation polynomial degree: 2 costs one multiplicative level per "
-                   "activation, 3 and 4 cost two (the report lists every choice)")
-    p.add_argument("--max-pool", choices=("average", "polynomial"), default="average",
-                   help="MaxPool as AveragePool (default, no depth) or as a fitted "
-                   "polynomial maximum (two levels for a 2x2 window)")
+                   "activation, 3 and 4 cost two (default: searched, or 2 with --fast)")
+    p.add_argument("--max-pool", choices=("average", "polynomial"),
+                   help="MaxPool as AveragePool (no depth) or as a fitted polynomial maximum "
+                   "(two levels for a 2x2 window); default: searched, or average with --fast")
     p.add_argument("--no-pow2", action="store_true", help="keep float weights")
-    p.add_argument("--exponent-bits", type=int, default=4)
-    p.add_argument("--pow2-terms", type=int, default=1, choices=(1, 2, 3),
+    p.add_argument("--exponent-bits", type=int)
+    p.add_argument("--pow2-terms", type=int, choices=(1, 2, 3),
                    help="powers of two per weight (2: two shifts per weight, less rounding)")
-    p.add_argument("--finetune-epochs", type=int, default=0,
-                   help="distillation epochs against the original (needs torch)")
-    p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate")
+    p.add_argument("--finetune-epochs", type=int,
+                   help="--fast: distillation epochs against the original (needs torch)")
+    p.add_argument("--lr", type=float, default=1e-3, help="--fast: fine-tuning learning rate")
     p.add_argument("--pool-first", action="store_true",
                    help="move MaxPool ahead of its activation: 4x fewer squares, some accuracy")
     p.set_defaults(func=cmd_convert)

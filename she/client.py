@@ -16,6 +16,7 @@ import tenseal as ts
 import tenseal.sealapi as sealapi
 
 from . import bfv, compact, sealbytes, wire
+from . import tail as tails
 from .context import (
     SealBridge,
     check_matches,
@@ -51,6 +52,7 @@ class Client:
         self.galois_steps = _galois_steps(self.spec, self.params.slots)
         self._replicas = _input_replicas(self.spec, self.params.slots)
         self._drop_bits = _input_drop_bits(self.spec) if self.packing == "single" else 0
+        self.tail = tails.from_spec(self.spec)
         self._public: bytes | None = None
         if context is None:
             context = new_secret_context(self.params)
@@ -139,7 +141,22 @@ class Client:
                             raw.seed_info)
 
     def decrypt(self, data: bytes) -> np.ndarray:
-        """Decrypt a result message into an array of shape ``(batch, output_size)``."""
+        """Decrypt a result message into the original model's output, shape
+        ``(batch, output_size)``: the logits, or, when the converter moved a Softmax (or
+        LogSoftmax) out of the encrypted part, the probabilities it gives."""
+        logits = self.decrypt_logits(data)
+        if self.tail is None:
+            return logits
+        return self.tail.evaluate(logits)[1]
+
+    def decrypt_outputs(self, data: bytes) -> dict[str, Any]:
+        """Every output of the original model, by name (``{"logits": ...}`` without a
+        tail): the tail (:mod:`she.tail`) re-applied to the decrypted logits."""
+        logits = self.decrypt_logits(data)
+        return {"logits": logits} if self.tail is None else self.tail.run(logits)
+
+    def decrypt_logits(self, data: bytes) -> np.ndarray:
+        """The decrypted output of the encrypted part (before any plaintext tail)."""
         values = self.decrypt_raw(data)
         if self._int_range is not None:
             return values / float(self.spec["output_scale"])

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from . import bfv, compact, layout
+from . import bfv, compact, layout, tail
 from .errors import ModelError, ParameterError
 from .lowering import Affine, Chain, lower
 from .model import Model
@@ -146,6 +146,8 @@ class Plan:
     #: CKKS: the part of ``predicted_error`` due to encryption noise (without the measured
     #: weight-quantisation deviation, which is part of the function computed).
     noise_error: float | None = None
+    #: The model's plaintext tail (:mod:`she.tail`), re-applied by the client after decryption.
+    tail: str | None = None
     _layouts: list[layout.LayerLayout] | None = field(default=None, init=False, repr=False,
                                                        compare=False)
 
@@ -328,6 +330,7 @@ class Plan:
                             if self.packing == "single" and self.layouts()[0].replicas > 1 else 0),
             "input_drop_bits": self.input_drop_bits,
             "layout": self._layout_text(),
+            **({"tail": self.tail} if self.tail else {}),
             **({"plain_modulus": str(self.params.plain_modulus),
                 "input_int_range": list(self.input_int_range or ())} if self.scheme == "bfv" else {}),
         }
@@ -550,8 +553,9 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
         if circuit_privacy is not None:
             raise ParameterError("noise flooding (circuit_privacy) is implemented for CKKS; "
                                  "BFV results are re-randomised only")
-        return _compile_bfv(model, packing, calibration, input_bits, weight_bits or bfv.WEIGHT_BITS,
-                            security, poly_modulus_degree, name)
+        return _with_tail(_compile_bfv(model, packing, calibration, input_bits,
+                                       weight_bits or bfv.WEIGHT_BITS, security,
+                                       poly_modulus_degree, name), model)
     if scale_bits is None and weight_bits is None:
         ladder = PRECISION_LADDER if packing == "batch" else SINGLE_PRECISION_LADDER
     else:
@@ -596,7 +600,14 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
     if best is None:
         assert failure is not None
         raise failure
-    return best
+    return _with_tail(best, model)
+
+
+def _with_tail(plan: Plan, model: Model | Chain) -> Plan:
+    """The plan, carrying the model's plaintext tail (see :mod:`she.tail`) if it has one."""
+    if isinstance(model, Model):
+        plan.tail = model.metadata.get(tail.METADATA_KEY)
+    return plan
 
 
 def _dense_chain(chain: Chain, what: str) -> Chain:

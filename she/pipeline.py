@@ -61,7 +61,7 @@ def encrypted_predict(plan: Plan, x: np.ndarray, *, batch_size: int | None = Non
         t1 = time.perf_counter()
         response = server.evaluate(keys, request)
         t2 = time.perf_counter()
-        outputs.append(client.decrypt(response))
+        outputs.append(client.decrypt_logits(response))
         t3 = time.perf_counter()
         timings.encrypt += t1 - t0
         timings.evaluate += t2 - t1

@@ -148,7 +148,16 @@ class RemoteClient:
 
     # -- predictions ---------------------------------------------------------------------
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """Encrypt ``x`` (a batch), have the server evaluate it, return decrypted outputs."""
+        """Encrypt ``x`` (a batch), have the server evaluate it, return decrypted outputs
+        (with the model's plaintext tail re-applied: :meth:`Client.decrypt`)."""
+        return self.client.decrypt(self._evaluate(x))
+
+    def predict_outputs(self, x: np.ndarray) -> dict[str, Any]:
+        """Like :meth:`predict`, but every output of the original model, by name
+        (:meth:`Client.decrypt_outputs`)."""
+        return self.client.decrypt_outputs(self._evaluate(x))
+
+    def _evaluate(self, x: np.ndarray) -> bytes:
         request = self.client.encrypt(x)
         session = self._session()
         try:
@@ -160,7 +169,7 @@ class RemoteClient:
             session = self._register()
             response = self._request("POST", f"/v1/sessions/{session}/predict", request,
                                      self._result_limit())
-        return self.client.decrypt(response)
+        return response
 
     def close(self) -> None:
         """Delete the server-side session (the local keys stay cached)."""

@@ -1,0 +1,309 @@
+"""The default conversion on models made the way users make them (one per exporter family:
+scikit-learn through skl2onnx, a tf2onnx-style Keras graph, torch's legacy and dynamo
+exporters), on real MNIST data. Each is trained briefly on a few thousand images and
+converted by :func:`converters.search` with a small budget; the checks are the issue's:
+the drop is within a stated bound, the encrypted run agrees with the converted plaintext,
+and the client re-applies the removed tail (probabilities and labels)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+import she
+from benchmarks import user_models
+from she.data import load_idx_dataset
+from she.pipeline import encrypted_predict
+
+torch = pytest.importorskip("torch", reason="the converter tests need the 'convert' extra")
+TRAIN, TEST = 3000, 500
+#: Stated bound on the test-accuracy drop of the default conversion of these tiny models
+#: trained for seconds on 3000 images (the full-size numbers are in docs/conversion.md).
+MAX_TEST_DROP = 0.03
+
+
+@pytest.fixture(scope="module")
+def mnist(mnist_dir):
+    x, y = load_idx_dataset(mnist_dir, "train")
+    xt, yt = load_idx_dataset(mnist_dir, "test")
+    return x[:TRAIN], y[:TRAIN], xt[:TEST], yt[:TEST]
+
+
+def _original(path, x) -> dict[str, object]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(None, {session.get_inputs()[0].name: x}), strict=True))
+
+
+def _search(path, x, y, xt, yt, **kwargs):
+    import converters
+
+    # bounded by epochs, not by time: the same result on a loaded machine
+    return converters.search(str(path), x, y, test_x=xt, test_y=yt, budget=3600, seed=0,
+                             max_epochs=3, progress=False, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def sklearn_models(mnist, tmp_path_factory):
+    """One MLPClassifier, exported with ZipMap off and on."""
+    pytest.importorskip("skl2onnx", reason="needs skl2onnx and scikit-learn (dev extra)")
+    x, y, _, _ = mnist
+    folder = tmp_path_factory.mktemp("skl")
+    return {zipmap: user_models.sklearn_mlp(x, y, folder / f"mlp-{zipmap}.onnx", epochs=20,
+                                            zipmap=zipmap) for zipmap in (False, True)}
+
+
+def _check_tail(client, response, plain, original, n):
+    """The client's outputs are the original model's: same names, labels equal where the
+    argmax agrees, probabilities the softmax of the (converted) logits."""
+    outputs = client.decrypt_outputs(response)
+    assert list(outputs) == list(original)
+    label_name = next(k for k, v in original.items() if np.asarray(v).ndim == 1)
+    labels, original_labels = np.asarray(outputs[label_name]), np.asarray(original[label_name])[:n]
+    same = plain.argmax(1) == original_labels
+    assert same.mean() > 0.85
+    assert np.array_equal(labels[same], original_labels[same])
+    probs = client.decrypt(response)
+    softmax = np.exp(plain - plain.max(1, keepdims=True))
+    softmax /= softmax.sum(1, keepdims=True)
+    assert probs.shape == plain.shape and np.allclose(probs.sum(1), 1, atol=1e-5)
+    assert np.abs(probs - softmax).max() < 1e-2
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def sklearn_converted(sklearn_models, mnist):
+    x, y, xt, yt = mnist
+    return _search(sklearn_models[False], x.reshape(len(x), -1), y, xt.reshape(len(xt), -1), yt)
+
+
+def test_sklearn_mlp_converts_and_client_reapplies_its_tail(sklearn_models, sklearn_converted,
+                                                            mnist):
+    x, y, xt, yt = mnist
+    flat, flat_t = x.reshape(len(x), -1), xt.reshape(len(xt), -1)
+    proto, report = sklearn_converted
+    original = _original(sklearn_models[False], flat_t)
+    assert report.tail_outputs == list(original) == ["label", "probabilities"]
+    ops = {n.op_type for n in proto.graph.node}
+    assert not ops & {"Softmax", "ArgMax", "ZipMap", "ArrayFeatureExtractor", "Relu", "Cast"}
+    acc = {s.name: s.accuracy for s in report.stages}
+    assert acc["original"] - report.stages[-1].accuracy <= MAX_TEST_DROP
+    chosen = report.search["trials"][report.search["chosen"]]
+    assert chosen["val_accuracy"] >= chosen["val_accuracy_converted"]
+    model = she.model.from_proto(proto)
+    plan = she.compile(model, calibration=flat[:500])
+    assert "tail" in plan.spec()
+    server, client = she.Server(plan), she.Client(plan.spec())
+    keys = server.load_context(client.public_context())
+    response = server.evaluate(keys, client.encrypt(flat_t[:64]))
+    logits = client.decrypt_logits(response)
+    plain = model.run_plain(flat_t[:64])
+    assert np.mean(logits.argmax(1) == plain.argmax(1)) >= 0.98
+    assert np.abs(logits - plain).max() < plan.predicted_error
+    _check_tail(client, response, logits, original, 64)
+
+
+def test_she_decrypt_prints_the_original_label_output(sklearn_models, sklearn_converted, mnist,
+                                                     tmp_path, capsys):
+    """The offline file flow on a converted skl2onnx model: `she decrypt` prints the labels
+    and probabilities the original's tail computes from the decrypted logits."""
+    import converters
+    from she.cli import main
+
+    x, _, xt, _ = mnist
+    flat, flat_t = x.reshape(len(x), -1), xt.reshape(len(xt), -1)
+    path = tmp_path / "mlp.she.onnx"
+    converters.save_atomically(sklearn_converted[0], path)
+    np.savez(tmp_path / "cal.npz", x=flat[:300])
+    np.save(tmp_path / "in.npy", flat_t[:5])
+    key, public = tmp_path / "client.key", tmp_path / "public.ctx"
+    compile_args = [str(path), "--calibration", str(tmp_path / "cal.npz")]
+    for argv in (["keygen", *compile_args, "--secret", str(key), "--public", str(public)],
+                 ["encrypt", "--key", str(key), str(tmp_path / "in.npy"), "-o",
+                  str(tmp_path / "in.ct")],
+                 ["eval", *compile_args, "--context", str(public), str(tmp_path / "in.ct"),
+                  "-o", str(tmp_path / "out.ct")],
+                 ["decrypt", "--key", str(key), str(tmp_path / "out.ct"), "--json"]):
+        assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    plain = she.load(path).run_plain(flat_t[:5])
+    original = _original(sklearn_models[False], flat_t[:5])
+    assert set(result["outputs"]) == {"label", "probabilities"}
+    assert result["predictions"] == result["outputs"]["label"] == plain.argmax(1).tolist()
+    assert np.allclose(np.sum(result["probabilities"], axis=1), 1, atol=1e-3)
+    same = plain.argmax(1) == original["label"]
+    assert np.array_equal(np.asarray(result["predictions"])[same], original["label"][same])
+
+
+def test_sklearn_zipmap_output_comes_back_as_dicts(sklearn_models, mnist):
+    import converters
+
+    x, y, xt, _ = mnist
+    flat, flat_t = x.reshape(len(x), -1), xt.reshape(len(xt), -1)
+    proto, report = converters.convert(str(sklearn_models[True]), flat[:1000])
+    original = _original(sklearn_models[True], flat_t[:16])
+    assert report.tail_outputs == list(original) == ["output_label", "output_probability"]
+    model = she.model.from_proto(proto)
+    plan = she.compile(model, calibration=flat[:300])
+    client = she.Client(plan.spec())
+    logits = model.run_plain(flat_t[:16])
+    outputs, probs = client.tail.evaluate(logits)
+    assert isinstance(outputs["output_probability"][0], dict)
+    assert np.allclose([outputs["output_probability"][i][k] for i in range(16) for k in range(10)],
+                       probs.reshape(-1), atol=1e-6)
+    same = logits.argmax(1) == original["output_label"]
+    assert np.array_equal(outputs["output_label"][same], original["output_label"][same])
+
+
+def test_keras_style_graph_folds_its_layout_like_its_torch_twin(mnist, tmp_path):
+    """A tf2onnx-style graph (NHWC input, Transposes, Shape/Gather/Concat reshape, Softmax)
+    converts, and compiles to the ring size and depth of the same network written NCHW."""
+
+    x, y, xt, yt = mnist
+    nhwc, nhwc_t = user_models.to_nhwc(x), user_models.to_nhwc(xt)
+    path = user_models.keras_cnn(x, y, tmp_path / "keras.onnx", epochs=2, channels=2)
+    graph = onnx.load(str(path))
+    assert {"Shape", "Gather", "Concat", "Transpose", "Softmax"} <= \
+        {n.op_type for n in graph.graph.node}
+    proto, report = _search(path, nhwc, y, nhwc_t, yt)
+    assert report.folded_shapes == 1 and report.folded_layouts == 1
+    assert report.tail_outputs == ["dense"]
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("Transpose") == 1 and ops[0] == "Transpose"  # only the input's
+    assert "Shape" not in ops
+    acc = {s.name: s.accuracy for s in report.stages}
+    assert acc["original"] - report.stages[-1].accuracy <= MAX_TEST_DROP
+    # The twin: the same weights in NCHW, flattened channels-first (what the fold computes).
+    twin_dense = onnx.numpy_helper.to_array(
+        next(i for i in proto.graph.initializer
+             if i.name == next(n for n in proto.graph.node if n.op_type == "MatMul").input[1]))
+    model = she.model.from_proto(proto)
+    plan = she.compile(model, calibration=nhwc[:300])
+    enc, _ = encrypted_predict(plan, nhwc_t[:32])
+    plain = model.run_plain(nhwc_t[:32])
+    assert np.mean(enc.argmax(1) == plain.argmax(1)) >= 0.95
+    assert np.abs(enc - plain).max() < plan.predicted_error
+    # the NCHW twin of the converted model: same depth and ring size
+    twin = onnx.ModelProto()
+    twin.CopyFrom(proto)
+    twin.graph.node.remove(twin.graph.node[0])
+    first = twin.graph.node[0]
+    first.input[0] = "input_1"
+    del twin.graph.input[:]
+    twin.graph.input.append(onnx.helper.make_tensor_value_info("input_1", onnx.TensorProto.FLOAT,
+                                                               ["n", 1, 28, 28]))
+    twin_plan = she.compile(she.model.from_proto(twin), calibration=x[:300])
+    assert (twin_plan.params.poly_modulus_degree, twin_plan.depth) == \
+        (plan.params.poly_modulus_degree, plan.depth)
+    assert twin_dense.shape[0] == 13 * 13 * 2
+    assert np.allclose(she.model.from_proto(twin).run_plain(x[:50]), model.run_plain(nhwc[:50]),
+                       atol=1e-4)
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_torch_exports_convert_within_the_stated_drop(exporter, mnist, tmp_path):
+    from torch import nn
+
+    x, y, xt, yt = mnist
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.ZeroPad2d(1), nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4),
+                        nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 14 * 14, 10),
+                        nn.LogSoftmax(dim=1))
+    user_models._train_torch(net, x, y, epochs=3, seed=0)
+    path = tmp_path / "net.onnx"
+    if exporter == "legacy":
+        user_models._legacy_export(net, path, (1, 28, 28), opset=13)
+    else:
+        torch.onnx.export(net, (torch.zeros(2, 1, 28, 28),), str(path), dynamo=True,
+                          external_data=True, input_names=["input"],
+                          dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+        assert (tmp_path / "net.onnx.data").exists()
+    exported = [n.op_type for n in onnx.load(str(path)).graph.node]
+    import converters
+    from converters.search import candidates
+
+    # the default search's first (cheapest) setting alone: the later ones cost CPU time here
+    first = candidates(converters.prepare(str(path), x[:64])[0])[0]
+    proto, report = _search(path, x, y, xt, yt, settings=[first])
+    assert report.folded_batchnorms == exported.count("BatchNormalization")
+    assert report.replaced_pools == 1
+    assert len(report.tail_outputs) == 1  # LogSoftmax, re-applied by the client
+    acc = {s.name: s.accuracy for s in report.stages}
+    assert acc["original"] > 0.85
+    assert acc["original"] - report.stages[-1].accuracy <= MAX_TEST_DROP
+    trials = report.search["trials"]
+    assert all(t["val_accuracy"] >= t["val_accuracy_converted"] for t in trials)
+    model = she.model.from_proto(proto)
+    tail = she.tail.Tail(model.metadata[she.tail.METADATA_KEY])
+    logits = model.run_plain(xt[:20])
+    log_probs = tail.evaluate(logits)[1]
+    assert np.allclose(np.exp(log_probs).sum(1), 1, atol=1e-4)
+    assert np.array_equal(log_probs.argmax(1), logits.argmax(1))
+
+
+def test_search_is_reproducible_and_reports_every_setting(mnist, tmp_path):
+    from torch import nn
+
+    x, y, xt, yt = mnist
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(784, 16), nn.BatchNorm1d(16), nn.ReLU(),
+                        nn.Linear(16, 10))
+    user_models._train_torch(net, x, y, epochs=1, seed=1)
+    path = user_models._legacy_export(net, tmp_path / "mlp.onnx", (1, 28, 28), opset=21)
+    import converters
+
+    # an unreachable target: every candidate is tried (budget permitting) and reported
+    runs = [converters.search(str(path), x[:1000], y[:1000], max_drop=-50, budget=3600, seed=3,
+                              max_epochs=4, progress=False) for _ in range(2)]
+    (a, ra), (b, rb) = runs
+    assert ra.search["target_met"] is False and "no setting reached" in ra.search["reason"]
+    # no max pool: two power-of-two terms, degree 4 (one activation), float weights
+    assert [t["description"] for t in ra.search["trials"]] == [
+        "degree 2, max pool as average, pow2 2 terms, 4 exponent bits",
+        "degree 4, max pool as average, pow2 2 terms, 4 exponent bits",
+        "degree 2, max pool as average, float weights"]
+    chosen = ra.search["trials"][ra.search["chosen"]]
+    assert chosen["val_accuracy"] == max(t["val_accuracy"] for t in ra.search["trials"])
+    # same seed, same model (tensor names aside)
+    assert [numpy_helper.to_array(i).tolist() for i in a.graph.initializer] == \
+        [numpy_helper.to_array(i).tolist() for i in b.graph.initializer]
+    assert ra.search["trials"] == [{**t, "seconds": r["seconds"]} for t, r in
+                                   zip(rb.search["trials"], ra.search["trials"], strict=True)]
+
+
+def test_cli_default_convert_reads_image_folders_in_the_models_layout(mnist, tmp_path, capsys):
+    from PIL import Image
+
+    from she.cli import main
+
+    x, y, xt, yt = mnist
+    for split, images, labels in (("train", x[:600], y[:600]), ("test", xt[:100], yt[:100])):
+        for i, (img, label) in enumerate(zip(images, labels, strict=True)):
+            folder = tmp_path / "digits" / split / f"class_{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray((img[0] * 255).round().astype(np.uint8)).save(folder / f"{i}.png")
+    path = user_models.keras_cnn(x, y, tmp_path / "keras.onnx", epochs=1, channels=2)
+    out = tmp_path / "keras.she.onnx"
+    code = main(["convert", str(path), "-o", str(out), "--data", str(tmp_path / "digits"),
+                 "--budget", "5", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured
+    result = json.loads(captured.out)
+    assert result["search"]["training_samples"] + result["search"]["validation_samples"] == 600
+    assert result["eval_samples"] == 100 and result["stages"][0]["accuracy"] > 0.5
+    assert she.load(out).metadata[she.tail.METADATA_KEY]
+    # a model whose input layout cannot be told from the images: a clear error, no file
+    bad = tmp_path / "bad.onnx"
+    graph = onnx.load(str(path))
+    dims = graph.graph.input[0].type.tensor_type.shape.dim
+    dims[1].dim_value = 700
+    del dims[2:]
+    onnx.save(graph, str(bad))
+    assert main(["convert", str(bad), "-o", str(tmp_path / "never.onnx"), "--data",
+                 str(tmp_path / "digits")]) == 2
+    assert "cannot" in capsys.readouterr().err and not (tmp_path / "never.onnx").exists()
