@@ -155,10 +155,10 @@ def test_mutated_requests_to_server_evaluate(shipped_size, packing, e, cut):
 
 
 @FEW
-@given(item=st.integers(0, 2), e=head_edits, cut=st.one_of(st.none(), st.integers(0, 2000)))
+@given(item=st.integers(0, 3), e=head_edits, cut=st.one_of(st.none(), st.integers(0, 2000)))
 def test_mutated_context_messages_to_server(shipped_size, item, e, cut):
     server, _, context, _, _ = shipped_size["single"]
-    msg = wire.unpack(context, kind=wire.KIND_CONTEXT, max_items=3, max_item_bytes=1 << 30)
+    msg = wire.unpack(context, kind=wire.KIND_CONTEXT, max_items=4, max_item_bytes=1 << 30)
     items = list(msg.items)
     items[item] = _mutate(items[item], e, cut)
     try:
@@ -172,7 +172,7 @@ def test_mutated_context_messages_to_server(shipped_size, item, e, cut):
 @given(e=edits, cut=st.one_of(st.none(), st.integers(0, 60000)))
 def test_mutated_galois_keys(shipped_size, e, cut):
     server, _, context, keys, _ = shipped_size["single"]
-    blob = wire.unpack(context, kind=wire.KIND_CONTEXT, max_items=3,
+    blob = wire.unpack(context, kind=wire.KIND_CONTEXT, max_items=4,
                        max_item_bytes=1 << 30).items[2]
     steps = server.plan.rotation_steps()
     try:
