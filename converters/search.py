@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from she.errors import DataError
+from she.errors import DataError, ModelError
 
 from . import onnx_graph as g
 from .convert import (
@@ -136,7 +136,7 @@ def search(model: Any, x: np.ndarray, y: np.ndarray, *, test_x: np.ndarray | Non
                    f"target >= {target:.2%} (drop <= {max_drop} points), budget {budget:.0f} s, "
                    f"fine-tuning on {len(train_x)} samples")
     trials: list[Trial] = []
-    best: tuple[float, onnx.ModelProto, Settings, ConversionReport] | None = None
+    tried: list[tuple[float, onnx.ModelProto, Settings, ConversionReport]] = []
     for k, setting in enumerate(settings or candidates(proto)):
         if k and time.monotonic() > deadline:
             _log(progress, "budget exhausted: no further settings tried")
@@ -165,27 +165,40 @@ def search(model: Any, x: np.ndarray, y: np.ndarray, *, test_x: np.ndarray | Non
         _log(progress, f"    fine-tuned {trial.epochs} epochs ({trial.stopped}): {accuracy:.2%}, "
                        f"drop {trial.drop_points:.2f} points, depth {trial.depth}, "
                        f"{trial.seconds:.0f} s")
-        if best is None or accuracy > best[0]:
-            best = (accuracy, trial_proto, setting, trial_report)
+        tried.append((accuracy, trial_proto, setting, trial_report))
         if accuracy >= target:
             break
-    assert best is not None
-    accuracy, chosen, setting, chosen_report = best
+    # The most accurate setting that compiles for encryption (the one that met the target, if
+    # any, is the most accurate: the search stops there).
+    tried.sort(key=lambda t: -t[0])
+    refused: list[str] = []
+    for entry in tried:
+        try:
+            finish(entry[1], tail, calibration, entry[2], report, input_range)
+            break
+        except ModelError as exc:
+            refused.append(f"{entry[2].describe()}: {exc}")
+            _log(progress, f"not encryptable, next best: {entry[2].describe()}: {exc}")
+    else:
+        raise ModelError("no setting tried gives a model that compiles for encryption: "
+                         + "; ".join(refused))
+    accuracy, chosen, setting, chosen_report = entry
     met = accuracy >= target
     index = next(i for i, t in enumerate(trials) if t.settings == asdict(setting))
     reason = (f"the first (cheapest) setting within {max_drop} points of the original on the "
               "validation split" if met else
               f"no setting reached the target within the budget; the most accurate of "
               f"{len(trials)} tried (drop {trials[index].drop_points:.2f} points)")
+    if refused:
+        reason += f" that compiles for encryption ({len(refused)} more accurate did not)"
     _log(progress, f"chosen: [{index + 1}] {setting.describe()} — {reason}")
     reference = None if test_x is None else g.run(proto, test_x)[0].argmax(1)
     _finish_report(report, chosen_report, chosen, (test_x, test_y, reference), setting)
-    finish(chosen, tail, calibration, setting, report, input_range)
     report.search = {"original_val_accuracy": original, "target_val_accuracy": target,
                      "max_drop_points": max_drop, "budget_s": budget, "seed": seed,
                      "validation_samples": len(val_x), "training_samples": len(train_x),
                      "trials": [asdict(t) for t in trials], "chosen": index,
-                     "target_met": met, "reason": reason,
+                     "target_met": met, "reason": reason, "not_encryptable": refused,
                      "seconds": round(time.monotonic() - started, 1)}
     return chosen, report
 

@@ -276,6 +276,42 @@ def test_search_is_reproducible_and_reports_every_setting(mnist, tmp_path):
                                    zip(rb.search["trials"], ra.search["trials"], strict=True)]
 
 
+def test_search_falls_back_when_the_best_setting_does_not_compile(mnist, tmp_path, monkeypatch):
+    """The most accurate setting is refused by the compiler (simulated): the search keeps
+    the next most accurate one that compiles, and says so."""
+    import sys
+
+    from torch import nn
+
+    import converters
+    from she.errors import ModelError
+
+    x, y, _, _ = mnist
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(784, 16), nn.ReLU(), nn.Linear(16, 10))
+    user_models._train_torch(net, x, y, epochs=1, seed=1)
+    path = user_models._legacy_export(net, tmp_path / "mlp.onnx", (1, 28, 28), opset=17)
+    module = sys.modules["converters.search"]
+    real_finish, compiled = module.finish, []
+
+    def finish(proto, *args, **kwargs):
+        compiled.append(proto)
+        if len(compiled) == 1:
+            raise ModelError("the converted model does not compile for encryption: refused here")
+        return real_finish(proto, *args, **kwargs)
+
+    monkeypatch.setattr(module, "finish", finish)
+    proto, report = converters.search(str(path), x[:1000], y[:1000], max_drop=-50, budget=3600,
+                                      seed=3, max_epochs=1, progress=False)
+    trials = report.search["trials"]
+    ranked = sorted(range(len(trials)), key=lambda i: -trials[i]["val_accuracy"])
+    assert len(trials) >= 2 and report.search["chosen"] == ranked[1]
+    assert len(report.search["not_encryptable"]) == 1
+    assert "refused here" in report.search["not_encryptable"][0]
+    assert "did not" in report.search["reason"]
+    assert compiled[1] is proto and report.parameters is not None
+
+
 def test_cli_default_convert_reads_image_folders_in_the_models_layout(mnist, tmp_path, capsys):
     from PIL import Image
 
