@@ -16,6 +16,7 @@ import sys
 import time
 from types import SimpleNamespace
 
+import httpx
 import numpy as np
 import pytest
 
@@ -224,6 +225,90 @@ def test_serve_eight_concurrent_clients_on_two_replicas(served, small_model, loc
 def _replicas() -> list[tuple[str, str]]:
     return [(a["name"], a["namespace"]) for a in ray.util.list_named_actors(all_namespaces=True)
             if "SERVE_REPLICA" in a["name"]]
+
+
+def test_replica_killed_under_load_answers_are_right_or_503(served, plan, plain, small_model,  # noqa: F811
+                                                           tmp_path):
+    """Issue #20: one of the two replicas is killed (no graceful shutdown) while four
+    clients keep sending requests on one session. Every request is answered (no hang, none
+    lost); every 200 is right; a failed request, retried once, is then answered rightly
+    (the other replica takes it); and the service is whole again afterwards.
+
+    Known gap (reported as xfail): the goal is that a failure is a retryable 503, but
+    Ray Serve's proxy (2.60) answers 500 ("Request failed ... actor died") to the requests
+    that were running in the killed replica (a bare "Internal Server Error": it maps
+    RayActorError to 500, outside this app's reach). Any other failure status fails the test."""
+    import concurrent.futures
+    import threading
+
+    _, x, _ = small_model
+    remote = RemoteClient(served.url, "small", api_key=test_service.API_KEY, key_dir=tmp_path)
+    remote.predict(x[:8])  # registers the session (every replica can load it)
+    path = f"/v1/sessions/{remote._session()}/predict"
+    threads, per_thread = 4, 5
+    requests = [remote.client.encrypt(x[8 * i:8 * i + 8]) for i in range(threads)]
+    deadline = time.monotonic() + 45
+    first_answer = threading.Event()
+
+    def post(i: int) -> httpx.Response:
+        return httpx.post(served.url + path, content=requests[i], timeout=40,
+                          headers={"X-API-Key": test_service.API_KEY})
+
+    def client(i: int) -> list[tuple[int, int, bytes]]:
+        """(first status, final status, final body) of each of this client's requests."""
+        out = []
+        for _ in range(per_thread):
+            if time.monotonic() > deadline:
+                break
+            r = post(i)
+            first_answer.set()
+            first = r.status_code
+            body = r.content
+            if first != 200:  # once more, then it must be answered
+                time.sleep(0.5)
+                r = post(i)
+            out.append((first, body, r.status_code, r.content))
+        return out
+
+    old = _replicas()
+    assert len(old) == 2
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        futures = [pool.submit(client, i) for i in range(threads)]
+        assert first_answer.wait(40)  # requests are in flight on both replicas now
+        name, namespace = old[0]
+        ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
+        _, pending = concurrent.futures.wait(futures, timeout=60)
+        assert not pending, "a client hung"
+    results = [f.result() for f in futures]
+    firsts = [first for out in results for first, _, _, _ in out]
+    assert sum(len(out) == per_thread for out in results) == threads, firsts  # none lost
+    failed = [(first, body[:300]) for out in results for first, body, _, _ in out
+              if first != 200]
+    # a retryable 503, or the proxy's bare 500 for a request the killed replica was running
+    # (at most one per client: the kill comes once, the retries go to the other replica)
+    for first, body in failed:
+        assert first == 503 or (first == 500 and body == b"Internal Server Error"), failed
+    assert sum(first == 500 for first, _ in failed) <= threads, failed
+    for i, out in enumerate(results):
+        for first, _, status, body in out:
+            assert status == 200, (first, status, body[:200])
+            logits = remote.client.decrypt(body)
+            assert np.abs(logits - plain[8 * i:8 * i + 8]).max() < plan.predicted_error
+            assert test_service._agree(logits, plain[8 * i:8 * i + 8], plan.predicted_error)
+    # Serve replaces the killed replica; then the service answers as before
+    wait = time.monotonic() + 60
+    while (len(_replicas()) < 2 or old[0] in _replicas()) and time.monotonic() < wait:
+        time.sleep(0.5)
+    assert len(_replicas()) == 2 and old[0] not in _replicas(), _replicas()
+    for i in range(2):
+        r = post(i)
+        assert r.status_code == 200, r.text
+        logits = remote.client.decrypt(r.content)
+        assert np.abs(logits - plain[8 * i:8 * i + 8]).max() < plan.predicted_error
+    remote.close()
+    if any(first == 500 for first, _ in failed):
+        pytest.xfail(f"Ray Serve's proxy answered 500, not 503, for requests in the killed "
+                     f"replica: {firsts}")
 
 
 def test_sessions_survive_replica_restart(served, plain, small_model, tmp_path):  # noqa: F811
