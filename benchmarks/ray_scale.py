@@ -21,6 +21,7 @@ import datetime
 import json
 import math
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -33,7 +34,6 @@ from she import assets
 from she.data import load_idx_dataset
 
 from .mnist_demo import machine
-from .serve import _free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
@@ -42,6 +42,13 @@ CLIENTS = 8
 #: Object store of the head node (the driver's requests) and of each worker node.
 HEAD_STORE_BYTES = 1536 * 1024 ** 2
 WORKER_STORE_BYTES = 768 * 1024 ** 2
+
+
+def _free_port() -> int:
+    """A port on 127.0.0.1 free now (Ray Serve's proxy needs the number before it starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _log(text: str) -> None:
