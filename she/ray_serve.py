@@ -43,7 +43,7 @@ from typing import Any
 from .compiler import Plan
 from .ray_batch import ray_connection, require_ray
 from .server import EvaluationKeys, Server
-from .service import ServiceConfig, Session, StoreFull, UnknownSession
+from .service import ServiceConfig, Session, StoreFull, UnknownSession, check_key_budget
 
 #: Ray namespace of the session table.
 NAMESPACE = "she"
@@ -165,10 +165,7 @@ class SharedSessionStore:
 
     def check_fits(self, key_bytes: int) -> None:
         """Raise :class:`StoreFull` if keys of ``key_bytes`` can never be stored."""
-        if key_bytes > self.max_key_bytes:
-            raise StoreFull(f"one session's keys take {key_bytes / 2**20:.1f} MiB, more than "
-                            f"the server's key memory budget of "
-                            f"{self.max_key_bytes / 2**20:.1f} MiB", 507)
+        check_key_budget(key_bytes, self.max_key_bytes)
 
     def put(self, model: str, keys: EvaluationKeys, key_bytes: int, owner: str | None) -> str:
         self.check_fits(key_bytes)

@@ -107,6 +107,13 @@ class StoreFull(Exception):
         self.status = status
 
 
+def check_key_budget(key_bytes: int, max_key_bytes: int) -> None:
+    """Raise :class:`StoreFull` (507) if one session's keys exceed the key memory budget."""
+    if key_bytes > max_key_bytes:
+        raise StoreFull(f"one session's keys take {key_bytes / 2**20:.1f} MiB, more than "
+                        f"the server's key memory budget of {max_key_bytes / 2**20:.1f} MiB", 507)
+
+
 class SessionStore:
     """Sessions with a time-to-live (since last use), a count cap and a key-memory budget.
 
@@ -135,10 +142,7 @@ class SessionStore:
 
     def check_fits(self, key_bytes: int) -> None:
         """Raise :class:`StoreFull` if keys of ``key_bytes`` can never be stored."""
-        if key_bytes > self.max_key_bytes:
-            raise StoreFull(f"one session's keys take {key_bytes / 2**20:.1f} MiB, more than "
-                            f"the server's key memory budget of "
-                            f"{self.max_key_bytes / 2**20:.1f} MiB", 507)
+        check_key_budget(key_bytes, self.max_key_bytes)
 
     def put(self, model: str, keys: EvaluationKeys, key_bytes: int, owner: str | None) -> str:
         self.check_fits(key_bytes)
