@@ -293,6 +293,8 @@ def create_app(servers: dict[str, Server], config: ServiceConfig | None = None,
                     "use the SHE wire format (docs/http-api.md).",
     )
     app.state.sessions, app.state.pool = sessions, pool
+    #: The largest body any route accepts (a front that buffers bodies reads no more).
+    app.state.max_body_bytes = max(max_request, min(config.max_context_bytes, MAX_CONTEXT_BYTES))
     keys = [(k.encode(), hashlib.sha256(k.encode()).hexdigest()[:16]) for k in config.api_keys]
 
     async def caller(request: Request) -> str | None:
