@@ -117,9 +117,8 @@ class ChunkResult(NamedTuple):
     cpu_seconds: float
 
 
-def _evaluate_chunk(job: str, boxed: list[Any], ledger: Any, index: int,
-                    request: bytes) -> ChunkResult:
-    """Ray task body: evaluate one ciphertext message.
+def _worker_server(job: str, boxed: list[Any]) -> tuple[Server, EvaluationKeys]:
+    """This worker process's server and loaded keys for ``job``, built on its first task.
 
     ``boxed`` holds the object references of the plan and of the public context message,
     inside a list so that Ray does not fetch them for every task: they are fetched once per
@@ -127,17 +126,40 @@ def _evaluate_chunk(job: str, boxed: list[Any], ledger: Any, index: int,
     """
     import ray
 
-    cpu = time.process_time()
-    node = ray.get_runtime_context().get_node_id()
-    ledger.started.remote(index, node)
     if job not in _WORKER_STATE:
         _WORKER_STATE.clear()  # one job at a time per worker process
         plan, public = ray.get(boxed)
         server = Server(plan, workers=1)  # one CPU per task; Ray provides the parallelism
         _WORKER_STATE[job] = (server, server.load_context(public))
-    server, keys = _WORKER_STATE[job]
-    result = server.evaluate(keys, request)
+    return _WORKER_STATE[job]
+
+
+def _evaluate_chunk(job: str, boxed: list[Any], ledger: Any, index: int,
+                    request: np.ndarray) -> ChunkResult:
+    """Ray task body: evaluate one ciphertext message (``request``: its bytes as a uint8
+    array, which Ray hands over from the object store without a copy)."""
+    import ray
+
+    cpu = time.process_time()
+    node = ray.get_runtime_context().get_node_id()
+    ledger.started.remote(index, node)
+    server, keys = _worker_server(job, boxed)
+    result = server.evaluate(keys, memoryview(request))
     return ChunkResult(result, node, time.process_time() - cpu)
+
+
+def _prepare_worker(job: str, boxed: list[Any]) -> str:
+    """Ray task body: build this worker's server and load the keys; its node id."""
+    import ray
+
+    _worker_server(job, boxed)
+    return ray.get_runtime_context().get_node_id()
+
+
+def put_request(request: bytes) -> Any:
+    """Store a ciphertext message in Ray's object store (inside a Ray connection) in the
+    form tasks read without copying it, to submit it several times."""
+    return require_ray().put(np.frombuffer(request, dtype=np.uint8))
 
 
 class _AttemptLedger:
@@ -177,9 +199,24 @@ class RayEvaluator:
         self._task = ray.remote(num_cpus=1, max_retries=max_retries)(_evaluate_chunk)
         self.max_retries = max_retries
 
-    def submit(self, index: int, request: bytes) -> Any:
-        """Start evaluating ``request`` (chunk ``index``); returns its object reference."""
+    def submit(self, index: int, request: bytes | Any) -> Any:
+        """Start evaluating ``request`` (chunk ``index``: a ciphertext message, or what
+        :func:`put_request` returned for one); returns its object reference."""
+        if isinstance(request, bytes | bytearray):
+            request = np.frombuffer(request, dtype=np.uint8)
         return self._task.remote(self.job, self._boxed, self._ledger, index, request)
+
+    def prepare_workers(self) -> list[str]:
+        """Start a worker on every alive node with a CPU and build its server and keys
+        there, as the first task on that node would; the nodes prepared. (Tasks then run
+        in these warm workers: a measurement can leave start-up out of its window.)"""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        task = self._ray.remote(num_cpus=1)(_prepare_worker)
+        nodes = [n["NodeID"] for n in self._ray.nodes()
+                 if n["Alive"] and n["Resources"].get("CPU", 0) >= 1]
+        return self._ray.get([task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            node, soft=False)).remote(self.job, self._boxed) for node in nodes])
 
     def result(self, ref: Any, index: int) -> ChunkResult:
         """The evaluated chunk ``index`` (submitted as ``ref``).
