@@ -1,9 +1,14 @@
 """``she serve --ray``: the HTTP service as a Ray Serve application with K replicas.
 
-Every replica runs the very app of :mod:`she.service` (:func:`she.service.create_app`:
-same paths, wire format, errors and ``X-API-Key``) around its own copy of the compiled
-plans, with one :class:`she.Server` per model using the replica's one CPU. Ray Serve's
-proxy spreads requests across the replicas and replaces a replica that dies.
+Every HE replica (:class:`Replica`) runs the very app of :mod:`she.service`
+(:func:`she.service.create_app`: same paths, wire format, errors and ``X-API-Key``) around
+its own copy of the compiled plans, with one :class:`she.Server` per model using the
+replica's one CPU. Ray Serve's proxy hands every request to a :class:`Front` (no CPU, on
+the head node), which passes it whole to a replica through a Serve handle; Serve spreads
+them across the replicas and replaces a replica that dies. The front is there for that
+death: Ray Serve's proxy would answer a bare 500 for the requests inside a dead replica,
+while the front sends them again to another replica when that is safe (reads and
+predictions) and otherwise answers a retryable 503 in the service's JSON format.
 
 Sessions live in one shared place, so that any replica can answer any session and a
 restarted replica still knows them: a named, detached Ray actor (:class:`SessionTable`)
