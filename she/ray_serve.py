@@ -51,7 +51,7 @@ from typing import Any
 from .compiler import Plan
 from .ray_batch import ray_connection, require_ray
 from .server import EvaluationKeys, Server
-from .service import API, ServiceConfig, Session, StoreFull, UnknownSession, check_key_budget
+from .service import API, ApiKeys, ServiceConfig, Session, StoreFull, UnknownSession, check_key_budget
 
 #: Ray namespace of the session table.
 NAMESPACE = "she"
@@ -325,11 +325,13 @@ class Front:
     and the session's keys. Anything else, or a request that failed
     :data:`FRONT_ATTEMPTS` times, is answered 503 with ``Retry-After`` in the service's
     JSON error format: the client may send it again. The front holds no state but
-    counters; the body it reads is capped by the replicas' largest accepted body
-    (``Content-Length`` checked before reading)."""
+    counters. Before it reads a body, it checks the API key (401) and ``Content-Length``
+    against the largest body the replicas accept (413), and it reads no more than that:
+    the checks the service makes before reading a body."""
 
-    def __init__(self, replicas: Any) -> None:
+    def __init__(self, replicas: Any, api_keys: tuple[str, ...]) -> None:
         self._replicas = replicas
+        self._keys = ApiKeys(api_keys)
         self._max_body: int | None = None
         #: Requests sent again after their replica died, and requests answered 503.
         self.retried = self.unavailable = 0
@@ -370,12 +372,15 @@ class Front:
         raise AssertionError("unreachable")
 
     async def __call__(self, request: Any) -> Any:
+        from fastapi import HTTPException
         from starlette.responses import Response
 
         method, scope = request.method, request.scope
         retry = method in ("GET", "HEAD") or (method == "POST"
                                                and bool(_PREDICT.match(scope["path"])))
         try:
+            if method == "POST" and scope["path"].startswith(f"{API}/"):
+                self._keys.owner(request.headers.get("x-api-key", ""))
             if self._max_body is None:
                 self._max_body = await self._call("max_body_bytes", retry=True)
             limit = self._max_body
@@ -393,6 +398,8 @@ class Front:
                                          tuple(scope["client"]) if scope.get("client") else None,
                                          bytes(body))
             answer = await self._call("forward", forwarded, retry=retry)
+        except HTTPException as exc:
+            return _json_error(exc.status_code, str(exc.detail))
         except _Unavailable as exc:
             self.unavailable += 1
             return _json_error(503, str(exc), exc.retry_after)
@@ -450,7 +457,7 @@ def build_app(plans: list[Plan], config: ServiceConfig, *, replicas: int,
         name="SheFront", num_replicas=1,
         max_ongoing_requests=FRONT_REQUESTS_PER_REPLICA * replicas,
         ray_actor_options={"num_cpus": 0, "resources": {HEAD_NODE: 0.001}})(Front)
-    return front.bind(replica.bind(plans, config, table))
+    return front.bind(replica.bind(plans, config, table), config.api_keys)
 
 
 def start(plans: list[Plan], config: ServiceConfig, *, host: str, port: int, replicas: int,

@@ -222,6 +222,23 @@ def test_serve_gives_the_same_errors(served, small_model, tmp_path):  # noqa: F8
     test_service.test_secret_key_upload_is_refused(served, tmp_path)
 
 
+def test_serve_checks_key_and_size_before_reading_a_body(served):
+    """The front answers a wrong API key (401) and an oversized Content-Length (413) while
+    the body is still being sent: it reads none of it first."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(served.url)
+    for key, length, status in (("wrong", 1000, 401), (test_service.API_KEY, 1 << 40, 413)):
+        with socket.create_connection((url.hostname, url.port), timeout=60) as s:
+            s.sendall(f"POST /v1/sessions/nope/predict HTTP/1.1\r\nHost: {url.netloc}\r\n"
+                      f"X-API-Key: {key}\r\nContent-Length: {length}\r\n\r\n".encode()
+                      + b"\0" * 10)  # then nothing more: the answer must not wait for it
+            head = s.recv(65536).decode("latin-1")
+        assert head.startswith(f"HTTP/1.1 {status}"), head
+        assert '"detail"' in head or "application/json" in head, head
+
+
 def test_serve_eight_concurrent_clients_on_two_replicas(served, small_model, local,  # noqa: F811
                                                         tmp_path):
     test_service.test_eight_concurrent_clients(served, small_model, local, tmp_path)
