@@ -133,18 +133,20 @@ def batch_scaling(ray, cluster, plan, embedded: tuple, tasks: int) -> dict:
         same = all(np.array_equal(client.decrypt(r.message).argmax(1),
                                   expected[i % distinct].argmax(1)) for i, r in enumerate(results))
         cpu = sum(r.cpu_seconds for r in results)
+        busy = sum(r.seconds for r in results) / (nodes * seconds)
         per_node = Counter(r.node for r in results)
         runs[nodes] = {"seconds": seconds, "tasks": tasks, "start_up_s": start_up,
                        "nodes_prepared": len(prepared),
                        "images_per_second": tasks * chunk / seconds,
                        "images_per_task_cpu_second": tasks * chunk / cpu,
                        "task_cpu_s_per_chunk": cpu / tasks, "cpus_obtained": cpu / seconds,
+                       "workers_busy": busy,
                        "chunks_per_node": sorted(per_node.values(), reverse=True),
                        "max_error_vs_embedded": float(max(errors)),
                        "results_match_embedded": bool(same and max(errors) < plan.predicted_error)}
         _log(f"batch: {nodes} worker node(s): start-up {start_up:.1f} s, then {tasks} chunks in "
              f"{seconds:.1f} s ({tasks * chunk / seconds:.0f} images/s, {cpu / tasks:.1f} CPU-s "
-             f"per chunk, {cpu / seconds:.2f} CPUs obtained, chunks per node "
+             f"per chunk, {cpu / seconds:.2f} CPUs obtained, workers busy {busy:.0%}, chunks per node "
              f"{runs[nodes]['chunks_per_node']}), match embedded: {runs[nodes]['results_match_embedded']}")
     embedded_s, embedded_cpu = stats["embedded_s_per_chunk"], stats["embedded_cpu_s_per_chunk"]
     return {
@@ -289,15 +291,17 @@ def render(result: dict) -> str:
     mib = 2 ** 20
     target = "met" if b["speedup_1_to_2"] >= 1.8 else "**not met on this machine**"
     batch_table = _md([
-        ["", "chunks", "seconds", "images/s", "CPU-s per chunk", "CPUs obtained"],
+        ["", "chunks", "seconds", "images/s", "CPU-s per chunk", "CPUs obtained",
+         "workers busy"],
         ["embedded `Server.evaluate`, one process (workers=1)", str(b["embedded_chunks"]),
          f"{b['embedded_s_per_chunk'] * b['embedded_chunks']:.1f}",
          f"{b['chunk_images'] / b['embedded_s_per_chunk']:.0f}",
          f"{b['embedded_cpu_s_per_chunk']:.2f}",
-         f"{b['embedded_cpu_s_per_chunk'] / b['embedded_s_per_chunk']:.2f}"],
+         f"{b['embedded_cpu_s_per_chunk'] / b['embedded_s_per_chunk']:.2f}", ""],
         *[[f"Ray, {k} worker node{'s' * (k > 1)}", str(n['tasks']), f"{n['seconds']:.1f}",
            f"{n['images_per_second']:.0f}", f"{n['task_cpu_s_per_chunk']:.2f}",
-           f"{n['cpus_obtained']:.2f}"] for k, n in ((1, n1), (2, n2))]])
+           f"{n['cpus_obtained']:.2f}", f"{n['workers_busy']:.0%}"]
+          for k, n in ((1, n1), (2, n2))]])
     cost_table = _md([
         ["machines (1 CPU)", "images/s", "minutes", "machine-hours",
          f"cost at ${result['cpu_hour_price']:.3f}/CPU-hour", "client cores to keep up"],
@@ -351,7 +355,10 @@ which in a deployment runs on the client's machine, does not take this machine's
 Each configuration is a new job: before its clock starts, every node starts its worker
 process and builds its server and loads the keys once (start-up: {n1['start_up_s']:.1f} s on
 one node, {n2['start_up_s']:.1f} s on two, not in the table); the table is the steady
-state, with chunks per node {n1['chunks_per_node']} and {n2['chunks_per_node']}.
+state, with chunks per node {n1['chunks_per_node']} and {n2['chunks_per_node']}. "Workers
+busy" is the share of the timed window the nodes' workers spent inside tasks (their
+request in hand); the rest is Ray handing over the next request and the last chunk's
+tail. "CPUs obtained" below "workers busy" means the machine's other jobs had the CPU.
 
 {batch_table}
 

@@ -109,12 +109,14 @@ _WORKER_STATE: dict[str, tuple[Server, EvaluationKeys]] = {}
 
 
 class ChunkResult(NamedTuple):
-    """An evaluated chunk: the encrypted result message, the node that computed it and the
-    CPU seconds the evaluation took there."""
+    """An evaluated chunk: the encrypted result message, the node that computed it, and
+    the CPU and wall seconds the task took there (from its start, its request already in
+    hand)."""
 
     message: bytes
     node: str
     cpu_seconds: float
+    seconds: float
 
 
 def _worker_server(job: str, boxed: list[Any]) -> tuple[Server, EvaluationKeys]:
@@ -140,12 +142,12 @@ def _evaluate_chunk(job: str, boxed: list[Any], ledger: Any, index: int,
     array, which Ray hands over from the object store without a copy)."""
     import ray
 
-    cpu = time.process_time()
+    cpu, wall = time.process_time(), time.perf_counter()
     node = ray.get_runtime_context().get_node_id()
     ledger.started.remote(index, node)
     server, keys = _worker_server(job, boxed)
     result = server.evaluate(keys, memoryview(request))
-    return ChunkResult(result, node, time.process_time() - cpu)
+    return ChunkResult(result, node, time.process_time() - cpu, time.perf_counter() - wall)
 
 
 def _prepare_worker(job: str, boxed: list[Any]) -> str:

@@ -85,7 +85,8 @@ def test_ray_tasks_return_what_the_local_server_returns(cluster, plan, small_mod
             ray_logits, local_logits = client.decrypt(result.message), client.decrypt(here)
             assert np.array_equal(ray_logits.argmax(1), local_logits.argmax(1))
             assert np.abs(ray_logits - local_logits).max() < plan.predicted_error
-        assert all(r.cpu_seconds > 0 and r.node in ray_batch.alive_nodes() for r in results)
+        assert all(r.cpu_seconds > 0 and r.seconds > 0 and r.node in ray_batch.alive_nodes()
+                   for r in results)
         with pytest.raises(she.FormatError, match="bad magic"):  # a SHE error stays one
             evaluator.result(evaluator.submit(9, b"junk" * 10), 9)
     finally:
