@@ -51,7 +51,16 @@ from typing import Any
 from .compiler import Plan
 from .ray_batch import ray_connection, require_ray
 from .server import EvaluationKeys, Server
-from .service import API, ApiKeys, ServiceConfig, Session, StoreFull, UnknownSession, check_key_budget
+from .service import (
+    API,
+    ApiKeys,
+    ServiceConfig,
+    Session,
+    StoreFull,
+    UnknownSession,
+    _spool_body,
+    check_key_budget,
+)
 
 #: Ray namespace of the session table.
 NAMESPACE = "she"
@@ -327,11 +336,13 @@ class Front:
     JSON error format: the client may send it again. The front holds no state but
     counters. Before it reads a body, it checks the API key (401) and ``Content-Length``
     against the largest body the replicas accept (413), and it reads no more than that:
-    the checks the service makes before reading a body."""
+    the checks the service makes before reading a body. (These only spare reading bodies
+    that would be refused: the replicas' app makes every access decision.)"""
 
-    def __init__(self, replicas: Any, api_keys: tuple[str, ...]) -> None:
+    def __init__(self, replicas: Any, config: ServiceConfig) -> None:
         self._replicas = replicas
-        self._keys = ApiKeys(api_keys)
+        self._keys = ApiKeys(config.api_keys)
+        self._read_timeout = config.read_timeout
         self._max_body: int | None = None
         #: Requests sent again after their replica died, and requests answered 503.
         self.retried = self.unavailable = 0
@@ -379,24 +390,21 @@ class Front:
         retry = method in ("GET", "HEAD") or (method == "POST"
                                                and bool(_PREDICT.match(scope["path"])))
         try:
-            if method == "POST" and scope["path"].startswith(f"{API}/"):
+            body = b""  # no other method of the service reads a body
+            if method == "POST":  # whatever the path: no path matching decides this
                 self._keys.owner(request.headers.get("x-api-key", ""))
-            if self._max_body is None:
-                self._max_body = await self._call("max_body_bytes", retry=True)
-            limit = self._max_body
-            declared = request.headers.get("content-length")
-            if declared is not None and declared.isdigit() and int(declared) > limit:
-                return _json_error(413, f"request body larger than {limit} bytes")
-            body = bytearray()
-            async for chunk in request.stream():
-                body.extend(chunk)
-                if len(body) > limit:
-                    return _json_error(413, f"request body larger than {limit} bytes")
+                if self._max_body is None:
+                    self._max_body = await self._call("max_body_bytes", retry=True)
+                spool = await _spool_body(request, self._max_body, self._read_timeout)
+                try:
+                    body = spool.read()
+                finally:
+                    spool.close()
             forwarded = ForwardedRequest(method, scope["path"], scope.get("raw_path") or b"",
                                          scope.get("query_string", b""),
                                          list(scope.get("headers", [])),
                                          tuple(scope["client"]) if scope.get("client") else None,
-                                         bytes(body))
+                                         body)
             answer = await self._call("forward", forwarded, retry=retry)
         except HTTPException as exc:
             return _json_error(exc.status_code, str(exc.detail))
@@ -457,7 +465,7 @@ def build_app(plans: list[Plan], config: ServiceConfig, *, replicas: int,
         name="SheFront", num_replicas=1,
         max_ongoing_requests=FRONT_REQUESTS_PER_REPLICA * replicas,
         ray_actor_options={"num_cpus": 0, "resources": {HEAD_NODE: 0.001}})(Front)
-    return front.bind(replica.bind(plans, config, table), config.api_keys)
+    return front.bind(replica.bind(plans, config, table), config)
 
 
 def start(plans: list[Plan], config: ServiceConfig, *, host: str, port: int, replicas: int,
