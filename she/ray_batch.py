@@ -10,6 +10,10 @@ message and ciphertext bytes: exactly what ``she serve`` receives over HTTP.
 * **Where.** An embedded local Ray instance by default (one task per core), or an existing
   cluster given by its address. Each task uses one CPU and a one-process
   :class:`~she.server.Server`; the cluster's CPUs are the parallelism.
+* **What moves.** The plan and the public context are stored in Ray's object store once
+  per run and fetched once per worker process (which keeps its server and loaded keys for
+  the run's later tasks); each request travels once, as a uint8 array that the task reads
+  from its node's object store without a copy.
 * **Faults.** Tasks are retried by Ray (``max_retries``) when the node or worker running
   them dies, or when a finished result is lost with its node before it was read. Every
   attempt is logged with the node it ran on (a small actor on the driver's node), so the

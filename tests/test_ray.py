@@ -77,7 +77,10 @@ def test_ray_tasks_return_what_the_local_server_returns(cluster, plan, small_mod
     requests = [client.encrypt(x[i:i + 8]) for i in range(0, 24, 8)]
     evaluator = ray_batch.RayEvaluator(plan, client.public_context())
     try:
-        refs = [evaluator.submit(i, r) for i, r in enumerate(requests)]
+        workers = {n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")}
+        assert sorted(evaluator.prepare_workers()) == sorted(workers)
+        stored = ray_batch.put_request(requests[0])  # stored once, submitted by reference
+        refs = [evaluator.submit(i, stored if i == 0 else r) for i, r in enumerate(requests)]
         results = [evaluator.result(ref, i) for i, ref in enumerate(refs)]
         for result, request in zip(results, requests, strict=True):
             here = server.evaluate(keys, request)
