@@ -426,8 +426,8 @@ the sessions' keys from the shared session table, the timed requests:
   replaced replica still knows them.
 * Faults, as tested in `tests/test_ray.py` on a local cluster: a worker node killed in
   the middle of a batch run loses nothing (`test_node_killed_mid_run_nothing_lost`);
-  every HE replica killed, sessions survive and requests are answered again once a new
-  replica is up, with a retryable 503 meanwhile (`test_sessions_survive_replica_restart`);
+  every HE replica killed, sessions survive: requests wait for a new replica or get a
+  retryable 503, then are answered (`test_sessions_survive_replica_restart`);
   one of two HE replicas killed while four clients send requests
   (`test_replica_killed_under_load_answers_are_right_or_503`): no request hangs or is
   lost, no answer is wrong, none is a 500. The requests the killed replica was running
