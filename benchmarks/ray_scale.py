@@ -441,8 +441,11 @@ the sessions' keys from the shared session table, the timed requests:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer chunks and requests (< 3 min)")
-    parser.add_argument("--data", type=Path, default=REPO.parent.parent / "shared" / "data" / "mnist",
-                        help="MNIST IDX directory (default ../shared/data/mnist)")
+    parser.add_argument("--data", type=Path, default=next(
+        ((p / "shared" / "data" / "mnist").resolve() for p in REPO.parents
+         if (p / "shared" / "data" / "mnist").is_dir()), REPO.parent / "shared" / "data" / "mnist"),
+                        help="MNIST IDX directory (default shared/data/mnist beside the "
+                             "repository or a parent of it)")
     parser.add_argument("--cpu-hour-price", type=float, default=0.04,
                         help="assumed USD per CPU-hour for the cost table (default 0.04)")
     parser.add_argument("--render", action="store_true",
