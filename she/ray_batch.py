@@ -10,6 +10,10 @@ message and ciphertext bytes: exactly what ``she serve`` receives over HTTP.
 * **Where.** An embedded local Ray instance by default (one task per core), or an existing
   cluster given by its address. Each task uses one CPU and a one-process
   :class:`~she.server.Server`; the cluster's CPUs are the parallelism.
+* **What moves.** The plan and the public context are stored in Ray's object store once
+  per run and fetched once per worker process (which keeps its server and loaded keys for
+  the run's later tasks); each request travels once, as a uint8 array that the task reads
+  from its node's object store without a copy.
 * **Faults.** Tasks are retried by Ray (``max_retries``) when the node or worker running
   them dies, or when a finished result is lost with its node before it was read. Every
   attempt is logged with the node it ran on (a small actor on the driver's node), so the
@@ -109,17 +113,18 @@ _WORKER_STATE: dict[str, tuple[Server, EvaluationKeys]] = {}
 
 
 class ChunkResult(NamedTuple):
-    """An evaluated chunk: the encrypted result message, the node that computed it and the
-    CPU seconds the evaluation took there."""
+    """An evaluated chunk: the encrypted result message, the node that computed it, and
+    the CPU and wall seconds the task took there (from its start, its request already in
+    hand)."""
 
     message: bytes
     node: str
     cpu_seconds: float
+    seconds: float
 
 
-def _evaluate_chunk(job: str, boxed: list[Any], ledger: Any, index: int,
-                    request: bytes) -> ChunkResult:
-    """Ray task body: evaluate one ciphertext message.
+def _worker_server(job: str, boxed: list[Any]) -> tuple[Server, EvaluationKeys]:
+    """This worker process's server and loaded keys for ``job``, built on its first task.
 
     ``boxed`` holds the object references of the plan and of the public context message,
     inside a list so that Ray does not fetch them for every task: they are fetched once per
@@ -127,17 +132,40 @@ def _evaluate_chunk(job: str, boxed: list[Any], ledger: Any, index: int,
     """
     import ray
 
-    cpu = time.process_time()
-    node = ray.get_runtime_context().get_node_id()
-    ledger.started.remote(index, node)
     if job not in _WORKER_STATE:
         _WORKER_STATE.clear()  # one job at a time per worker process
         plan, public = ray.get(boxed)
         server = Server(plan, workers=1)  # one CPU per task; Ray provides the parallelism
         _WORKER_STATE[job] = (server, server.load_context(public))
-    server, keys = _WORKER_STATE[job]
-    result = server.evaluate(keys, request)
-    return ChunkResult(result, node, time.process_time() - cpu)
+    return _WORKER_STATE[job]
+
+
+def _evaluate_chunk(job: str, boxed: list[Any], ledger: Any, index: int,
+                    request: np.ndarray) -> ChunkResult:
+    """Ray task body: evaluate one ciphertext message (``request``: its bytes as a uint8
+    array, which Ray hands over from the object store without a copy)."""
+    import ray
+
+    cpu, wall = time.process_time(), time.perf_counter()
+    node = ray.get_runtime_context().get_node_id()
+    ledger.started.remote(index, node)
+    server, keys = _worker_server(job, boxed)
+    result = server.evaluate(keys, memoryview(request))
+    return ChunkResult(result, node, time.process_time() - cpu, time.perf_counter() - wall)
+
+
+def _prepare_worker(job: str, boxed: list[Any]) -> str:
+    """Ray task body: build this worker's server and load the keys; its node id."""
+    import ray
+
+    _worker_server(job, boxed)
+    return ray.get_runtime_context().get_node_id()
+
+
+def put_request(request: bytes) -> Any:
+    """Store a ciphertext message in Ray's object store (inside a Ray connection) in the
+    form tasks read without copying it, to submit it several times."""
+    return require_ray().put(np.frombuffer(request, dtype=np.uint8))
 
 
 class _AttemptLedger:
@@ -177,9 +205,24 @@ class RayEvaluator:
         self._task = ray.remote(num_cpus=1, max_retries=max_retries)(_evaluate_chunk)
         self.max_retries = max_retries
 
-    def submit(self, index: int, request: bytes) -> Any:
-        """Start evaluating ``request`` (chunk ``index``); returns its object reference."""
+    def submit(self, index: int, request: bytes | Any) -> Any:
+        """Start evaluating ``request`` (chunk ``index``: a ciphertext message, or what
+        :func:`put_request` returned for one); returns its object reference."""
+        if isinstance(request, bytes | bytearray):
+            request = np.frombuffer(request, dtype=np.uint8)
         return self._task.remote(self.job, self._boxed, self._ledger, index, request)
+
+    def prepare_workers(self) -> list[str]:
+        """Start a worker on every alive node with a CPU and build its server and keys
+        there, as the first task on that node would; the nodes prepared. (Tasks then run
+        in these warm workers: a measurement can leave start-up out of its window.)"""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        task = self._ray.remote(num_cpus=1)(_prepare_worker)
+        nodes = [n["NodeID"] for n in self._ray.nodes()
+                 if n["Alive"] and n["Resources"].get("CPU", 0) >= 1]
+        return self._ray.get([task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            node, soft=False)).remote(self.job, self._boxed) for node in nodes])
 
     def result(self, ref: Any, index: int) -> ChunkResult:
         """The evaluated chunk ``index`` (submitted as ``ref``).

@@ -1,9 +1,14 @@
 """``she serve --ray``: the HTTP service as a Ray Serve application with K replicas.
 
-Every replica runs the very app of :mod:`she.service` (:func:`she.service.create_app`:
-same paths, wire format, errors and ``X-API-Key``) around its own copy of the compiled
-plans, with one :class:`she.Server` per model using the replica's one CPU. Ray Serve's
-proxy spreads requests across the replicas and replaces a replica that dies.
+Every HE replica (:class:`Replica`) runs the very app of :mod:`she.service`
+(:func:`she.service.create_app`: same paths, wire format, errors and ``X-API-Key``) around
+its own copy of the compiled plans, with one :class:`she.Server` per model using the
+replica's one CPU. Ray Serve's proxy hands every request to a :class:`Front` (no CPU, on
+the head node), which passes it whole to a replica through a Serve handle; Serve spreads
+them across the replicas and replaces a replica that dies. The front is there for that
+death: Ray Serve's proxy would answer a bare 500 for the requests inside a dead replica,
+while the front sends them again to another replica when that is safe (reads and
+predictions) and otherwise answers a retryable 503 in the service's JSON format.
 
 Sessions live in one shared place, so that any replica can answer any session and a
 restarted replica still knows them: a named, detached Ray actor (:class:`SessionTable`)
@@ -29,8 +34,11 @@ Ray is imported lazily; without the ``she[ray]`` extra the rest of SHE works as 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import os
+import re
 import secrets
 import signal
 import threading
@@ -43,12 +51,24 @@ from typing import Any
 from .compiler import Plan
 from .ray_batch import ray_connection, require_ray
 from .server import EvaluationKeys, Server
-from .service import ServiceConfig, Session, StoreFull, UnknownSession, check_key_budget
+from .service import (
+    API,
+    ApiKeys,
+    ServiceConfig,
+    Session,
+    StoreFull,
+    UnknownSession,
+    _spool_body,
+    check_key_budget,
+)
 
 #: Ray namespace of the session table.
 NAMESPACE = "she"
 #: Application name in Ray Serve (and suffix of its session table's name).
 APP_NAME = "she"
+#: Ray's resource of the head node (where Ray Serve's proxy runs with ``HeadOnly``).
+HEAD_NODE = "node:__internal_head__"
+log = logging.getLogger("she.ray_serve")
 
 
 class SessionTable:
@@ -230,34 +250,222 @@ def session_table(config: ServiceConfig, name: str = APP_NAME) -> Any:
     ).remote(config.session_ttl, config.max_sessions)
 
 
+#: The path of the evaluation route (``POST /v1/sessions/{session}/predict``): a pure
+#: function of the ciphertexts and the session's keys, so the front may send it again.
+_PREDICT = re.compile(rf"^{re.escape(API)}/sessions/[^/]+/predict$")
+#: Attempts of a request whose replica died (or became unreachable) while it ran it.
+FRONT_ATTEMPTS = 3
+#: Requests the front passes on at once, per HE replica.
+FRONT_REQUESTS_PER_REPLICA = 8
+
+
+@dataclass(frozen=True)
+class ForwardedRequest:
+    """An HTTP request as the front received it, whole: what an HE replica's app needs."""
+
+    method: str
+    path: str
+    raw_path: bytes
+    query_string: bytes
+    headers: list[tuple[bytes, bytes]]
+    client: tuple[str, int] | None
+    body: bytes
+
+
+@dataclass(frozen=True)
+class ForwardedResponse:
+    """The app's whole answer to a :class:`ForwardedRequest`."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+
+async def call_app(app: Any, request: ForwardedRequest) -> ForwardedResponse:
+    """Run one request through an ASGI ``app`` in this process and collect its answer."""
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
+             "http_version": "1.1", "method": request.method, "scheme": "http",
+             "path": request.path, "raw_path": request.raw_path,
+             "query_string": request.query_string, "root_path": "",
+             "headers": request.headers, "client": request.client, "server": None}
+    sent, answered = False, asyncio.Event()
+    status, headers, body = 500, [], bytearray()
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": request.body, "more_body": False}
+        await answered.wait()  # the client stays connected until the answer is complete
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status, headers
+        if message["type"] == "http.response.start":
+            status, headers = message["status"], list(message.get("headers", []))
+        elif message["type"] == "http.response.body":
+            body.extend(message.get("body", b""))
+            if not message.get("more_body", False):
+                answered.set()
+
+    try:
+        await app(scope, receive, send)
+    finally:
+        answered.set()
+    return ForwardedResponse(status, headers, bytes(body))
+
+
+def _json_error(status: int, detail: str, retry_after: int | None = None) -> Any:
+    """An error in the service's JSON format (``{"detail": ...}``)."""
+    from starlette.responses import JSONResponse
+
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+class Front:
+    """The application's HTTP ingress: passes each request whole to an HE replica through
+    a Ray Serve handle, so that a replica's death is this front's to answer rather than
+    Ray Serve's proxy's (which answers a bare 500 for requests inside a dead replica).
+
+    A request whose replica died or became unreachable while it ran it is sent again,
+    to another replica (Ray Serve's router stops choosing a dead one), when sending it
+    again is safe: reads, and evaluations, which are a pure function of the ciphertexts
+    and the session's keys. Anything else, or a request that failed
+    :data:`FRONT_ATTEMPTS` times, is answered 503 with ``Retry-After`` in the service's
+    JSON error format: the client may send it again. The front holds no state but
+    counters. Before it reads a body, it checks the API key (401) and ``Content-Length``
+    against the largest body the replicas accept (413), and it reads no more than that:
+    the checks the service makes before reading a body. (These only spare reading bodies
+    that would be refused: the replicas' app makes every access decision.)"""
+
+    def __init__(self, replicas: Any, config: ServiceConfig) -> None:
+        self._replicas = replicas
+        self._keys = ApiKeys(config.api_keys)
+        self._read_timeout = config.read_timeout
+        self._max_body: int | None = None
+        #: Requests sent again after their replica died, and requests answered 503.
+        self.retried = self.unavailable = 0
+
+    def stats(self) -> dict[str, int]:
+        return {"retried": self.retried, "unavailable": self.unavailable}
+
+    async def _call(self, method: str, *args: Any, retry: bool) -> Any:
+        """``method`` on an HE replica; the retryable failures per the class text raise
+        :class:`_Unavailable`."""
+        from ray.exceptions import RayActorError, RayTaskError
+        from ray.serve.exceptions import (
+            BackPressureError,
+            DeploymentUnavailableError,
+            ReplicaUnavailableError,
+        )
+
+        for attempt in range(1, FRONT_ATTEMPTS + 1):
+            try:
+                return await getattr(self._replicas, method).remote(*args)
+            except BackPressureError as exc:
+                raise _Unavailable(f"every replica is busy; retry later ({exc.message})",
+                                   max(1, round(exc.retry_after_s or 1))) from None
+            except DeploymentUnavailableError as exc:
+                raise _Unavailable(f"no replica is available; retry later ({exc.message})",
+                                   5) from None
+            except (RayActorError, ReplicaUnavailableError, RayTaskError) as exc:
+                if isinstance(exc, RayTaskError) and not isinstance(
+                        exc.cause, RayActorError | ReplicaUnavailableError):
+                    raise
+                if not retry or attempt == FRONT_ATTEMPTS:
+                    raise _Unavailable("the replica running this request stopped before "
+                                       "it answered; the request was not completed, retry "
+                                       "it", 1) from None
+                self.retried += 1
+                log.warning("replica lost a request (%s); sending it again",
+                            type(exc).__name__)
+        raise AssertionError("unreachable")
+
+    async def __call__(self, request: Any) -> Any:
+        from fastapi import HTTPException
+        from starlette.responses import Response
+
+        method, scope = request.method, request.scope
+        retry = method in ("GET", "HEAD") or (method == "POST"
+                                               and bool(_PREDICT.match(scope["path"])))
+        try:
+            body = b""  # no other method of the service reads a body
+            if method == "POST":  # whatever the path: no path matching decides this
+                self._keys.owner(request.headers.get("x-api-key", ""))
+                if self._max_body is None:
+                    self._max_body = await self._call("max_body_bytes", retry=True)
+                spool = await _spool_body(request, self._max_body, self._read_timeout)
+                try:
+                    body = spool.read()
+                finally:
+                    spool.close()
+            forwarded = ForwardedRequest(method, scope["path"], scope.get("raw_path") or b"",
+                                         scope.get("query_string", b""),
+                                         list(scope.get("headers", [])),
+                                         tuple(scope["client"]) if scope.get("client") else None,
+                                         body)
+            answer = await self._call("forward", forwarded, retry=retry)
+        except HTTPException as exc:
+            return _json_error(exc.status_code, str(exc.detail))
+        except _Unavailable as exc:
+            self.unavailable += 1
+            return _json_error(503, str(exc), exc.retry_after)
+        except Exception as exc:
+            reference = secrets.token_hex(4)
+            log.error("unexpected error %s on %s %s", reference, method, scope.get("path"),
+                      exc_info=exc)
+            return _json_error(500, f"internal error (reference {reference}, in the "
+                                    "server log)")
+        response = Response(answer.body, status_code=answer.status)
+        response.raw_headers = answer.headers
+        return response
+
+
+class _Unavailable(Exception):
+    """A request the front answers 503 with ``Retry-After``."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Replica:
+    """One HE replica: its own servers (one CPU each) around the shared session table,
+    running the service's app on the requests the :class:`Front` passes it."""
+
+    def __init__(self, plans: list[Plan], config: ServiceConfig, table: Any) -> None:
+        from .service import create_app
+
+        servers: dict[str, Server] = {p.model_name: _ReplicaServer(p, workers=1)
+                                      for p in plans}
+        sessions = SharedSessionStore(table, servers, config)
+        # One CPU per replica: one forked worker process at a time (see the module text).
+        self._app = create_app(servers, replace(config, workers=1), sessions=sessions)
+        sessions.seal_lock = self._app.state.pool.seal_lock
+
+    def max_body_bytes(self) -> int:
+        return int(self._app.state.max_body_bytes)
+
+    async def forward(self, request: ForwardedRequest) -> ForwardedResponse:
+        return await call_app(self._app, request)
+
+
 def build_app(plans: list[Plan], config: ServiceConfig, *, replicas: int,
               name: str = APP_NAME) -> Any:
-    """The Ray Serve application: ``replicas`` replicas of the SHE service for ``plans``."""
+    """The Ray Serve application: a :class:`Front` (no CPU, on the head node, beside Ray
+    Serve's proxy) before ``replicas`` :class:`Replica` deployments of one CPU each."""
     require_ray()
     from ray import serve
 
     table = session_table(config, name)
-
-    @serve.deployment(name="SheService", num_replicas=replicas,
-                      ray_actor_options={"num_cpus": 1})
-    @serve.ingress()
-    class SheService:
-        """One replica: its own servers (one CPU each) around the shared session table."""
-
-        def __init__(self, plans: list[Plan], config: ServiceConfig, table: Any) -> None:
-            from .service import create_app
-
-            servers: dict[str, Server] = {p.model_name: _ReplicaServer(p, workers=1)
-                                          for p in plans}
-            sessions = SharedSessionStore(table, servers, config)
-            # One CPU per replica: one forked worker process at a time (see the module text).
-            self._app = create_app(servers, replace(config, workers=1), sessions=sessions)
-            sessions.seal_lock = self._app.state.pool.seal_lock
-
-        def __serve_build_asgi_app__(self) -> Any:
-            return self._app
-
-    return SheService.bind(plans, config, table)
+    replica = serve.deployment(name="SheService", num_replicas=replicas,
+                               ray_actor_options={"num_cpus": 1})(Replica)
+    front = serve.deployment(
+        name="SheFront", num_replicas=1,
+        max_ongoing_requests=FRONT_REQUESTS_PER_REPLICA * replicas,
+        ray_actor_options={"num_cpus": 0, "resources": {HEAD_NODE: 0.001}})(Front)
+    return front.bind(replica.bind(plans, config, table), config)
 
 
 def start(plans: list[Plan], config: ServiceConfig, *, host: str, port: int, replicas: int,

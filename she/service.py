@@ -203,6 +203,25 @@ class RateLimiter:
         return wait
 
 
+class ApiKeys:
+    """The accepted ``X-API-Key`` values, each with the owner its sessions are bound to
+    (a hash of the key)."""
+
+    def __init__(self, api_keys: tuple[str, ...]) -> None:
+        self._keys = [(k.encode(), hashlib.sha256(k.encode()).hexdigest()[:16]) for k in api_keys]
+
+    def owner(self, given: str) -> str | None:
+        """The owner of the key ``given`` (None when no key is needed); 401 if it is not
+        accepted."""
+        if not self._keys:
+            return None
+        # compare with every key, so that the time taken does not say which one matched
+        matches = [owner for key, owner in self._keys if hmac.compare_digest(given.encode(), key)]
+        if not matches:
+            raise HTTPException(401, "missing or wrong X-API-Key")
+        return matches[0]
+
+
 def _status(exc: SheError) -> int:
     if isinstance(exc, SecurityError):
         return 403
@@ -293,19 +312,14 @@ def create_app(servers: dict[str, Server], config: ServiceConfig | None = None,
                     "use the SHE wire format (docs/http-api.md).",
     )
     app.state.sessions, app.state.pool = sessions, pool
-    keys = [(k.encode(), hashlib.sha256(k.encode()).hexdigest()[:16]) for k in config.api_keys]
+    #: The largest body any route accepts (a front that buffers bodies reads no more).
+    app.state.max_body_bytes = max(max_request, min(config.max_context_bytes, MAX_CONTEXT_BYTES))
+    keys = ApiKeys(config.api_keys)
 
     async def caller(request: Request) -> str | None:
         """The API-key check (a router dependency) and the rate limit; returns the owner
         of the sessions this caller may use (a hash of its key; None without keys)."""
-        owner = None
-        if keys:
-            given = request.headers.get("x-api-key", "").encode()
-            # compare with every key, so that the time taken does not say which one matched
-            matches = [owner for key, owner in keys if hmac.compare_digest(given, key)]
-            if not matches:
-                raise HTTPException(401, "missing or wrong X-API-Key")
-            owner = matches[0]
+        owner = keys.owner(request.headers.get("x-api-key", ""))
         client = owner or (request.client.host if request.client else "unknown")
         wait = limiter.retry_after(client)
         if wait:

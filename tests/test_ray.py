@@ -77,7 +77,10 @@ def test_ray_tasks_return_what_the_local_server_returns(cluster, plan, small_mod
     requests = [client.encrypt(x[i:i + 8]) for i in range(0, 24, 8)]
     evaluator = ray_batch.RayEvaluator(plan, client.public_context())
     try:
-        refs = [evaluator.submit(i, r) for i, r in enumerate(requests)]
+        workers = {n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")}
+        assert sorted(evaluator.prepare_workers()) == sorted(workers)
+        stored = ray_batch.put_request(requests[0])  # stored once, submitted by reference
+        refs = [evaluator.submit(i, stored if i == 0 else r) for i, r in enumerate(requests)]
         results = [evaluator.result(ref, i) for i, ref in enumerate(refs)]
         for result, request in zip(results, requests, strict=True):
             here = server.evaluate(keys, request)
@@ -85,7 +88,8 @@ def test_ray_tasks_return_what_the_local_server_returns(cluster, plan, small_mod
             ray_logits, local_logits = client.decrypt(result.message), client.decrypt(here)
             assert np.array_equal(ray_logits.argmax(1), local_logits.argmax(1))
             assert np.abs(ray_logits - local_logits).max() < plan.predicted_error
-        assert all(r.cpu_seconds > 0 and r.node in ray_batch.alive_nodes() for r in results)
+        assert all(r.cpu_seconds > 0 and r.seconds > 0 and r.node in ray_batch.alive_nodes()
+                   for r in results)
         with pytest.raises(she.FormatError, match="bad magic"):  # a SHE error stays one
             evaluator.result(evaluator.submit(9, b"junk" * 10), 9)
     finally:
@@ -212,9 +216,31 @@ def test_serve_answers_the_plain_tenseal_client_from_the_docs(served, small_mode
     test_service.test_plain_tenseal_client_from_docs(served, small_model, local, tmp_path)
 
 
+def test_serve_answers_she_predict(served, small_model, mnist_dir, tmp_path, capsys):  # noqa: F811
+    test_service.test_predict_command_with_png_and_idx(served, small_model, mnist_dir, tmp_path,
+                                                       capsys)
+
+
 def test_serve_gives_the_same_errors(served, small_model, tmp_path):  # noqa: F811
     test_service.test_bad_input_gets_4xx_never_500(served, small_model, tmp_path)
     test_service.test_secret_key_upload_is_refused(served, tmp_path)
+
+
+def test_serve_checks_key_and_size_before_reading_a_body(served):
+    """The front answers a wrong API key (401) and an oversized Content-Length (413) while
+    the body is still being sent: it reads none of it first."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(served.url)
+    for key, length, status in (("wrong", 1000, 401), (test_service.API_KEY, 1 << 40, 413)):
+        with socket.create_connection((url.hostname, url.port), timeout=60) as s:
+            s.sendall(f"POST /v1/sessions/nope/predict HTTP/1.1\r\nHost: {url.netloc}\r\n"
+                      f"X-API-Key: {key}\r\nContent-Length: {length}\r\n\r\n".encode()
+                      + b"\0" * 10)  # then nothing more: the answer must not wait for it
+            head = s.recv(65536).decode("latin-1")
+        assert head.startswith(f"HTTP/1.1 {status}"), head
+        assert '"detail"' in head or "application/json" in head, head
 
 
 def test_serve_eight_concurrent_clients_on_two_replicas(served, small_model, local,  # noqa: F811
@@ -223,21 +249,26 @@ def test_serve_eight_concurrent_clients_on_two_replicas(served, small_model, loc
 
 
 def _replicas() -> list[tuple[str, str]]:
+    """The HE replicas (not the front): (actor name, namespace)."""
     return [(a["name"], a["namespace"]) for a in ray.util.list_named_actors(all_namespaces=True)
-            if "SERVE_REPLICA" in a["name"]]
+            if "SERVE_REPLICA" in a["name"] and "#SheService#" in a["name"]]
+
+
+def _front_stats() -> dict[str, int]:
+    from ray import serve
+
+    return serve.get_deployment_handle("SheFront", ray_serve.APP_NAME).stats.remote().result()
 
 
 def test_replica_killed_under_load_answers_are_right_or_503(served, plan, plain, small_model,  # noqa: F811
                                                            tmp_path):
-    """Issue #20: one of the two replicas is killed (no graceful shutdown) while four
+    """Issue #20: one of the two HE replicas is killed (no graceful shutdown) while four
     clients keep sending requests on one session. Every request is answered (no hang, none
-    lost); every 200 is right; a failed request, retried once, is then answered rightly
-    (the other replica takes it); and the service is whole again afterwards.
-
-    Known gap (reported as xfail): the goal is that a failure is a retryable 503, but
-    Ray Serve's proxy (2.60) answers 500 ("Request failed ... actor died") to the requests
-    that were running in the killed replica (a bare "Internal Server Error": it maps
-    RayActorError to 500, outside this app's reach). Any other failure status fails the test."""
+    lost), never with a 500: the requests the killed replica was running are sent again by
+    the front to the other replica (an evaluation is a pure function of the ciphertexts and
+    the keys), or answered with a retryable 503 (JSON, Retry-After); every 200 is right; a
+    503, sent again once, is answered rightly; the replica is replaced and the service is
+    whole again afterwards."""
     import concurrent.futures
     import threading
 
@@ -249,25 +280,24 @@ def test_replica_killed_under_load_answers_are_right_or_503(served, plan, plain,
     requests = [remote.client.encrypt(x[8 * i:8 * i + 8]) for i in range(threads)]
     deadline = time.monotonic() + 45
     first_answer = threading.Event()
+    retried_before = _front_stats()["retried"]
 
     def post(i: int) -> httpx.Response:
         return httpx.post(served.url + path, content=requests[i], timeout=40,
                           headers={"X-API-Key": test_service.API_KEY})
 
-    def client(i: int) -> list[tuple[int, int, bytes]]:
-        """(first status, final status, final body) of each of this client's requests."""
+    def client(i: int) -> list[tuple[httpx.Response, httpx.Response]]:
+        """(first answer, final answer) of each of this client's requests."""
         out = []
         for _ in range(per_thread):
             if time.monotonic() > deadline:
                 break
-            r = post(i)
+            first = final = post(i)
             first_answer.set()
-            first = r.status_code
-            body = r.content
-            if first != 200:  # once more, then it must be answered
-                time.sleep(0.5)
-                r = post(i)
-            out.append((first, body, r.status_code, r.content))
+            if first.status_code == 503:  # retryable: once more, then it must be answered
+                time.sleep(float(first.headers["Retry-After"]))
+                final = post(i)
+            out.append((first, final))
         return out
 
     old = _replicas()
@@ -280,19 +310,19 @@ def test_replica_killed_under_load_answers_are_right_or_503(served, plan, plain,
         _, pending = concurrent.futures.wait(futures, timeout=60)
         assert not pending, "a client hung"
     results = [f.result() for f in futures]
-    firsts = [first for out in results for first, _, _, _ in out]
+    firsts = [first.status_code for out in results for first, _ in out]
     assert sum(len(out) == per_thread for out in results) == threads, firsts  # none lost
-    failed = [(first, body[:300]) for out in results for first, body, _, _ in out
-              if first != 200]
-    # a retryable 503, or the proxy's bare 500 for a request the killed replica was running
-    # (at most one per client: the kill comes once, the retries go to the other replica)
-    for first, body in failed:
-        assert first == 503 or (first == 500 and body == b"Internal Server Error"), failed
-    assert sum(first == 500 for first, _ in failed) <= threads, failed
+    for out in results:
+        for first, _ in out:
+            assert first.status_code in (200, 503), (first.status_code, first.text[:300])
+            if first.status_code == 503:
+                assert first.json()["detail"] and int(first.headers["Retry-After"]) >= 1
+    # the kill hit requests in flight, and the front sent them again
+    assert _front_stats()["retried"] > retried_before, firsts
     for i, out in enumerate(results):
-        for first, _, status, body in out:
-            assert status == 200, (first, status, body[:200])
-            logits = remote.client.decrypt(body)
+        for _, final in out:
+            assert final.status_code == 200, (firsts, final.status_code, final.text[:200])
+            logits = remote.client.decrypt(final.content)
             assert np.abs(logits - plain[8 * i:8 * i + 8]).max() < plan.predicted_error
             assert test_service._agree(logits, plain[8 * i:8 * i + 8], plan.predicted_error)
     # Serve replaces the killed replica; then the service answers as before
@@ -306,9 +336,6 @@ def test_replica_killed_under_load_answers_are_right_or_503(served, plan, plain,
         logits = remote.client.decrypt(r.content)
         assert np.abs(logits - plain[8 * i:8 * i + 8]).max() < plan.predicted_error
     remote.close()
-    if any(first == 500 for first, _ in failed):
-        pytest.xfail(f"Ray Serve's proxy answered 500, not 503, for requests in the killed "
-                     f"replica: {firsts}")
 
 
 def test_sessions_survive_replica_restart(served, plain, small_model, tmp_path):  # noqa: F811
