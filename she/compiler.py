@@ -64,14 +64,10 @@ MAX_CT_PRIME_BITS = 60
 KEYSWITCH_GUARD_BITS = 6
 #: Extra bits of the plaintext diagonals in single packing: CKKS encoding rounds every
 #: coefficient, which costs about log2(sqrt(N/12)) ~ 5 bits of weight precision. Settings
-#: with ``weight_bits`` above 12 add the difference, and scales above
-#: :data:`GUARD_SCALE_BITS` twice theirs: wide layers (thousands of inputs) sum so many
-#: rounded products that exact (power-of-two) weights need it too, and in deep or residual
-#: networks this encoding error, amplified by every square, is what limits precision
-#: (measured on the CIFAR-sized benchmark network at N=16384: predicted error 0.087 with 14
-#: guard bits, 0.0085 with 18, 0.0005 with 22).
+#: with ``weight_bits`` above 12 add the difference: wide layers (thousands of inputs) sum
+#: so many rounded products that exact (power-of-two) weights need it too. (The ladder's
+#: rungs may ask for more, see :data:`SINGLE_PRECISION_LADDER`.)
 ENCODE_GUARD_BITS = 6
-GUARD_SCALE_BITS = 34
 PACKINGS = ("batch", "single")
 #: Ways to align the scales of a skip connection (``compile(skip_alignment=...)``).
 SKIP_ALIGNMENTS = ("auto", "integer", "rescale")
@@ -91,11 +87,22 @@ ERROR_SAMPLES = 64
 EXACT_EXTRA_BITS = 8
 #: (scale_bits, weight_bits) settings tried in order when the caller fixes neither.
 PRECISION_LADDER = ((26, 12), (28, 14), (30, 16), (32, 18))
-#: The same for single packing: its diagonals need guard bits, so a smaller scale first
-#: keeps the rescale primes single and the ring at N=8192 when the precision allows it
-#: (and makes the upload, one prime-wide polynomial, smaller).
-SINGLE_PRECISION_LADDER = ((20, 12), (22, 12), (24, 12), (26, 12), (28, 14), (30, 16),
-                           (32, 18), (34, 20), (36, 20), (38, 20))
+#: The same for single packing, with the guard bits of the diagonals' encoding third
+#: (:func:`encode_guard_bits` for the first eight): a smaller scale first keeps the rescale
+#: primes single and the ring at N=8192 when the precision allows it (and makes the upload,
+#: one prime-wide polynomial, smaller). In deep or residual networks the encoding error of
+#: the diagonals, amplified by every square, is what limits precision, hence rungs with
+#: more guard bits (measured on the CIFAR-sized benchmark network at N=16384: predicted
+#: error 0.087 with 14 guard bits, 0.0085 with 18, 0.0005 with 22).
+SINGLE_PRECISION_LADDER = ((20, 12, 6), (22, 12, 6), (24, 12, 6), (26, 12, 6), (28, 14, 8),
+                           (30, 16, 10), (32, 18, 12), (34, 20, 14), (24, 12, 14), (26, 12, 18),
+                           (36, 20, 18), (38, 20, 22))
+
+
+def encode_guard_bits(weight_bits: int) -> int:
+    """Single packing: the guard bits of the diagonals when the caller fixes the precision
+    (:data:`ENCODE_GUARD_BITS`, and what ``weight_bits`` above 12 add)."""
+    return ENCODE_GUARD_BITS + max(0, weight_bits - 12)
 
 
 @dataclass
@@ -547,7 +554,7 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
         scale_bits: log2 of the scale of fresh ciphertexts and after every rescale.
         weight_bits: significant bits kept for weights that are not exactly representable
             (in single packing, above 12 it also adds guard bits to the diagonals' encoding,
-            as scale_bits above :data:`GUARD_SCALE_BITS` do).
+            see :func:`encode_guard_bits`).
             When neither is given, the compiler tries every setting of
             :data:`PRECISION_LADDER` (:data:`SINGLE_PRECISION_LADDER` for single packing) and
             keeps the cheapest (smallest ring, then fewest primes, then fewest bits) whose
@@ -581,9 +588,10 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
                                        weight_bits or bfv.WEIGHT_BITS, security,
                                        poly_modulus_degree, name), model)
     if scale_bits is None and weight_bits is None:
-        ladder = PRECISION_LADDER if packing == "batch" else SINGLE_PRECISION_LADDER
+        ladder = (SINGLE_PRECISION_LADDER if packing == "single" else
+                  tuple((s, w, None) for s, w in PRECISION_LADDER))
     else:
-        ladder = ((scale_bits or 26, weight_bits or 12),)
+        ladder = ((scale_bits or 26, weight_bits or 12, None),)
     chain = model if isinstance(model, Chain) else lower(model)
     if packing == "single":
         chain = _dense_chain(chain, "single packing")
@@ -600,11 +608,11 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
                 f"(input shape {chain.input_shape}), got array of shape {cal.shape}"
             )
         evaluated = chain.evaluate(cal.reshape(len(cal), -1))
-    for s_bits, w_bits in ladder:
+    for s_bits, w_bits, guard in ladder:
         try:
             plan = _compile_once(model, chain, scheme, packing, calibration, s_bits, w_bits,
                                  security, poly_modulus_degree, range_margin, name, layouts,
-                                 evaluated, skip_alignment, memo)
+                                 evaluated, skip_alignment, memo, guard_bits=guard)
             if circuit_privacy is not None:  # the output primes must also hold the flooding
                 from .privacy import budget_flooding, flooding_headroom_bits
 
@@ -612,7 +620,8 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
                 if extra:
                     plan = _compile_once(model, chain, scheme, packing, calibration, s_bits,
                                          w_bits, security, poly_modulus_degree, range_margin,
-                                         name, layouts, evaluated, skip_alignment, memo, extra)
+                                         name, layouts, evaluated, skip_alignment, memo, extra,
+                                         guard)
                 budget_flooding(plan, circuit_privacy,
                                 None if evaluated is None else evaluated[1][-1])
         except ParameterError as exc:
@@ -668,14 +677,15 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
                   evaluated: tuple[list[np.ndarray], list[np.ndarray]] | None,
                   skip_alignment: str = "auto",
                   memo: dict[Any, Any] | None = None,
-                  extra_output_bits: int = 0) -> Plan:
+                  extra_output_bits: int = 0, guard_bits: int | None = None) -> Plan:
     """One rung of the precision ladder. ``layouts``: single packing's slot layouts by slot
     count (placed from the float weights, whose non-zero pattern holds that of any
     quantisation; filled on first use). ``evaluated``: :meth:`Chain.evaluate` of the
     calibration samples. ``memo``: what the rungs of one ladder compute alike
     (the quantised weights per ``weight_bits``), filled on first use.
     ``extra_output_bits``: added to the output primes (room for noise flooding,
-    :mod:`she.privacy`)."""
+    :mod:`she.privacy`). ``guard_bits``: single packing's diagonal guard bits (default
+    :func:`encode_guard_bits`)."""
     memo = {} if memo is None else memo
     if not 16 <= scale_bits <= 40:
         raise ParameterError(f"scale_bits={scale_bits} is outside the supported range 16..40")
@@ -719,8 +729,7 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
     last = len(chain.layers) - 1
     early: set[int] = set()  # layers whose shallower sources are rescaled early
     if packing == "single":
-        guard = (ENCODE_GUARD_BITS + max(0, weight_bits - 12)
-                 + 2 * max(0, scale_bits - GUARD_SCALE_BITS))
+        guard = encode_guard_bits(weight_bits) if guard_bits is None else guard_bits
         product_bits, shifts = _single_products(quantised, scale_bits, y_out, guard, max_prime,
                                                 depths)
     else:

@@ -1,7 +1,7 @@
 """Graphs beyond chains: skip connections, Concat, branches, means, CIFAR-sized layers.
 
-Lowering is checked against onnxruntime; an encrypted residual network (batch packing,
-N=8192) against its onnxruntime plaintext on real MNIST images; the scale alignment at
+Lowering is checked against onnxruntime; encrypted residual networks (batch and single
+packing) against their onnxruntime plaintext on real MNIST images; the scale alignment at
 additions exactly; and the memory of lowering against the size of the layers.
 """
 
@@ -254,9 +254,84 @@ def test_encrypted_residual_network_agrees_with_onnxruntime(residual_plan, mnist
     _assert_encrypted_agrees(plan, model, mnist[:32])
 
 
-def test_graphs_need_batch_packing():
-    with pytest.raises(she.ParameterError, match="chains of layers only"):
-        she.compile(_mnist_residual(), packing="single")
+def _mnist_projection() -> she.Model:
+    """conv(stride 2) -> x^2 -> conv -> x^2 -> conv(stride 2) minus a 1x1-projection skip
+    (stride 2) of the first square, concatenated with that square's global average pool ->
+    Gemm (MNIST's central 16x16), power-of-two weights: depth 2, the output layer adds two
+    sources (Sub, Concat, GlobalAveragePool)."""
+    rng = np.random.default_rng(11)
+    inits = {"w0": _pow2(rng, (4, 1, 3, 3), 0.3), "b0": rng.normal(0, 0.1, 4),
+             "w1": _pow2(rng, (4, 4, 3, 3), 0.1), "w2": _pow2(rng, (8, 4, 3, 3), 0.1),
+             "wp": _pow2(rng, (8, 4, 1, 1), 0.3), "fc": _pow2(rng, (10, 8 * 4 * 4 + 4), 0.3)}
+    nodes = [
+        _conv("c0", "input", "w0", "b0", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("Mul", ["c0", "c0"], ["s0"]),
+        _conv("c1", "s0", "w1", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Mul", ["c1", "c1"], ["s1"]),
+        _conv("c2", "s1", "w2", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+        _conv("proj", "s0", "wp", kernel_shape=[1, 1], strides=[2, 2]),
+        helper.make_node("Sub", ["c2", "proj"], ["r"], name="skip"),
+        helper.make_node("Flatten", ["r"], ["rf"]),
+        helper.make_node("GlobalAveragePool", ["s0"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["gf"]),
+        helper.make_node("Concat", ["rf", "gf"], ["cat"], axis=1),
+        helper.make_node("Gemm", ["cat", "fc"], ["out"], transB=1),
+    ]
+    return _model(nodes, inits, (1, 16, 16))
+
+
+def _assert_single_agrees(plan, model, x) -> None:
+    """Single packing: one client and server, every image encrypted on its own; outputs
+    within the predicted error of onnxruntime's, the same class."""
+    server, client = she.Server(plan), she.Client(plan.spec())
+    keys = server.load_context(client.public_context())
+    plain = model.run_plain(x)
+    for image, reference in zip(x, plain, strict=True):
+        out = client.decrypt(server.evaluate(keys, client.encrypt(image[None])))[0]
+        assert np.abs(out - reference).max() < plan.predicted_error
+        assert out.argmax() == reference.argmax()
+
+
+def _assert_aligned(plan, index) -> None:
+    """Single packing: layer ``index`` adds products over sources of different depths; the
+    shallower ones are brought to the reference's level, and every block's diagonals are
+    encoded so that its product lands at the reference product's scale (what SEAL's
+    addition needs; the engine checks it to 1e-12)."""
+    limbs, scales, refs = plan.sources()
+    layer, ref = plan.layers[index], refs[index]
+    assert len({limbs[s] for s in layer.sources}) > 1 and plan.levels()[index] == limbs[ref]
+    diag = [plan.diagonal_scales()[b] for b in plan.layer_blocks()[index]]
+    products = [scales[s] * d for s, d in zip(layer.sources, diag, strict=True)]
+    np.testing.assert_allclose(products, products[layer.sources.index(ref)], rtol=1e-14)
+    assert diag[layer.sources.index(ref)] in (2.0 ** layer.shift,
+                                              float(plan.params.ciphertext_primes[limbs[ref] - 1]))
+
+
+def test_single_packing_runs_a_projection_skip_with_concat(mnist):
+    """Sub of a 1x1-projection skip, Concat and GlobalAveragePool, in single packing at
+    N=8192: the encrypted result agrees with onnxruntime on real MNIST images."""
+    model = _mnist_projection()
+    plan = she.compile(model, calibration=mnist, packing="single")
+    assert plan.packing == "single" and plan.params.poly_modulus_degree == 8192
+    assert plan.layers[-1].sources == (1, 2) and plan.depth == 2
+    _assert_aligned(plan, len(plan.layers) - 1)
+    # keys only for the steps the blocks rotate by
+    assert set(plan.rotation_steps()) == set().union(*(lay.rotation_steps
+                                                       for lay in plan.layouts()))
+    _assert_single_agrees(plan, model, mnist[:4])
+
+
+def test_single_packing_runs_an_identity_skip(mnist):
+    """The identity skip across an activation, squared after the addition (depth 3): the
+    skip layer adds the stem's square (brought down to its level) and the block's own; the
+    placement keeps the skip's product cheap; encrypted agrees with onnxruntime."""
+    model = _mnist_residual()
+    plan = she.compile(model, calibration=mnist, packing="single")
+    assert plan.layers[2].sources == (1, 2) and plan.depth == 3
+    _assert_aligned(plan, 2)
+    skip = plan.layouts()[plan.layer_blocks()[2][0]]  # the block over the stem's square
+    assert len(skip.used) <= 2 and skip.rotations <= 2
+    _assert_single_agrees(plan, model, mnist[:2])
 
 
 def test_too_deep_a_plan_says_what_it_needs():
@@ -279,8 +354,9 @@ def test_too_deep_a_plan_says_what_it_needs():
     plan = she.compile(deep(6), scale_bits=26, weight_bits=12)
     assert plan.depth == 6 and plan.params.security == 128
     assert plan.params.poly_modulus_degree <= 32768
-    with pytest.raises(she.ParameterError, match=r"\d+-bit coefficient modulus.*N=32768"):
-        she.compile(deep(20), scale_bits=26, weight_bits=12)
+    for packing in ("batch", "single"):
+        with pytest.raises(she.ParameterError, match=r"\d+-bit coefficient modulus.*N=32768"):
+            she.compile(deep(20), scale_bits=26, weight_bits=12, packing=packing)
 
 
 def test_single_packing_refuses_a_layer_wider_than_a_ciphertext():
