@@ -441,3 +441,24 @@ def test_encrypted_operands_broadcast():
                    (1, 8, 8))
     x = rng.uniform(0, 1, (5, 1, 8, 8))
     np.testing.assert_allclose(lower(model).run(x), model.run_plain(x), atol=1e-5, rtol=1e-5)
+
+
+def test_inspect_compiles_a_residual_model_in_single_packing_when_asked(mnist, tmp_path, capsys):
+    """``she inspect --packing single`` on a residual model: a single-packing plan whose skip
+    layer reads two sources; BFV, which runs chains only, is refused with the reason."""
+    import json
+
+    import onnx
+
+    from she.cli import main
+
+    path, cal = tmp_path / "residual.onnx", tmp_path / "cal.npy"
+    onnx.save(_mnist_projection().proto, path)
+    np.save(cal, mnist.astype(np.float32))
+    assert main(["inspect", str(path), "--calibration", str(cal), "--packing", "single",
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["packing"] == "single" and report["layers"][-1]["sources"] == [1, 2]
+    assert report["galois_steps"] and report["rotations"] > 0
+    assert main(["inspect", str(path), "--scheme", "bfv"]) == 2
+    assert "BFV runs chains of layers only" in capsys.readouterr().err
