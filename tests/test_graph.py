@@ -97,13 +97,14 @@ def test_cifar_sized_graph_lowers_exactly():
     np.testing.assert_allclose(chain.run(x), model.run_plain(x), atol=1e-3, rtol=1e-4)
 
 
-@pytest.mark.parametrize("spelling", ["attribute", "input", "keepdims", "global"])
-def test_mean_spellings(spelling):
-    """ReduceMean with axes as an attribute (opset < 18) or an input (opset >= 18), keepdims,
-    and GlobalAveragePool, then a branch concatenated with its own square."""
+def _branches(spelling: str) -> she.Model:
+    """A conv and its square's mean (ReduceMean with axes as an attribute (opset < 18) or
+    an input (opset >= 18), keepdims, or GlobalAveragePool), beside a second branch, the
+    mean of the conv itself squared on its own; both concatenated, then MatMul."""
     rng = np.random.default_rng(4)
     inits = {"w": rng.normal(0, 0.5, (4, 1, 3, 3)), "fc": rng.normal(0, 0.5, (8, 10)),
-             "axes": np.array([2, 3], dtype=np.int64), "shape": np.array([0, -1], dtype=np.int64)}
+             "axes": np.array([2, 3], dtype=np.int64), "shape": np.array([0, -1], dtype=np.int64),
+             "two": np.array(2.0)}
     nodes = [_conv("c", "input", "w", kernel_shape=[3, 3]),
              helper.make_node("Mul", ["c", "c"], ["sq"])]
     opset = 17
@@ -116,18 +117,40 @@ def test_mean_spellings(spelling):
         nodes += [helper.make_node("ReduceMean", ["sq"], ["m4"], axes=[-1, -2])
                   if spelling == "keepdims" else helper.make_node("GlobalAveragePool", ["sq"], ["m4"]),
                   helper.make_node("Reshape", ["m4", "shape"], ["m"])]
-    # a second branch: the mean of the conv itself, squared on its own, concatenated
     nodes += [helper.make_node("GlobalAveragePool", ["c"], ["gc"]),
               helper.make_node("Flatten", ["gc"], ["fc_in"]),
               helper.make_node("Pow", ["fc_in", "two"], ["branch"]),
               helper.make_node("Concat", ["m", "branch"], ["both"], axis=1),
               helper.make_node("MatMul", ["both", "fc"], ["out"])]
-    inits["two"] = np.array(2.0)
-    model = _model(nodes, inits, (1, 12, 12), opset=opset)
+    return _model(nodes, inits, (1, 12, 12), opset=opset)
+
+
+@pytest.mark.parametrize("spelling", ["attribute", "input", "keepdims", "global"])
+def test_mean_spellings(spelling):
+    """Every mean spelling, then a branch concatenated with its own square, lowers exactly."""
+    model = _branches(spelling)
     chain = lower(model)
     assert chain.layers[-1].sources == (1, 2)
-    x = rng.uniform(0, 1, (10, 1, 12, 12))
+    x = np.random.default_rng(4).uniform(0, 1, (10, 1, 12, 12))
     np.testing.assert_allclose(chain.run(x), model.run_plain(x), atol=1e-5, rtol=1e-5)
+
+
+def test_single_packing_runs_branches_with_their_own_squares(mnist_dir):
+    """Two squares at one depth (one branch per square, both reading the input, which is
+    then not replicated), concatenated: single packing at N=8192 within the predicted error
+    of onnxruntime on real MNIST (central 12x12)."""
+    x, _ = load_idx_dataset(mnist_dir, "test")
+    x = np.ascontiguousarray(x[:200, :, 8:20, 8:20])
+    model = _branches("global")
+    plan = she.compile(model, calibration=x, packing="single")
+    assert [layer.sources for layer in plan.layers] == [(0,), (0,), (1, 2)]
+    assert plan.params.poly_modulus_degree == 8192 and plan.layouts()[0].replicas == 1
+    assert plan.levels()[0] == plan.levels()[1]  # one depth, one level
+    server, client = she.Server(plan), she.Client(plan.spec())
+    keys = server.load_context(client.public_context())
+    for image, reference in zip(x[:3], model.run_plain(x[:3]), strict=True):
+        out = client.decrypt(server.evaluate(keys, client.encrypt(image[None])))[0]
+        assert np.abs(out - reference).max() < plan.predicted_error
 
 
 def _lowering_peak(side: int) -> int:
