@@ -485,3 +485,21 @@ def test_inspect_compiles_a_residual_model_in_single_packing_when_asked(mnist, t
     assert report["galois_steps"] and report["rotations"] > 0
     assert main(["inspect", str(path), "--scheme", "bfv"]) == 2
     assert "BFV runs chains of layers only" in capsys.readouterr().err
+
+
+def test_single_packing_runs_a_skip_from_the_input(mnist):
+    """``x^2 + x`` of a dense layer: the output reads the input (then not replicated, and
+    brought down to the output layer's level) and the square; within the predicted error
+    of onnxruntime on real MNIST."""
+    rng = np.random.default_rng(5)
+    model = _model([helper.make_node("Flatten", ["input"], ["f"]),
+                    helper.make_node("Gemm", ["f", "w"], ["h"], transB=1),
+                    helper.make_node("Mul", ["h", "h"], ["s"]),
+                    helper.make_node("Add", ["s", "h"], ["r"]),
+                    helper.make_node("Gemm", ["r", "fc"], ["out"], transB=1)],
+                   {"w": _pow2(rng, (64, 256), 0.05), "fc": _pow2(rng, (10, 64), 0.3)},
+                   (1, 16, 16))
+    plan = she.compile(model, calibration=mnist, packing="single")
+    assert plan.layers[-1].sources == (0, 1) and plan.layouts()[0].replicas == 1
+    _assert_aligned(plan, 1)
+    _assert_single_agrees(plan, model, mnist[:3])
