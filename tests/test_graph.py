@@ -503,3 +503,20 @@ def test_single_packing_runs_a_skip_from_the_input(mnist):
     assert plan.layers[-1].sources == (0, 1) and plan.layouts()[0].replicas == 1
     _assert_aligned(plan, 1)
     _assert_single_agrees(plan, model, mnist[:3])
+
+
+def test_she_serve_accepts_a_session_whose_keys_exceed_the_default_cap(mnist):
+    """A single-packing plan's keys (Galois keys for every step) may be larger than the
+    service's context cap: the cap is raised to what the served model's keys need, so a
+    session registers (here with the cap set to 1 MiB and 17 MiB of keys)."""
+    from fastapi.testclient import TestClient
+
+    from she.service import ServiceConfig, create_app
+
+    plan = she.compile(_mnist_projection(), calibration=mnist, packing="single")
+    server, client = she.Server(plan), she.Client(plan.spec())
+    context = client.public_context()
+    assert len(context) > 1 << 20
+    http = TestClient(create_app({"m": server}, ServiceConfig(max_context_bytes=1 << 20)))
+    answer = http.post("/v1/models/m/sessions", content=context)
+    assert answer.status_code == 201, answer.text
