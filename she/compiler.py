@@ -659,7 +659,9 @@ def _dense_chain(chain: Chain, what: str) -> Chain:
         if widest > most:
             raise ParameterError(
                 f"single packing holds at most {most} values per ciphertext (N={max(RING_SIZES)}), "
-                f"and a layer of this model has {widest}; use batch packing")
+                f"and a layer of this model has {widest}: it would need "
+                f"N={layout.min_ring_for([(widest, 1)])}, which SEAL does not offer; use batch "
+                "packing")
     try:
         return chain.dense()
     except ModelError as exc:
