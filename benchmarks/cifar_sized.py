@@ -7,16 +7,19 @@ writes): a 3x32x32 input, three 3x3 convolutions with x^2 activations, a residua
     conv 3->C (stride 2) -> x^2 -> conv C->C -> x^2 -> conv C->C (+ skip) -> x^2
         -> avgpool 2x2 -> dense -> 10
 
-It is compiled (batch packing, calibrated on random inputs), run encrypted on other random
-inputs, and compared with onnxruntime on the same inputs. Accuracy is *not* measured: the
-weights are random and there is no CIFAR-10 data here. Single packing runs chains only, so
-this residual network has no single-packing row. Writes ``docs/results/cifar_sized.json``::
+It is compiled in each packing (calibrated on random inputs), run encrypted on other random
+inputs, and compared with onnxruntime on the same inputs: single packing (one input per
+ciphertext) request by request, p50 over ``--inputs`` requests; batch packing as one
+request of a full ciphertext of inputs. Accuracy is *not* measured: the weights are random
+and there is no CIFAR-10 data here. Writes ``docs/results/cifar_sized.json``::
 
-    python -m benchmarks.cifar_sized [--channels 8] [--batch 4096] [--scale-bits 26]
+    python -m benchmarks.cifar_sized [--packing both|single|batch] [--channels 8]
+        [--inputs 5] [--batch 4096] [--scale-bits 26]
 
-With the compiler's defaults the skip is aligned by an early rescale and the plan fits
+With the compiler's defaults, batch packing aligns the skip by an early rescale and fits
 N=8192 (``she inspect`` predicts its memory: about 3.8 GiB for the server at 8 channels,
-5 GiB at 16, plus the 1.5 GiB request).
+5 GiB at 16, plus the 1.5 GiB request); single packing needs N=16384 (the diagonals'
+encoding precision the residual block asks for) and well under 2 GiB.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ import argparse
 import datetime
 import json
 import os
-import resource
 import shlex
 import sys
 import time
@@ -39,6 +41,7 @@ import she
 from she.pipeline import encrypted_predict
 
 from .mnist_demo import machine
+from .tenseal_baseline import peak_rss_bytes, percentiles
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 #: The SHE paper's CIFAR-10 row (TFHE, Lou & Jiang, NeurIPS 2019): seconds per image.
@@ -79,49 +82,52 @@ def network(channels: int = 16, seed: int = 0) -> she.Model:
     return she.model.from_proto(proto, "cifar_sized")
 
 
-def _peak_rss_bytes() -> int:
-    """Peak resident memory of this process (client and server; the forked workers share
-    its pages copy-on-write)."""
-    return 1024 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
 def _cpu_seconds() -> float:
     """CPU seconds of this process and its finished worker processes."""
     t = os.times()
     return t.user + t.system + t.children_user + t.children_system
 
 
-def run(channels: int, batch: int | None, seed: int, scale_bits: int | None = None,
-        weight_bits: int | None = None) -> dict[str, Any]:
-    model = network(channels, seed)
-    rng = np.random.default_rng(seed + 1)
-    calibration = rng.uniform(0, 1, (64, 3, 32, 32))
-    print("compiling", file=sys.stderr)
+def _header(argv: list[str]) -> dict[str, Any]:
+    return {"command": ("python -m benchmarks.cifar_sized " + shlex.join(argv)).strip(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine()}
+
+
+def _agreement(plan: she.Plan, out: np.ndarray, plain: np.ndarray) -> dict[str, Any]:
+    return {"agreement": float(np.mean(out.argmax(1) == plain.argmax(1))),
+            "max_abs_logit_error": float(np.abs(out - plain).max()),
+            "predicted_max_error": plan.predicted_error,
+            "max_abs_logit": float(np.abs(plain).max()),
+            "poly_modulus_degree": plan.params.poly_modulus_degree,
+            "modulus_bits": list(plan.params.modulus_bits),
+            "security_bits": plan.params.security,
+            "depth": plan.depth}
+
+
+def _compiled(model: she.Model, calibration: np.ndarray, packing: str, scale_bits: int | None,
+              weight_bits: int | None) -> tuple[she.Plan, float]:
+    print(f"compiling ({packing} packing)", file=sys.stderr)
     started = time.perf_counter()
-    plan = she.compile(model, calibration=calibration, scale_bits=scale_bits,
+    plan = she.compile(model, calibration=calibration, packing=packing, scale_bits=scale_bits,
                        weight_bits=weight_bits)
-    compile_s = time.perf_counter() - started
+    return plan, time.perf_counter() - started
+
+
+def run_batch(model: she.Model, calibration: np.ndarray, rng: np.random.Generator,
+              batch: int | None, scale_bits: int | None = None,
+              weight_bits: int | None = None) -> dict[str, Any]:
+    """One batch-packing request of ``batch`` random inputs (default: a full ciphertext)."""
+    plan, compile_s = _compiled(model, calibration, "batch", scale_bits, weight_bits)
     batch = batch or plan.batch_capacity  # the cost of a request does not depend on it
-    x = rng.uniform(0, 1, (batch, 3, 32, 32))
+    x = rng.uniform(0, 1, (batch, *model.input_shape))
     describe = plan.describe()
     print(f"N={plan.params.poly_modulus_degree}, modulus bits {list(plan.params.modulus_bits)}; "
           f"encrypting {batch} inputs ({plan.n_inputs} ciphertexts)", file=sys.stderr)
     cpu = _cpu_seconds()
     out, timings = encrypted_predict(plan, x)
     cpu = _cpu_seconds() - cpu
-    plain = model.run_plain(x)
     return {
-        "command": ("python -m benchmarks.cifar_sized " + shlex.join(sys.argv[1:])).strip(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(),
-        "network": (f"3x32x32 -> conv 3->{channels} (3x3, stride 2) -> x^2 -> conv "
-                    f"{channels}->{channels} -> x^2 -> conv {channels}->{channels} + identity "
-                    "skip -> x^2 -> avgpool 2x2 -> dense -> 10; random power-of-two weights"),
-        "accuracy": "not measured (random weights, no CIFAR-10 data on this machine)",
-        "inputs": "random uniform [0, 1]",
-        "packing": "batch",
-        "single_packing": "not available: single packing runs chains only, this network has a "
-                          "skip connection",
         "batch": batch,
         "compile_s": compile_s,
         "keygen_s": timings.keygen,
@@ -133,49 +139,134 @@ def run(channels: int, batch: int | None, seed: int, scale_bits: int | None = No
         "load_average_1min": os.getloadavg()[0],
         "upload_bytes": timings.upload_bytes,
         "download_bytes": timings.download_bytes,
-        "peak_rss_bytes": _peak_rss_bytes(),
+        "peak_rss_bytes": peak_rss_bytes(),
         "predicted_server_bytes": describe["estimated_bytes"]["server_memory_per_request"],
-        "agreement": float(np.mean(out.argmax(1) == plain.argmax(1))),
-        "max_abs_logit_error": float(np.abs(out - plain).max()),
-        "predicted_max_error": plan.predicted_error,
-        "max_abs_logit": float(np.abs(plain).max()),
-        "poly_modulus_degree": plan.params.poly_modulus_degree,
-        "modulus_bits": list(plan.params.modulus_bits),
-        "security_bits": plan.params.security,
-        "depth": plan.depth,
+        **_agreement(plan, out, model.run_plain(x)),
         "first_layer_units": int(plan.layers[0].weights.shape[0]),
         "input_ciphertexts": plan.n_inputs,
     }
 
 
+def run_single(model: she.Model, calibration: np.ndarray, rng: np.random.Generator,
+               inputs: int, scale_bits: int | None = None,
+               weight_bits: int | None = None) -> dict[str, Any]:
+    """Single packing: one client and server, ``inputs`` random inputs one request each;
+    server latency per request (p50/p90), CPU time, memory, agreement."""
+    plan, compile_s = _compiled(model, calibration, "single", scale_bits, weight_bits)
+    describe = plan.describe()
+    print(f"N={plan.params.poly_modulus_degree}, modulus bits {list(plan.params.modulus_bits)}, "
+          f"{describe['rotations']} rotations; {inputs} requests", file=sys.stderr)
+    server = she.Server(plan)
+    started = time.perf_counter()
+    client = she.Client(plan.spec())
+    context = client.public_context()
+    keys = server.load_context(context)
+    keygen_s = time.perf_counter() - started
+    x = rng.uniform(0, 1, (inputs, *model.input_shape))
+    outs, latencies, cpus, encrypt = [], [], [], []
+    for image in x:
+        t0 = time.perf_counter()
+        request = client.encrypt(image[None])
+        t1, cpu = time.perf_counter(), _cpu_seconds()
+        response = server.evaluate(keys, request)
+        latencies.append(time.perf_counter() - t1)
+        cpus.append(_cpu_seconds() - cpu)
+        encrypt.append(t1 - t0)
+        outs.append(client.decrypt_logits(response)[0])
+        print(f"  request {len(outs)}: {latencies[-1]:.1f} s", file=sys.stderr)
+    return {
+        "inputs": inputs,
+        "compile_s": compile_s,
+        "keygen_s": keygen_s,
+        "encrypt_s_p50": float(np.median(encrypt)),
+        "server_s": percentiles(latencies),
+        "server_cpu_s": percentiles(cpus),
+        "load_average_1min": os.getloadavg()[0],
+        "upload_bytes": len(request),
+        "download_bytes": len(response),
+        "public_context_bytes": len(context),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "rotations": describe["rotations"],
+        "galois_steps": len(plan.rotation_steps()),
+        "workers": server.engine.workers,
+        **_agreement(plan, np.array(outs), model.run_plain(x)),
+    }
+
+
+def run(channels: int, packings: list[str], batch: int | None, inputs: int, seed: int,
+        scale_bits: int | None = None, weight_bits: int | None = None,
+        argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the network in each of ``packings`` (single first: its peak memory is then its
+    own); every result carries the command and date that produced it."""
+    model = network(channels, seed)
+    rng = np.random.default_rng(seed + 1)
+    calibration = rng.uniform(0, 1, (64, 3, 32, 32))
+    result: dict[str, Any] = {
+        "network": (f"3x32x32 -> conv 3->{channels} (3x3, stride 2) -> x^2 -> conv "
+                    f"{channels}->{channels} -> x^2 -> conv {channels}->{channels} + identity "
+                    "skip -> x^2 -> avgpool 2x2 -> dense -> 10; random power-of-two weights"),
+        "accuracy": "not measured (random weights, no CIFAR-10 data on this machine)",
+        "inputs": "random uniform [0, 1]",
+    }
+    header = _header(sys.argv[1:] if argv is None else argv)
+    if "single" in packings:
+        result["single"] = {**header, **run_single(model, calibration, rng, inputs, scale_bits,
+                                                   weight_bits)}
+    if "batch" in packings:
+        result["batch"] = {**header, **run_batch(model, calibration, rng, batch, scale_bits,
+                                                 weight_bits)}
+    return result
+
+
 def markdown(result: dict[str, Any]) -> list[str]:
-    """The benchmark report's section for this row (beside the SHE paper's CIFAR-10 row)."""
+    """The benchmark report's section for these rows (beside the SHE paper's CIFAR-10 row)."""
     gib = 2 ** 30
+    rows, notes = [], []
+    single, batch = result.get("single"), result.get("batch")
+    if single:
+        lat, cpu = single["server_s"], single["server_cpu_s"]
+        notes.append(
+            f"Single row: `{single['command']}` on {single['date']} "
+            f"({single['machine']['cores']} cores, load average {single['load_average_1min']:.0f}"
+            f"), p50 over {single['inputs']} requests; the server's CPU time per request "
+            f"(p50 {cpu['p50']:.1f} CPU-s, its worker processes included) is the steadier "
+            "measure on the shared machine.")
+        rows.append(
+            f"| SHE, CKKS single (one input per request) | CIFAR-sized, 3 conv + residual block "
+            f"| not measured | {lat['p50']:.1f} s server p50 (p90 {lat['p90']:.1f} s; "
+            f"{cpu['p50']:.1f} CPU-s) | - | {single['peak_rss_bytes'] / gib:.1f} GiB peak RSS "
+            f"(client and server in one process) | {single['agreement']:.2%} of "
+            f"{single['inputs']} (max abs logit error {single['max_abs_logit_error']:.1e}, "
+            f"predicted {single['predicted_max_error']:.1e}) | N={single['poly_modulus_degree']}"
+            f", {sum(single['modulus_bits'])}-bit modulus, depth {single['depth']}, "
+            f"{single['rotations']} rotations |")
+    if batch:
+        notes.append(
+            f"Batch row: `{batch['command']}` on {batch['date']} "
+            f"({batch['machine']['cores']} cores); client and server shared the process, which "
+            f"got {batch['cpu_s']:.0f} CPU-seconds in {batch['encrypt_s'] + batch['evaluate_s']:.0f}"
+            " s of encryption and evaluation: the 2 cores were shared with other jobs, so the "
+            "CPU time is the steadier measure.")
+        rows.append(
+            f"| SHE, CKKS batch ({batch['batch']} inputs per request) | CIFAR-sized, 3 conv + "
+            f"residual block | not measured | {batch['evaluate_s']:.0f} s server "
+            f"(+ {batch['encrypt_s']:.0f} s encrypt; {batch['cpu_s']:.0f} CPU-s in all) | "
+            f"{1e3 * batch['evaluate_per_input_s']:.0f} ms | "
+            f"{batch['peak_rss_bytes'] / gib:.1f} GiB peak RSS (client and server in one "
+            f"process; {batch['predicted_server_bytes'] / gib:.1f} GiB predicted for the server) "
+            f"| {batch['agreement']:.2%} (max abs logit error "
+            f"{batch['max_abs_logit_error']:.1e}, predicted {batch['predicted_max_error']:.1e}) "
+            f"| N={batch['poly_modulus_degree']}, {sum(batch['modulus_bits'])}-bit modulus, "
+            f"depth {batch['depth']} |")
     return [
         "## CIFAR-sized network (random inputs; accuracy not measured)", "",
-        f"Measured by `{result['command']}` on {result['date']} "
-        f"({result['machine']['cores']} cores). {result['network']}. "
-        "No CIFAR-10 copy is reachable from this machine and the weights are random, so "
-        "**the accuracy column is not measured**; the encrypted outputs are compared with "
-        "onnxruntime on the same random inputs. Single packing runs chains only, so this "
-        "residual network has no single row. "
-        f"Client and server shared the process, and the process got {result['cpu_s']:.0f} "
-        f"CPU-seconds in {result['encrypt_s'] + result['evaluate_s']:.0f} s of encryption and "
-        "evaluation: the 2 cores were shared with other jobs, so the CPU time is the "
-        "steadier measure.", "",
+        f"{result['network']}. No CIFAR-10 copy is reachable from this machine and the "
+        "weights are random, so **the accuracy column is not measured**; the encrypted outputs "
+        "are compared with onnxruntime on the same random inputs. " + " ".join(notes), "",
         "| system | network | accuracy | latency (one request) | amortised / input | memory "
         "| agreement with onnxruntime | parameters |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
-        f"| SHE, CKKS batch ({result['batch']} inputs per request) | CIFAR-sized, 3 conv + "
-        f"residual block | not measured | {result['evaluate_s']:.0f} s server "
-        f"(+ {result['encrypt_s']:.0f} s encrypt; {result['cpu_s']:.0f} CPU-s in all) | "
-        f"{1e3 * result['evaluate_per_input_s']:.0f} ms | "
-        f"{result['peak_rss_bytes'] / gib:.1f} GiB peak RSS (client and server in one "
-        f"process; {result['predicted_server_bytes'] / gib:.1f} GiB predicted for the server) "
-        f"| {result['agreement']:.2%} (max abs logit error "
-        f"{result['max_abs_logit_error']:.1e}, predicted {result['predicted_max_error']:.1e}) "
-        f"| N={result['poly_modulus_degree']}, {sum(result['modulus_bits'])}-bit modulus, depth "
-        f"{result['depth']} |",
+        *rows,
         f"| SHE (TFHE), published | SHE CIFAR-10 CNN | as published | {SHE_CIFAR_LATENCY_S:.0f} s "
         "| - | - | - | Lou & Jiang, NeurIPS 2019 (not measured here) |",
         "",
@@ -185,16 +276,28 @@ def markdown(result: dict[str, Any]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--channels", type=int, default=8, help="channels of every conv (8)")
-    parser.add_argument("--batch", type=int, help="random inputs per request (default: a full "
-                        "ciphertext, N/2; the server's cost does not depend on it)")
+    parser.add_argument("--packing", choices=["both", "single", "batch"], default="both",
+                        help="which rows to measure (both); the other row of an existing "
+                        "results file is kept, with its own command and date")
+    parser.add_argument("--batch", type=int, help="random inputs per batch request (default: "
+                        "a full ciphertext, N/2; the server's cost does not depend on it)")
+    parser.add_argument("--inputs", type=int, default=5,
+                        help="single packing: requests, one random input each (5)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale-bits", type=int, help="CKKS scale (default: the compiler's "
                         "precision ladder)")
     parser.add_argument("--weight-bits", type=int, help="weight bits (with --scale-bits)")
     args = parser.parse_args(argv)
-    result = run(args.channels, args.batch, args.seed, args.scale_bits, args.weight_bits)
+    packings = ["single", "batch"] if args.packing == "both" else [args.packing]
+    result = run(args.channels, packings, args.batch, args.inputs, args.seed, args.scale_bits,
+                 args.weight_bits, argv)
+    path = RESULTS / "cifar_sized.json"
+    if path.exists() and args.packing != "both":  # keep the other row
+        old = json.loads(path.read_text())
+        if old.get("network") == result["network"]:
+            result = {**old, **result}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "cifar_sized.json").write_text(json.dumps(result, indent=2) + "\n")
+    path.write_text(json.dumps(result, indent=2) + "\n")
     print("\n".join(markdown(result)))
 
 

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
+import tenseal.sealapi as sealapi
 
 from . import bfv, compact, layout, tail
 from .errors import ModelError, ParameterError
@@ -64,7 +65,8 @@ KEYSWITCH_GUARD_BITS = 6
 #: Extra bits of the plaintext diagonals in single packing: CKKS encoding rounds every
 #: coefficient, which costs about log2(sqrt(N/12)) ~ 5 bits of weight precision. Settings
 #: with ``weight_bits`` above 12 add the difference: wide layers (thousands of inputs) sum
-#: so many rounded products that exact (power-of-two) weights need it too.
+#: so many rounded products that exact (power-of-two) weights need it too. (The ladder's
+#: rungs may ask for more, see :data:`SINGLE_PRECISION_LADDER`.)
 ENCODE_GUARD_BITS = 6
 PACKINGS = ("batch", "single")
 #: Ways to align the scales of a skip connection (``compile(skip_alignment=...)``).
@@ -85,11 +87,22 @@ ERROR_SAMPLES = 64
 EXACT_EXTRA_BITS = 8
 #: (scale_bits, weight_bits) settings tried in order when the caller fixes neither.
 PRECISION_LADDER = ((26, 12), (28, 14), (30, 16), (32, 18))
-#: The same for single packing: its diagonals need guard bits, so a smaller scale first
-#: keeps the rescale primes single and the ring at N=8192 when the precision allows it
-#: (and makes the upload, one prime-wide polynomial, smaller).
-SINGLE_PRECISION_LADDER = ((20, 12), (22, 12), (24, 12), (26, 12), (28, 14), (30, 16),
-                           (32, 18), (34, 20))
+#: The same for single packing, with the guard bits of the diagonals' encoding third
+#: (:func:`encode_guard_bits` for the first eight): a smaller scale first keeps the rescale
+#: primes single and the ring at N=8192 when the precision allows it (and makes the upload,
+#: one prime-wide polynomial, smaller). In deep or residual networks the encoding error of
+#: the diagonals, amplified by every square, is what limits precision, hence rungs with
+#: more guard bits (measured on the CIFAR-sized benchmark network at N=16384: predicted
+#: error 0.087 with 14 guard bits, 0.0085 with 18, 0.0005 with 22).
+SINGLE_PRECISION_LADDER = ((20, 12, 6), (22, 12, 6), (24, 12, 6), (26, 12, 6), (28, 14, 8),
+                           (30, 16, 10), (32, 18, 12), (34, 20, 14), (24, 12, 14), (26, 12, 18),
+                           (36, 20, 18), (38, 20, 22))
+
+
+def encode_guard_bits(weight_bits: int) -> int:
+    """Single packing: the guard bits of the diagonals when the caller fixes the precision
+    (:data:`ENCODE_GUARD_BITS`, and what ``weight_bits`` above 12 add)."""
+    return ENCODE_GUARD_BITS + max(0, weight_bits - 12)
 
 
 @dataclass
@@ -187,12 +200,20 @@ class Plan:
         return self.n_outputs if self.packing == "batch" else 1
 
     def layouts(self) -> list[layout.LayerLayout]:
-        """Single packing: the slot layout and diagonal schedule of every layer (computed
-        once: placing the hidden units takes a moment)."""
+        """Single packing: the slot layout and diagonal schedule of every *block* (computed
+        once: placing the hidden units takes a moment): one per layer and source it reads,
+        layer by layer (a chain: one per layer; see :func:`she.layout.layouts` and
+        :meth:`layer_blocks`)."""
         if self._layouts is None:
             self._layouts = layout.layouts([layer.weights for layer in self.layers],
-                                           self.params.slots)
+                                           self.params.slots,
+                                           [layer.sources for layer in self.layers])
         return self._layouts
+
+    def layer_blocks(self) -> list[range]:
+        """Single packing: which entries of :meth:`layouts` (and :meth:`diagonal_scales`)
+        belong to each layer."""
+        return layout.layer_blocks([layer.sources for layer in self.layers])
 
     def rotation_steps(self) -> list[int]:
         """Galois steps the plan rotates by (none in batch packing)."""
@@ -297,11 +318,20 @@ class Plan:
         return peak
 
     def diagonal_scales(self) -> list[float]:
-        """Single packing: the scale each layer's diagonals are encoded at (the prime its
-        product drops)."""
+        """Single packing: the scale every block's diagonals (see :meth:`layouts`) are
+        encoded at. The reference source's: ``2^shift``, or the prime its product drops
+        when the layer has one. A shallower source's (a skip connection; the engine first
+        drops its extra primes, which is exact): that times ``scale_ref / scale_source``, so
+        that every product of the layer lands at the same scale (up to the rounding of one
+        floating-point product, which the engine sets exactly) and their sum is exact."""
         primes = self.params.ciphertext_primes
-        return [float(primes[limbs - 1]) if layer.product_primes else 2.0 ** layer.shift
-                for layer, limbs in zip(self.layers, self.levels(), strict=True)]
+        limbs, scales, refs = self.sources()
+        out = []
+        for layer, ref in zip(self.layers, refs, strict=True):
+            own = (float(primes[limbs[ref] - 1]) if layer.product_primes
+                   else 2.0 ** layer.shift)
+            out += [own * scales[ref] / scales[s] for s in layer.sources]
+        return out
 
     def spec(self) -> dict[str, Any]:
         """The public description a client needs (JSON-serialisable, no secrets)."""
@@ -523,7 +553,8 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
             ``range_margin``) instead of interval arithmetic over the declared input range.
         scale_bits: log2 of the scale of fresh ciphertexts and after every rescale.
         weight_bits: significant bits kept for weights that are not exactly representable
-            (in single packing, above 12 it also adds guard bits to the diagonals' encoding).
+            (in single packing, above 12 it also adds guard bits to the diagonals' encoding,
+            see :func:`encode_guard_bits`).
             When neither is given, the compiler tries every setting of
             :data:`PRECISION_LADDER` (:data:`SINGLE_PRECISION_LADDER` for single packing) and
             keeps the cheapest (smallest ring, then fewest primes, then fewest bits) whose
@@ -557,9 +588,10 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
                                        weight_bits or bfv.WEIGHT_BITS, security,
                                        poly_modulus_degree, name), model)
     if scale_bits is None and weight_bits is None:
-        ladder = PRECISION_LADDER if packing == "batch" else SINGLE_PRECISION_LADDER
+        ladder = (SINGLE_PRECISION_LADDER if packing == "single" else
+                  tuple((s, w, None) for s, w in PRECISION_LADDER))
     else:
-        ladder = ((scale_bits or 26, weight_bits or 12),)
+        ladder = ((scale_bits or 26, weight_bits or 12, None),)
     chain = model if isinstance(model, Chain) else lower(model)
     if packing == "single":
         chain = _dense_chain(chain, "single packing")
@@ -576,11 +608,11 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
                 f"(input shape {chain.input_shape}), got array of shape {cal.shape}"
             )
         evaluated = chain.evaluate(cal.reshape(len(cal), -1))
-    for s_bits, w_bits in ladder:
+    for s_bits, w_bits, guard in ladder:
         try:
             plan = _compile_once(model, chain, scheme, packing, calibration, s_bits, w_bits,
                                  security, poly_modulus_degree, range_margin, name, layouts,
-                                 evaluated, skip_alignment, memo)
+                                 evaluated, skip_alignment, memo, guard_bits=guard)
             if circuit_privacy is not None:  # the output primes must also hold the flooding
                 from .privacy import budget_flooding, flooding_headroom_bits
 
@@ -588,7 +620,8 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
                 if extra:
                     plan = _compile_once(model, chain, scheme, packing, calibration, s_bits,
                                          w_bits, security, poly_modulus_degree, range_margin,
-                                         name, layouts, evaluated, skip_alignment, memo, extra)
+                                         name, layouts, evaluated, skip_alignment, memo, extra,
+                                         guard)
                 budget_flooding(plan, circuit_privacy,
                                 None if evaluated is None else evaluated[1][-1])
         except ParameterError as exc:
@@ -611,19 +644,24 @@ def _with_tail(plan: Plan, model: Model | Chain) -> Plan:
 
 
 def _dense_chain(chain: Chain, what: str) -> Chain:
-    """``chain`` with dense matrices, for single packing and BFV (chains of modest layers
-    only): a graph, or a layer too wide for them, is refused with a clear error."""
-    if not chain.is_chain:
+    """``chain`` with dense matrices, for single packing (graphs of modest layers) and BFV
+    (chains only): a graph in BFV, or a layer too wide for them, is refused with a clear
+    error."""
+    if what == "BFV" and not chain.is_chain:
         raise ParameterError(
             f"{what} runs chains of layers only, and this model adds or concatenates encrypted "
-            "values across activations (a skip connection or branches); use CKKS batch packing")
+            "values across activations (a skip connection or branches); use CKKS (batch or "
+            "single packing)")
     if what == "single packing":
-        widest = max(max(layer.n_in, layer.n_out) for layer in chain.layers)
+        widest = max(max(max(chain.source_sizes[s] for s in layer.sources), layer.n_out)
+                     for layer in chain.layers)
         most = max(RING_SIZES) // 2
         if widest > most:
             raise ParameterError(
                 f"single packing holds at most {most} values per ciphertext (N={max(RING_SIZES)}), "
-                f"and a layer of this model has {widest}; use batch packing")
+                f"and a layer of this model has {widest}: it would need "
+                f"N={layout.min_ring_for([(widest, 1)])}, which SEAL does not offer; use batch "
+                "packing")
     try:
         return chain.dense()
     except ModelError as exc:
@@ -641,14 +679,15 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
                   evaluated: tuple[list[np.ndarray], list[np.ndarray]] | None,
                   skip_alignment: str = "auto",
                   memo: dict[Any, Any] | None = None,
-                  extra_output_bits: int = 0) -> Plan:
+                  extra_output_bits: int = 0, guard_bits: int | None = None) -> Plan:
     """One rung of the precision ladder. ``layouts``: single packing's slot layouts by slot
     count (placed from the float weights, whose non-zero pattern holds that of any
     quantisation; filled on first use). ``evaluated``: :meth:`Chain.evaluate` of the
     calibration samples. ``memo``: what the rungs of one ladder compute alike
     (the quantised weights per ``weight_bits``), filled on first use.
     ``extra_output_bits``: added to the output primes (room for noise flooding,
-    :mod:`she.privacy`)."""
+    :mod:`she.privacy`). ``guard_bits``: single packing's diagonal guard bits (default
+    :func:`encode_guard_bits`)."""
     memo = {} if memo is None else memo
     if not 16 <= scale_bits <= 40:
         raise ParameterError(f"scale_bits={scale_bits} is outside the supported range 16..40")
@@ -692,8 +731,9 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
     last = len(chain.layers) - 1
     early: set[int] = set()  # layers whose shallower sources are rescaled early
     if packing == "single":
-        guard = ENCODE_GUARD_BITS + max(0, weight_bits - 12)
-        product_bits, shifts = _single_products(quantised, scale_bits, y_out, guard, max_prime)
+        guard = encode_guard_bits(weight_bits) if guard_bits is None else guard_bits
+        product_bits, shifts = _single_products(quantised, scale_bits, y_out, guard, max_prime,
+                                                depths)
     else:
         product_bits = [0] * len(quantised)
         mixed = [k for k in range(len(quantised)) if _mixed(chain, k)]
@@ -716,14 +756,19 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
                 shifts, early = plain, set(mixed)
                 notes.append(f"skip connections aligned by early rescales ({rescaled} modulus "
                              f"bits instead of {aligned})")
-    modulus_bits = _modulus_bits(shifts, product_bits, depths, bounds, scale_bits, y_out,
-                                 max_prime, packing, extra_output_bits)
-    total = sum(modulus_bits)
+    while True:
+        modulus_bits = _modulus_bits(shifts, product_bits, depths, bounds, scale_bits, y_out,
+                                     max_prime, packing, extra_output_bits)
+        ring = poly_modulus_degree or _ring_for(sum(modulus_bits), security, chain, scale_bits)
+        if packing == "single" and poly_modulus_degree is None:
+            ring = max(ring, layout.min_ring_for([(layer.n_out, chain.source_sizes[s])
+                                                  for layer in chain.layers
+                                                  for s in layer.sources]))
+        if packing != "single" or not _widen_a_product_prime(product_bits, depths,
+                                                             modulus_bits, ring, max_prime):
+            break
     group_parts = {depths[k]: _split_bits(scale_bits + 2 * (0 if product_bits[k] else shifts[k]),
                                           max_prime) for k in range(last)}
-    ring = poly_modulus_degree or _ring_for(total, security, chain, scale_bits)
-    if packing == "single" and poly_modulus_degree is None:
-        ring = max(ring, layout.min_ring_for([layer.matrix.shape for layer in chain.layers]))
     params = EncryptionParameters("ckks", ring, tuple(modulus_bits), security)
 
     layers = []
@@ -748,7 +793,8 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
     if packing == "single":
         if params.slots not in layouts:  # refuses layers wider than a ciphertext
             layouts[params.slots] = layout.layouts([layer.matrix for layer in chain.layers],
-                                                   params.slots)
+                                                   params.slots,
+                                                   [layer.sources for layer in chain.layers])
         plan._layouts = layouts[params.slots]
     deviation = None
     if calibration is not None:
@@ -774,6 +820,8 @@ def _modulus_bits(shifts: list[int], product_bits: list[int], depths: list[int],
     (and single packing's products), deepest first."""
     last = len(shifts) - 1
     scale_shifts = [0 if prod else f for f, prod in zip(shifts, product_bits, strict=True)]
+    # single packing: one product prime per depth (the layers at one depth drop the same)
+    product_parts = {d: b for b, d in zip(product_bits, depths, strict=True) if b}
     group_bits = {depths[k]: scale_bits + 2 * scale_shifts[k] for k in range(last)}
     group_parts = {d: _split_bits(b, max_prime) for d, b in group_bits.items()}
     out_bits = (math.ceil(math.log2(max(y_out, 1.0)) + scale_bits + scale_shifts[-1]) + 3
@@ -783,14 +831,35 @@ def _modulus_bits(shifts: list[int], product_bits: list[int], depths: list[int],
         bound = max(float(bounds[k].max(initial=0.0)) for k in range(last) if depths[k] == d)
         need = math.log2(max(bound, 1.0)) * 2 + scale_bits + 2
         rest = (out_bits + sum(sum(p) for e, p in group_parts.items() if e > d)
-                + sum(b for b, e in zip(product_bits, depths, strict=True) if e > d))
+                + sum(b for e, b in product_parts.items() if e > d))
         out_bits += max(0, math.ceil(need - rest))
     ct_bits = list(_split_bits(out_bits, max_prime))
     for d in sorted(set(depths), reverse=True):  # SEAL drops the last prime first
         ct_bits += group_parts.get(d, [])
-        ct_bits += [b for b, e in zip(product_bits, depths, strict=True) if e == d and b]
+        ct_bits += [product_parts[d]] if d in product_parts else []
     special = MAX_CT_PRIME_BITS if packing == "single" else max(ct_bits)
     return ct_bits + [special]
+
+
+def _widen_a_product_prime(product_bits: list[int], depths: list[int], modulus_bits: list[int],
+                           ring: int, max_prime: int) -> bool:
+    """Single packing: when SEAL cannot find as many distinct primes of some size as the
+    chain has for ring ``ring`` (primes must be 1 modulo 2N: at N=16384 only about two have
+    20 bits), widen the product primes of that size at one depth by a bit (in place; a
+    product prime may have any size, its diagonals are encoded at its value). Returns
+    whether one was widened."""
+    for bits in sorted({b for b in product_bits if b}):
+        try:
+            sealapi.CoeffModulus.Create(ring, [bits] * modulus_bits.count(bits))
+        except (ValueError, RuntimeError):
+            if bits >= max_prime:
+                return False
+            depth = max(d for b, d in zip(product_bits, depths, strict=True) if b == bits)
+            for k, d in enumerate(depths):
+                if d == depth:
+                    product_bits[k] = bits + 1
+            return True
+    return False
 
 
 def _ring_or_none(total_bits: int, security: int) -> float:
@@ -823,8 +892,9 @@ def _align(plan: Plan, quantised: list[tuple[np.ndarray, int, np.ndarray]]
     out = []
     for k, (layer, (w_int, f, err)) in enumerate(zip(plan.layers, quantised, strict=True)):
         real = plan.chain.layers[k].matrix
-        ratios = [1.0 if s in layer.early_sources else scales[refs[k]] / scales[s]
-                  for s in layer.sources]
+        # single packing encodes the ratio into the diagonals instead (Plan.diagonal_scales)
+        ratios = [1.0 if s in layer.early_sources or plan.packing == "single"
+                  else scales[refs[k]] / scales[s] for s in layer.sources]
         if all(r == 1.0 for r in ratios):
             out.append((w_int * 2.0 ** -f, err))
             continue
@@ -896,22 +966,26 @@ def _compile_bfv(model: Model | Chain, packing: str, calibration: np.ndarray | N
 
 
 def _single_products(quantised: list[tuple[np.ndarray, int, np.ndarray]], scale_bits: int,
-                     y_out: float, guard_bits: int,
-                     max_prime: int) -> tuple[list[int], list[int]]:
+                     y_out: float, guard_bits: int, max_prime: int,
+                     depths: list[int]) -> tuple[list[int], list[int]]:
     """Single packing: how each layer's plaintext diagonals are scaled.
 
-    Diagonals carry ``f + guard_bits`` bits (``f``: the weights' quantisation shift).
-    A layer is *fused* when the rescale after its square (or, for the last layer, the output
-    prime) can absorb those bits within one prime of at most ``max_prime`` bits: its
-    diagonals are encoded at ``2^p`` and ``p`` becomes its shift. Otherwise its diagonals
-    are encoded at a prime of their own, dropped right after the product (its shift then
-    stays ``f`` and leaves the scale alone).
+    Diagonals carry ``f + guard_bits`` bits (``f``: the weights' quantisation shift; the
+    largest at the layer's depth, whose squares share their primes). A layer is *fused*
+    when the rescale after its square (or, for the last layer, the output prime) can absorb
+    those bits within one prime of at most ``max_prime`` bits: its diagonals are encoded at
+    ``2^p`` and ``p`` becomes its shift. Otherwise its diagonals are encoded at a prime of
+    their own, dropped right after the product (its shift then stays ``f`` and leaves the
+    scale alone). ``depths``: the depth of every layer's square.
     Returns (product prime bits or 0, shifts) per layer.
     """
+    needed: dict[int, int] = {}
+    for (_, f, _), d in zip(quantised, depths, strict=True):
+        needed[d] = max(needed.get(d, 0), f + guard_bits)
     products, shifts = [], []
     last = len(quantised) - 1
     for k, (_, f, _) in enumerate(quantised):
-        p = f + guard_bits
+        p = needed[depths[k]]
         if k < last:
             fused = scale_bits + 2 * p <= max_prime
         else:
@@ -980,7 +1054,8 @@ def _set_predicted_error(plan: Plan, effective: list[tuple[np.ndarray, np.ndarra
     rescale = rounding * n
     scales = plan.scales()
     source_scales = plan.sources()[1]
-    diag_scales = plan.diagonal_scales()
+    if plan.packing == "single":
+        diag_scales, blocks = plan.diagonal_scales(), plan.layer_blocks()
     inputs, pre = samples
     chain = plan.chain
     samples_n = len(inputs[0])
@@ -996,9 +1071,14 @@ def _set_predicted_error(plan: Plan, effective: list[tuple[np.ndarray, np.ndarra
         rest = rest + 0.25 / s_out ** 2 + len(plan.layers[k].early_sources) * rescale / s_out ** 2
         if deviation is None:  # rounding errors of known size, their signs independent
             rest = rest + _applied(_squared(w_err), inputs[k] ** 2)
-        if plan.packing == "single":
-            norms = np.sum(inputs[k] ** 2, axis=1, keepdims=True)
-            rest = rest + n / 12 / diag_scales[k] ** 2 * norms + rescale / s_out ** 2
+        if plan.packing == "single":  # every block's diagonals, over its source's values
+            start = 0
+            for s, b in zip(plan.layers[k].sources, blocks[k], strict=True):
+                size = chain.source_sizes[s]
+                norms = np.sum(inputs[k][:, start:start + size] ** 2, axis=1, keepdims=True)
+                rest = rest + n / 12 / diag_scales[b] ** 2 * norms
+                start += size
+            rest = rest + rescale / s_out ** 2
         if k < plan.squares:
             amplify = 4 * pre[k] ** 2
             rest = amplify * rest + rescale / source_scales[k + 1] ** 2

@@ -43,6 +43,9 @@ from .errors import ParameterError
 #: the client makes and uploads once per session): it is chosen only if it saves more than
 #: this many rotations per evaluation.
 KEY_ROTATIONS = 1
+#: A rotation (key switching) costs about this many plaintext products (measured ~20x at
+#: N=16384): the unit of :func:`cost`.
+ROTATION_COST = 16
 
 def period(n: int) -> int:
     """The replication period of a vector of length ``n``: the next power of two."""
@@ -261,35 +264,92 @@ def _schedule_rotations(used: np.ndarray, baby: int) -> int:
     return n_babies - 1 + horner_rotations(groups, baby)
 
 
-def layouts(weights: list[np.ndarray], slots: int) -> list[LayerLayout]:
-    """Layouts of a chain of layers (their ``n_out x n_in`` weight matrices); checks that
-    they fit.
+def layouts(weights: list[np.ndarray], slots: int,
+            sources: list[tuple[int, ...]] | None = None) -> list[LayerLayout]:
+    """Layouts of a graph of layers (their ``n_out x n_in`` weight matrices; ``sources``:
+    what each layer reads, as in :class:`she.lowering.Chain`, default a chain); checks that
+    they fit. Returns one layout per *block*, layer by layer and, inside a layer, in the
+    order of its sources: a layer that reads several sources (a skip connection, branches)
+    is the sum of one diagonal product per source, every block with the layer's output
+    positions. A chain has one block per layer.
 
     The first layer spreads its diagonals over as many input replicas as the slots hold
-    (when it does not widen its input: ``P_out <= P_in``). Hidden units are placed by
-    :func:`she.placement.place_rows` so that few diagonals are needed; only those are kept.
+    (when it does not widen its input, and no other layer reads the input). Hidden units are
+    placed by :func:`she.placement.place_rows` so that few diagonals are needed (in a layer
+    of several blocks, for the block of most weights); only those are kept. A layer that
+    adds a (scaled) permutation of a source, such as an identity skip, may instead put its
+    units where that source's units are, so the skip costs one diagonal: whichever of the
+    candidates needs fewer products and rotations (:func:`cost`) is kept.
     """
+    sources = sources or [(k,) for k in range(len(weights))]
+    sizes = [weights[0].shape[1]] + [w.shape[0] for w in weights[:-1]]
+    positions: list[np.ndarray | None] = [None]  # of every source's units (None: natural)
+    input_readers = sum(0 in s for s in sources)
     out: list[LayerLayout] = []
-    in_pos = None
-    for k, w in enumerate(weights):
-        n_out, n_in = w.shape
-        lay = LayerLayout(n_in, n_out, slots)
-        widest = max(lay.p_in, lay.p_out)
-        if widest > slots:
-            raise ParameterError(
-                f"layer {k} ({n_in} -> {n_out} values) needs {widest} slots but a ciphertext "
-                f"has {slots}; use batch packing or a larger poly_modulus_degree"
-            )
-        replicas = min(slots // lay.p_in, lay.p_out) if k == 0 and lay.p_out <= lay.p_in else 1
-        lay = LayerLayout(n_in, n_out, slots, replicas, in_pos)
-        cols = _positions(in_pos, n_in)
-        out_pos = (None if k == len(weights) - 1 else
-                   placement.place_rows(w, cols, lay.n_diagonals, lay.p_out))
-        r, c = np.nonzero(w)
-        offsets = np.unique((cols[c] - _positions(out_pos, n_out)[r]) % lay.n_diagonals)
-        out.append(LayerLayout(n_in, n_out, slots, replicas, in_pos, out_pos, offsets))
-        in_pos = out_pos
+    for k, (w, srcs) in enumerate(zip(weights, sources, strict=True)):
+        n_out = w.shape[0]
+        bounds = np.cumsum([0] + [sizes[s] for s in srcs])
+        blocks = [w[:, a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        plain = [LayerLayout(sizes[s], n_out, slots) for s in srcs]
+        for lay in plain:
+            widest = max(lay.p_in, lay.p_out)
+            if widest > slots:
+                raise ParameterError(
+                    f"layer {k} ({lay.n_in} -> {n_out} values) needs {widest} slots but a "
+                    f"ciphertext has {slots}; use batch packing or a larger poly_modulus_degree")
+        first = plain[0]
+        replicas = (min(slots // first.p_in, first.p_out)
+                    if k == 0 and first.p_out <= first.p_in and input_readers == 1 else 1)
+        spread = [LayerLayout(sizes[s], n_out, slots, replicas if s == 0 else 1, positions[s])
+                  for s in srcs]
+        if k == len(weights) - 1:
+            candidates: list[np.ndarray | None] = [None]
+        else:
+            main = int(np.argmax([np.count_nonzero(b) for b in blocks]))
+            lay = spread[main]
+            candidates = [placement.place_rows(blocks[main], _positions(lay.in_pos, lay.n_in),
+                                               lay.n_diagonals, lay.p_out)]
+            candidates += [_positions(positions[s], sizes[s])[perm]
+                           for s, b in zip(srcs, blocks, strict=True)
+                           if (perm := _permutation(b)) is not None]
+        options = [[_with_offsets(lay, b, out_pos) for lay, b in zip(spread, blocks, strict=True)]
+                   for out_pos in candidates]
+        best = min(options, key=lambda lays: sum(cost(lay) for lay in lays))
+        out.extend(best)
+        positions.append(best[0].out_pos)
     return out
+
+
+def cost(lay: LayerLayout) -> int:
+    """What one evaluation of ``lay`` costs, in plaintext products (a rotation counts as
+    :data:`ROTATION_COST`)."""
+    return len(lay.used) + ROTATION_COST * lay.rotations
+
+
+def _with_offsets(lay: LayerLayout, weights: np.ndarray, out_pos: np.ndarray | None) -> LayerLayout:
+    """``lay`` with its outputs at ``out_pos`` and only the diagonals ``weights`` need."""
+    r, c = np.nonzero(weights)
+    offsets = np.unique((_positions(lay.in_pos, lay.n_in)[c] - _positions(out_pos, lay.n_out)[r])
+                        % lay.n_diagonals)
+    return LayerLayout(lay.n_in, lay.n_out, lay.slots, lay.replicas, lay.in_pos, out_pos, offsets)
+
+
+def _permutation(weights: np.ndarray) -> np.ndarray | None:
+    """For a square matrix with one non-zero in every row and column (a scaled
+    permutation: an identity skip, a sign, per-channel factors), the column of every row's
+    non-zero; else None."""
+    nonzero = weights != 0
+    if weights.shape[0] != weights.shape[1] or not (
+            np.all(nonzero.sum(axis=0) == 1) and np.all(nonzero.sum(axis=1) == 1)):
+        return None
+    return np.argmax(nonzero, axis=1)
+
+
+def layer_blocks(layer_sources: list[tuple[int, ...]]) -> list[range]:
+    """Which of :func:`layouts`' blocks belong to each layer (layers reading
+    ``layer_sources``)."""
+    bounds = np.cumsum([0] + [len(s) for s in layer_sources])
+    return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 def min_ring_for(shapes: list[tuple[int, int]]) -> int:

@@ -386,8 +386,9 @@ def create_app(servers: dict[str, Server], config: ServiceConfig | None = None,
             sessions.check_fits(server.session_key_bytes)
         except StoreFull as exc:
             raise HTTPException(exc.status, str(exc)) from None
-        body = await _spool_body(request, min(config.max_context_bytes, MAX_CONTEXT_BYTES),
-                                 config.read_timeout)
+        # at least what this model's keys need (seeded keys are smaller than expanded)
+        cap = max(config.max_context_bytes, server.session_key_bytes)
+        body = await _spool_body(request, min(cap, MAX_CONTEXT_BYTES), config.read_timeout)
         try:
             keys = await run_in_threadpool(load_keys, server, body)
         finally:

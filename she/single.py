@@ -9,6 +9,14 @@ is removed by the rescale after the following square, exactly as the plan's scal
 Hidden units sit where :mod:`she.placement` put them, so a convolution needs only a few of
 its diagonals; only those are multiplied (see :class:`~she.layout.LayerLayout`).
 
+A layer that reads several sources (a skip connection, branches) is one diagonal product
+per source, summed. Every source ciphertext is kept until the last layer that reads it; a
+shallower one (more primes) is first brought to the layer's level by dropping its extra
+primes (``mod_switch``: exact), and its diagonals are encoded at the scale that makes its
+product land at the reference product's scale (:meth:`~she.compiler.Plan.diagonal_scales`),
+so the sum is exact; the two scales then differ by the rounding of one floating-point
+product at most, and the sum takes the reference's.
+
 SEAL's bindings hold the GIL, so with ``workers`` > 1 a layer's giant steps are shared with
 a forked process: it sums the upper ones (about half of the products, Horner form) and
 rotates its sum into place while this process sums the lower ones. Forking and passing the
@@ -33,10 +41,8 @@ from .compiler import Plan
 from .errors import ParameterError
 
 #: Cheapest upper half of a layer's giant steps worth a fork, in diagonal products (a
-#: rotation counts as :data:`ROTATION_COST` products: key switching, measured ~20x a
-#: plaintext product at N=16384).
+#: rotation counts as :data:`she.layout.ROTATION_COST` products).
 SPLIT_MIN_COST = 256
-ROTATION_COST = 16
 
 
 class SingleEngine:
@@ -54,16 +60,28 @@ class SingleEngine:
                 raise ParameterError(f"layer {k} has only zero weights; single packing cannot run it")
         self.plan = plan
         self.workers = max(1, workers or os.cpu_count() or 1)
+        #: One layout per block (a layer's product over one of its sources; see
+        #: :meth:`~she.compiler.Plan.layouts`) and the blocks of every layer.
         self.layouts = plan.layouts()
+        self.blocks = plan.layer_blocks()
         self.slots = plan.params.slots
-        self._diagonals = [lay.diagonals(layer.weights * 2.0 ** -layer.shift)
-                           for lay, layer in zip(self.layouts, plan.layers, strict=True)]
-        #: Per layer: the group index from which a forked process takes the giant steps
-        #: (0: the layer is not split).
+        sizes = plan.chain.source_sizes
+        self._diagonals = []
+        for layer, blocks in zip(plan.layers, self.blocks, strict=True):
+            bounds = np.cumsum([0] + [sizes[s] for s in layer.sources])
+            weights = np.asarray(layer.weights) * 2.0 ** -layer.shift
+            self._diagonals += [self.layouts[b].diagonals(weights[:, start:stop])
+                                for b, start, stop in zip(blocks, bounds[:-1], bounds[1:],
+                                                          strict=True)]
+        #: Per block: the group index from which a forked process takes the giant steps
+        #: (0: the block is not split).
         self.split = [lay.split if self.workers > 1 and _upper_cost(lay) >= SPLIT_MIN_COST else 0
                       for lay in self.layouts]
-        self._biases = [layout.replicate(lay.place_output(layer.bias), self.slots)
-                        for lay, layer in zip(self.layouts, plan.layers, strict=True)]
+        self._biases = [layout.replicate(self.layouts[blocks[0]].place_output(layer.bias),
+                                         self.slots)
+                        for layer, blocks in zip(plan.layers, self.blocks, strict=True)]
+        #: The last layer that reads every source (its ciphertext is dropped after it).
+        self._last_reader = {s: k for k, layer in enumerate(plan.layers) for s in layer.sources}
         self._plain: list[list[list[sealapi.Plaintext | None]]] | None = None
         self._lock = threading.Lock()
 
@@ -74,8 +92,10 @@ class SingleEngine:
                 encoder = sealapi.CKKSEncoder(seal)
                 parms = _parms_ids(seal)
                 encoded = []
+                levels = self.plan.levels()
+                block_levels = [levels[k] for k, blocks in enumerate(self.blocks) for _ in blocks]
                 for diags, scale, limbs in zip(self._diagonals, self.plan.diagonal_scales(),
-                                               self.plan.levels(), strict=True):
+                                               block_levels, strict=True):
                     rows = []
                     for row in diags:
                         cells: list[sealapi.Plaintext | None] = []
@@ -100,28 +120,53 @@ class SingleEngine:
         plain = self._encode_diagonals(seal)
         evaluator = sealapi.Evaluator(seal)
         encoder = sealapi.CKKSEncoder(seal)
-        for k, (lay, layer) in enumerate(zip(self.layouts, self.plan.layers, strict=True)):
-            ct = _diagonal_product(evaluator, galois, lay, plain[k], ct, seal,
-                                   split=self.split[k])
+        parms = _parms_ids(seal)
+        levels, refs = self.plan.levels(), self.plan.sources()[2]
+        sources = {0: ct}  # the input and the squares later layers still read
+        for k, (blocks, layer) in enumerate(zip(self.blocks, self.plan.layers, strict=True)):
+            ct = None
+            # the reference source's product first: the others land at its scale
+            for s, b in sorted(zip(layer.sources, blocks, strict=True),
+                               key=lambda sb: sb[0] != refs[k]):
+                x = sources[s]
+                if self._last_reader[s] == k:
+                    del sources[s]
+                if x.coeff_modulus_size() > levels[k]:  # a shallower source: drop primes
+                    lower = sealapi.Ciphertext()
+                    evaluator.mod_switch_to(x, parms[levels[k]], lower)
+                    x = lower
+                term = _diagonal_product(evaluator, galois, self.layouts[b], plain[b], x, seal,
+                                         split=self.split[b])
+                if term is None:  # every weight of this block encoded to zero
+                    continue
+                if ct is not None:  # equal up to the rounding of a floating-point product
+                    assert abs(term.scale / ct.scale - 1) < 1e-12, (term.scale, ct.scale)
+                    term.scale = ct.scale
+                ct = term if ct is None else _added(evaluator, ct, term)
+            if ct is None:
+                raise ParameterError(f"layer {k}: every weight encodes to zero at its scale")
             for _ in range(layer.product_primes):
                 evaluator.rescale_to_next_inplace(ct)
             bias = sealapi.Plaintext()
             encoder.encode(self._biases[k].tolist(), ct.parms_id(), ct.scale, bias)
             evaluator.add_plain_inplace(ct, bias)
-            if k < self.plan.depth:
+            if k < self.plan.squares:
                 evaluator.square_inplace(ct)
                 evaluator.relinearize_inplace(ct, relin)
                 for _ in range(layer.rescale_primes):
                     evaluator.rescale_to_next_inplace(ct)
+                if k + 1 in self._last_reader:
+                    sources[k + 1] = ct
         return ct
 
 
 def _diagonal_product(evaluator: sealapi.Evaluator, galois: sealapi.GaloisKeys,
                       lay: layout.LayerLayout, plain: list[list[sealapi.Plaintext | None]],
                       x: sealapi.Ciphertext, seal: sealapi.SEALContext,
-                      split: int = 0) -> sealapi.Ciphertext:
-    """``sum_d diag_d * rot(x, d)`` baby-step giant-step, then the hybrid fold. With
-    ``split`` > 0, a forked process sums the giant steps ``groups[split:]``."""
+                      split: int = 0) -> sealapi.Ciphertext | None:
+    """``sum_d diag_d * rot(x, d)`` baby-step giant-step, then the hybrid fold (None if
+    every diagonal is zero). With ``split`` > 0, a forked process sums the giant steps
+    ``groups[split:]``."""
     babies = [x]
     for _ in range(1, lay.n_babies):
         nxt = sealapi.Ciphertext()
@@ -139,7 +184,8 @@ def _diagonal_product(evaluator: sealapi.Evaluator, galois: sealapi.GaloisKeys,
             acc = joined if acc is None else _added(evaluator, acc, joined)
     else:
         acc = _horner(evaluator, galois, lay, groups, plain, babies)
-    assert acc is not None  # SingleEngine refuses all-zero layers
+    if acc is None:
+        return None
     for step in lay.fold_steps:
         rotated = sealapi.Ciphertext()
         evaluator.rotate_vector(acc, step, galois, rotated)
@@ -182,7 +228,7 @@ def _upper_cost(lay: layout.LayerLayout) -> int:
         return 0
     upper = lay.groups[lay.split:]
     products = int(np.count_nonzero(lay.used // lay.baby >= upper[0]))
-    return products + ROTATION_COST * layout.horner_rotations(upper, lay.baby, lay.keys)
+    return products + layout.ROTATION_COST * layout.horner_rotations(upper, lay.baby, lay.keys)
 
 
 def _added(evaluator: sealapi.Evaluator, acc: sealapi.Ciphertext,

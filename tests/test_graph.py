@@ -1,7 +1,7 @@
 """Graphs beyond chains: skip connections, Concat, branches, means, CIFAR-sized layers.
 
-Lowering is checked against onnxruntime; an encrypted residual network (batch packing,
-N=8192) against its onnxruntime plaintext on real MNIST images; the scale alignment at
+Lowering is checked against onnxruntime; encrypted residual networks (batch and single
+packing) against their onnxruntime plaintext on real MNIST images; the scale alignment at
 additions exactly; and the memory of lowering against the size of the layers.
 """
 
@@ -97,13 +97,14 @@ def test_cifar_sized_graph_lowers_exactly():
     np.testing.assert_allclose(chain.run(x), model.run_plain(x), atol=1e-3, rtol=1e-4)
 
 
-@pytest.mark.parametrize("spelling", ["attribute", "input", "keepdims", "global"])
-def test_mean_spellings(spelling):
-    """ReduceMean with axes as an attribute (opset < 18) or an input (opset >= 18), keepdims,
-    and GlobalAveragePool, then a branch concatenated with its own square."""
+def _branches(spelling: str) -> she.Model:
+    """A conv and its square's mean (ReduceMean with axes as an attribute (opset < 18) or
+    an input (opset >= 18), keepdims, or GlobalAveragePool), beside a second branch, the
+    mean of the conv itself squared on its own; both concatenated, then MatMul."""
     rng = np.random.default_rng(4)
     inits = {"w": rng.normal(0, 0.5, (4, 1, 3, 3)), "fc": rng.normal(0, 0.5, (8, 10)),
-             "axes": np.array([2, 3], dtype=np.int64), "shape": np.array([0, -1], dtype=np.int64)}
+             "axes": np.array([2, 3], dtype=np.int64), "shape": np.array([0, -1], dtype=np.int64),
+             "two": np.array(2.0)}
     nodes = [_conv("c", "input", "w", kernel_shape=[3, 3]),
              helper.make_node("Mul", ["c", "c"], ["sq"])]
     opset = 17
@@ -116,18 +117,40 @@ def test_mean_spellings(spelling):
         nodes += [helper.make_node("ReduceMean", ["sq"], ["m4"], axes=[-1, -2])
                   if spelling == "keepdims" else helper.make_node("GlobalAveragePool", ["sq"], ["m4"]),
                   helper.make_node("Reshape", ["m4", "shape"], ["m"])]
-    # a second branch: the mean of the conv itself, squared on its own, concatenated
     nodes += [helper.make_node("GlobalAveragePool", ["c"], ["gc"]),
               helper.make_node("Flatten", ["gc"], ["fc_in"]),
               helper.make_node("Pow", ["fc_in", "two"], ["branch"]),
               helper.make_node("Concat", ["m", "branch"], ["both"], axis=1),
               helper.make_node("MatMul", ["both", "fc"], ["out"])]
-    inits["two"] = np.array(2.0)
-    model = _model(nodes, inits, (1, 12, 12), opset=opset)
+    return _model(nodes, inits, (1, 12, 12), opset=opset)
+
+
+@pytest.mark.parametrize("spelling", ["attribute", "input", "keepdims", "global"])
+def test_mean_spellings(spelling):
+    """Every mean spelling, then a branch concatenated with its own square, lowers exactly."""
+    model = _branches(spelling)
     chain = lower(model)
     assert chain.layers[-1].sources == (1, 2)
-    x = rng.uniform(0, 1, (10, 1, 12, 12))
+    x = np.random.default_rng(4).uniform(0, 1, (10, 1, 12, 12))
     np.testing.assert_allclose(chain.run(x), model.run_plain(x), atol=1e-5, rtol=1e-5)
+
+
+def test_single_packing_runs_branches_with_their_own_squares(mnist_dir):
+    """Two squares at one depth (one branch per square, both reading the input, which is
+    then not replicated), concatenated: single packing at N=8192 within the predicted error
+    of onnxruntime on real MNIST (central 12x12)."""
+    x, _ = load_idx_dataset(mnist_dir, "test")
+    x = np.ascontiguousarray(x[:200, :, 8:20, 8:20])
+    model = _branches("global")
+    plan = she.compile(model, calibration=x, packing="single")
+    assert [layer.sources for layer in plan.layers] == [(0,), (0,), (1, 2)]
+    assert plan.params.poly_modulus_degree == 8192 and plan.layouts()[0].replicas == 1
+    assert plan.levels()[0] == plan.levels()[1]  # one depth, one level
+    server, client = she.Server(plan), she.Client(plan.spec())
+    keys = server.load_context(client.public_context())
+    for image, reference in zip(x[:3], model.run_plain(x[:3]), strict=True):
+        out = client.decrypt(server.evaluate(keys, client.encrypt(image[None])))[0]
+        assert np.abs(out - reference).max() < plan.predicted_error
 
 
 def _lowering_peak(side: int) -> int:
@@ -254,9 +277,84 @@ def test_encrypted_residual_network_agrees_with_onnxruntime(residual_plan, mnist
     _assert_encrypted_agrees(plan, model, mnist[:32])
 
 
-def test_graphs_need_batch_packing():
-    with pytest.raises(she.ParameterError, match="chains of layers only"):
-        she.compile(_mnist_residual(), packing="single")
+def _mnist_projection() -> she.Model:
+    """conv(stride 2) -> x^2 -> conv -> x^2 -> conv(stride 2) minus a 1x1-projection skip
+    (stride 2) of the first square, concatenated with that square's global average pool ->
+    Gemm (MNIST's central 16x16), power-of-two weights: depth 2, the output layer adds two
+    sources (Sub, Concat, GlobalAveragePool)."""
+    rng = np.random.default_rng(11)
+    inits = {"w0": _pow2(rng, (4, 1, 3, 3), 0.3), "b0": rng.normal(0, 0.1, 4),
+             "w1": _pow2(rng, (4, 4, 3, 3), 0.1), "w2": _pow2(rng, (8, 4, 3, 3), 0.1),
+             "wp": _pow2(rng, (8, 4, 1, 1), 0.3), "fc": _pow2(rng, (10, 8 * 4 * 4 + 4), 0.3)}
+    nodes = [
+        _conv("c0", "input", "w0", "b0", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("Mul", ["c0", "c0"], ["s0"]),
+        _conv("c1", "s0", "w1", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Mul", ["c1", "c1"], ["s1"]),
+        _conv("c2", "s1", "w2", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+        _conv("proj", "s0", "wp", kernel_shape=[1, 1], strides=[2, 2]),
+        helper.make_node("Sub", ["c2", "proj"], ["r"], name="skip"),
+        helper.make_node("Flatten", ["r"], ["rf"]),
+        helper.make_node("GlobalAveragePool", ["s0"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["gf"]),
+        helper.make_node("Concat", ["rf", "gf"], ["cat"], axis=1),
+        helper.make_node("Gemm", ["cat", "fc"], ["out"], transB=1),
+    ]
+    return _model(nodes, inits, (1, 16, 16))
+
+
+def _assert_single_agrees(plan, model, x) -> None:
+    """Single packing: one client and server, every image encrypted on its own; outputs
+    within the predicted error of onnxruntime's, the same class."""
+    server, client = she.Server(plan), she.Client(plan.spec())
+    keys = server.load_context(client.public_context())
+    plain = model.run_plain(x)
+    for image, reference in zip(x, plain, strict=True):
+        out = client.decrypt(server.evaluate(keys, client.encrypt(image[None])))[0]
+        assert np.abs(out - reference).max() < plan.predicted_error
+        assert out.argmax() == reference.argmax()
+
+
+def _assert_aligned(plan, index) -> None:
+    """Single packing: layer ``index`` adds products over sources of different depths; the
+    shallower ones are brought to the reference's level, and every block's diagonals are
+    encoded so that its product lands at the reference product's scale (what SEAL's
+    addition needs; the engine checks it to 1e-12)."""
+    limbs, scales, refs = plan.sources()
+    layer, ref = plan.layers[index], refs[index]
+    assert len({limbs[s] for s in layer.sources}) > 1 and plan.levels()[index] == limbs[ref]
+    diag = [plan.diagonal_scales()[b] for b in plan.layer_blocks()[index]]
+    products = [scales[s] * d for s, d in zip(layer.sources, diag, strict=True)]
+    np.testing.assert_allclose(products, products[layer.sources.index(ref)], rtol=1e-14)
+    assert diag[layer.sources.index(ref)] in (2.0 ** layer.shift,
+                                              float(plan.params.ciphertext_primes[limbs[ref] - 1]))
+
+
+def test_single_packing_runs_a_projection_skip_with_concat(mnist):
+    """Sub of a 1x1-projection skip, Concat and GlobalAveragePool, in single packing at
+    N=8192: the encrypted result agrees with onnxruntime on real MNIST images."""
+    model = _mnist_projection()
+    plan = she.compile(model, calibration=mnist, packing="single")
+    assert plan.packing == "single" and plan.params.poly_modulus_degree == 8192
+    assert plan.layers[-1].sources == (1, 2) and plan.depth == 2
+    _assert_aligned(plan, len(plan.layers) - 1)
+    # keys only for the steps the blocks rotate by
+    assert set(plan.rotation_steps()) == set().union(*(lay.rotation_steps
+                                                       for lay in plan.layouts()))
+    _assert_single_agrees(plan, model, mnist[:4])
+
+
+def test_single_packing_runs_an_identity_skip(mnist):
+    """The identity skip across an activation, squared after the addition (depth 3): the
+    skip layer adds the stem's square (brought down to its level) and the block's own; the
+    placement keeps the skip's product cheap; encrypted agrees with onnxruntime."""
+    model = _mnist_residual()
+    plan = she.compile(model, calibration=mnist, packing="single")
+    assert plan.layers[2].sources == (1, 2) and plan.depth == 3
+    _assert_aligned(plan, 2)
+    skip = plan.layouts()[plan.layer_blocks()[2][0]]  # the block over the stem's square
+    assert len(skip.used) <= 2 and skip.rotations <= 2
+    _assert_single_agrees(plan, model, mnist[:2])
 
 
 def test_too_deep_a_plan_says_what_it_needs():
@@ -279,8 +377,9 @@ def test_too_deep_a_plan_says_what_it_needs():
     plan = she.compile(deep(6), scale_bits=26, weight_bits=12)
     assert plan.depth == 6 and plan.params.security == 128
     assert plan.params.poly_modulus_degree <= 32768
-    with pytest.raises(she.ParameterError, match=r"\d+-bit coefficient modulus.*N=32768"):
-        she.compile(deep(20), scale_bits=26, weight_bits=12)
+    for packing in ("batch", "single"):
+        with pytest.raises(she.ParameterError, match=r"\d+-bit coefficient modulus.*N=32768"):
+            she.compile(deep(20), scale_bits=26, weight_bits=12, packing=packing)
 
 
 def test_single_packing_refuses_a_layer_wider_than_a_ciphertext():
@@ -294,7 +393,8 @@ def test_single_packing_refuses_a_layer_wider_than_a_ciphertext():
                     helper.make_node("Gemm", ["f", "fc"], ["out"], transB=1)],
                    {"w": rng.normal(0, 0.3, (32, 3, 3, 3)), "fc": rng.normal(0, 0.3, (10, 32))},
                    (3, 32, 32))
-    with pytest.raises(she.ParameterError, match="at most 16384 values per ciphertext"):
+    with pytest.raises(she.ParameterError, match="at most 16384 values per ciphertext.*"
+                       "would need N=65536"):
         she.compile(model, packing="single")
 
 
@@ -365,3 +465,59 @@ def test_encrypted_operands_broadcast():
                    (1, 8, 8))
     x = rng.uniform(0, 1, (5, 1, 8, 8))
     np.testing.assert_allclose(lower(model).run(x), model.run_plain(x), atol=1e-5, rtol=1e-5)
+
+
+def test_inspect_compiles_a_residual_model_in_single_packing_when_asked(mnist, tmp_path, capsys):
+    """``she inspect --packing single`` on a residual model: a single-packing plan whose skip
+    layer reads two sources; BFV, which runs chains only, is refused with the reason."""
+    import json
+
+    import onnx
+
+    from she.cli import main
+
+    path, cal = tmp_path / "residual.onnx", tmp_path / "cal.npy"
+    onnx.save(_mnist_projection().proto, path)
+    np.save(cal, mnist.astype(np.float32))
+    assert main(["inspect", str(path), "--calibration", str(cal), "--packing", "single",
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["packing"] == "single" and report["layers"][-1]["sources"] == [1, 2]
+    assert report["galois_steps"] and report["rotations"] > 0
+    assert main(["inspect", str(path), "--scheme", "bfv"]) == 2
+    assert "BFV runs chains of layers only" in capsys.readouterr().err
+
+
+def test_single_packing_runs_a_skip_from_the_input(mnist):
+    """``x^2 + x`` of a dense layer: the output reads the input (then not replicated, and
+    brought down to the output layer's level) and the square; within the predicted error
+    of onnxruntime on real MNIST."""
+    rng = np.random.default_rng(5)
+    model = _model([helper.make_node("Flatten", ["input"], ["f"]),
+                    helper.make_node("Gemm", ["f", "w"], ["h"], transB=1),
+                    helper.make_node("Mul", ["h", "h"], ["s"]),
+                    helper.make_node("Add", ["s", "h"], ["r"]),
+                    helper.make_node("Gemm", ["r", "fc"], ["out"], transB=1)],
+                   {"w": _pow2(rng, (64, 256), 0.05), "fc": _pow2(rng, (10, 64), 0.3)},
+                   (1, 16, 16))
+    plan = she.compile(model, calibration=mnist, packing="single")
+    assert plan.layers[-1].sources == (0, 1) and plan.layouts()[0].replicas == 1
+    _assert_aligned(plan, 1)
+    _assert_single_agrees(plan, model, mnist[:3])
+
+
+def test_she_serve_accepts_a_session_whose_keys_exceed_the_default_cap(mnist):
+    """A single-packing plan's keys (Galois keys for every step) may be larger than the
+    service's context cap: the cap is raised to what the served model's keys need, so a
+    session registers (here with the cap set to 1 MiB and 17 MiB of keys)."""
+    from fastapi.testclient import TestClient
+
+    from she.service import ServiceConfig, create_app
+
+    plan = she.compile(_mnist_projection(), calibration=mnist, packing="single")
+    server, client = she.Server(plan), she.Client(plan.spec())
+    context = client.public_context()
+    assert len(context) > 1 << 20
+    http = TestClient(create_app({"m": server}, ServiceConfig(max_context_bytes=1 << 20)))
+    answer = http.post("/v1/models/m/sessions", content=context)
+    assert answer.status_code == 201, answer.text

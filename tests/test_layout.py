@@ -187,3 +187,29 @@ def test_placement_keeps_dense_layers_correct_and_positions_distinct():
                                atol=1e-9)
     out = simulate(lays[1], weights[1], hidden)
     np.testing.assert_allclose(out[:7], weights[1] @ (weights[0] @ x), atol=1e-9)
+
+
+def test_a_residual_graph_sums_one_block_per_source_in_the_placed_layout():
+    """conv -> x^2 -> conv -> x^2 -> (identity skip of the first square + conv) -> x^2 ->
+    dense: one block per source, each a diagonal product in its source's placed layout,
+    summed; the identity skip costs at most what placing for the conv would make it cost."""
+    rng = np.random.default_rng(7)
+    slots = 2048
+    w0, w1, w2 = (conv_matrix(rng, 1, 4, 8, 1), conv_matrix(rng, 4, 4, 8, 1),
+                  conv_matrix(rng, 4, 4, 8, 1))
+    weights = [w0, w1, np.hstack([np.eye(256), w2]), rng.normal(size=(10, 256))]
+    sources = [(0,), (1,), (1, 2), (3,)]
+    lays = layout.layouts(weights, slots, sources)
+    assert [len(b) for b in layout.layer_blocks(sources)] == [1, 1, 2, 1] and len(lays) == 5
+    skip, conv = lays[2], lays[3]
+    assert np.array_equal(skip.out_pos, conv.out_pos)
+    assert layout.cost(skip) + layout.cost(conv) <= layout.cost(layout.LayerLayout(
+        256, 256, slots, 1, skip.in_pos, conv.out_pos, None))  # all diagonals: far worse
+    x = rng.normal(size=64)
+    s1 = simulate(lays[0], w0, first_input(lays[0], x)) ** 2
+    s2 = simulate(lays[1], w1, s1) ** 2
+    s3 = (simulate(skip, np.eye(256), s1) + simulate(conv, w2, s2)) ** 2
+    out = simulate(lays[4], weights[3], s3)
+    h1 = (w0 @ x) ** 2
+    h3 = (h1 + w2 @ (w1 @ h1) ** 2) ** 2
+    np.testing.assert_allclose(out[:10], weights[3] @ h3, rtol=1e-9, atol=1e-6)
