@@ -104,8 +104,14 @@ class RemoteClient:
             except (ValueError, AttributeError, FormatError):
                 detail = exc.reason
             raise RemoteError(exc.code, str(detail)) from None
-        except urllib.error.URLError as exc:
-            raise RemoteError(0, f"cannot reach {self.url}: {exc.reason}") from None
+        except (urllib.error.URLError, ConnectionError) as exc:
+            reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+            if body is not None and isinstance(reason, ConnectionError):
+                raise RemoteError(0, f"{self.url} closed the connection while a "
+                                  f"{len(body) / 2**20:.1f} MiB request body was being sent: "
+                                  "the server refuses bodies above its upload limit (HTTP 413) "
+                                  "before reading them, or it stopped") from None
+            raise RemoteError(0, f"cannot reach {self.url}: {reason}") from None
 
     def _result_limit(self) -> int:
         """Most bytes a result message of this model can take (its output ciphertexts at

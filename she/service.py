@@ -107,6 +107,13 @@ class StoreFull(Exception):
         self.status = status
 
 
+def _context_cap(config: ServiceConfig, server: Server) -> int:
+    """Largest public-context upload accepted for ``server``'s model: the configured cap, or
+    what this model's keys need if more (seeded keys are smaller than expanded ones), never
+    above :data:`she.context.MAX_CONTEXT_BYTES`."""
+    return min(max(config.max_context_bytes, server.session_key_bytes), MAX_CONTEXT_BYTES)
+
+
 def check_key_budget(key_bytes: int, max_key_bytes: int) -> None:
     """Raise :class:`StoreFull` (507) if one session's keys exceed the key memory budget."""
     if key_bytes > max_key_bytes:
@@ -313,7 +320,8 @@ def create_app(servers: dict[str, Server], config: ServiceConfig | None = None,
     )
     app.state.sessions, app.state.pool = sessions, pool
     #: The largest body any route accepts (a front that buffers bodies reads no more).
-    app.state.max_body_bytes = max(max_request, min(config.max_context_bytes, MAX_CONTEXT_BYTES))
+    app.state.max_body_bytes = max(max_request,
+                                   max(_context_cap(config, s) for s in servers.values()))
     keys = ApiKeys(config.api_keys)
 
     async def caller(request: Request) -> str | None:
@@ -386,9 +394,7 @@ def create_app(servers: dict[str, Server], config: ServiceConfig | None = None,
             sessions.check_fits(server.session_key_bytes)
         except StoreFull as exc:
             raise HTTPException(exc.status, str(exc)) from None
-        # at least what this model's keys need (seeded keys are smaller than expanded)
-        cap = max(config.max_context_bytes, server.session_key_bytes)
-        body = await _spool_body(request, min(cap, MAX_CONTEXT_BYTES), config.read_timeout)
+        body = await _spool_body(request, _context_cap(config, server), config.read_timeout)
         try:
             keys = await run_in_threadpool(load_keys, server, body)
         finally:

@@ -270,6 +270,15 @@ def test_remote_error_is_clear(tmp_path):
         RemoteClient(f"http://127.0.0.1:{_free_port()}", "small", key_dir=tmp_path)
 
 
+def test_oversized_upload_is_a_clear_413_not_a_reset(server, tmp_path):
+    """The service refuses a body above its cap from Content-Length, before reading it, and
+    closes; the client, still sending, must say so rather than "connection reset"."""
+    remote = RemoteClient(server.url, "small", api_key=API_KEY, key_dir=tmp_path)
+    with pytest.raises(RemoteError, match="413") as refused:
+        remote._request("POST", "/v1/models/small/sessions", bytes(80 * 2**20))
+    assert refused.value.status in (0, 413)
+
+
 def test_predict_command_with_png_and_idx(server, small_model, mnist_dir, tmp_path, capsys):
     from PIL import Image
 
