@@ -330,6 +330,8 @@ def trial_line(trial: dict[str, Any]) -> str:
                    else f"{cost['seconds_per_request']:.3g} s/image")
             text += (f"; {packing}: predicted {per}, {cost['memory_bytes'] / 2**30:.2f} GiB, "
                      f"N={cost['poly_modulus_degree']}")
+        elif cost:
+            text += f"; {packing}: not available ({cost['problem']})"
     if trial.get("problem"):
         text += f"; {'NOT RUNNABLE' if trial.get('runs') is False else 'refused'}: " \
                 f"{trial['problem']}"
