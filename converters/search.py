@@ -242,13 +242,12 @@ def search(model: Any, x: np.ndarray, y: np.ndarray, *, test_x: np.ndarray | Non
               "validation split" if met else
               f"no setting reached the target within the budget; the most accurate of "
               f"{len(trials)} tried (drop {chosen.drop_points:.2f} points)")
-    more_accurate = [t for t in trials if t.val_accuracy > chosen.val_accuracy]
-    too_big = [t for t in more_accurate if t.runs is False]
-    if too_big:
-        reason += (f" whose plan fits this machine's memory ({len(too_big)} more accurate "
-                   f"did not: {too_big[0].problem})")
     if refused:
         reason += f" that compiles for encryption ({len(refused)} more accurate did not)"
+    too_big = [i for i, t in enumerate(trials) if t.runs is False]
+    if too_big:
+        reason += ("; not runnable on this machine, so not fine-tuned nor chosen: "
+                   + ", ".join(f"[{i + 1}]" for i in too_big) + f" ({trials[too_big[0]].problem})")
     chosen.batch = estimate(plan).as_dict()
     if time.monotonic() < deadline:
         try:  # the other packing the user may serve: its predicted latency

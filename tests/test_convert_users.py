@@ -333,6 +333,14 @@ def test_cli_default_convert_reads_image_folders_in_the_models_layout(mnist, tmp
     assert result["search"]["training_samples"] + result["search"]["validation_samples"] == 600
     assert result["eval_samples"] == 100 and result["stages"][0]["accuracy"] > 0.5
     assert she.load(out).metadata[she.tail.METADATA_KEY]
+    # the human report: every setting with its predicted latency and memory, the choice
+    from she.cli import _print_human
+
+    _print_human("convert", result)
+    printed = capsys.readouterr().out
+    costed = sum(t["batch"] is not None for t in result["search"]["trials"])
+    assert costed >= 1 and printed.count("batch: predicted") == costed
+    assert "(chosen)" in printed and "latencies predicted, not measured" in printed
     # a model whose input layout cannot be told from the images: a clear error, no file
     bad = tmp_path / "bad.onnx"
     graph = onnx.load(str(path))
@@ -384,8 +392,7 @@ def test_search_skips_a_setting_whose_plan_does_not_fit_memory(mnist, tmp_path, 
     assert small["runs"] is True and small["problem"] is None and small["epochs"] == 1
     assert search["chosen"] == 1 and search["not_runnable"] == [f"{big['description']}: "
                                                                  f"{big['problem']}"]
-    if big["val_accuracy"] > small["val_accuracy"]:
-        assert "more accurate did not" in search["reason"]
+    assert "not runnable on this machine, so not fine-tuned nor chosen: [1]" in search["reason"]
     for t in trials:  # predicted latency and memory of every setting tried
         assert t["batch"]["seconds_per_request"] > 0 and t["batch"]["memory_bytes"] > 0
         assert "GiB" in trial_line(t) and "ms/image" in trial_line(t)
