@@ -373,9 +373,9 @@ def test_search_skips_a_setting_whose_plan_does_not_fit_memory(mnist, tmp_path, 
     path = user_models._legacy_export(net, tmp_path / "cnn.onnx", (1, 28, 28))
     deep = Settings(degree=4, pow2_terms=2)
     cleaned = converters.prepare(str(path), x[:500])[0]
-    memory = {}
+    memory, protos = {}, {}
     for setting in (deep, Settings(degree=4, pow2_terms=2, pool_first=True)):
-        proto = onnx.ModelProto()
+        protos[setting.pool_first] = proto = onnx.ModelProto()
         proto.CopyFrom(cleaned)
         he_friendly(proto, x[:500], setting, ConversionReport())
         memory[setting.pool_first] = predicted_cost(proto, x[:500]).memory_bytes
@@ -389,6 +389,11 @@ def test_search_skips_a_setting_whose_plan_does_not_fit_memory(mnist, tmp_path, 
     big, small = trials
     assert big["runs"] is False and big["epochs"] == 0 and "GiB" in big["problem"]
     assert big["batch"]["memory_bytes"] == memory[False]
+    # the search's verdict is the server's: its engine refuses that plan with the same words
+    big_plan = she.compile(she.model.from_proto(protos[False]), calibration=x[:500])
+    with pytest.raises(she.errors.ParameterError) as refused:
+        she.engine.Engine(big_plan)
+    assert str(refused.value) == big["problem"]
     assert small["runs"] is True and small["problem"] is None and small["epochs"] == 1
     assert search["chosen"] == 1 and search["not_runnable"] == [f"{big['description']}: "
                                                                  f"{big['problem']}"]
