@@ -138,7 +138,10 @@ def write_markdown(results: dict) -> None:
              f"Written by `python -m benchmarks.convert_users` (last run {results['date']}, "
              f"{results['machine']['cores']} cores, {results['machine']['cpu']}; the machine "
              "was shared with other jobs, so wall-clock times are inflated: the CPU time of "
-             "the command is given beside them). Targets: drop ≤ "
+             "the command is given beside them, and the machine's 1-minute load average before "
+             "and after it in brackets; \"one request\" is the measured wall-clock server time "
+             "of the encrypted request of the test images (batch packing, same load) beside the "
+             "latency model's prediction and the plan's predicted memory). Targets: drop ≤ "
              f"{TARGET_DROP['mnist']} points (MNIST), ≤ {TARGET_DROP['fashion-mnist']} "
              f"(Fashion-MNIST), ≤ {TARGET_MINUTES:.0f} minutes, encrypted agreement ≥ "
              f"{TARGET_AGREEMENT:.1%}.", "",
