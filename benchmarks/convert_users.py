@@ -7,10 +7,12 @@ user types, no flags::
     python -m she convert MODEL.onnx -o MODEL.she.onnx --data DIR --json
 
 and the converted model is run encrypted (batch packing) on test images. Records the
-accuracy drop on the full test split, the wall-clock and CPU time of the command, the
-settings it chose (and every one it tried), and the encrypted agreement with the converted
-plaintext model into ``docs/results/convert_users.json``; ``docs/conversion.md`` shows them
-(between its ``convert_users`` markers)::
+accuracy drop on the full test split, the wall-clock and CPU time of the command (and the
+machine's load average around it), the settings it chose (and every one it tried, with the
+predicted latency and memory of its plans), the encrypted agreement with the converted
+plaintext model, and the measured server time of one request beside the predicted one
+into ``docs/results/convert_users.json``; ``docs/conversion.md`` shows them (between its
+``convert_users`` markers)::
 
     python -m benchmarks.convert_users --data ../shared/data [--models torch_cnn:mnist ...]
         [--n 500]
@@ -35,7 +37,9 @@ from pathlib import Path
 import numpy as np
 
 import she
+from converters.search import trial_line
 from she.data import arrange, load_dataset
+from she.estimate import LATENCY_MODEL, estimate
 from she.pipeline import encrypted_predict
 
 from . import user_models
@@ -73,9 +77,11 @@ def measure(family: str, dataset: str, data_root: Path, n: int, workdir: Path,
             str(data_dir), "--json"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     done = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=REPO)
     convert_s = time.perf_counter() - t0
+    load_after = os.getloadavg()[0]
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if done.returncode != 0:
@@ -87,6 +93,7 @@ def measure(family: str, dataset: str, data_root: Path, n: int, workdir: Path,
     xt, yt = load_dataset(data_dir, "test", model.input_shape)
     cal = arrange(x[:1000], model.input_shape)
     plan = she.compile(model, calibration=cal)
+    predicted = estimate(plan)
     enc, timings = encrypted_predict(plan, xt[:n])
     plain = model.run_plain(xt[:n])
     search = report["search"]
@@ -97,14 +104,17 @@ def measure(family: str, dataset: str, data_root: Path, n: int, workdir: Path,
                                "--data", str(data_dir)]),
         "train_s": train_s,
         "convert_wall_s": round(convert_s, 1), "convert_cpu_s": round(cpu_s, 1),
+        "load_average_1min": [round(load_before, 1), round(load_after, 1)],
         "test_samples": report["eval_samples"],
         "original_accuracy": original, "converted_accuracy": converted,
         "drop_points": round(100 * (original - converted), 2),
         "chosen": trials[search["chosen"]]["description"], "reason": search["reason"],
         "target_met_on_validation": search["target_met"],
-        "trials": [{k: t[k] for k in ("description", "depth", "val_accuracy_converted",
-                                      "val_accuracy", "drop_points", "epochs", "stopped",
-                                      "seconds")} for t in trials],
+        "trials": [{k: t.get(k) for k in ("description", "depth", "val_accuracy_converted",
+                                          "val_accuracy", "drop_points", "epochs", "stopped",
+                                          "seconds", "runs", "problem", "batch", "single")}
+                   for t in trials],
+        "not_runnable": search.get("not_runnable", []),
         "tail_outputs": report["tail_outputs"],
         "depth": report["depth"], "poly_modulus_degree": plan.params.poly_modulus_degree,
         "modulus_bits": list(plan.params.modulus_bits),
@@ -114,6 +124,10 @@ def measure(family: str, dataset: str, data_root: Path, n: int, workdir: Path,
         "max_abs_logit_error": float(np.abs(enc - plain).max()),
         "predicted_max_error": plan.predicted_error,
         "evaluate_ms_per_image": 1e3 * timings.evaluate / max(1, sum(timings.batches)),
+        # the latency model against the measured wall clock of the same requests
+        "evaluate_s_per_request": timings.evaluate / max(1, len(timings.batches)),
+        "predicted_s_per_request": predicted.seconds_per_request,
+        "predicted_memory_gib": round(predicted.memory_bytes / 2**30, 2),
     }
 
 
@@ -124,13 +138,17 @@ def write_markdown(results: dict) -> None:
              f"Written by `python -m benchmarks.convert_users` (last run {results['date']}, "
              f"{results['machine']['cores']} cores, {results['machine']['cpu']}; the machine "
              "was shared with other jobs, so wall-clock times are inflated: the CPU time of "
-             "the command is given beside them). Targets: drop ≤ "
+             "the command is given beside them, and the machine's 1-minute load average before "
+             "and after it in brackets; \"one request\" is the measured wall-clock server time "
+             "of the encrypted request of the test images (batch packing, same load) beside the "
+             "latency model's prediction and the plan's predicted memory). Targets: drop ≤ "
              f"{TARGET_DROP['mnist']} points (MNIST), ≤ {TARGET_DROP['fashion-mnist']} "
              f"(Fashion-MNIST), ≤ {TARGET_MINUTES:.0f} minutes, encrypted agreement ≥ "
              f"{TARGET_AGREEMENT:.1%}.", "",
              "| model (exporter) | data | original | converted | drop (points) | convert wall / "
-             "CPU | chosen setting | depth, N | encrypted agreement | targets |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "CPU (load) | chosen setting | depth, N | encrypted agreement | one request: "
+             "measured / predicted | targets |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         met = (r["drop_points"] <= TARGET_DROP[r["data"]]
                and r["convert_wall_s"] <= 60 * TARGET_MINUTES
@@ -138,16 +156,16 @@ def write_markdown(results: dict) -> None:
         lines.append(
             f"| {r['model']} | {r['data']} | {r['original_accuracy']:.2%} | "
             f"{r['converted_accuracy']:.2%} | {r['drop_points']:.2f} | "
-            f"{r['convert_wall_s'] / 60:.1f} / {r['convert_cpu_s'] / 60:.1f} min | "
-            f"{r['chosen']} | {r['depth']}, {r['poly_modulus_degree']} | "
+            f"{r['convert_wall_s'] / 60:.1f} / {r['convert_cpu_s'] / 60:.1f} min"
+            f"{_load(r)} | {r['chosen']} | {r['depth']}, {r['poly_modulus_degree']} | "
             f"{r['encrypted_agreement']:.2%} ({r['encrypted_images']} images) | "
-            f"{'met' if met else 'missed'} |")
+            f"{_request_times(r)} | {'met' if met else 'missed'} |")
     lines += ["", "Every setting each conversion tried (validation accuracy before and after "
-              "fine-tuning, epochs, why it stopped):", ""]
+              "fine-tuning, epochs, why it stopped; for rows measured since the search weighs "
+              f"runnability, the predicted latency and memory of its plans, {LATENCY_MODEL}):",
+              ""]
     for r in rows:
-        tried = "; ".join(f"{t['description']}: {t['val_accuracy_converted']:.2%} -> "
-                          f"{t['val_accuracy']:.2%} in {t['epochs']} epochs ({t['stopped']})"
-                          for t in r["trials"])
+        tried = " · ".join(f"[{i + 1}] {trial_line(t)}" for i, t in enumerate(r["trials"]))
         lines.append(f"- {r['model']} / {r['data']}: {tried}. Chosen: {r['reason']}.")
     lines += ["", MARKERS[1]]
     text = DOC.read_text()
@@ -157,6 +175,20 @@ def write_markdown(results: dict) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"
     DOC.write_text(text)
+
+
+def _load(row: dict) -> str:
+    """The 1-minute load average before and after the command, when recorded."""
+    load = row.get("load_average_1min")
+    return f" ({load[0]:.0f}-{load[1]:.0f})" if load else ""
+
+
+def _request_times(row: dict) -> str:
+    """Measured and predicted server seconds of one encrypted request, when recorded."""
+    if "predicted_s_per_request" not in row:
+        return "n/a"
+    return (f"{row['evaluate_s_per_request']:.0f} s / {row['predicted_s_per_request']:.0f} s, "
+            f"{row['predicted_memory_gib']:.1f} GiB")
 
 
 def main(argv: list[str] | None = None) -> None:

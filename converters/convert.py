@@ -215,9 +215,9 @@ def he_friendly(proto: onnx.ModelProto, calibration: np.ndarray, settings: Setti
 
 def finish(proto: onnx.ModelProto, tail: onnx.ModelProto | None, calibration: np.ndarray,
            settings: Settings, report: ConversionReport,
-           input_range: tuple[float, float] | None = None) -> None:
-    """Write the metadata (input range, tail), check the model and compile it once to
-    record its depth and encryption parameters in ``report``."""
+           input_range: tuple[float, float] | None = None) -> she.Plan:
+    """Write the metadata (input range, tail), check the model and compile it once (batch
+    packing) to record its depth and encryption parameters in ``report``; returns the plan."""
     lo, hi = input_range or (float(calibration.min()), float(calibration.max()))
     entries = {"she.input_range": f"{lo},{hi}", "she.converted": "1",
                "she.weights": "pow2" if settings.pow2 else "float"}
@@ -235,6 +235,7 @@ def finish(proto: onnx.ModelProto, tail: onnx.ModelProto | None, calibration: np
                          "modulus_bits": list(plan.params.modulus_bits),
                          "security_bits": plan.params.security,
                          "predicted_max_output_error": plan.predicted_error}
+    return plan
 
 
 def convert(model: Any, calibration: np.ndarray, *, eval_x: np.ndarray | None = None,

@@ -9,29 +9,43 @@
    (:func:`candidates`): degree-2 activations with two power-of-two terms per weight (the
    integer kernel multiplies by any small integer at the same cost, and two terms round
    about six times less than one); a polynomial max pool (when the model has max pools);
-   degree-4 activations when
-   the depth stays within :data:`MAX_DEPTH`; float weights. Each is converted and then
-   fine-tuned on all the remaining training data (distillation plus cross-entropy) with
-   early stopping on the validation split (:func:`converters.finetune.finetune`). The
-   first whose validation accuracy is within ``max_drop`` points of the original's is
-   taken at once; when the budget runs out first, the most accurate setting tried is.
-4. Every setting tried is reported (validation accuracy before and after fine-tuning,
-   depth, epochs, time) with the choice and the reason.
+   degree-4 activations when the depth stays within :data:`MAX_DEPTH`; float weights.
+4. Each setting's default plan (CKKS, batch packing: what ``she serve`` and ``she predict``
+   run) is compiled first and its cost predicted (:mod:`she.estimate`: server memory, and
+   an encrypted latency that is a model, not a measurement). A plan the server would refuse
+   on this machine (:func:`she.engine.batch_memory_problem`) is *not runnable*: the setting
+   is not fine-tuned, and the same setting with every max pool moved ahead of its
+   activation (:func:`pooled_first`; the activations then act on 4x fewer values) is tried
+   next. Degree-4 activations before a max pool are what make a small CNN's plan outgrow
+   memory (measured on the Fashion-MNIST torch CNN: 37.7 GiB, against 2.5 GiB at degree 2).
+5. A runnable setting is fine-tuned on all the remaining training data (distillation plus
+   cross-entropy) with early stopping on the validation split
+   (:func:`converters.finetune.finetune`). The first runnable one whose validation accuracy
+   is within ``max_drop`` points of the original's is taken at once; when the budget runs
+   out first, the most accurate runnable setting tried is (falling back to the next when
+   the compiler refuses one).
+6. Every setting tried is reported (validation accuracy before and after fine-tuning,
+   depth, epochs, predicted latency and memory, whether it runs, time) with the choice and
+   the reason; the chosen setting's single-packing plan is compiled too and its predicted
+   latency reported.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
 import onnx
 
-from she.errors import DataError, ModelError
+import she
+from she.errors import DataError, ModelError, SheError
+from she.estimate import LATENCY_MODEL, Estimate, estimate
 
 from . import onnx_graph as g
+from . import passes
 from .convert import (
     ConversionReport,
     Settings,
@@ -58,6 +72,8 @@ FIT_SAMPLES = 5000
 MAX_EPOCHS = 30
 LEARNING_RATE = 1e-3
 BATCH_SIZE = 256
+#: Calibration samples the plans are compiled with to predict their cost.
+COST_SAMPLES = 500
 
 
 @dataclass
@@ -73,6 +89,15 @@ class Trial:
     epochs: int
     stopped: str
     seconds: float
+    #: predicted cost of the default (batch-packing) plan, :meth:`she.estimate.Estimate.as_dict`
+    #: (latency a model, not a measurement); None when the setting did not compile
+    batch: dict[str, Any] | None = None
+    #: the same for single packing (compiled for the chosen setting only: it is slow)
+    single: dict[str, Any] | None = None
+    #: the server accepts the batch plan on this machine (None: it did not compile)
+    runs: bool | None = None
+    #: why the setting cannot be used, when it cannot
+    problem: str | None = None
 
 
 def candidates(proto: onnx.ModelProto) -> list[Settings]:
@@ -89,6 +114,17 @@ def candidates(proto: onnx.ModelProto) -> list[Settings]:
     return out
 
 
+def pooled_first(proto: onnx.ModelProto, setting: Settings) -> Settings | None:
+    """``setting`` with every max pool moved ahead of the activation before it, when that
+    moves any (None otherwise): the activations then act on 4x fewer values (a 2x2 pool),
+    which is what makes a setting whose plan does not fit memory fit."""
+    if setting.pool_first:
+        return None
+    trial = onnx.ModelProto()
+    trial.CopyFrom(proto)
+    return replace(setting, pool_first=True) if passes.pool_before_activation(trial) else None
+
+
 def split(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray,
                                                              np.ndarray, np.ndarray]:
     """``(train_x, train_y, val_x, val_y)``: a seeded random validation split."""
@@ -99,6 +135,14 @@ def split(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarr
     order = np.random.default_rng(seed).permutation(len(x))
     val, train = order[:n_val], order[n_val:]
     return x[train], y[train], x[val], y[val]
+
+
+def predicted_cost(proto: onnx.ModelProto, calibration: np.ndarray,
+                   packing: str = "batch") -> Estimate:
+    """Compile ``proto`` as the server would (CKKS, ``packing``) and predict its cost
+    (:func:`she.estimate.estimate`); :class:`~she.errors.SheError` when it does not compile."""
+    model = she.model.from_proto(proto, "converted")
+    return estimate(she.compile(model, calibration=calibration[:COST_SAMPLES], packing=packing))
 
 
 def search(model: Any, x: np.ndarray, y: np.ndarray, *, test_x: np.ndarray | None = None,
@@ -136,9 +180,13 @@ def search(model: Any, x: np.ndarray, y: np.ndarray, *, test_x: np.ndarray | Non
                    f"target >= {target:.2%} (drop <= {max_drop} points), budget {budget:.0f} s, "
                    f"fine-tuning on {len(train_x)} samples")
     trials: list[Trial] = []
-    tried: list[tuple[float, onnx.ModelProto, Settings, ConversionReport]] = []
-    for k, setting in enumerate(settings or candidates(proto)):
-        if k and time.monotonic() > deadline:
+    tried: list[tuple[Trial, onnx.ModelProto, Settings, ConversionReport]] = []
+    queue = list(settings or candidates(proto))
+    k = 0
+    while k < len(queue):
+        setting = queue[k]
+        k += 1
+        if k > 1 and time.monotonic() > deadline:
             _log(progress, "budget exhausted: no further settings tried")
             break
         t0 = time.monotonic()
@@ -147,60 +195,146 @@ def search(model: Any, x: np.ndarray, y: np.ndarray, *, test_x: np.ndarray | Non
         trial_report = ConversionReport()
         he_friendly(trial_proto, calibration, setting, trial_report)
         converted = float(np.mean(g.run(trial_proto, val_x)[0].argmax(1) == val_y))
-        _log(progress, f"[{k + 1}] {setting.describe()}: {converted:.2%} before fine-tuning")
-        from .finetune import finetune
-
-        result = finetune(trial_proto, train_x, teacher, epochs=max_epochs, lr=LEARNING_RATE,
-                          pow2_bits=setting.exponent_bits if setting.pow2 else None,
-                          pow2_terms=setting.pow2_terms, labels=train_y, batch_size=BATCH_SIZE,
-                          validation=(val_x, val_y), target=target, deadline=deadline,
-                          progress=progress, seed=seed)
-        accuracy = max(result.val_accuracy)
         trial = Trial(asdict(setting), setting.describe(), square_depth(trial_proto), converted,
-                      accuracy, round(100 * (original - accuracy), 3), len(result.losses),
-                      result.stopped, round(time.monotonic() - t0, 1))
+                      converted, round(100 * (original - converted), 3), 0, "not runnable",
+                      0.0)
+        _log(progress, f"[{k}] {setting.describe()}: {converted:.2%} before fine-tuning")
+        # the plan the server would run: one that does not fit memory is not fine-tuned
+        # (its size does not depend on the weights); one that does not compile yet may
+        # after fine-tuning (the compiler's argmax-margin check)
+        _cost(trial, trial_proto, calibration, progress)
+        if trial.runs is not False:
+            from .finetune import finetune
+
+            result = finetune(trial_proto, train_x, teacher, epochs=max_epochs,
+                              lr=LEARNING_RATE,
+                              pow2_bits=setting.exponent_bits if setting.pow2 else None,
+                              pow2_terms=setting.pow2_terms, labels=train_y,
+                              batch_size=BATCH_SIZE, validation=(val_x, val_y), target=target,
+                              deadline=deadline, progress=progress, seed=seed)
+            trial.val_accuracy = max(result.val_accuracy)
+            trial.drop_points = round(100 * (original - trial.val_accuracy), 3)
+            trial.epochs, trial.stopped = len(result.losses), result.stopped
+            trial_report.finetune_losses = result.losses
+            trial_report.finetune_val_accuracy = result.val_accuracy
+            _log(progress, f"    fine-tuned {trial.epochs} epochs ({trial.stopped}): "
+                           f"{trial.val_accuracy:.2%}, drop {trial.drop_points:.2f} points, "
+                           f"depth {trial.depth}")
+            if trial.runs is None:
+                _cost(trial, trial_proto, calibration, progress)
+        trial.seconds = round(time.monotonic() - t0, 1)
         trials.append(trial)
-        trial_report.finetune_losses = result.losses
-        trial_report.finetune_val_accuracy = result.val_accuracy
-        _log(progress, f"    fine-tuned {trial.epochs} epochs ({trial.stopped}): {accuracy:.2%}, "
-                       f"drop {trial.drop_points:.2f} points, depth {trial.depth}, "
-                       f"{trial.seconds:.0f} s")
-        tried.append((accuracy, trial_proto, setting, trial_report))
-        if accuracy >= target:
+        tried.append((trial, trial_proto, setting, trial_report))
+        if trial.runs is False:
+            fallback = pooled_first(proto, setting)
+            if fallback is not None and fallback not in queue:
+                _log(progress, "    next: the same with every max pool moved ahead of its "
+                               "activation (4x fewer values to activate)")
+                queue.insert(k, fallback)
+            continue
+        if trial.runs and trial.val_accuracy >= target:
             break
-    # The most accurate setting that compiles for encryption (the one that met the target, if
-    # any, is the most accurate: the search stops there).
-    tried.sort(key=lambda t: -t[0])
-    refused: list[str] = []
-    for entry in tried:
-        try:
-            finish(entry[1], tail, calibration, entry[2], report, input_range)
-            break
-        except ModelError as exc:
-            refused.append(f"{entry[2].describe()}: {exc}")
-            _log(progress, f"not encryptable, next best: {entry[2].describe()}: {exc}")
-    else:
-        raise ModelError("no setting tried gives a model that compiles for encryption: "
-                         + "; ".join(refused))
-    accuracy, chosen, setting, chosen_report = entry
-    met = accuracy >= target
-    index = next(i for i, t in enumerate(trials) if t.settings == asdict(setting))
+    chosen, plan, setting, refused = _choose(tried, tail, calibration, report, input_range,
+                                             progress)
+    index = trials.index(chosen)
+    met = chosen.val_accuracy >= target
     reason = (f"the first (cheapest) setting within {max_drop} points of the original on the "
               "validation split" if met else
               f"no setting reached the target within the budget; the most accurate of "
-              f"{len(trials)} tried (drop {trials[index].drop_points:.2f} points)")
+              f"{len(trials)} tried (drop {chosen.drop_points:.2f} points)")
     if refused:
         reason += f" that compiles for encryption ({len(refused)} more accurate did not)"
+    too_big = [i for i, t in enumerate(trials) if t.runs is False]
+    if too_big:
+        reason += ("; not runnable on this machine, so not fine-tuned nor chosen: "
+                   + ", ".join(f"[{i + 1}]" for i in too_big) + f" ({trials[too_big[0]].problem})")
+    chosen.batch = estimate(plan).as_dict()
+    if time.monotonic() < deadline:
+        try:  # the other packing the user may serve: its predicted latency
+            chosen.single = predicted_cost(tried[index][1], calibration, "single").as_dict()
+        except SheError as exc:
+            chosen.single = {"packing": "single", "problem": str(exc)}
+    else:
+        chosen.single = {"packing": "single", "problem": "not compiled: budget exhausted"}
     _log(progress, f"chosen: [{index + 1}] {setting.describe()} — {reason}")
+    for i, t in enumerate(trials):
+        _log(progress, f"  [{i + 1}] {trial_line(asdict(t))}{' (chosen)' if i == index else ''}")
     reference = None if test_x is None else g.run(proto, test_x)[0].argmax(1)
-    _finish_report(report, chosen_report, chosen, (test_x, test_y, reference), setting)
+    _finish_report(report, tried[index][3], tried[index][1], (test_x, test_y, reference),
+                   setting)
     report.search = {"original_val_accuracy": original, "target_val_accuracy": target,
                      "max_drop_points": max_drop, "budget_s": budget, "seed": seed,
                      "validation_samples": len(val_x), "training_samples": len(train_x),
                      "trials": [asdict(t) for t in trials], "chosen": index,
                      "target_met": met, "reason": reason, "not_encryptable": refused,
+                     "not_runnable": [f"{t.description}: {t.problem}" for t in trials
+                                      if t.runs is False],
+                     "latency_model": LATENCY_MODEL,
                      "seconds": round(time.monotonic() - started, 1)}
-    return chosen, report
+    return tried[index][1], report
+
+
+def _cost(trial: Trial, proto: onnx.ModelProto, calibration: np.ndarray,
+          progress: bool) -> None:
+    """Compile the trial's batch plan and record its predicted cost, or why it is missing."""
+    try:
+        cost = predicted_cost(proto, calibration)
+    except SheError as exc:
+        trial.runs, trial.problem = None, f"does not compile for encryption: {exc}"
+        return
+    trial.batch, trial.runs, trial.problem = cost.as_dict(), cost.runs, cost.problem
+    _log(progress, f"    predicted {cost.describe()}, depth {cost.depth}"
+                   f"{'' if cost.runs else ': NOT RUNNABLE: ' + str(cost.problem)}")
+
+
+def _choose(tried: list[tuple[Trial, onnx.ModelProto, Settings, ConversionReport]],
+            tail: onnx.ModelProto | None, calibration: np.ndarray, report: ConversionReport,
+            input_range: tuple[float, float] | None, progress: bool
+            ) -> tuple[Trial, she.Plan, Settings, list[str]]:
+    """The most accurate setting tried whose plan compiles and fits memory (the one that met
+    the target, if any, is the most accurate runnable one: the search stops there), written
+    into ``report`` by :func:`finish`; and the more accurate ones the compiler refused."""
+    refused: list[str] = []
+    ranked = sorted((entry for entry in tried if entry[0].runs is not False),
+                    key=lambda entry: -entry[0].val_accuracy)
+    for trial, proto, setting, _ in ranked:
+        try:
+            plan = finish(proto, tail, calibration, setting, report, input_range)
+        except ModelError as exc:
+            refused.append(f"{setting.describe()}: {exc}")
+            trial.runs, trial.problem = None, str(exc)
+            _log(progress, f"not encryptable, next best: {setting.describe()}: {exc}")
+            continue
+        problem = estimate(plan).problem
+        if problem is None:
+            trial.runs, trial.problem = True, None
+            return trial, plan, setting, refused
+        trial.runs, trial.problem = False, problem
+        _log(progress, f"not runnable, next best: {setting.describe()}: {problem}")
+    problems = refused + [f"{t.description}: {t.problem}" for t, *_ in tried if t.runs is False]
+    raise ModelError("no setting tried gives a model that compiles for encryption and fits "
+                     "this machine's memory: " + "; ".join(problems))
+
+
+def trial_line(trial: dict[str, Any]) -> str:
+    """One line of a trial of the report: accuracy, depth, predicted latency and memory."""
+    text = (f"{trial['description']}: {trial['val_accuracy_converted']:.2%} -> "
+            f"{trial['val_accuracy']:.2%} after {trial['epochs']} epochs ({trial['stopped']}), "
+            f"drop {trial['drop_points']:.2f}, depth {trial['depth']}")
+    for packing in ("batch", "single"):
+        cost = trial.get(packing)
+        if cost and "seconds_per_request" in cost:
+            per = (f"{cost['seconds_per_image'] * 1e3:.3g} ms/image of a full batch of "
+                   f"{cost['seconds_per_request']:.3g} s" if packing == "batch"
+                   else f"{cost['seconds_per_request']:.3g} s/image")
+            text += (f"; {packing}: predicted {per}, {cost['memory_bytes'] / 2**30:.2f} GiB, "
+                     f"N={cost['poly_modulus_degree']}")
+        elif cost:
+            text += f"; {packing}: not available ({cost['problem']})"
+    if trial.get("problem"):
+        text += f"; {'NOT RUNNABLE' if trial.get('runs') is False else 'refused'}: " \
+                f"{trial['problem']}"
+    return text
 
 
 def _finish_report(report: ConversionReport, trial: ConversionReport, chosen: onnx.ModelProto,

@@ -415,16 +415,16 @@ def _print_human(command: str, result: dict[str, Any]) -> None:
                   f"{option['fit_rmse']:.4f}{acc}{chosen}")
         search = result.get("search")
         if search:
+            from converters.search import trial_line
+
             print(f"settings tried (validation split of {search['validation_samples']}, original "
                   f"{search['original_val_accuracy']:.2%}, target drop <= "
                   f"{search['max_drop_points']} points):")
             for i, trial in enumerate(search["trials"]):
                 mark = " (chosen)" if i == search["chosen"] else ""
-                print(f"  [{i + 1}] {trial['description']}: {trial['val_accuracy_converted']:.2%}"
-                      f" -> {trial['val_accuracy']:.2%} after {trial['epochs']} epochs "
-                      f"({trial['stopped']}), drop {trial['drop_points']:.2f}, depth "
-                      f"{trial['depth']}, {trial['seconds']:.0f} s{mark}")
+                print(f"  [{i + 1}] {trial_line(trial)}, {trial['seconds']:.0f} s{mark}")
             print(f"chosen: {search['reason']} ({search['seconds']:.0f} s in all)")
+            print(f"latencies {search['latency_model']}")
         if result.get("tail_outputs"):
             print(f"removed from the encrypted part, re-applied by the client after "
                   f"decryption: the computation of {', '.join(result['tail_outputs'])}")

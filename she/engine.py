@@ -58,12 +58,9 @@ class Engine:
     def __init__(self, plan: Plan, workers: int | None = None) -> None:
         self.plan = plan
         self.workers = max(1, workers or os.cpu_count() or 1)
-        need, have = plan.batch_memory_bytes(), _physical_memory()
-        if have and need > 0.6 * have:
-            raise ParameterError(
-                f"one batch of this plan holds about {need / 2**30:.1f} GiB of ciphertexts, more "
-                f"than this machine's {have / 2**30:.1f} GiB allow; use single packing, or a model "
-                "whose activations act on fewer values (pool before the activation)")
+        problem = batch_memory_problem(plan)
+        if problem:
+            raise ParameterError(problem)
         self.primes = plan.params.ciphertext_primes
         q = max(self.primes)
         layers = plan.layers
@@ -292,6 +289,18 @@ def _chunks(shape: tuple[int, ...], units: int) -> list[np.ndarray]:
         grid = np.arange(total).reshape(shape)
         return [grid[:, h:h + rows].reshape(-1) for h in range(0, height, rows)]
     return [np.arange(a, min(a + units, total)) for a in range(0, total, units)]
+
+
+def batch_memory_problem(plan: Plan) -> str | None:
+    """Why one batch of ``plan`` does not fit this machine's memory (None when it does): the
+    check the server makes before running a plan, and the converter's search before choosing
+    a setting (:mod:`she.estimate`)."""
+    need, have = plan.batch_memory_bytes(), _physical_memory()
+    if have and need > 0.6 * have:
+        return (f"one batch of this plan holds about {need / 2**30:.1f} GiB of ciphertexts, more "
+                f"than this machine's {have / 2**30:.1f} GiB allow; use single packing, or a "
+                "model whose activations act on fewer values (pool before the activation)")
+    return None
 
 
 def _physical_memory() -> int:

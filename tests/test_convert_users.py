@@ -333,6 +333,14 @@ def test_cli_default_convert_reads_image_folders_in_the_models_layout(mnist, tmp
     assert result["search"]["training_samples"] + result["search"]["validation_samples"] == 600
     assert result["eval_samples"] == 100 and result["stages"][0]["accuracy"] > 0.5
     assert she.load(out).metadata[she.tail.METADATA_KEY]
+    # the human report: every setting with its predicted latency and memory, the choice
+    from she.cli import _print_human
+
+    _print_human("convert", result)
+    printed = capsys.readouterr().out
+    costed = sum(t["batch"] is not None for t in result["search"]["trials"])
+    assert costed >= 1 and printed.count("batch: predicted") == costed
+    assert "(chosen)" in printed and "latencies predicted, not measured" in printed
     # a model whose input layout cannot be told from the images: a clear error, no file
     bad = tmp_path / "bad.onnx"
     graph = onnx.load(str(path))
@@ -343,3 +351,62 @@ def test_cli_default_convert_reads_image_folders_in_the_models_layout(mnist, tmp
     assert main(["convert", str(bad), "-o", str(tmp_path / "never.onnx"), "--data",
                  str(tmp_path / "digits")]) == 2
     assert "cannot" in capsys.readouterr().err and not (tmp_path / "never.onnx").exists()
+
+
+def test_search_skips_a_setting_whose_plan_does_not_fit_memory(mnist, tmp_path, monkeypatch):
+    """Degree-4 activations ahead of a max pool make the batch plan too big for this
+    machine (its memory limit lowered here, the server's own check): the search does not
+    fine-tune that setting, tries it with the pool moved ahead of the activation, keeps that
+    one, says why, and reports predicted latency and memory for every setting."""
+    from torch import nn
+
+    import converters
+    import she.engine
+    from converters.convert import ConversionReport, Settings, he_friendly
+    from converters.search import predicted_cost, trial_line
+
+    x, y, _, _ = mnist
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                        nn.Linear(2 * 14 * 14, 10))
+    user_models._train_torch(net, x[:1000], y[:1000], epochs=1, seed=2)
+    path = user_models._legacy_export(net, tmp_path / "cnn.onnx", (1, 28, 28))
+    deep = Settings(degree=4, pow2_terms=2)
+    cleaned = converters.prepare(str(path), x[:500])[0]
+    memory, protos = {}, {}
+    for setting in (deep, Settings(degree=4, pow2_terms=2, pool_first=True)):
+        protos[setting.pool_first] = proto = onnx.ModelProto()
+        proto.CopyFrom(cleaned)
+        he_friendly(proto, x[:500], setting, ConversionReport())
+        memory[setting.pool_first] = predicted_cost(proto, x[:500]).memory_bytes
+    assert memory[True] < 0.7 * memory[False]  # the activations act on 4x fewer values
+    limit = (memory[True] + memory[False]) / 2 / 0.6  # the server refuses above 0.6 x memory
+    monkeypatch.setattr(she.engine, "_physical_memory", lambda: int(limit))
+    proto, report = converters.search(str(path), x[:1000], y[:1000], budget=3600, seed=0,
+                                      max_epochs=1, progress=False, settings=[deep])
+    trials, search = report.search["trials"], report.search
+    assert [t["settings"]["pool_first"] for t in trials] == [False, True]
+    big, small = trials
+    assert big["runs"] is False and big["epochs"] == 0 and "GiB" in big["problem"]
+    assert big["batch"]["memory_bytes"] == memory[False]
+    # the search's verdict is the server's: its engine refuses that plan with the same words
+    big_plan = she.compile(she.model.from_proto(protos[False]), calibration=x[:500])
+    with pytest.raises(she.errors.ParameterError) as refused:
+        she.engine.Engine(big_plan)
+    assert str(refused.value) == big["problem"]
+    assert small["runs"] is True and small["problem"] is None and small["epochs"] == 1
+    assert search["chosen"] == 1 and search["not_runnable"] == [f"{big['description']}: "
+                                                                 f"{big['problem']}"]
+    assert "not runnable on this machine, so not fine-tuned nor chosen: [1]" in search["reason"]
+    for t in trials:  # predicted latency and memory of every setting tried
+        assert t["batch"]["seconds_per_request"] > 0 and t["batch"]["memory_bytes"] > 0
+        assert "GiB" in trial_line(t) and "ms/image" in trial_line(t)
+    # single packing: its predicted latency, or why its compiler refused it
+    single = small["single"]
+    assert single["packing"] == "single"
+    assert single.get("seconds_per_request", 0) > 0 or single["problem"]
+    assert "single: " in trial_line(small)
+    assert "not measured" in search["latency_model"]
+    # the model written is the runnable one: the server accepts its plan under that limit
+    plan = she.compile(she.model.from_proto(proto), calibration=x[:500])
+    assert plan.batch_memory_bytes() < 0.6 * limit and she.engine.batch_memory_problem(plan) is None
