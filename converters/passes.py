@@ -522,7 +522,7 @@ class _Compensation:
 
     def __init__(self, model: onnx.ModelProto) -> None:
         self.model = model
-        self.visited: set[int] = set()
+        self.visited: set[str] = set()  # nodes, by their first output
         self.outputs = {o.name for o in model.graph.output}
 
     def absorb(self, tensor: str, ratio: np.ndarray, flat: bool = False) -> bool:
@@ -532,9 +532,9 @@ class _Compensation:
                    for node in g.consumers(self.model, tensor))
 
     def _node(self, node: onnx.NodeProto, tensor: str, ratio: np.ndarray, flat: bool) -> bool:
-        if id(node) in self.visited or node.input[0] != tensor and node.op_type != "Add":
+        if node.output[0] in self.visited or node.input[0] != tensor and node.op_type != "Add":
             return False
-        self.visited.add(id(node))
+        self.visited.add(node.output[0])
         model, op = self.model, node.op_type
         if op in ("Conv", "Gemm", "MatMul"):
             return self._scale_weights(node, ratio, flat, inputs=True)
