@@ -6,7 +6,10 @@ HE-specific; or with ``--arch shallow`` :func:`converters.zoo.shallow_relu_cnn`,
 activation, for BFV; or with ``--arch ghn`` the GHN network :func:`converters.zoo.ghn_cnn`;
 with ``--arch mlp`` the dense network :func:`converters.zoo.relu_mlp`; or with
 ``--arch tutorial`` the TenSEAL-tutorial architecture with ReLU,
-:func:`converters.zoo.tutorial_relu_cnn`)
+:func:`converters.zoo.tutorial_relu_cnn`; with ``--arch resnet`` a small ResNet,
+:func:`converters.zoo.residual_relu_cnn` (``--channels`` stem and block channels,
+``--blocks``); with ``--arch wide`` a three-conv plain CNN,
+:func:`converters.zoo.wide_relu_cnn`)
 with random-shift augmentation, export it to ONNX, convert it exactly as
 ``she convert`` does (batch norm folded, max pool to average pool, quadratic activations
 fitted on the calibration data, power-of-two weights, distillation fine-tuning on the
