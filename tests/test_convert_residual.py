@@ -31,13 +31,14 @@ from she.pipeline import encrypted_predict  # noqa: E402
 
 CHANNELS = 6
 #: Points the converted model may lose on held-out images against the original. A tiny
-#: model (6 channels pooled to 6 features) fine-tuned for at most 2 epochs in CI: its
-#: degree-2 activations alone cost about 5 points; measured 13.1 (89.6 -> 76.5 %).
-MAX_DROP_POINTS = 16.0
+#: model (6 channels pooled to 6 features) fine-tuned for at most 10 epochs on 3600 images
+#: in CI: its degree-2 activations alone cost 15.7 points (88.3 -> 72.6 %); measured
+#: after fine-tuning: 80.3 % (drop 8.0).
+MAX_DROP_POINTS = 10.0
 #: Points the power-of-two step (4 exponent bits, 2 terms) may lose against the fitted
-#: activations: measured 6.2; without compensation through the residual addition, 51.5
-#: (85.2 -> 33.7 %, the collapse the issue reports).
-POW2_BOUND_POINTS = 10.0
+#: activations: measured 0.7 (72.6 -> 71.9 %); without compensation through the residual
+#: addition, 41.7 (-> 30.9 %, the collapse the issue reports).
+POW2_BOUND_POINTS = 5.0
 
 
 class Block(torch.nn.Module):
@@ -102,9 +103,9 @@ def user_model(data) -> onnx.ModelProto:
 @pytest.fixture(scope="module")
 def converted(user_model, data):
     x, y, xt, yt = data
-    # the default search's first (cheapest) setting, at most 2 epochs: bounded by work,
-    # not by the clock (the budget is far above what 2 epochs take)
-    return search(user_model, x, y, test_x=xt, test_y=yt, budget=3600, max_epochs=2,
+    # the default search's first (cheapest) setting, at most 10 epochs: bounded by work,
+    # not by the clock (the budget is far above what 10 epochs take)
+    return search(user_model, x, y, test_x=xt, test_y=yt, budget=3600, max_epochs=10,
                   settings=[Settings(pow2_terms=2)], progress=False)
 
 
@@ -145,7 +146,7 @@ def test_power_of_two_rounding_does_not_collapse(user_model, data):
     assert _accuracy(rounded[4], xt, yt) >= fitted - POW2_BOUND_POINTS / 100
     fine = g.run(rounded[6], xt)[0]
     assert np.abs(fine - fitted_logits).max() < 0.05 * np.abs(fitted_logits).max()
-    assert np.mean(fine.argmax(1) == fitted_logits.argmax(1)) >= 0.99
+    assert np.mean(fine.argmax(1) == fitted_logits.argmax(1)) >= 0.97
 
 
 def test_default_conversion_meets_its_drop_on_held_out_images(user_model, converted, data):
