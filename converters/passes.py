@@ -20,7 +20,9 @@
   squares over the observed distribution).
   GHN's double threshold, exported as ``h - k * Clip(h)``, is fitted as one function.
 * :func:`quantise_pow2` rounds Conv/Gemm/MatMul weights to ``±2^k`` per output channel (or
-  to sums of two or three such terms).
+  to sums of two or three such terms), and the activation scales to one power of two,
+  compensating each scale's rounding exactly in the layers that read the activation
+  (through pooling, means, later activations and residual additions).
 """
 
 from __future__ import annotations
