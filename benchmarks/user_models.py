@@ -198,3 +198,85 @@ def train(family: str, x: np.ndarray, y: np.ndarray, out: Path, *, epochs: int |
                "keras_cnn": keras_cnn}[family]
     kwargs = {} if epochs is None else {"epochs": epochs}
     return trainer(x, y, Path(out), seed=seed, **kwargs)
+
+
+def _user_resnet(channels: int, pool: str, stem_max_pool: bool):
+    """A small ResNet as users write it: stem Conv + BatchNorm + ReLU (optionally MaxPool),
+    an identity block and a projection block (1x1 conv, stride 2), BatchNorm inside the
+    blocks, ReLU after each addition, global average pooling spelled ``x.mean(dim=(2, 3))``
+    (``pool="mean"``) or ``AdaptiveAvgPool2d(1)`` + flatten (``pool="adaptive"``)."""
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(c_out)
+            self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(c_out)
+            self.down = None
+            if stride != 1 or c_in != c_out:
+                self.down = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                          nn.BatchNorm2d(c_out))
+
+        def forward(self, x):
+            identity = x if self.down is None else self.down(x)
+            out = torch.relu(self.bn1(self.conv1(x)))
+            out = self.bn2(self.conv2(out))
+            return torch.relu(out + identity)
+
+    class ResNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            stem = [nn.Conv2d(1, channels, 3, 1, 1, bias=False), nn.BatchNorm2d(channels),
+                    nn.ReLU()]
+            self.stem = nn.Sequential(*stem, nn.MaxPool2d(2) if stem_max_pool else
+                                      nn.Conv2d(channels, channels, 3, 2, 1))
+            self.layer1 = Block(channels, channels, 1)
+            self.layer2 = Block(channels, 2 * channels, 2)
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.fc = nn.Linear(2 * channels, 10)
+
+        def forward(self, x):
+            x = self.layer2(self.layer1(self.stem(x)))
+            x = x.mean(dim=(2, 3)) if pool == "mean" else torch.flatten(self.pool(x), 1)
+            return self.fc(x)
+
+    return ResNet()
+
+
+def torch_resnet(x: np.ndarray, y: np.ndarray, out: Path, epochs: int = 3, seed: int = 0,
+                 channels: int = 8, pool: str = "mean", stem_max_pool: bool = True,
+                 dynamo: bool = False) -> Path:
+    """:func:`_user_resnet` trained with Adam; the legacy exporter, or the dynamo exporter
+    with external data (``dynamo=True``)."""
+    import torch
+
+    torch.manual_seed(seed)
+    net = _train_torch(_user_resnet(channels, pool, stem_max_pool), x, y, epochs, seed)
+    if not dynamo:
+        return _legacy_export(net, out, x.shape[1:])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.zeros(2, *x.shape[1:]),), str(out), dynamo=True,
+                          external_data=True, input_names=["input"], output_names=["logits"],
+                          dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+    return out
+
+
+def torch_wide_cnn(x: np.ndarray, y: np.ndarray, out: Path, epochs: int = 3,
+                   seed: int = 0) -> Path:
+    """A wider, deeper plain CNN: four Conv 3x3 + BatchNorm + ReLU layers (64 channels, two
+    MaxPools), Linear; legacy export."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+
+    def conv(c_in: int, c_out: int, stride: int = 1):
+        return [nn.Conv2d(c_in, c_out, 3, stride, 1), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+    net = nn.Sequential(*conv(1, 32, 2), *conv(32, 64), nn.MaxPool2d(2), *conv(64, 64),
+                        *conv(64, 64), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64 * 3 * 3, 10))
+    return _legacy_export(_train_torch(net, x, y, epochs, seed), out, x.shape[1:])

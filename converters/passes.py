@@ -20,7 +20,9 @@
   squares over the observed distribution).
   GHN's double threshold, exported as ``h - k * Clip(h)``, is fitted as one function.
 * :func:`quantise_pow2` rounds Conv/Gemm/MatMul weights to ``±2^k`` per output channel (or
-  to sums of two or three such terms).
+  to sums of two or three such terms), and the activation scales to one power of two,
+  compensating each scale's rounding exactly in the layers that read the activation
+  (through pooling, means, later activations and residual additions).
 """
 
 from __future__ import annotations
@@ -495,50 +497,157 @@ def pow2_nearest(values: np.ndarray) -> np.ndarray:
 
 
 #: Operators that act on every channel alike and linearly (a per-channel factor commutes).
-_CHANNEL_LINEAR = ("AveragePool", "GlobalAveragePool", "Flatten", "Pad")
+_CHANNEL_LINEAR = ("AveragePool", "GlobalAveragePool", "Flatten", "Pad", "Reshape", "ReduceMean",
+                   "ReduceSum")
+
+
+def _channel_shape(value: np.ndarray, channels: int) -> tuple[int, ...] | None:
+    """The shape that broadcasts a per-channel vector against the constant ``value`` of a
+    per-channel operation (``(1, C, 1, ...)`` or ``(C,)``), or None when it has none."""
+    if value.ndim >= 2 and value.shape[1] == channels and value.shape[0] == 1:
+        return (1, channels) + (1,) * (value.ndim - 2)
+    if value.ndim == 1 and value.shape[0] == channels:
+        return (channels,)
+    return None
+
+
+class _Compensation:
+    """Keep a model's outputs unchanged when a tensor comes out divided by a positive
+    per-channel ``ratio`` (an activation scale rounded to a power of two): every consumer
+    takes the ratio in. A linear layer multiplies its input channels' weights by it; an
+    activation ``a (x + beta)^2 + gamma`` becomes ``a r^2 (x + beta / r)^2 + gamma``
+    (exact, before its own scale is rounded); channel-wise linear operators (pooling,
+    padding, flattening, means, constant products) pass it on; an addition of two
+    encrypted tensors (a residual connection) has the other operand divided by the ratio
+    at its linear layer (the projection or the block's last convolution), and passes it
+    on. Works on a model that is discarded when a step has no exact form."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.visited: set[str] = set()  # nodes, by their first output
+        self.outputs = {o.name for o in model.graph.output}
+
+    def absorb(self, tensor: str, ratio: np.ndarray, flat: bool = False) -> bool:
+        if tensor in self.outputs:
+            return False
+        return all(self._node(node, tensor, ratio, flat)
+                   for node in g.consumers(self.model, tensor))
+
+    def _node(self, node: onnx.NodeProto, tensor: str, ratio: np.ndarray, flat: bool) -> bool:
+        if node.output[0] in self.visited or node.input[0] != tensor and node.op_type != "Add":
+            return False
+        self.visited.add(node.output[0])
+        model, op = self.model, node.op_type
+        if op in ("Conv", "Gemm", "MatMul"):
+            return self._scale_weights(node, ratio, flat, inputs=True)
+        if op in _CHANNEL_LINEAR or op == "MaxPool":
+            if op == "Pad" and len(node.input) > 2 and node.input[2] and \
+                    np.any(g.get_array(model, node.input[2]) != 0):
+                return False
+            if op in ("ReduceMean", "ReduceSum"):
+                axes = next((list(a.ints) for a in node.attribute if a.name == "axes"), None)
+                if axes is None and len(node.input) > 1 and node.input[1]:
+                    axes = g.get_array(model, node.input[1]).tolist()
+                if not axes or any(int(v) in (0, 1) for v in axes):
+                    return False
+            return self.absorb(node.output[0], ratio, flat or op in ("Flatten", "Reshape"))
+        if op == "Mul":
+            k = g.get_array(model, node.input[1])
+            return k is not None and self.absorb(node.output[0], ratio, flat)
+        if op != "Add":
+            return False
+        other = node.input[1] if node.input[0] == tensor else node.input[0]
+        c = g.get_array(model, other)
+        if c is None:  # a residual connection: divide the other operand alike
+            return (other == tensor or self._divide(other, ratio)) and \
+                self.absorb(node.output[0], ratio, flat)
+        shape = None if flat else _channel_shape(c, len(ratio))
+        if shape is None:
+            return False
+        r = ratio.reshape(shape)
+        square = g.consumers(model, node.output[0])
+        scale = g.consumers(model, square[0].output[0]) if len(square) == 1 else []
+        if (len(square) == 1 and square[0].op_type == "Mul" and
+                list(square[0].input) == [node.output[0]] * 2 and len(scale) == 1 and
+                scale[0].input[1].startswith(SCALE_PREFIX)):
+            a = g.get_array(model, scale[0].input[1])
+            g.set_array(model, other, (c / r).astype(np.float32))
+            g.set_array(model, scale[0].input[1], (a * r.reshape(a.shape) ** 2)
+                        .astype(np.float32))
+            return True
+        g.set_array(model, other, (c / r).astype(np.float32))
+        return self.absorb(node.output[0], ratio, flat)
+
+    def _divide(self, tensor: str, ratio: np.ndarray) -> bool:
+        """Make ``tensor`` (read by one addition only) come out divided by ``ratio``."""
+        model = self.model
+        src = g.producer(model, tensor)
+        if src is None or len(g.consumers(model, tensor)) != 1 or tensor in self.outputs:
+            return False
+        if src.op_type in ("Conv", "Gemm", "MatMul"):
+            return self._scale_weights(src, 1 / ratio, False, inputs=False)
+        const = [g.get_array(model, name) for name in src.input]
+        if src.op_type in ("Add", "Mul") and sum(c is not None for c in const) == 1:
+            k = 1 if const[1] is not None else 0
+            if src.op_type == "Add":
+                shape = _channel_shape(const[k], len(ratio))
+                if shape is None:
+                    return False
+                g.set_array(model, src.input[k], (const[k] / ratio.reshape(shape))
+                            .astype(np.float32))
+            return self._divide(src.input[1 - k], ratio)
+        return False
+
+    def _scale_weights(self, node: onnx.NodeProto, factor: np.ndarray, flat: bool,
+                       inputs: bool) -> bool:
+        """Multiply a linear layer's weights per input (or output) channel by ``factor``
+        (repeated over the positions of a flattened map); outputs scale the bias too."""
+        model = self.model
+        axis = _weight_axis(model, node)
+        w = g.get_array(model, node.input[1]) if len(node.input) > 1 else None
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        if axis is None or w is None or w.ndim < 2 or group != 1 or \
+                len(g.consumers(model, node.input[1])) != 1:
+            return False
+        if node.op_type == "Gemm" and any(a.name == "transA" and a.i for a in node.attribute):
+            return False
+        k = (1 if node.op_type == "Conv" else 1 - axis) if inputs else axis
+        per = w.shape[k] // len(factor)
+        if per * len(factor) != w.shape[k] or (per > 1 and not flat):
+            return False
+        shape = [1] * w.ndim
+        shape[k] = -1
+        g.set_array(model, node.input[1], (w * np.repeat(factor, per).reshape(shape))
+                    .astype(np.float32))
+        if not inputs and len(node.input) > 2 and node.input[2]:
+            b = g.get_array(model, node.input[2])
+            if b is None or b.size not in (1, len(factor)):
+                return False
+            g.set_array(model, node.input[2], (b * factor).astype(np.float32))
+        return True
 
 
 def _compensate(model: onnx.ModelProto, scale: str, ratio: np.ndarray) -> bool:
     """Rounding an activation's scale ``a`` to a power of two multiplies its output
     ``a t^2 + gamma`` by ``1/ratio`` per channel once ``gamma`` is divided by ``ratio`` too;
-    the next linear layer then takes ``ratio`` into its weights (before their own
-    rounding), so the model is unchanged. Follows single-consumer channel-wise linear
-    operators to that layer; returns False (nothing changed) when there is none."""
+    the consumers then take ``ratio`` in (:class:`_Compensation`: linear layers before
+    their own rounding, later activations, both operands of a residual addition), so the
+    model is unchanged. Returns False (nothing changed) when some consumer cannot."""
     users = g.consumers(model, scale)
     add = g.consumers(model, users[0].output[0]) if len(users) == 1 else []
     if len(add) != 1 or add[0].op_type != "Add":
         return False
     gamma = g.get_array(model, add[0].input[1])
-    tensor, flattened = add[0].output[0], False
-    while True:
-        nxt = g.consumers(model, tensor)
-        if len(nxt) != 1 or tensor in {o.name for o in model.graph.output}:
-            return False
-        node = nxt[0]
-        if node.op_type in _CHANNEL_LINEAR and node.input[0] == tensor:
-            if node.op_type == "Pad" and len(node.input) > 2 and node.input[2] and \
-                    np.any(g.get_array(model, node.input[2]) != 0):
-                return False
-            flattened |= node.op_type == "Flatten"
-            tensor = node.output[0]
-            continue
-        break
-    axis = _weight_axis(model, node)
-    w = g.get_array(model, node.input[1]) if len(node.input) > 1 else None
-    if gamma is None or axis is None or w is None or w.ndim < 2 or node.input[0] != tensor:
+    if gamma is None or np.size(gamma) not in (1, len(ratio)):
         return False
-    in_axis = 1 if node.op_type == "Conv" else 1 - axis
-    per_feature = w.shape[in_axis] // len(ratio)
-    if per_feature * len(ratio) != w.shape[in_axis] or (per_feature > 1 and not flattened
-                                                       and node.op_type != "Conv"):
-        return False
-    factor = np.repeat(ratio, per_feature) if node.op_type != "Conv" else ratio
-    shape = [1] * w.ndim
-    shape[in_axis] = -1
-    g.set_array(model, node.input[1], (w * factor.reshape(shape)).astype(np.float32))
-    g.set_array(model, add[0].input[1],
+    trial = onnx.ModelProto()
+    trial.CopyFrom(model)
+    g.set_array(trial, add[0].input[1],
                 (gamma / ratio.reshape(np.shape(gamma)) if np.size(gamma) == len(ratio)
                  else gamma / ratio).astype(np.float32))
+    if not _Compensation(trial).absorb(add[0].output[0], ratio):
+        return False
+    model.CopyFrom(trial)
     return True
 
 
@@ -555,13 +664,15 @@ def quantise_pow2(model: onnx.ModelProto, exponent_bits: int = 4, terms: int = 1
     if terms not in (1, 2, 3):
         raise ParameterError(f"pow2 terms={terms} is outside 1..3")
     count = 0
-    for init in list(model.graph.initializer):
-        if init.name.startswith(SCALE_PREFIX):
-            a = numpy_helper.to_array(init)
-            rounded = pow2_nearest(a)
-            _compensate(model, init.name, (a / rounded).reshape(-1))
-            g.set_array(model, init.name, rounded)
-            count += 1
+    # in graph order: compensating one rounding changes the scales of later activations
+    scales = [name for node in model.graph.node for name in node.input
+              if name.startswith(SCALE_PREFIX)]
+    for name in dict.fromkeys(scales):
+        a = g.get_array(model, name)
+        rounded = pow2_nearest(a)
+        _compensate(model, name, (a / rounded).reshape(-1))
+        g.set_array(model, name, rounded)
+        count += 1
     for node in model.graph.node:
         axis = _weight_axis(model, node)
         if axis is None:

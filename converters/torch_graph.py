@@ -155,6 +155,11 @@ def _run(node: onnx.NodeProto, a: list) -> list[torch.Tensor]:
         return [F.avg_pool2d(x, at["kernel_shape"], at.get("strides", at["kernel_shape"]))]
     if op == "GlobalAveragePool":
         return [a[0].mean(dim=tuple(range(2, a[0].ndim)), keepdim=True)]
+    if op in ("ReduceMean", "ReduceSum"):  # axes: an attribute (opset < 18) or an input
+        axes = at.get("axes") or (a[1].tolist() if len(a) > 1 and a[1] is not None else None)
+        dims = tuple(range(a[0].ndim)) if not axes else tuple(int(v) for v in axes)
+        reduce = torch.mean if op == "ReduceMean" else torch.sum
+        return [reduce(a[0], dim=dims, keepdim=bool(at.get("keepdims", 1)))]
     if op == "Flatten":
         return [torch.flatten(a[0], int(at.get("axis", 1)))]
     if op == "Reshape":

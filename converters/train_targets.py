@@ -6,7 +6,10 @@ HE-specific; or with ``--arch shallow`` :func:`converters.zoo.shallow_relu_cnn`,
 activation, for BFV; or with ``--arch ghn`` the GHN network :func:`converters.zoo.ghn_cnn`;
 with ``--arch mlp`` the dense network :func:`converters.zoo.relu_mlp`; or with
 ``--arch tutorial`` the TenSEAL-tutorial architecture with ReLU,
-:func:`converters.zoo.tutorial_relu_cnn`)
+:func:`converters.zoo.tutorial_relu_cnn`; with ``--arch resnet`` a small ResNet,
+:func:`converters.zoo.residual_relu_cnn` (``--channels`` stem and block channels,
+``--blocks``); with ``--arch wide`` a three-conv plain CNN,
+:func:`converters.zoo.wide_relu_cnn`)
 with random-shift augmentation, export it to ONNX, convert it exactly as
 ``she convert`` does (batch norm folded, max pool to average pool, quadratic activations
 fitted on the calibration data, power-of-two weights, distillation fine-tuning on the
@@ -41,11 +44,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", required=True, help="IDX directory (train and t10k files)")
     parser.add_argument("--name", required=True, help="asset name prefix, e.g. mnist")
     parser.add_argument("--out-dir", default="she/assets")
-    parser.add_argument("--arch", choices=("two_conv", "shallow", "ghn", "mlp", "tutorial"),
+    parser.add_argument("--arch", choices=("two_conv", "shallow", "ghn", "mlp", "tutorial", "resnet", "wide"),
                         default="two_conv")
     parser.add_argument("--channels", type=int, nargs="+", default=[32, 64],
                         help="conv channels (two for two_conv, one for shallow)")
     parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--blocks", type=int, default=2, help="residual blocks (resnet)")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (one-cycle)")
     parser.add_argument("--max-shift", type=int, default=2, help="augmentation (pixels)")
@@ -72,6 +76,10 @@ def _train(args: argparse.Namespace, out: Path) -> dict:
         net = zoo.relu_mlp(args.hidden)
     elif args.arch == "tutorial":
         net = zoo.tutorial_relu_cnn(args.hidden)
+    elif args.arch == "resnet":
+        net = zoo.residual_relu_cnn(tuple(args.channels[:2]), args.blocks)
+    elif args.arch == "wide":
+        net = zoo.wide_relu_cnn(tuple(args.channels[:3]), args.hidden)
     else:
         net = zoo.two_conv_relu_cnn(tuple(args.channels), args.hidden)
     net, accuracy = zoo.train(net, args.data, epochs=args.epochs, lr=args.lr, seed=args.seed,

@@ -116,3 +116,58 @@ def ghn_cnn(channels: int = 8, hidden: int = 64) -> nn.Module:
         GHNConv2d(1, channels, 5, stride=2, padding=2), nn.AvgPool2d(2),
         Quadratic(channels, spatial=True), nn.Flatten(), GHNLinear(channels * 7 * 7, hidden),
         Quadratic(hidden, spatial=False), GHNLinear(hidden, 10))
+
+
+class _ResidualBlock(nn.Module):
+    """Conv 3x3 + BatchNorm + ReLU, Conv 3x3 + BatchNorm, plus the input (identity) or its
+    1x1 projection + BatchNorm (when the stride or the channels change); ReLU after the
+    addition: torchvision's basic block."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = (nn.Sequential() if stride == 1 and c_in == c_out else nn.Sequential(
+            nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResidualReluCNN(nn.Module):
+    """A small ResNet: stem Conv 5x5 stride 2 + BatchNorm + ReLU, a projection block
+    (stride 2) and ``blocks - 1`` identity blocks, global average pooling
+    (``x.mean(dim=(2, 3))``), Linear."""
+
+    def __init__(self, channels: tuple[int, int] = (16, 48), blocks: int = 2,
+                 classes: int = 10) -> None:
+        super().__init__()
+        c1, c2 = channels
+        self.stem = nn.Sequential(nn.Conv2d(1, c1, 5, stride=2, padding=2, bias=False),
+                                  nn.BatchNorm2d(c1), nn.ReLU())
+        self.blocks = nn.Sequential(_ResidualBlock(c1, c2, stride=2),
+                                    *(_ResidualBlock(c2, c2) for _ in range(blocks - 1)))
+        self.fc = nn.Linear(c2, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.blocks(self.stem(x)).mean(dim=(2, 3)))
+
+
+def residual_relu_cnn(channels: tuple[int, int] = (16, 48), blocks: int = 2) -> nn.Module:
+    """:class:`ResidualReluCNN`: an ordinary small ResNet for 28x28 images."""
+    return ResidualReluCNN(channels, blocks)
+
+
+def wide_relu_cnn(channels: tuple[int, int, int] = (32, 64, 64), hidden: int = 128) -> nn.Module:
+    """Three Conv 3x3 + BatchNorm + ReLU layers (the first two stride 2), MaxPool,
+    Linear + ReLU, Linear: a wider/deeper plain CNN."""
+    c1, c2, c3 = channels
+    return nn.Sequential(
+        nn.Conv2d(1, c1, 3, stride=2, padding=1), nn.BatchNorm2d(c1), nn.ReLU(),
+        nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.BatchNorm2d(c2), nn.ReLU(),
+        nn.Conv2d(c2, c3, 3, padding=1), nn.BatchNorm2d(c3), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(c3 * 3 * 3, hidden), nn.ReLU(),
+        nn.Linear(hidden, 10))
