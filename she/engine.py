@@ -80,6 +80,8 @@ class Engine:
                 f"than this machine's {have / 2**30:.1f} GiB allow; use single packing, or a model "
                 "whose activations act on fewer values (pool before the activation)")
         self.primes = plan.params.ciphertext_primes
+        #: Of the last run: the most bytes of later layers' accumulated outputs held at once.
+        self.peak_accumulated_bytes = 0
         q = max(self.primes)
         layers = plan.layers
         self.levels = plan.levels()
@@ -169,6 +171,7 @@ class Engine:
                     assert self._ready(state, k), "every earlier layer has run"
                     self._chunk(bridge, relin, state, k)
             assert state.result is not None, "the output layer runs last"
+            self.peak_accumulated_bytes = state.peak_held_bytes
             return state.result
         finally:
             for array in state.acc.values():
@@ -222,6 +225,7 @@ class Engine:
                 state.acc[key] = _shared_zeros(bridge, f"acc{i}s{k}", (
                     layers[i].weights.shape[0], 2, limbs, squared.shape[3]))
             self._accumulate(bridge, kernel, squared[:, :, :limbs], state.acc[key], reached)
+            state.hold(key, reached)
         del squared
         state.done[k] += 1
         for i in sorted({i for i, _, _ in self.stream_kernels[k][c]}):
@@ -350,6 +354,16 @@ class _Pass:
         self.acc: dict[int | tuple[int, int], np.ndarray] = {}
         self.done: dict[int, int] = collections.defaultdict(int)
         self.result: tuple[np.ndarray, float] | None = None
+        #: Accumulated units written and not yet taken, by key; their bytes, and the peak.
+        self.live: dict[int | tuple[int, int], np.ndarray] = {}
+        self.held_bytes = self.peak_held_bytes = 0
+
+    def hold(self, key: int | tuple[int, int], rows: np.ndarray) -> None:
+        """Count ``rows`` of ``key`` as held (written into)."""
+        live = self.live.setdefault(key, np.zeros(len(self.acc[key]), dtype=bool))
+        self.held_bytes += int(np.count_nonzero(~live[rows])) * self.acc[key][0].nbytes
+        live[rows] = True
+        self.peak_held_bytes = max(self.peak_held_bytes, self.held_bytes)
 
     def take(self, key: int | tuple[int, int], rows: np.ndarray) -> np.ndarray | None:
         """The accumulated outputs ``rows`` of ``key`` (None: nothing was added), released
@@ -358,6 +372,8 @@ class _Pass:
             return None
         part = np.array(self.acc[key][rows])
         _release(self.acc[key], rows)
+        self.held_bytes -= int(np.count_nonzero(self.live[key][rows])) * self.acc[key][0].nbytes
+        self.live[key][rows] = False
         return part
 
 
