@@ -69,6 +69,12 @@ def _compile(model_path: str, packing: str, train_x: np.ndarray,
     return model, she.compile(model, calibration=train_x[:CALIBRATION], packing=packing, **options)
 
 
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and its finished children (the engine's workers)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def _accuracy(out: np.ndarray, plain: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     return {"accuracy": float(np.mean(out.argmax(1) == labels)),
             "plain_accuracy": float(np.mean(plain.argmax(1) == labels)),
@@ -122,15 +128,19 @@ def she_batch(model_path: str, train_x: np.ndarray, x: np.ndarray, y: np.ndarray
     server, client = she.Server(plan), she.Client(plan.spec())
     public, keygen_s = tb.timed(client.public_context)
     keys = server.load_context(public)
-    totals = dict.fromkeys(("encrypt_s", "server_s", "decrypt_s", "upload_bytes", "download_bytes"), 0.0)
+    totals = dict.fromkeys(("encrypt_s", "server_s", "server_cpu_s", "decrypt_s", "upload_bytes",
+                            "download_bytes"), 0.0)
     outs = []
+    load_start = os.getloadavg()[0]
     for start in range(0, len(x), plan.batch_capacity):
         request, encrypt_s = tb.timed(lambda s=start: client.encrypt(x[s:s + plan.batch_capacity]))
+        cpu_start = _cpu_seconds()
         response, server_s = tb.timed(lambda r=request: server.evaluate(keys, r))
+        server_cpu_s = _cpu_seconds() - cpu_start
         out, decrypt_s = tb.timed(lambda r=response: client.decrypt(r))
         outs.append(out)
-        for key, value in zip(totals, (encrypt_s, server_s, decrypt_s, len(request), len(response)),
-                              strict=True):
+        for key, value in zip(totals, (encrypt_s, server_s, server_cpu_s, decrypt_s, len(request),
+                                       len(response)), strict=True):
             totals[key] += value
     out = np.concatenate(outs)
     exact = None
@@ -143,6 +153,8 @@ def she_batch(model_path: str, train_x: np.ndarray, x: np.ndarray, y: np.ndarray
             "server_s_per_image": totals["server_s"] / len(x),
             "workers": server.engine.workers, "peak_rss_bytes": tb.peak_rss_bytes(),
             "worker_peak_rss_bytes": tb.children_peak_rss_bytes(),
+            "peak_accumulated_bytes": server.engine.peak_accumulated_bytes,
+            "load_average": [load_start, os.getloadavg()[0]],
             "rss_before_bytes": rss_start, **_params(plan),
             **_accuracy(out, model.run_plain(x), y)}
 
@@ -431,14 +443,24 @@ def _render_accurate(accurate: dict[str, Any]) -> list[str]:
     batch = accurate.get("batch")
     if batch:
         lines += ["", "## Accurate models, batch packing", "",
-                  "| model | images | server total | per image | peak RSS (server process) | "
+                  "One batch each in a fresh process (the client, the server and their data "
+                  "share it: its peak RSS counts the request and the input ciphertexts too). "
+                  "Server CPU: seconds of the process and its workers during the evaluation "
+                  "(on a shared machine the wall time also holds the waiting for a core).", "",
+                  "| model | images | server total | per image | server CPU | load average "
+                  "(start, end) | peak RSS (whole process) | accumulated outputs held at most | "
                   "largest worker | ring, modulus bits | accuracy | agreement | max \\|error\\| |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for name, r in batch.items():
+            load = r.get("load_average")
             lines.append(
                 f"| `{name}` | {r['images']} | {r['server_s']:.1f} s | "
-                f"{r['server_s_per_image'] * 1e3:.2f} ms | {_size(r['peak_rss_bytes'])} | "
-                f"{_size(r['worker_peak_rss_bytes'])} | N={r['poly_modulus_degree']}, "
+                f"{r['server_s_per_image'] * 1e3:.2f} ms | "
+                + (f"{r['server_cpu_s']:.0f} s" if "server_cpu_s" in r else "-") + " | "
+                + (f"{load[0]:.1f}, {load[1]:.1f}" if load else "-") + " | "
+                f"{_size(r['peak_rss_bytes'])} | "
+                + (_size(r["peak_accumulated_bytes"]) if "peak_accumulated_bytes" in r else "-")
+                + f" | {_size(r['worker_peak_rss_bytes'])} | N={r['poly_modulus_degree']}, "
                 f"{r['modulus_bits']} | {r['accuracy']:.2%} | {r['argmax_agreement']:.2%} | "
                 f"{r['max_abs_error']:.1e} |")
     return lines

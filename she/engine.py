@@ -385,15 +385,21 @@ def _block(layer: PlanLayer, source: int, sizes: list[int]) -> sp.csr_matrix:
 
 def _chunks(shape: tuple[int, ...], units: int) -> list[np.ndarray]:
     """Unit indices (C-order) of a layer output of ``shape`` in chunks of about ``units``:
-    bands of rows across all channels for a feature map ``(C, H, W)``, else ranges."""
+    bands of rows across all channels for a feature map ``(C, H, W)`` (a row split into
+    groups of channels when one row is more than ``units``), else ranges."""
     total = int(np.prod(shape))
     if units >= total:
         return [np.arange(total)]
     if len(shape) == 3:
         channels, height, width = shape
-        rows = max(1, units // (channels * width))
         grid = np.arange(total).reshape(shape)
-        return [grid[:, h:h + rows].reshape(-1) for h in range(0, height, rows)]
+        rows = units // (channels * width)
+        if rows:
+            return [grid[:, h:h + rows].reshape(-1) for h in range(0, height, rows)]
+        groups = -(-channels // max(1, units // width))
+        group = -(-channels // groups)  # groups of about equal size
+        return [grid[c:c + group, h].reshape(-1) for h in range(height)
+                for c in range(0, channels, group)]
     return [np.arange(a, min(a + units, total)) for a in range(0, total, units)]
 
 

@@ -69,12 +69,14 @@ def test_a_second_convolution_runs_band_by_band(conv_conv, monkeypatch):
         * plan.levels()[1]
     assert whole_server.engine.peak_accumulated_bytes >= layer1  # one chunk: all of it
 
-    # chunks of one row (2 channels x 14 and 2 x 7 units): a row of the second convolution
-    # reads 3 rows of the first, so at most 2 of its 7 rows are open at a time
+    # chunks of one row of the second convolution (2 channels x 7 units), of one row or
+    # less of the first: a row of the second reads 3 rows of the first, so at most 2 of
+    # its 7 rows are open at a time
     n = plan.params.poly_modulus_degree
     monkeypatch.setattr(she.compiler, "BATCH_CHUNK_BYTES", 3 * 8 * 2 * n * plan.levels()[1] * 14)
     streamed = she.Server(plan)
-    assert [len(c) for c in streamed.engine.chunks] == [14, 7, 1]
+    chunks = streamed.engine.chunks
+    assert len(chunks[0]) in (14, 28) and len(chunks[1]) == 7 and len(chunks[2]) == 1
     assert streamed.evaluate(keys, request) == whole
     output = 10 * 2 * n * 8 * plan.levels()[2]  # the last layer's, held whole
     assert streamed.engine.peak_accumulated_bytes <= 2 / 7 * layer1 + output

@@ -74,3 +74,15 @@ def test_sections_a_run_skips_are_kept_from_the_earlier_result():
     text = bench.render(result)
     assert "Sections measured earlier (tutorial network, single, tutorial network, batch" in text
     assert "## Single: one image per request" in text and "## Accurate models, single packing" in text
+
+
+def test_batch_rows_show_cpu_time_load_and_accumulated_memory():
+    result = _result()
+    result["accurate"]["batch"]["mnist_cnn.she.onnx"].update(
+        server_cpu_s=300.0, load_average=[5.0, 7.5], peak_accumulated_bytes=2 ** 30)
+    result["comparisons"] = bench.comparisons(result)
+    assert "| 163.8 s | 20.00 ms | 300 s | 5.0, 7.5 | 3.00 GiB | 1.00 GiB | 1.00 GiB |" \
+        in bench.render(result)
+    older = _result()  # measured before these were recorded
+    older["comparisons"] = bench.comparisons(older)
+    assert "| 163.8 s | 20.00 ms | - | - | 3.00 GiB | - | 1.00 GiB |" in bench.render(older)
