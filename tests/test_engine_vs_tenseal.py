@@ -79,10 +79,38 @@ def test_sections_a_run_skips_are_kept_from_the_earlier_result():
 def test_batch_rows_show_cpu_time_load_and_accumulated_memory():
     result = _result()
     result["accurate"]["batch"]["mnist_cnn.she.onnx"].update(
-        server_cpu_s=300.0, load_average=[5.0, 7.5], peak_accumulated_bytes=2 ** 30)
-    result["comparisons"] = bench.comparisons(result)
-    assert "| 163.8 s | 20.00 ms | 300 s | 5.0, 7.5 | 3.00 GiB | 1.00 GiB | 1.00 GiB |" \
+        server_cpu_s=300.0, load_average=[5.0, 7.5], peak_accumulated_bytes=2 ** 30,
+        peak_tree_pss_bytes=4.5 * 2 ** 30)
+    rows = {r["measure"]: r for r in bench.comparisons(result)}
+    tree = rows["accurate mnist_cnn.she.onnx batch: peak memory of the process and its "
+                "workers during the evaluation (GiB)"]
+    assert tree["ratio"] == 4.5 and not tree["met"]  # above 4 GiB
+    result["comparisons"] = list(rows.values())
+    assert "| 163.8 s | 20.00 ms | 300 s | 5.0, 7.5 | 3.00 GiB | 4.50 GiB | 1.00 GiB | 1.00 GiB |" \
         in bench.render(result)
     older = _result()  # measured before these were recorded
     older["comparisons"] = bench.comparisons(older)
-    assert "| 163.8 s | 20.00 ms | - | - | 3.00 GiB | - | 1.00 GiB |" in bench.render(older)
+    assert "| 163.8 s | 20.00 ms | - | - | 3.00 GiB | - | - | 1.00 GiB |" in bench.render(older)
+
+
+def _hold_memory(mib: int, seconds: float) -> None:
+    import time
+
+    import numpy as np
+
+    block = np.ones(mib * 2 ** 17)  # float64: 8 bytes each, written (resident)
+    time.sleep(seconds)
+    del block
+
+
+def test_tree_memory_counts_forked_workers():
+    """The evaluation memory sums this process and the workers it forks."""
+    import multiprocessing
+    import os
+
+    before = bench.tree_pss_bytes(os.getpid())
+    with bench.TreeMemory(interval=0.05) as memory:
+        worker = multiprocessing.get_context("fork").Process(target=_hold_memory, args=(200, 1.0))
+        worker.start()
+        worker.join()
+    assert memory.peak_bytes >= before + 150 * 2 ** 20
