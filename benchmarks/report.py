@@ -29,7 +29,9 @@ replaces their rows in the saved JSON; the report then names that command and da
 the original run's.
 
 It writes ``docs/benchmarks.md``, ``docs/results/benchmarks.json`` and two plots:
-``docs/results/accuracy_latency.png`` (accuracy against latency per image, log axis) and
+``docs/results/accuracy_latency.png`` (accuracy against latency per image, log axis; one
+panel per data set, SHE's Pareto front, peers measured in the same run apart from published
+rows, every accuracy with its number of test images and 95 % interval) and
 ``docs/results/stages.png`` (encrypt / upload / evaluate / download / decrypt per image).
 Upload and download times are the measured byte counts at an assumed link speed
 (:data:`LINK_MBIT_S`), since client and server share this machine.
