@@ -370,22 +370,43 @@ def run(data_dir: str, n_single: int, n_batch: int, fashion_dir: str | None = No
 
 def keep_earlier(result: dict[str, Any], earlier: dict[str, Any]) -> None:
     """Sections this run skipped (``--single 0``, ``--batch 0``, no accurate models) are
-    kept from the earlier result, with the command and date that measured them."""
-    kept = []
+    kept from the earlier result, each with the command and date that measured it
+    (``result["earlier"]``: a list of ``{command, date, sections}``)."""
+    origins = earlier.get("earlier") or []
+    if isinstance(origins, dict):  # results written before origins were kept per section
+        origins = [origins]
+    own = {"command": earlier["command"], "date": earlier["date"]}
+
+    def origin_of(section: str) -> dict[str, Any]:
+        return next((o for o in origins if section in o["sections"]), own)
+
+    kept: dict[str, list[str]] = {}  # sections by the command that measured them
+
+    def keep(section: str) -> None:
+        origin = origin_of(section)
+        kept.setdefault(json.dumps([origin["command"], origin["date"]]), []).append(section)
+
     for part in ("single", "batch"):
         if part not in result["she"] and part in earlier.get("she", {}):
             for who in ("she", "tenseal"):
                 if part in earlier.get(who, {}):
                     result[who][part] = earlier[who][part]
-            kept.append(f"tutorial network, {part}")
+            keep(f"tutorial network, {part}")
     for part, section in earlier.get("accurate", {}).items():
         if part not in result.get("accurate", {}):
             result.setdefault("accurate", {})[part] = section
-            kept.append(f"accurate models, {part}")
+            keep(f"accurate models, {part}")
     if kept:
-        origin = earlier.get("earlier") or {"command": earlier["command"], "date": earlier["date"]}
-        result["earlier"] = {**origin, "sections": kept}
+        result["earlier"] = [{"command": command, "date": date, "sections": sections}
+                             for (command, date), sections in
+                             ((json.loads(key), sections) for key, sections in kept.items())]
         result["comparisons"] = comparisons(result)
+
+
+def _origins(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The earlier runs whose sections ``result`` kept (one dict in older results)."""
+    earlier = result["earlier"]
+    return [earlier] if isinstance(earlier, dict) else earlier
 
 
 def _size(n: float) -> str:
@@ -409,8 +430,8 @@ def render(result: dict[str, Any]) -> str:
         + ". The baselines are plain TenSEAL code "
         "(`benchmarks/tenseal_baseline.py`): the tutorial's one-image implementation, and a "
         "4096-image batch with client-side im2col.",
-        *(["", f"Sections measured earlier ({', '.join(result['earlier']['sections'])}): "
-           f"`{result['earlier']['command']}` on {result['earlier']['date']}."]
+        *(["", " ".join(f"Sections measured earlier ({', '.join(o['sections'])}): "
+                        f"`{o['command']}` on {o['date']}." for o in _origins(result))]
           if "earlier" in result else []),
         "",
         "## Targets",
@@ -419,7 +440,7 @@ def render(result: dict[str, Any]) -> str:
         "| --- | --- | --- | --- |",
     ]
     for row in result["comparisons"]:
-        op = "≤" if "RSS" in row["measure"] or "ms per image" in row["measure"] else "≥"
+        op = "≤" if "GiB" in row["measure"] or "ms per image" in row["measure"] else "≥"
         lines.append(f"| {row['measure']} | {row['ratio']:.2f} | {op} {row['target']:g} | "
                      f"{'yes' if row['met'] else '**no**'} |")
     lines += ["", "## Single: one image per request", "",
@@ -508,7 +529,7 @@ def _render_accurate(accurate: dict[str, Any]) -> list[str]:
                   "| model | images | server total | per image | server CPU | load average "
                   "(start, end) | peak RSS (whole process) | evaluation memory | accumulated "
                   "outputs held at most | largest worker | ring, modulus bits | accuracy | "
-                  "agreement | max \\|error\\| |",
+                  "agreement | max \\|error\\| (predicted) |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
                   "| --- |"]
         for name, r in batch.items():
@@ -523,7 +544,8 @@ def _render_accurate(accurate: dict[str, Any]) -> list[str]:
                 + (_size(r["peak_accumulated_bytes"]) if "peak_accumulated_bytes" in r else "-")
                 + f" | {_size(r['worker_peak_rss_bytes'])} | N={r['poly_modulus_degree']}, "
                 f"{r['modulus_bits']} | {r['accuracy']:.2%} | {r['argmax_agreement']:.2%} | "
-                f"{r['max_abs_error']:.1e} |")
+                f"{r['max_abs_error']:.1e}"
+                + (f" ({r['predicted_error']:.1e})" if "predicted_error" in r else "") + " |")
     return lines
 
 

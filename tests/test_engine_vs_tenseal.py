@@ -65,15 +65,38 @@ def test_sections_a_run_skips_are_kept_from_the_earlier_result():
     bench.keep_earlier(result, earlier)
     assert result["she"]["single"] == earlier["she"]["single"]
     assert result["tenseal"]["batch"] == earlier["tenseal"]["batch"]
-    origin = earlier.get("earlier") or earlier
-    assert result["earlier"]["command"] == origin["command"]
-    assert {"tutorial network, single", "tutorial network, batch"} <= set(result["earlier"]["sections"])
+    sections = {s for o in result["earlier"] for s in o["sections"]}
+    assert {"tutorial network, single", "tutorial network, batch"} <= sections
     measures = {r["measure"] for r in result["comparisons"]}
     assert "single: baseline p50 server latency / SHE p50" in measures
     assert "accurate mnist_cnn.she.onnx single: baseline p50 / SHE p50" in measures
     text = bench.render(result)
     assert "Sections measured earlier (tutorial network, single, tutorial network, batch" in text
     assert "## Single: one image per request" in text and "## Accurate models, single packing" in text
+
+
+def test_each_kept_section_names_the_run_that_measured_it():
+    """An earlier run that itself kept sections of a still earlier one: every section
+    kept again is attributed to the run that measured it, not to the last one."""
+    first = {"command": "python -m benchmarks.engine_vs_tenseal --single 30", "date": "day 1"}
+    saved = json.loads((bench.DOCS / "results" / "engine_vs_tenseal.json").read_text())
+    earlier = _result()
+    earlier.update(command="python -m benchmarks.engine_vs_tenseal --accurate-single 12",
+                   date="day 2", she={"single": saved["she"]["single"]},
+                   tenseal={"single": saved["tenseal"]["single"]},
+                   earlier={**first, "sections": ["tutorial network, single"]})  # older format
+    del earlier["accurate"]["batch"]
+    result = _result()
+    del result["accurate"]["single"]
+    bench.keep_earlier(result, earlier)
+    by_section = {s: (o["command"], o["date"]) for o in result["earlier"] for s in o["sections"]}
+    assert by_section == {"tutorial network, single": (first["command"], "day 1"),
+                          "accurate models, single": (earlier["command"], "day 2")}
+    text = bench.render(result)
+    assert "Sections measured earlier (tutorial network, single): `python -m benchmarks." \
+           "engine_vs_tenseal --single 30` on day 1." in text
+    assert "Sections measured earlier (accurate models, single): `python -m benchmarks." \
+           "engine_vs_tenseal --accurate-single 12` on day 2." in text
 
 
 def test_batch_rows_show_cpu_time_load_and_accumulated_memory():
