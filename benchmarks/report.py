@@ -29,7 +29,9 @@ replaces their rows in the saved JSON; the report then names that command and da
 the original run's.
 
 It writes ``docs/benchmarks.md``, ``docs/results/benchmarks.json`` and two plots:
-``docs/results/accuracy_latency.png`` (accuracy against latency per image, log axis) and
+``docs/results/accuracy_latency.png`` (accuracy against latency per image, log axis; one
+panel per data set, SHE's Pareto front, peers measured in the same run apart from published
+rows, every accuracy with its number of test images and 95 % interval) and
 ``docs/results/stages.png`` (encrypt / upload / evaluate / download / decrypt per image).
 Upload and download times are the measured byte counts at an assumed link speed
 (:data:`LINK_MBIT_S`), since client and server share this machine.
@@ -41,6 +43,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import math
 import shlex
 import sys
 import time
@@ -428,6 +431,10 @@ def plot(report: dict[str, Any], out_dir: Path) -> list[Path]:
 
 #: Data set of every model of the report (by :class:`Subject` name); peers run on MNIST.
 DATASET_TITLES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
+#: Marker of every kind of encrypted row (:func:`mode_kind`); peers are hollow.
+MODE_MARKERS = {"batch": ("o", "SHE CKKS batch"), "bfv": ("D", "SHE BFV batch"),
+                "single": ("^", "SHE CKKS single"), "peer": ("s", "peer, measured in the same run"),
+                "concrete": ("P", "Concrete ML, measured in the same run")}
 
 
 def _row_seconds(row: dict[str, Any]) -> float:
@@ -444,32 +451,64 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
+def panel_rows(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The encrypted rows by the data set their model is measured on (:data:`SUBJECTS`),
+    in :data:`DATASET_TITLES` order; data sets without rows are left out. A row of a model
+    that is not a subject is an error (its data set is unknown)."""
+    datasets = {s.name: s.dataset for s in SUBJECTS}
+    panels: dict[str, list[dict[str, Any]]] = {d: [] for d in DATASET_TITLES}
+    for row in rows:
+        if not _encrypted(row):
+            continue
+        if datasets.get(row["model"]) not in panels:
+            raise ValueError(f"row of {row['model']!r}: not a model of the report, data set unknown")
+        panels[datasets[row["model"]]].append(row)
+    return {d: mine for d, mine in panels.items() if mine}
+
+
+def accuracy_interval(accuracy: float, images: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson 95 % interval of an accuracy measured on ``images`` test images."""
+    centre = (accuracy + z * z / (2 * images)) / (1 + z * z / images)
+    half = z / (1 + z * z / images) * math.sqrt(
+        accuracy * (1 - accuracy) / images + z * z / (4 * images * images))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def accuracy_latency_plot(plt: Any, report: dict[str, Any], path: Path) -> None:
     """One panel per data set: SHE's encrypted modes (their Pareto front drawn), the peers
-    this script measured in the same run, and published rows (MNIST); every accuracy is
-    labelled with the number of test images it was measured on."""
-    datasets = {s.name: s.dataset for s in SUBJECTS}
-    rows = [r for r in report["rows"] if _encrypted(r)]
-    panels = [d for d in DATASET_TITLES if any(datasets.get(r["model"], "mnist") == d for r in rows)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 8), squeeze=False)
-    for ax, dataset in zip(axes[0], panels, strict=True):
-        mine = [r for r in rows if datasets.get(r["model"], "mnist") == dataset]
-        she_points = []
+    this script measured in the same run (hollow, named beside the point), and published
+    rows (grey crosses, MNIST). Colour: the model (the same in every panel); marker: the
+    mode. Every accuracy is labelled with the number of test images it was measured on and
+    drawn with its 95 % interval, so that a 500-image 99.8 % reads as the wide guess it is."""
+    panels = panel_rows(report["rows"])
+    colours = {s.name: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(SUBJECTS)}
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 7.5), squeeze=False)
+    for ax, (dataset, mine) in zip(axes[0], panels.items(), strict=True):
+        she_points, accuracies, peers = [], [], 0
         for row in mine:
             seconds, accuracy = _row_seconds(row), 100 * row["accuracy"]
-            peer = not row["mode"].startswith("SHE")
-            if not peer:
+            kind = mode_kind(row["mode"])
+            peer = kind in ("peer", "concrete")
+            low, high = accuracy_interval(row["accuracy"], row["images"])
+            ax.errorbar(seconds, accuracy, yerr=[[accuracy - 100 * low], [100 * high - accuracy]],
+                        color=colours[row["model"]], alpha=0.35, capsize=2, linewidth=1)
+            ax.scatter(seconds, accuracy, marker=MODE_MARKERS[kind][0], s=60, zorder=3,
+                       color="none" if peer else colours[row["model"]],
+                       edgecolors=colours[row["model"]], linewidths=1.5)
+            accuracies.append(accuracy)
+            label = f"{accuracy:.2f}% (n={row['images']:,})"
+            offset = 3
+            if peer:  # named beside the point, below it (SHE's labels are above theirs)
+                label = f"{row['mode'].split(',')[0]}: {label}"
+                offset, peers = -9 - 8 * (peers % 2), peers + 1
+            else:
                 she_points.append((seconds, accuracy))
-            ax.scatter(seconds, accuracy, marker="s" if peer else "o", s=60,
-                       facecolors="none" if peer else None, edgecolors="black" if peer else None,
-                       label=f"{row['model']}: {row['mode']}"
-                             + (" (measured in the same run)" if peer else ""))
-            ax.annotate(f"{accuracy:.2f}% (n={row['images']:,})", (seconds, accuracy),
-                        fontsize=6, xytext=(4, 3), textcoords="offset points")
+            ax.annotate(label, (seconds, accuracy), fontsize=6, xytext=(5, offset),
+                        textcoords="offset points")
         front = pareto_front(she_points)
         if len(front) > 1:
-            ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="tab:blue",
-                    alpha=0.5, linestyle="--", label="SHE: Pareto front (faster or more accurate)")
+            ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="black",
+                    alpha=0.5, linestyle="--", zorder=2)
         if dataset == "mnist":
             for p in report["published"]:
                 seconds = p["latency_s"] or p["amortised_s"]
@@ -477,12 +516,28 @@ def accuracy_latency_plot(plt: Any, report: dict[str, Any], path: Path) -> None:
                 ax.annotate(f"{p['system']} (published) {100 * p['accuracy']:.2f}%",
                             (seconds, 100 * p["accuracy"]), fontsize=6, color="grey",
                             xytext=(4, -10), textcoords="offset points")
+                accuracies.append(100 * p["accuracy"])
+        # the points decide the range; an interval of a few images may run past it
+        ax.set_ylim(min(accuracies) - 0.5, min(100.0, max(accuracies)) + 0.5)
         ax.set_xscale("log")
         ax.set_xlabel("seconds per image (single: server latency p50; batch: amortised server time)")
-        ax.set_ylabel("accuracy on the test images (%)")
+        ax.set_ylabel("accuracy on the test images (%), 95 % interval")
         ax.set_title(f"Encrypted {DATASET_TITLES[dataset]} inference")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
+        handles = [plt.Line2D([], [], linestyle="", marker="o", color=colours[name], label=name)
+                   for name in dict.fromkeys(r["model"] for r in mine)]
+        kinds = dict.fromkeys(mode_kind(r["mode"]) for r in mine)
+        handles += [plt.Line2D([], [], linestyle="", marker=MODE_MARKERS[k][0], color="black",
+                               markerfacecolor="none" if k in ("peer", "concrete") else "black",
+                               label=MODE_MARKERS[k][1]) for k in kinds]
+        if len(front) > 1:
+            handles.append(plt.Line2D([], [], color="black", alpha=0.5, linestyle="--",
+                                      label="SHE's Pareto front (nothing faster and more accurate)"))
+        if dataset == "mnist":
+            handles.append(plt.Line2D([], [], linestyle="", marker="x", color="grey",
+                                      label="published, not measured here"))
+        ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1),
+                  ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

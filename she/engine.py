@@ -16,13 +16,24 @@ feature map ``(C, H, W)`` is a band of rows across all channels, so that a convo
 after it touches only the next layer's outputs near that band: each chunk's product is
 restricted to the output units its weights reach.
 
+The chunks run as a wavefront: as soon as every chunk that contributes to a chunk of a
+later layer has been added into it, that chunk is computed, squared and passed on in
+turn, and its accumulated outputs are released. So of a convolution followed by another,
+only the few bands of the second one's outputs that the current band of the first one
+reaches are alive at a time, never the whole layer; and input ciphertexts no later chunk
+reads are released as the first layer advances. The accumulated outputs live in sparse
+shared-memory mappings that the workers add into in place, a block of coefficients at a
+time, and released units are punched out of them (``MADV_REMOVE``).
+
 A graph (skip connections, branches) runs the same way: each square's chunks are streamed
 into every later layer that reads them, and the input ciphertexts are kept until the last
-layer that reads them (see :meth:`Engine.run`).
+chunk that reads them (see :meth:`Engine.run`).
 """
 
 from __future__ import annotations
 
+import collections
+import mmap
 import multiprocessing
 import os
 import signal
@@ -42,6 +53,10 @@ from .errors import FormatError, ParameterError
 from .kernels import LinearKernel, add_constant, add_constant_bfv
 
 T = TypeVar("T")
+#: Coefficients of every limb a worker multiplies at a time (bounds the kernels' temporaries).
+BLOCK_COEFFICIENTS = 2048
+#: Ciphertexts serialised for SEAL's squares at a time (bounds the scratch files).
+SQUARE_UNITS = 128
 
 #: What the forked workers need; set by the parent just before it forks.
 _JOB: dict[str, Any] = {}
@@ -62,6 +77,8 @@ class Engine:
         if problem:
             raise ParameterError(problem)
         self.primes = plan.params.ciphertext_primes
+        #: Of the last run: the most bytes of later layers' accumulated outputs held at once.
+        self.peak_accumulated_bytes = 0
         q = max(self.primes)
         layers = plan.layers
         self.levels = plan.levels()
@@ -96,6 +113,30 @@ class Engine:
                         entries.append((i, reached, LinearKernel.build(part[reached], q)))
                 per_chunk.append(entries)
             self.stream_kernels.append(per_chunk)
+        #: Per layer i and chunk: ``{k: n}``, the chunk may run once the first ``n`` chunks
+        #: of layer k (whose square it reads) have been added into it (at least one: the
+        #: scale of layer k's squares is then known).
+        self.needs: list[list[dict[int, int]]] = [
+            [{s - 1: 1 for s in layer.sources if s} for _ in self.chunks[i]]
+            for i, layer in enumerate(layers)]
+        for k, per_chunk in enumerate(self.stream_kernels):
+            for c, entries in enumerate(per_chunk):
+                for i, reached, _ in entries:
+                    owner = np.empty(layers[i].weights.shape[0], dtype=np.intp)
+                    for ci, rows in enumerate(self.chunks[i]):
+                        owner[rows] = ci
+                    for ci in np.unique(owner[reached]):
+                        self.needs[i][ci][k] = max(self.needs[i][ci][k], c + 1)
+        #: Input ciphertexts no later chunk reads once chunk c of the first layer has run
+        #: (None: other layers read the input too; it is then released after the last).
+        self.release_inputs: list[np.ndarray] | None = None
+        if [k for k, layer in enumerate(layers) if 0 in layer.sources] == [0] and \
+                self.input_kernels[0] is not None:
+            last_reader = np.zeros(plan.n_inputs, dtype=np.intp)  # unread: after the first
+            for c, kernel in enumerate(self.input_kernels[0]):
+                last_reader[_columns(kernel.weights)] = c
+            self.release_inputs = [np.flatnonzero(last_reader == c)
+                                   for c in range(len(self.chunks[0]))]
 
     def run(self, ctx: ts.Context, relin: sealapi.RelinKeys, inputs: np.ndarray,
             scale: float) -> tuple[np.ndarray, float]:
@@ -104,7 +145,9 @@ class Engine:
         Args:
             ctx: the client's public context (its parameters).
             relin: the client's relinearisation keys.
-            inputs: ``(n_inputs, 2, limbs, N)`` uint64 coefficient arrays at the top level.
+            inputs: ``(n_inputs, 2, limbs, N)`` uint64 coefficient arrays at the top level
+                (units no later chunk reads are released from a shared mapping as the run
+                advances: the array is consumed).
             scale: their CKKS scale (1 in BFV).
 
         Returns the output coefficient arrays and their scale.
@@ -114,68 +157,89 @@ class Engine:
         folded the ratio of the scales into the weights. Each chunk of a layer is its
         accumulated outputs plus its product over the input ciphertexts; after its square,
         the chunk's product with every later layer that reads it is added into that
-        layer's accumulated outputs.
+        layer's accumulated outputs, and every chunk of a later layer that has then
+        received all its terms runs at once (:attr:`needs`), depth first.
         """
-        layers = self.plan.layers
-        last = len(layers) - 1
-        refs = self.plan.sources()[2]
-        last_input = max(k for k, layer in enumerate(layers) if 0 in layer.sources)
-        source_scales = [scale]
-        # accumulated linear outputs of later layers (by layer, or by (layer, source) for
-        # terms that layer rescales early)
-        acc: dict[int | tuple[int, int], np.ndarray] = {}
         bridge = SealBridge(ctx)
+        state = _Pass(inputs, scale)
         try:
-            for k, layer in enumerate(layers):
-                level = self.levels[k]
-                next_scale = scale
-                for c, rows in enumerate(self.chunks[k]):
-                    part = acc[k][rows] if k in acc else None
-                    kernels = self.input_kernels[k]
-                    if kernels is not None and 0 not in self.early[k]:
-                        direct = self._linear(bridge, kernels[c], inputs[:, :, :level], f"l{k}c{c}")
-                        part = direct if part is None else self._added(part, direct)
-                    for s in self.early[k]:  # shallower terms, rescaled to this level
-                        if s == 0:
-                            term = self._linear(bridge, kernels[c], inputs, f"l{k}c{c}")
-                        elif (k, s) in acc:
-                            term = acc[(k, s)][rows]
-                        else:
-                            continue
-                        term, _ = self._square(bridge, relin, term,
-                                               source_scales[s] * 2.0 ** layer.shift,
-                                               term.shape[2] - level,
-                                               times=self.plan.early_constant(k, s))
-                        part = term if part is None else self._added(part, term)
-                    if part is None:  # every weight of the chunk is zero
-                        part = np.zeros((len(rows), 2, level, self.plan.params.poly_modulus_degree),
-                                        dtype=np.uint64)
-                    part_scale = self._add_bias(part, k, source_scales[refs[k]], rows)
-                    if k == last:
-                        return part, part_scale
-                    squared, next_scale = self._square(bridge, relin, part, part_scale,
-                                                       layer.rescale_primes)
-                    del part
-                    for i, reached, kernel in self.stream_kernels[k][c]:
-                        # an early-rescaled source keeps its level until layer i rescales it
-                        key, limbs = ((i, k + 1), squared.shape[2]) if k + 1 in self.early[i] \
-                            else (i, self.levels[i])
-                        contribution = self._linear(bridge, kernel, squared[:, :, :limbs],
-                                                    f"l{i}s{k}c{c}")
-                        if key not in acc:
-                            acc[key] = np.zeros((layers[i].weights.shape[0],
-                                                 *contribution.shape[1:]), dtype=np.uint64)
-                        acc[key][reached] = self._added(acc[key][reached], contribution)
-                    del squared
-                for key in [key for key in acc if key == k or isinstance(key, tuple)
-                            and key[0] == k]:
-                    del acc[key]
-                source_scales.append(next_scale)
-                if k >= last_input:
-                    inputs = None  # the input ciphertexts are no longer needed
-            raise AssertionError("the output layer returns")
+            for k in range(len(self.plan.layers)):
+                while state.done[k] < len(self.chunks[k]):
+                    assert self._ready(state, k), "every earlier layer has run"
+                    self._chunk(bridge, relin, state, k)
+            assert state.result is not None, "the output layer runs last"
+            self.peak_accumulated_bytes = state.peak_held_bytes
+            return state.result
         finally:
+            for array in state.acc.values():
+                _release(array, np.arange(len(array)))
             bridge.close()
+
+    def _ready(self, state: _Pass, i: int) -> bool:
+        """Whether layer ``i``'s next chunk has received every term it needs."""
+        c = state.done[i]
+        return c < len(self.chunks[i]) and all(
+            state.done[k] >= n for k, n in self.needs[i][c].items())
+
+    def _chunk(self, bridge: SealBridge, relin: sealapi.RelinKeys, state: _Pass,
+               k: int) -> None:
+        """Run the next chunk of layer ``k``: its outputs, their square, its products into
+        every later layer; then every later chunk that became ready."""
+        layers = self.plan.layers
+        layer, c, level = layers[k], state.done[k], self.levels[k]
+        rows = self.chunks[k][c]
+        refs = self.plan.sources()[2]
+        part = state.take(k, rows)
+        kernels = self.input_kernels[k]
+        if kernels is not None and 0 not in self.early[k]:
+            direct = self._linear(bridge, kernels[c], state.inputs[:, :, :level], f"l{k}c{c}")
+            part = direct if part is None else self._added(part, direct)
+        for s in self.early[k]:  # shallower terms, rescaled to this level
+            term = self._linear(bridge, kernels[c], state.inputs, f"l{k}c{c}") if s == 0 \
+                else state.take((k, s), rows)
+            if term is None:
+                continue
+            term, _ = self._square(bridge, relin, term, state.scales[s] * 2.0 ** layer.shift,
+                                   term.shape[2] - level, times=self.plan.early_constant(k, s))
+            part = term if part is None else self._added(part, term)
+        if part is None:  # every weight of the chunk is zero
+            part = np.zeros((len(rows), 2, level, self.plan.params.poly_modulus_degree),
+                            dtype=np.uint64)
+        part_scale = self._add_bias(part, k, state.scales[refs[k]], rows)
+        if k == len(layers) - 1:
+            state.done[k] += 1
+            state.result = (part, part_scale)
+            return
+        squared, state.scales[k + 1] = self._square(bridge, relin, part, part_scale,
+                                                    layer.rescale_primes)
+        del part
+        self._release_inputs(state, k, c)
+        for i, reached, kernel in self.stream_kernels[k][c]:
+            # an early-rescaled source keeps its level until layer i rescales it
+            key, limbs = ((i, k + 1), squared.shape[2]) if k + 1 in self.early[i] \
+                else (i, self.levels[i])
+            if key not in state.acc:
+                state.acc[key] = _shared_zeros(bridge, f"acc{i}s{k}", (
+                    layers[i].weights.shape[0], 2, limbs, squared.shape[3]))
+            self._accumulate(bridge, kernel, squared[:, :, :limbs], state.acc[key], reached)
+            state.hold(key, reached)
+        del squared
+        state.done[k] += 1
+        for i in sorted({i for i, _, _ in self.stream_kernels[k][c]}):
+            while self._ready(state, i):
+                self._chunk(bridge, relin, state, i)
+
+    def _release_inputs(self, state: _Pass, k: int, c: int) -> None:
+        """Release the input ciphertexts no chunk after chunk ``c`` of layer ``k`` reads."""
+        if state.inputs is None:
+            return
+        if self.release_inputs is not None:
+            if k == 0:
+                _release(state.inputs, self.release_inputs[c])
+        elif all(state.done[i] + (i == k) >= len(self.chunks[i])
+                 for i, layer in enumerate(self.plan.layers) if 0 in layer.sources):
+            _release(state.inputs, np.arange(len(state.inputs)))
+            state.inputs = None
 
     def _add_bias(self, data: np.ndarray, index: int, scale: float, rows: np.ndarray) -> float:
         """Add layer ``index``'s biases of units ``rows`` to their linear outputs ``data``
@@ -219,56 +283,95 @@ class Engine:
         return self._in_workers(bridge, name, shape, _linear_part, data.shape[3],
                                 kernel=kernel, data=data, moduli=moduli)
 
+    def _accumulate(self, bridge: SealBridge, kernel: LinearKernel, data: np.ndarray,
+                    target: np.ndarray, rows: np.ndarray) -> None:
+        """``target[rows] += kernel @ data`` modulo each limb's prime, in place (``target``:
+        a shared mapping), the coefficients shared among the workers."""
+        moduli = self.primes[: data.shape[2]]
+        workers = min(self.workers, data.shape[3])
+        _JOB.update(kernel=kernel, data=data, moduli=moduli, out=target, rows=rows)
+        try:
+            _run_pool(workers, _accumulate_part, _split(data.shape[3], workers))
+        finally:
+            _JOB.clear()
+
     def _in_workers(self, bridge: SealBridge, name: str, shape: tuple[int, ...],
                     part: Callable[[range], None], length: int, **job: Any) -> np.ndarray:
         """Fill a new uint64 array of ``shape`` with ``part(range)`` over ``range(length)``,
-        split among the workers, which write into a shared-memory file."""
+        split among the workers, which write into a shared-memory mapping."""
         workers = min(self.workers, length)
-        if workers == 1:
-            _JOB.update(job, out=np.empty(shape, dtype=np.uint64))
-            try:
-                part(range(length))
-                return _JOB["out"]
-            finally:
-                _JOB.clear()
-        path = bridge.unit_path(name)
-        np.lib.format.open_memmap(path, mode="w+", dtype=np.uint64, shape=shape).flush()
-        _JOB.update(job, out=path)
+        out = _shared_zeros(bridge, name, shape)
+        _JOB.update(job, out=out)
         try:
-            bounds = np.linspace(0, length, workers + 1).astype(int)
-            _run_pool(workers, part,
-                      [range(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+            _run_pool(workers, part, _split(length, workers))
         finally:
             _JOB.clear()
-        result = np.load(path, mmap_mode="r+")
-        Path(path).unlink()  # the mapping stays valid; the memory goes with it
-        return result
+        return out
 
     def _square(self, bridge: SealBridge, relin: sealapi.RelinKeys, data: np.ndarray, scale: float,
                 rescales: int, times: float | None = None) -> tuple[np.ndarray, float]:
         """Square every ciphertext, relinearise, and drop ``rescales`` primes; with
-        ``times``, multiply by that integer (an early rescale) instead of squaring."""
+        ``times``, multiply by that integer (an early rescale) instead of squaring. SEAL
+        reads and writes files, so the ciphertexts go through them :data:`SQUARE_UNITS` at
+        a time."""
         level = bridge.levels[data.shape[2]]
         out_level = bridge.levels[data.shape[2] - rescales]
-        paths = [bridge.unit_path(i) for i in range(len(data))]
-        for unit, path in zip(data, paths, strict=True):
-            raw = sealbytes.RawCiphertext(unit, scale, level.parms_id, level.ntt_form)
-            Path(path).write_bytes(sealbytes.serialize(raw))
-        _JOB.update(seal=bridge.seal, relin=relin, rescales=rescales,
-                    paths=paths, level=out_level, times=times)
-        workers = min(self.workers, len(paths))
-        try:
-            scales = _run_pool(workers, _square_chunk,
-                               [range(i, len(paths), workers) for i in range(workers)])
-        finally:
-            _JOB.clear()
-        shape = (2, out_level.limbs, out_level.poly_modulus_degree)
-        out = np.empty((len(paths), *shape), dtype=np.uint64)
-        for i, path in enumerate(paths):
-            out[i] = np.fromfile(f"{path}.raw", dtype=np.uint64).reshape(shape)
-            Path(path).unlink()  # shared memory: free it as soon as it is read
-            Path(f"{path}.raw").unlink()
-        return out, scales[0]
+        out = np.empty((len(data), 2, out_level.limbs, out_level.poly_modulus_degree),
+                       dtype=np.uint64)
+        scale_out = scale
+        for start in range(0, len(data), SQUARE_UNITS):
+            units = range(start, min(start + SQUARE_UNITS, len(data)))
+            paths = [bridge.unit_path(i) for i in units]
+            for i, path in zip(units, paths, strict=True):
+                raw = sealbytes.RawCiphertext(data[i], scale, level.parms_id, level.ntt_form)
+                Path(path).write_bytes(sealbytes.serialize(raw))
+            _JOB.update(seal=bridge.seal, relin=relin, rescales=rescales,
+                        paths=paths, level=out_level, times=times)
+            workers = min(self.workers, len(paths))
+            try:
+                scale_out = _run_pool(workers, _square_chunk,
+                                      [range(i, len(paths), workers) for i in range(workers)])[0]
+            finally:
+                _JOB.clear()
+            for i, path in zip(units, paths, strict=True):
+                out[i] = np.fromfile(f"{path}.raw", dtype=np.uint64).reshape(out.shape[1:])
+                Path(path).unlink()  # shared memory: free it as soon as it is read
+                Path(f"{path}.raw").unlink()
+        return out, scale_out
+
+
+class _Pass:
+    """The state of one :meth:`Engine.run`: chunks done by layer, the scale of every
+    source, the accumulated outputs of later layers (by layer, or by ``(layer, source)``
+    for terms that layer rescales early), the input ciphertexts and the result."""
+
+    def __init__(self, inputs: np.ndarray, scale: float) -> None:
+        self.inputs: np.ndarray | None = inputs
+        self.scales: dict[int, float] = {0: scale}
+        self.acc: dict[int | tuple[int, int], np.ndarray] = {}
+        self.done: dict[int, int] = collections.defaultdict(int)
+        self.result: tuple[np.ndarray, float] | None = None
+        #: Accumulated units written and not yet taken, by key; their bytes, and the peak.
+        self.live: dict[int | tuple[int, int], np.ndarray] = {}
+        self.held_bytes = self.peak_held_bytes = 0
+
+    def hold(self, key: int | tuple[int, int], rows: np.ndarray) -> None:
+        """Count ``rows`` of ``key`` as held (written into)."""
+        live = self.live.setdefault(key, np.zeros(len(self.acc[key]), dtype=bool))
+        self.held_bytes += int(np.count_nonzero(~live[rows])) * self.acc[key][0].nbytes
+        live[rows] = True
+        self.peak_held_bytes = max(self.peak_held_bytes, self.held_bytes)
+
+    def take(self, key: int | tuple[int, int], rows: np.ndarray) -> np.ndarray | None:
+        """The accumulated outputs ``rows`` of ``key`` (None: nothing was added), released
+        from the shared mapping."""
+        if key not in self.acc:
+            return None
+        part = np.array(self.acc[key][rows])
+        _release(self.acc[key], rows)
+        self.held_bytes -= int(np.count_nonzero(self.live[key][rows])) * self.acc[key][0].nbytes
+        self.live[key][rows] = False
+        return part
 
 
 def _block(layer: PlanLayer, source: int, sizes: list[int]) -> sp.csr_matrix:
@@ -279,15 +382,21 @@ def _block(layer: PlanLayer, source: int, sizes: list[int]) -> sp.csr_matrix:
 
 def _chunks(shape: tuple[int, ...], units: int) -> list[np.ndarray]:
     """Unit indices (C-order) of a layer output of ``shape`` in chunks of about ``units``:
-    bands of rows across all channels for a feature map ``(C, H, W)``, else ranges."""
+    bands of rows across all channels for a feature map ``(C, H, W)`` (a row split into
+    groups of channels when one row is more than ``units``), else ranges."""
     total = int(np.prod(shape))
     if units >= total:
         return [np.arange(total)]
     if len(shape) == 3:
         channels, height, width = shape
-        rows = max(1, units // (channels * width))
         grid = np.arange(total).reshape(shape)
-        return [grid[:, h:h + rows].reshape(-1) for h in range(0, height, rows)]
+        rows = units // (channels * width)
+        if rows:
+            return [grid[:, h:h + rows].reshape(-1) for h in range(0, height, rows)]
+        groups = -(-channels // max(1, units // width))
+        group = -(-channels // groups)  # groups of about equal size
+        return [grid[c:c + group, h].reshape(-1) for h in range(height)
+                for c in range(0, channels, group)]
     return [np.arange(a, min(a + units, total)) for a in range(0, total, units)]
 
 
@@ -301,6 +410,48 @@ def batch_memory_problem(plan: Plan) -> str | None:
                 f"than this machine's {have / 2**30:.1f} GiB allow; use single packing, or a "
                 "model whose activations act on fewer values (pool before the activation)")
     return None
+
+
+def _columns(weights: np.ndarray | sp.csr_matrix) -> np.ndarray:
+    """The columns of ``weights`` holding a nonzero weight."""
+    if sp.issparse(weights):
+        return np.unique(weights.indices)
+    return np.flatnonzero(np.abs(weights).sum(axis=0))
+
+
+def _shared_zeros(bridge: SealBridge, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A zero uint64 array of ``shape`` in a shared mapping of a sparse file in the bridge's
+    (shared-memory) directory: memory is taken only by the pages written, forked workers
+    write into it, and :func:`_release` gives units back. The file is unlinked at once."""
+    path = bridge.unit_path(name)
+    array = np.memmap(path, dtype=np.uint64, mode="w+", shape=shape)
+    Path(path).unlink()
+    return array
+
+
+def _release(array: np.ndarray, units: np.ndarray) -> None:
+    """Give the memory of ``array[units]`` back (its whole pages; the values become zero);
+    nothing for an array that is not a :func:`_shared_zeros` mapping."""
+    mapping = getattr(array, "_mmap", None)
+    if mapping is None or getattr(array, "offset", 0) or not len(units):
+        return
+    unit = array[0].nbytes
+    units = np.unique(units)
+    breaks = np.flatnonzero(np.diff(units) != 1) + 1
+    for run in np.split(units, breaks):  # runs of consecutive units
+        start = -(-int(run[0]) * unit // mmap.PAGESIZE) * mmap.PAGESIZE
+        stop = (int(run[-1]) + 1) * unit // mmap.PAGESIZE * mmap.PAGESIZE
+        if stop > start:
+            try:
+                mapping.madvise(mmap.MADV_REMOVE, start, stop - start)
+            except (OSError, AttributeError):  # not supported here: the memory stays
+                return
+
+
+def _split(length: int, parts: int) -> list[range]:
+    """``range(length)`` in ``parts`` contiguous ranges of about equal size."""
+    bounds = np.linspace(0, length, parts + 1).astype(int)
+    return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 def _physical_memory() -> int:
@@ -323,24 +474,33 @@ def _run_pool(workers: int, fn: Callable[[range], T], chunks: list[range]) -> li
         pool.join()
 
 
-def _output() -> np.ndarray:
-    """The array a worker writes into: in memory, or the shared-memory file's mapping."""
-    out = _JOB["out"]
-    return out if isinstance(out, np.ndarray) else np.load(out, mmap_mode="r+")
+def _blocks(coefficients: range) -> list[slice]:
+    """A worker's coefficients in blocks of :data:`BLOCK_COEFFICIENTS`."""
+    return [slice(a, min(a + BLOCK_COEFFICIENTS, coefficients.stop))
+            for a in range(coefficients.start, coefficients.stop, BLOCK_COEFFICIENTS)]
 
 
 def _linear_part(coefficients: range) -> None:
     """Worker: apply the kernel to a range of coefficients of every limb."""
-    kernel, data, moduli = _JOB["kernel"], _JOB["data"], _JOB["moduli"]
-    part = slice(coefficients.start, coefficients.stop)
-    out = _output()
-    out[..., part] = kernel.apply(data[..., part], moduli)
+    kernel, data, moduli, out = _JOB["kernel"], _JOB["data"], _JOB["moduli"], _JOB["out"]
+    for block in _blocks(coefficients):
+        out[..., block] = kernel.apply(data[..., block], moduli)
+
+
+def _accumulate_part(coefficients: range) -> None:
+    """Worker: add the kernel's product over a range of coefficients into the target rows."""
+    kernel, data, moduli, out, rows = (_JOB[k] for k in ("kernel", "data", "moduli", "out", "rows"))
+    q = np.asarray(moduli, dtype=np.uint64)[None, None, :, None]
+    for block in _blocks(coefficients):
+        total = out[rows, :, :, block]
+        total += kernel.apply(data[..., block], moduli)
+        np.subtract(total, q, out=total, where=total >= q)
+        out[rows, :, :, block] = total
 
 
 def _parse_part(indices: range) -> None:
     """Worker: validate and decode the input ciphertexts at ``indices``."""
-    blobs, level, scale = _JOB["blobs"], _JOB["level"], _JOB["scale"]
-    out = _output()
+    blobs, level, scale, out = _JOB["blobs"], _JOB["level"], _JOB["scale"], _JOB["out"]
     for i in indices:
         raw = sealbytes.parse(blobs[i], level, out=out[i])
         if raw.scale != scale:

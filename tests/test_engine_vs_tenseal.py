@@ -65,12 +65,75 @@ def test_sections_a_run_skips_are_kept_from_the_earlier_result():
     bench.keep_earlier(result, earlier)
     assert result["she"]["single"] == earlier["she"]["single"]
     assert result["tenseal"]["batch"] == earlier["tenseal"]["batch"]
-    origin = earlier.get("earlier") or earlier
-    assert result["earlier"]["command"] == origin["command"]
-    assert {"tutorial network, single", "tutorial network, batch"} <= set(result["earlier"]["sections"])
+    sections = {s for o in result["earlier"] for s in o["sections"]}
+    assert {"tutorial network, single", "tutorial network, batch"} <= sections
     measures = {r["measure"] for r in result["comparisons"]}
     assert "single: baseline p50 server latency / SHE p50" in measures
     assert "accurate mnist_cnn.she.onnx single: baseline p50 / SHE p50" in measures
     text = bench.render(result)
     assert "Sections measured earlier (tutorial network, single, tutorial network, batch" in text
     assert "## Single: one image per request" in text and "## Accurate models, single packing" in text
+
+
+def test_each_kept_section_names_the_run_that_measured_it():
+    """An earlier run that itself kept sections of a still earlier one: every section
+    kept again is attributed to the run that measured it, not to the last one."""
+    first = {"command": "python -m benchmarks.engine_vs_tenseal --single 30", "date": "day 1"}
+    saved = json.loads((bench.DOCS / "results" / "engine_vs_tenseal.json").read_text())
+    earlier = _result()
+    earlier.update(command="python -m benchmarks.engine_vs_tenseal --accurate-single 12",
+                   date="day 2", she={"single": saved["she"]["single"]},
+                   tenseal={"single": saved["tenseal"]["single"]},
+                   earlier={**first, "sections": ["tutorial network, single"]})  # older format
+    del earlier["accurate"]["batch"]
+    result = _result()
+    del result["accurate"]["single"]
+    bench.keep_earlier(result, earlier)
+    by_section = {s: (o["command"], o["date"]) for o in result["earlier"] for s in o["sections"]}
+    assert by_section == {"tutorial network, single": (first["command"], "day 1"),
+                          "accurate models, single": (earlier["command"], "day 2")}
+    text = bench.render(result)
+    assert "Sections measured earlier (tutorial network, single): `python -m benchmarks." \
+           "engine_vs_tenseal --single 30` on day 1." in text
+    assert "Sections measured earlier (accurate models, single): `python -m benchmarks." \
+           "engine_vs_tenseal --accurate-single 12` on day 2." in text
+
+
+def test_batch_rows_show_cpu_time_load_and_accumulated_memory():
+    result = _result()
+    result["accurate"]["batch"]["mnist_cnn.she.onnx"].update(
+        server_cpu_s=300.0, load_average=[5.0, 7.5], peak_accumulated_bytes=2 ** 30,
+        peak_tree_pss_bytes=4.5 * 2 ** 30)
+    rows = {r["measure"]: r for r in bench.comparisons(result)}
+    tree = rows["accurate mnist_cnn.she.onnx batch: peak memory of the process and its "
+                "workers during the evaluation (GiB)"]
+    assert tree["ratio"] == 4.5 and not tree["met"]  # above 4 GiB
+    result["comparisons"] = list(rows.values())
+    assert "| 163.8 s | 20.00 ms | 300 s | 5.0, 7.5 | 3.00 GiB | 4.50 GiB | 1.00 GiB | 1.00 GiB |" \
+        in bench.render(result)
+    older = _result()  # measured before these were recorded
+    older["comparisons"] = bench.comparisons(older)
+    assert "| 163.8 s | 20.00 ms | - | - | 3.00 GiB | - | - | 1.00 GiB |" in bench.render(older)
+
+
+def _hold_memory(mib: int, seconds: float) -> None:
+    import time
+
+    import numpy as np
+
+    block = np.ones(mib * 2 ** 17)  # float64: 8 bytes each, written (resident)
+    time.sleep(seconds)
+    del block
+
+
+def test_tree_memory_counts_forked_workers():
+    """The evaluation memory sums this process and the workers it forks."""
+    import multiprocessing
+    import os
+
+    before = bench.tree_pss_bytes(os.getpid())
+    with bench.TreeMemory(interval=0.05) as memory:
+        worker = multiprocessing.get_context("fork").Process(target=_hold_memory, args=(200, 1.0))
+        worker.start()
+        worker.join()
+    assert memory.peak_bytes >= before + 150 * 2 ** 20

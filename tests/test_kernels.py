@@ -123,3 +123,18 @@ def test_add_constant_matches_seal_add_plain(seal):
 def _moduli(seal) -> tuple[int, ...]:
     bridge = seal[1]
     return bridge.levels[max(bridge.levels)].moduli
+
+
+@pytest.mark.parametrize("bits", [20, 31, 33, 50, 60])
+def test_reduction_is_exact_at_the_edges(bits):
+    """The float-estimated quotient is corrected: every residue equals Python's ``%``."""
+    from she.kernels import _reduced
+
+    q = (1 << bits) - 1 - 2 * (bits % 7)  # odd, of the given width
+    edges = [0, 1, -1, q, -q, q - 1, q + 1, -q - 1, 2 ** 53 - 1, -(2 ** 53 - 1), 2 ** 52,
+             (2 ** 53 // q) * q, -(2 ** 53 // q) * q, (2 ** 53 // q) * q - 1]
+    rng = np.random.default_rng(bits)
+    values = [v for v in edges if abs(v) < 2 ** 53]  # the kernels' exactness bound
+    values += [int(v) for v in rng.integers(-(2 ** 53) + 1, 2 ** 53 - 1, 2000)]
+    ours = _reduced(np.array(values, dtype=np.float64), q)
+    assert [int(v) for v in ours] == [v % q for v in values]

@@ -162,3 +162,53 @@ def test_render_from_the_saved_json(quick, tmp_path):
 def test_pareto_front_keeps_the_points_nothing_beats():
     points = [(1.0, 90.0), (2.0, 95.0), (3.0, 94.0), (0.5, 80.0), (2.0, 93.0), (5.0, 99.0)]
     assert report.pareto_front(points) == [(0.5, 80.0), (1.0, 90.0), (2.0, 95.0), (5.0, 99.0)]
+
+
+def test_rows_go_to_the_panel_of_their_data_set():
+    fashion = next(s.name for s in report.SUBJECTS if s.dataset == "fashion-mnist")
+    mnist = next(s.name for s in report.SUBJECTS if s.dataset == "mnist")
+    rows = [{"model": fashion, "mode": "SHE CKKS batch"},
+            {"model": mnist, "mode": "SHE CKKS single"},
+            {"model": "TenSEAL-tutorial network", "mode": "plain TenSEAL, one image"},
+            {"model": fashion, "mode": "HE-friendly plaintext (onnxruntime)"}]  # not plotted
+    panels = report.panel_rows(rows)
+    assert list(panels) == ["mnist", "fashion-mnist"]
+    assert panels["fashion-mnist"] == [rows[0]]
+    assert panels["mnist"] == [rows[1], rows[2]]
+    assert list(report.panel_rows(rows[1:3])) == ["mnist"]  # no empty Fashion-MNIST panel
+    with pytest.raises(ValueError, match="data set unknown"):
+        report.panel_rows([{"model": "someone's model", "mode": "SHE CKKS batch"}])
+
+
+def test_pareto_front_of_a_panel_ignores_peers_and_dominated_modes(tmp_path):
+    """On a small synthetic report: the front drawn joins SHE's undominated modes only."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mnist = "MNIST ReLU CNN (converted)"
+    rows = [{"model": mnist, "mode": "SHE CKKS batch", "images": 10_000, "accuracy": 0.99,
+             "eval_s_per_image": 0.01},
+            {"model": mnist, "mode": "SHE CKKS single", "images": 500, "accuracy": 0.995,
+             "eval_s": {"p50": 1.0}},
+            {"model": "shipped demo model", "mode": "SHE CKKS single", "images": 500,
+             "accuracy": 0.98, "eval_s": {"p50": 2.0}},  # slower and less accurate: off
+            {"model": "TenSEAL-tutorial network", "mode": "plain TenSEAL, one image",
+             "images": 50, "accuracy": 1.0, "eval_s": {"p50": 3.0}}]  # a peer: never on it
+    drawn = []
+    original = plt.Axes.step
+    plt.Axes.step = lambda self, x, y, **kw: drawn.append(list(zip(x, y, strict=True)))
+    try:
+        report.accuracy_latency_plot(plt, {"rows": rows, "published": []}, tmp_path / "a.png")
+    finally:
+        plt.Axes.step = original
+    assert drawn == [[(0.01, 99.0), (1.0, 99.5)]]
+    assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_accuracy_interval_narrows_with_the_sample():
+    small, large = report.accuracy_interval(0.998, 500), report.accuracy_interval(0.9945, 10_000)
+    assert small[0] < 0.9945 < small[1]  # 99.8 % on 500 images does not beat 99.45 % on 10 000
+    assert large[1] - large[0] < (small[1] - small[0]) / 2
+    assert report.accuracy_interval(1.0, 5)[1] == 1.0 and report.accuracy_interval(1.0, 5)[0] < 0.6
