@@ -1,5 +1,5 @@
 """``python -m benchmarks``: the benchmark report (see :mod:`benchmarks.report`)."""
 
-from .report import main
+from benchmarks.report import main
 
 main()

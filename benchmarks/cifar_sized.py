@@ -38,10 +38,9 @@ import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
 import she
+from benchmarks.mnist_demo import machine
+from benchmarks.tenseal_baseline import peak_rss_bytes, percentiles
 from she.pipeline import encrypted_predict
-
-from .mnist_demo import machine
-from .tenseal_baseline import peak_rss_bytes, percentiles
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 #: The SHE paper's CIFAR-10 row (TFHE, Lou & Jiang, NeurIPS 2019): seconds per image.
@@ -79,7 +78,7 @@ def network(channels: int = 16, seed: int = 0) -> she.Model:
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 10])],
         [numpy_helper.from_array(np.asarray(v, dtype=np.float32), k) for k, v in inits.items()])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
-    return she.model.from_proto(proto, "cifar_sized")
+    return she.frontend.model.from_proto(proto, "cifar_sized")
 
 
 def _cpu_seconds() -> float:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .concrete_env import CONCRETE_ML_VERSION, ENV_VARIABLE
+from benchmarks.concrete_env import CONCRETE_ML_VERSION, ENV_VARIABLE
 
 ADAPTER = Path(__file__).with_name("concrete_adapter.py")
 #: Mode names of the Concrete ML rows.

@@ -37,13 +37,12 @@ from pathlib import Path
 import numpy as np
 
 import she
+from benchmarks import user_models
+from benchmarks.mnist_demo import machine
 from converters.search import trial_line
-from she.data import arrange, load_dataset
-from she.estimate import LATENCY_MODEL, estimate
+from she.io.data import arrange, load_dataset
 from she.pipeline import encrypted_predict
-
-from . import user_models
-from .mnist_demo import machine
+from she.plan.estimate import LATENCY_MODEL, estimate
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs" / "results" / "convert_users.json"

@@ -46,11 +46,10 @@ import tenseal as ts
 from tqdm import tqdm
 
 import she
-from she import assets
-from she.data import load_idx_dataset
-
-from . import tenseal_baseline as tb
-from .mnist_demo import machine
+from benchmarks import tenseal_baseline as tb
+from benchmarks.mnist_demo import machine
+from she.io import assets
+from she.io.data import load_idx_dataset
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 CALIBRATION = 1000
@@ -514,7 +513,7 @@ def _render_accurate(accurate: dict[str, Any]) -> list[str]:
                           r["layer_rotations"], r["layer_products"], r["layer_limbs"], strict=True))
                       for name, r in single["models"].items() if "layer_rotations" in r)
                   + ". A rotation (a key switch) costs about as much as 15-20 diagonal "
-                  "products at N=16384 (see `she/single.py`) and grows faster than linearly "
+                  "products at N=16384 (see `she/runtime/single.py`) and grows faster than linearly "
                   "with the primes it carries, so the second convolution's rotations dominate."]
     batch = accurate.get("batch")
     if batch:

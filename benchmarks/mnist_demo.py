@@ -23,8 +23,8 @@ import onnxruntime
 import tenseal
 
 import she
-from she import assets
-from she.data import load_idx_dataset
+from she.io import assets
+from she.io.data import load_idx_dataset
 from she.pipeline import encrypted_predict
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"

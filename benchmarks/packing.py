@@ -21,10 +21,9 @@ import numpy as np
 from tqdm import tqdm
 
 import she
-from she import assets
-from she.data import load_idx_dataset
-
-from .mnist_demo import machine
+from benchmarks.mnist_demo import machine
+from she.io import assets
+from she.io.data import load_idx_dataset
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 

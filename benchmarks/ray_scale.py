@@ -31,10 +31,9 @@ from pathlib import Path
 import numpy as np
 
 import she
-from she import assets
-from she.data import load_idx_dataset
-
-from .mnist_demo import machine
+from benchmarks.mnist_demo import machine
+from she.io import assets
+from she.io.data import load_idx_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
@@ -108,7 +107,7 @@ def batch_scaling(ray, cluster, plan, embedded: tuple, tasks: int) -> dict:
     """Ray on one node, then on two nodes, with the embedded run's encrypted chunks
     (``tasks`` evaluations per configuration, after every node's worker is started and
     has loaded the plan and keys)."""
-    from she.ray_batch import RayEvaluator, put_request
+    from she.serve.ray_batch import RayEvaluator, put_request
 
     client, requests, expected, stats = embedded
     chunk, distinct = stats["chunk_images"], len(requests)
@@ -195,9 +194,9 @@ def serving_scaling(ray, cluster, plan, test: np.ndarray, requests: int, warmup:
     """8 clients against 1 then 2 Ray Serve replicas (and the embedded server if asked)."""
     from ray import serve
 
-    from she import ray_serve
-    from she.remote import RemoteClient
-    from she.service import ServiceConfig
+    from she.serve import ray_serve
+    from she.serve.remote import RemoteClient
+    from she.serve.service import ServiceConfig
 
     while len(cluster.worker_nodes) < 2:
         cluster.add_node(num_cpus=1, object_store_memory=WORKER_STORE_BYTES)
@@ -241,8 +240,8 @@ def _embedded_serving(plan, test, requests, reference, keydir) -> dict:
 
     import uvicorn
 
-    from she.remote import RemoteClient
-    from she.service import ServiceConfig, create_app
+    from she.serve.remote import RemoteClient
+    from she.serve.service import ServiceConfig, create_app
 
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(

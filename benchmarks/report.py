@@ -53,13 +53,12 @@ from typing import Any
 
 import numpy as np
 
-from she import assets
-from she.data import load_idx_dataset
-
-from . import cifar_sized, concrete_env, concrete_peer
-from . import tenseal_baseline as tb
-from .engine_vs_tenseal import _in_fresh_process, she_batch, she_single
-from .mnist_demo import machine
+from benchmarks import cifar_sized, concrete_env, concrete_peer
+from benchmarks import tenseal_baseline as tb
+from benchmarks.engine_vs_tenseal import _in_fresh_process, she_batch, she_single
+from benchmarks.mnist_demo import machine
+from she.io import assets
+from she.io.data import load_idx_dataset
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 RESULTS = DOCS / "results"

@@ -38,9 +38,8 @@ import httpx
 import numpy as np
 
 import she
-from she import assets
-
-from .mnist_demo import machine
+from benchmarks.mnist_demo import machine
+from she.io import assets
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 RESULTS = DOCS / "results" / "serve.json"

@@ -47,7 +47,7 @@ import onnx
 import tenseal as ts
 from onnx import numpy_helper
 
-from she import assets
+from she.io import assets
 
 try:  # progress bars are optional
     from tqdm import tqdm
@@ -535,7 +535,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """Run the requested baselines, print a table and optionally write JSON."""
-    from she.data import load_idx_dataset
+    from she.io.data import load_idx_dataset
 
     args = parse_args(argv)
     images, labels = load_idx_dataset(args.data, "test")

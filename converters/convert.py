@@ -28,12 +28,11 @@ import numpy as np
 import onnx
 
 import she
+from converters import onnx_graph as g
+from converters import passes
+from converters.tail import split_tail
 from she.errors import DataError, ModelError, ParameterError, SheError
-from she.tail import METADATA_KEY, encode
-
-from . import onnx_graph as g
-from . import passes
-from .tail import split_tail
+from she.frontend.tail import METADATA_KEY, encode
 
 
 @dataclass
@@ -226,7 +225,7 @@ def finish(proto: onnx.ModelProto, tail: onnx.ModelProto | None, calibration: np
     _set_metadata(proto, entries)
     onnx.checker.check_model(proto)
     try:
-        he_model = she.model.from_proto(proto, "converted")
+        he_model = she.frontend.model.from_proto(proto, "converted")
         plan = she.compile(he_model, calibration=calibration[:2000])
     except SheError as exc:
         raise ModelError(f"the converted model does not compile for encryption: {exc}") from exc
@@ -299,7 +298,7 @@ def convert(model: Any, calibration: np.ndarray, *, eval_x: np.ndarray | None = 
     report.degree_options = _degree_options(pooled, calibration, eval_x, eval_y, progress)
     he_friendly(proto, calibration, settings, report, stage)
     if finetune_epochs:
-        from .finetune import finetune
+        from converters.finetune import finetune
 
         # a tenth held out (from 2000 samples up): the best epoch on it is kept, scored
         # against the labels, or the original's predictions without them

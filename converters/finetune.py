@@ -23,7 +23,7 @@ import onnx
 import torch
 from torch import nn
 
-from .torch_graph import TorchGraph
+from converters.torch_graph import TorchGraph
 
 
 @dataclass

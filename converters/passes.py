@@ -34,10 +34,9 @@ import onnx
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
+from converters import onnx_graph as g
+from converters import squares
 from she.errors import ModelError, ParameterError
-
-from . import onnx_graph as g
-from . import squares
 
 ACTIVATIONS = ("Relu", "LeakyRelu", "Clip", "Sigmoid", "Tanh")
 #: Activation polynomial degrees the converter writes (see :mod:`converters.squares`).

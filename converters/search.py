@@ -11,9 +11,9 @@
    about six times less than one); a polynomial max pool (when the model has max pools);
    degree-4 activations when the depth stays within :data:`MAX_DEPTH`; float weights.
 4. Each setting's default plan (CKKS, batch packing: what ``she serve`` and ``she predict``
-   run) is compiled first and its cost predicted (:mod:`she.estimate`: server memory, and
+   run) is compiled first and its cost predicted (:mod:`she.plan.estimate`: server memory, and
    an encrypted latency that is a model, not a measurement). A plan the server would refuse
-   on this machine (:func:`she.engine.batch_memory_problem`) is *not runnable*: the setting
+   on this machine (:func:`she.runtime.engine.batch_memory_problem`) is *not runnable*: the setting
    is not fine-tuned, and the same setting with every max pool moved ahead of its
    activation (:func:`pooled_first`; the activations then act on 4x fewer values) is tried
    next. Degree-4 activations before a max pool are what make a small CNN's plan outgrow
@@ -41,12 +41,9 @@ import numpy as np
 import onnx
 
 import she
-from she.errors import DataError, ModelError, SheError
-from she.estimate import LATENCY_MODEL, Estimate, estimate
-
-from . import onnx_graph as g
-from . import passes
-from .convert import (
+from converters import onnx_graph as g
+from converters import passes
+from converters.convert import (
     ConversionReport,
     Settings,
     _check_data,
@@ -56,6 +53,8 @@ from .convert import (
     prepare,
     square_depth,
 )
+from she.errors import DataError, ModelError, SheError
+from she.plan.estimate import LATENCY_MODEL, Estimate, estimate
 
 #: Default accuracy-drop target (percentage points, on the validation split).
 MAX_DROP = 0.5
@@ -89,7 +88,7 @@ class Trial:
     epochs: int
     stopped: str
     seconds: float
-    #: predicted cost of the default (batch-packing) plan, :meth:`she.estimate.Estimate.as_dict`
+    #: predicted cost of the default (batch-packing) plan, :meth:`she.plan.estimate.Estimate.as_dict`
     #: (latency a model, not a measurement); None when the setting did not compile
     batch: dict[str, Any] | None = None
     #: the same for single packing (compiled for the chosen setting only: it is slow)
@@ -140,8 +139,8 @@ def split(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarr
 def predicted_cost(proto: onnx.ModelProto, calibration: np.ndarray,
                    packing: str = "batch") -> Estimate:
     """Compile ``proto`` as the server would (CKKS, ``packing``) and predict its cost
-    (:func:`she.estimate.estimate`); :class:`~she.errors.SheError` when it does not compile."""
-    model = she.model.from_proto(proto, "converted")
+    (:func:`she.plan.estimate.estimate`); :class:`~she.errors.SheError` when it does not compile."""
+    model = she.frontend.model.from_proto(proto, "converted")
     return estimate(she.compile(model, calibration=calibration[:COST_SAMPLES], packing=packing))
 
 
@@ -204,7 +203,7 @@ def search(model: Any, x: np.ndarray, y: np.ndarray, *, test_x: np.ndarray | Non
         # after fine-tuning (the compiler's argmax-margin check)
         _cost(trial, trial_proto, calibration, progress)
         if trial.runs is not False:
-            from .finetune import finetune
+            from converters.finetune import finetune
 
             result = finetune(trial_proto, train_x, teacher, epochs=max_epochs,
                               lr=LEARNING_RATE,

@@ -1,7 +1,7 @@
 """Polynomials of depth 2 and more, written as ONNX the encrypted engine can run.
 
 The engine evaluates chains ``affine map -> element-wise square -> affine map -> ...``
-(:mod:`she.lowering`). A polynomial of degree above 2, or a maximum, is built from that
+(:mod:`she.frontend.lowering`). A polynomial of degree above 2, or a maximum, is built from that
 by squaring several affine combinations ("units") of the same values at once::
 
     units u_1 .. u_m (same shape) --Concat--> v --Mul(v, v)--> v*v --Slice--> u_1^2 .. u_m^2
@@ -33,9 +33,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from converters import onnx_graph as g
 from she.errors import ModelError
-
-from . import onnx_graph as g
 
 #: Name prefix of constants that fine-tuning must keep (``she_k_<n>``).
 FIXED_PREFIX = "she_k_"

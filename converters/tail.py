@@ -9,7 +9,7 @@ the logits, and the client re-applies the tail after decryption.
 :func:`split_tail` removes those operators from the model and returns them as a small
 plaintext ONNX model (input: the logits; outputs: the original model's outputs), which
 :func:`converters.convert.convert` stores in the HE-friendly model's metadata
-(:data:`she.tail.METADATA_KEY`) and :class:`she.Client` runs after decrypting.
+(:data:`she.frontend.tail.METADATA_KEY`) and :class:`she.Client` runs after decrypting.
 """
 
 from __future__ import annotations
@@ -18,10 +18,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from converters import onnx_graph as g
 from she.errors import ModelError
-from she.tail import TAIL_OPS, encode
-
-from . import onnx_graph as g
+from she.frontend.tail import TAIL_OPS, encode
 
 #: Operators that make a trailing block a classifier tail (the others only reshape or cast).
 _DECISIVE = frozenset({"Softmax", "LogSoftmax", "ArgMax", "ZipMap", "ArrayFeatureExtractor"})
@@ -92,7 +91,7 @@ def _check_argmax(model: onnx.ModelProto, tail: onnx.ModelProto, logits: str,
                   sample: np.ndarray) -> None:
     """Every float output of the tail has the logits' argmax, and every label output is
     the class at that argmax (checked on ``sample``)."""
-    from she.tail import Tail
+    from she.frontend.tail import Tail
 
     z = g.run(model, sample, [logits])[0]
     if z.ndim != 2:

@@ -17,11 +17,10 @@ import torch.nn.functional as F
 from onnx import helper, numpy_helper
 from torch import nn
 
+from converters import onnx_graph as g
+from converters.passes import SCALE_PREFIX
+from converters.squares import FIXED_PREFIX
 from she.errors import ModelError
-
-from . import onnx_graph as g
-from .passes import SCALE_PREFIX
-from .squares import FIXED_PREFIX
 
 LINEAR_OPS = ("Conv", "Gemm", "MatMul")
 

@@ -36,9 +36,8 @@ import torch
 from onnx import external_data_helper
 from torch import nn
 
-from she.data import load_idx_dataset
-
-from .zoo import random_shift
+from converters.zoo import random_shift
+from she.io.data import load_idx_dataset
 
 try:  # progress bars are optional
     from tqdm import tqdm

@@ -33,10 +33,9 @@ from pathlib import Path
 
 import onnx
 
-from she.data import load_idx_dataset
-
-from . import zoo
-from .convert import convert, save_atomically, torch_to_onnx
+from converters import zoo
+from converters.convert import convert, save_atomically, torch_to_onnx
+from she.io.data import load_idx_dataset
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

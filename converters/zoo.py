@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from she.data import load_idx_dataset
+from she.io.data import load_idx_dataset
 
 
 def small_relu_cnn(channels: int = 8, hidden: int = 64) -> nn.Module:
@@ -110,7 +110,7 @@ def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
 def ghn_cnn(channels: int = 8, hidden: int = 64) -> nn.Module:
     """A GHN network (analytic bias, no batch norm) with quadratic activations; pooling
     before the activation keeps the squares on the 7x7 map."""
-    from .ghn import GHNConv2d, GHNLinear, Quadratic
+    from converters.ghn import GHNConv2d, GHNLinear, Quadratic
 
     return nn.Sequential(
         GHNConv2d(1, channels, 5, stride=2, padding=2), nn.AvgPool2d(2),

@@ -12,7 +12,6 @@ Typical use::
 """
 
 from .client import Client
-from .compiler import Plan, compile
 from .errors import (
     DataError,
     FormatError,
@@ -22,7 +21,8 @@ from .errors import (
     SheError,
     UnsupportedOperatorError,
 )
-from .model import Model, load
+from .frontend.model import Model, load
+from .plan.compiler import Plan, compile
 from .server import EvaluationKeys, Server
 
 __version__ = "0.1.0"

@@ -18,13 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from . import assets
 from .client import Client
-from .compiler import Plan, compile
-from .data import arrange, load_dataset, load_idx_dataset, read_idx
 from .errors import DataError, ParameterError, SheError
-from .model import load
+from .frontend.model import load
+from .io import assets
+from .io.data import arrange, load_dataset, load_idx_dataset, read_idx
 from .pipeline import encrypted_predict
+from .plan.compiler import Plan, compile
 from .server import Server, session_key_bytes
 
 #: Environment variable holding the API key of ``serve`` and ``predict``.
@@ -250,7 +250,7 @@ def cmd_decrypt(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
-    from .service import ServiceConfig, default_key_memory, serve
+    from .serve.service import ServiceConfig, default_key_memory, serve
 
     if args.replicas is not None and args.ray is None:
         raise SheError("--replicas needs --ray (replicas are Ray Serve replicas)")
@@ -259,7 +259,7 @@ def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         raise ParameterError("--ssl-certfile and --ssl-keyfile go together")
     if args.ray is not None:
-        from .ray_batch import require_ray
+        from .serve.ray_batch import require_ray
 
         require_ray()  # before any work
     plans = []
@@ -279,7 +279,7 @@ def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
                            rate_limit=args.rate_limit, rate_burst=args.rate_burst,
                            read_timeout=args.read_timeout)
     if args.ray is not None:
-        from .ray_serve import serve_forever
+        from .serve.ray_serve import serve_forever
 
         replicas = args.replicas or 1
         _log(args, f"Ray Serve: {replicas} replica(s) on "
@@ -315,7 +315,7 @@ def _api_keys(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def cmd_batch(args: argparse.Namespace) -> dict[str, Any]:
-    from .ray_batch import ray_connection, require_ray, score
+    from .serve.ray_batch import ray_connection, require_ray, score
 
     require_ray()  # before any work
     plan = _plan(args)
@@ -332,7 +332,7 @@ def cmd_batch(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
-    from .remote import RemoteClient
+    from .serve.remote import RemoteClient
 
     remote = RemoteClient(args.server, args.model, api_key=_api_key(args),
                           key_dir=args.key_dir)
@@ -641,8 +641,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
-        if argv is None:  # the command line, not an embedding: cheap forks (she.workers)
-            from .workers import reexec_with_huge_pages
+        if argv is None:  # the command line, not an embedding: cheap forks (she.serve.workers)
+            from .serve.workers import reexec_with_huge_pages
 
             reexec_with_huge_pages()
         args.model = [args.model, *args.more_models]

@@ -15,9 +15,10 @@ import numpy as np
 import tenseal as ts
 import tenseal.sealapi as sealapi
 
-from . import bfv, compact, sealbytes, wire
-from . import tail as tails
-from .context import (
+from .errors import FormatError, ParameterError
+from .frontend import tail as tails
+from .io import compact, sealbytes, wire
+from .io.context import (
     SealBridge,
     check_matches,
     galois_key_bytes,
@@ -27,10 +28,10 @@ from .context import (
     public_key_bytes,
     relin_key_bytes,
 )
-from .errors import FormatError, ParameterError
-from .layout import period, replicate
-from .params import EncryptionParameters
-from .privatefiles import write_private
+from .io.privatefiles import write_private
+from .plan import bfv
+from .plan.layout import period, replicate
+from .plan.params import EncryptionParameters
 
 #: Largest accepted serialised ciphertext (bytes).
 MAX_CIPHERTEXT_BYTES = 64 * 1024 * 1024
@@ -39,7 +40,7 @@ MAX_GALOIS_STEPS = 64
 
 
 class Client:
-    """Key owner for one model spec (see :meth:`she.compiler.Plan.spec`)."""
+    """Key owner for one model spec (see :meth:`she.plan.compiler.Plan.spec`)."""
 
     def __init__(self, spec: dict[str, Any], context: ts.Context | None = None) -> None:
         self.spec = dict(spec)
@@ -78,7 +79,7 @@ class Client:
         """What the server needs (no secret key): the parameters, the relinearisation keys,
         for single packing the Galois keys of the plan's rotations and of the conjugation
         that unfolds the compact upload, and last a public key, with which the server
-        re-randomises every result (:mod:`she.privacy`). Made once."""
+        re-randomises every result (:mod:`she.runtime.privacy`). Made once."""
         if self._public is None:
             items = [public_context_bytes(self.ctx), relin_key_bytes(self.ctx)]
             if self.packing == "single":  # the rotations, and the conjugation that unfolds
@@ -91,7 +92,7 @@ class Client:
     def encrypt(self, x: np.ndarray) -> bytes:
         """Encrypt a batch of samples: ``x`` has shape ``(batch, *input_shape)``.
 
-        Single packing sends its one ciphertext in compact form (:mod:`she.compact`: half
+        Single packing sends its one ciphertext in compact form (:mod:`she.io.compact`: half
         of the first polynomial's information, folded by conjugation and bit-packed with the
         spec's ``input_drop_bits`` rounded away, and the seed the second is drawn from).
         BFV quantises the inputs to integers first (refusing values outside the model's
@@ -119,7 +120,7 @@ class Client:
             plain = sealapi.Plaintext()
             if self._int_range is not None:
                 self._encoder.encode(column.tolist(), plain)
-            else:  # single packing: unfolding multiplies the values (see she.compact)
+            else:  # single packing: unfolding multiplies the values (see she.io.compact)
                 gain = compact.FOLD_GAIN if self.packing == "single" else 1
                 self._encoder.encode(column.tolist(), scale / gain, plain)
             if self.packing == "single":
@@ -151,7 +152,7 @@ class Client:
 
     def decrypt_outputs(self, data: bytes) -> dict[str, Any]:
         """Every output of the original model, by name (``{"logits": ...}`` without a
-        tail): the tail (:mod:`she.tail`) re-applied to the decrypted logits."""
+        tail): the tail (:mod:`she.frontend.tail`) re-applied to the decrypted logits."""
         logits = self.decrypt_logits(data)
         return {"logits": logits} if self.tail is None else self.tail.run(logits)
 
@@ -200,7 +201,7 @@ class Client:
     def save(self, path: str | Path) -> None:
         """Write the secret context and the spec to a local file, created with mode 0600
         and renamed into place (never readable by others, never through a symbolic link;
-        see :func:`she.privatefiles.write_private`)."""
+        see :func:`she.io.privatefiles.write_private`)."""
         body = self.ctx.serialize(save_public_key=True, save_secret_key=True,
                                   save_galois_keys=False, save_relin_keys=True)
         meta = {"spec": self.spec, "fingerprint": self.fingerprint}

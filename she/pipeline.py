@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .client import Client
-from .compiler import Plan
+from .plan.compiler import Plan
 from .server import Server
 
 

@@ -15,9 +15,10 @@ from typing import Any
 import tenseal as ts
 import tenseal.sealapi as sealapi
 
-from . import compact, sealbytes, wire
-from .compiler import Plan, compile
-from .context import (
+from .errors import FormatError
+from .frontend.model import load
+from .io import compact, sealbytes, wire
+from .io.context import (
     SealBridge,
     galois_elements,
     level_specs,
@@ -27,11 +28,10 @@ from .context import (
     load_relin_keys,
     new_secret_context,
 )
-from .engine import Engine
-from .errors import FormatError
-from .model import load
-from .privacy import Rerandomiser
-from .single import SingleEngine
+from .plan.compiler import Plan, compile
+from .runtime.engine import Engine
+from .runtime.privacy import Rerandomiser
+from .runtime.single import SingleEngine
 
 
 @dataclass
@@ -42,7 +42,7 @@ class EvaluationKeys:
     fingerprint: str
     relin: sealapi.RelinKeys = field(repr=False)
     galois: sealapi.GaloisKeys | None = field(default=None, repr=False)
-    #: The client's public key: every result is re-randomised with it (:mod:`she.privacy`).
+    #: The client's public key: every result is re-randomised with it (:mod:`she.runtime.privacy`).
     public: sealapi.PublicKey | None = field(default=None, repr=False)
 
 
@@ -83,7 +83,7 @@ class Server:
 
     def use_processes(self, processes: int) -> None:
         """Let one evaluation use at most ``processes`` processes (a forked request worker
-        sets its share of the budget, see :mod:`she.workers`)."""
+        sets its share of the budget, see :mod:`she.serve.workers`)."""
         self.engine.workers = max(1, processes)
         if isinstance(self.engine, SingleEngine) and processes < 2:
             self.engine.split = [0] * len(self.engine.split)
@@ -154,7 +154,7 @@ class Server:
 
     def _evaluate_single(self, keys: EvaluationKeys, level: sealbytes.LevelSpec,
                          item: bytes) -> sealbytes.RawCiphertext:
-        """Single packing: ``item`` is the compact input ciphertext (:mod:`she.compact`),
+        """Single packing: ``item`` is the compact input ciphertext (:mod:`she.io.compact`),
         rebuilt here into SEAL's seeded form, which SEAL expands, and unfolded: added to its
         conjugate."""
         if keys.galois is None:

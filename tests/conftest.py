@@ -21,9 +21,9 @@ import tenseal.sealapi as sealapi
 from onnx import TensorProto, helper, numpy_helper
 
 import she
-from she import wire
-from she.context import SealBridge
-from she.data import load_idx_dataset
+from she.io import wire
+from she.io.context import SealBridge
+from she.io.data import load_idx_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 #: Training images the toy plan is calibrated on.

@@ -14,12 +14,12 @@ from conftest import toy_model_proto
 from onnx import TensorProto, helper, numpy_helper
 
 import she
-from she import wire
-from she.bfv import integer_bounds
-from she.context import SealBridge
 from she.errors import ParameterError
-from she.kernels import LinearKernel, add_constant_bfv
-from she.params import EncryptionParameters
+from she.io import wire
+from she.io.context import SealBridge
+from she.plan.bfv import integer_bounds
+from she.plan.params import EncryptionParameters
+from she.runtime.kernels import LinearKernel, add_constant_bfv
 
 
 def shallow_model_proto(seed: int = 7) -> onnx.ModelProto:
@@ -48,7 +48,7 @@ def shallow_model_proto(seed: int = 7) -> onnx.ModelProto:
 
 @pytest.fixture(scope="module")
 def shallow() -> she.Model:
-    return she.model.from_proto(shallow_model_proto(), "shallow")
+    return she.frontend.model.from_proto(shallow_model_proto(), "shallow")
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +149,7 @@ def test_fewer_bits_give_a_smaller_plaintext_modulus(shallow):
 
 
 def test_a_model_too_deep_for_bfv_is_refused_naming_the_layer():
-    deep = she.model.from_proto(toy_model_proto(), "toy")
+    deep = she.frontend.model.from_proto(toy_model_proto(), "toy")
     with pytest.raises(ParameterError, match=r"BFV.*layer \d.*(CKKS)"):
         she.compile(deep, scheme="bfv")
 
@@ -171,7 +171,7 @@ def test_bfv_refuses_single_packing_and_bad_settings(shallow):
 
 @pytest.fixture(scope="module")
 def bfv_run(bfv_plan, mnist_dir):
-    from she.data import load_idx_dataset
+    from she.io.data import load_idx_dataset
 
     x, y = load_idx_dataset(mnist_dir, "test")
     x = x[:300]
@@ -202,7 +202,7 @@ def test_encrypted_bfv_keeps_a_noise_margin(bfv_plan, bfv_run):
     msg = wire.unpack(response, kind=wire.KIND_CIPHERTEXTS, max_items=10, max_item_bytes=1 << 26)
     level = client._levels[int(client.spec["output_limbs"])]
     for blob in msg.items[:3]:
-        ct = client._bridge.to_seal(she.sealbytes.parse(blob, level))
+        ct = client._bridge.to_seal(she.io.sealbytes.parse(blob, level))
         assert client._decryptor.invariant_noise_budget(ct) >= 5
 
 

@@ -9,8 +9,8 @@ import onnx
 from onnx import TensorProto, helper
 
 import she
-from she import assets
 from she.cli import main
+from she.io import assets
 
 
 def _run_json(capsys, *argv: str) -> tuple[int, dict]:
@@ -98,12 +98,12 @@ def test_public_context_file_has_no_secret_key(tmp_path, capsys):
     key, public = tmp_path / "client.key", tmp_path / "public.ctx"
     assert main(["keygen", str(assets.demo_model_path()), "--calibration", str(cal),
                  "--secret", str(key), "--public", str(public)]) == 0
-    msg = she.wire.unpack(public.read_bytes(), kind=she.wire.KIND_CONTEXT, max_items=3,
+    msg = she.io.wire.unpack(public.read_bytes(), kind=she.io.wire.KIND_CONTEXT, max_items=3,
                           max_item_bytes=1 << 30)
     import tenseal as ts
 
     assert not ts.context_from(msg.items[0]).has_secret_key()
-    assert ts.context_from(she.wire.unpack(key.read_bytes(), kind=she.wire.KIND_CONTEXT,
+    assert ts.context_from(she.io.wire.unpack(key.read_bytes(), kind=she.io.wire.KIND_CONTEXT,
                                            max_items=1, max_item_bytes=1 << 30)
                            .items[0]).has_secret_key()
 

@@ -16,9 +16,9 @@ import threading
 import pytest
 
 import she
-from she import privatefiles
-from she.params import EncryptionParameters
-from she.remote import MAX_JSON_BYTES, RemoteClient
+from she.io import privatefiles
+from she.plan.params import EncryptionParameters
+from she.serve.remote import MAX_JSON_BYTES, RemoteClient
 
 SPEC = {"scheme": "ckks", "poly_modulus_degree": 4096, "modulus_bits": [30, 25, 30],
         "packing": "batch", "input_shape": [1, 2, 2], "input_scale": 2.0 ** 25,

@@ -1,4 +1,4 @@
-"""The compact single-packing upload (:mod:`she.compact`): exact bit-packing, the rounding
+"""The compact single-packing upload (:mod:`she.io.compact`): exact bit-packing, the rounding
 of dropped bits, SEAL's NTT round trip, and refusal of anything malformed."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 import tenseal.sealapi as sealapi
 
 import she
-from she import compact, sealbytes
-from she.context import SealBridge, level_specs
+from she.io import compact, sealbytes
+from she.io.context import SealBridge, level_specs
 
 
 def _centred(values: np.ndarray, q: int) -> np.ndarray:
@@ -109,7 +109,7 @@ def test_unfolded_ciphertext_decrypts_within_the_predicted_noise(single):
     sealapi.Decryptor(bridge.seal, client.ctx.secret_key().data).decrypt(ct, plain)
     error = np.asarray(sealapi.CKKSEncoder(bridge.seal).decode_double(plain)) - _values(single)
     n = level.poly_modulus_degree
-    sigma = she.compiler.NOISE_SIGMA
+    sigma = she.plan.compiler.NOISE_SIGMA
     variance = 2 * sigma ** 2 + (1 + 2 * n / 3) / 12 + (4.0 ** drop / 12 if drop else 0.0)
     predicted = math.sqrt(variance * n) / plan.input_scale  # per slot
     assert 0.5 * predicted < error.std() < 1.5 * predicted
@@ -120,8 +120,8 @@ def test_dropped_bits_stay_within_the_compilers_error_budget(single, toy_model_p
                                                             toy_calibration, monkeypatch):
     plan, *_ = single
     assert plan.spec()["input_drop_bits"] == plan.input_drop_bits > 0
-    share = she.compiler.DROP_ERROR_SHARE
-    monkeypatch.setattr(she.compiler, "DROP_ERROR_SHARE", 0.0)
+    share = she.plan.compiler.DROP_ERROR_SHARE
+    monkeypatch.setattr(she.plan.compiler, "DROP_ERROR_SHARE", 0.0)
     exact = she.compile(she.load(toy_model_path), calibration=toy_calibration, packing="single")
     assert exact.input_drop_bits == 0
     assert exact.params == plan.params

@@ -17,8 +17,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from benchmarks import concrete_env, concrete_peer, report
-from she import assets
-from she.data import load_idx_dataset
+from she.io import assets
+from she.io.data import load_idx_dataset
 
 torch = pytest.importorskip("torch", reason="the adapter's torch module needs torch (extra convert)")
 from benchmarks.concrete_adapter import OnnxModule  # noqa: E402 - needs torch

@@ -9,7 +9,7 @@ from onnx import numpy_helper
 
 import she
 from converters.squares import FIXED_PREFIX
-from she.data import load_idx_dataset
+from she.io.data import load_idx_dataset
 from she.pipeline import encrypted_predict
 
 torch = pytest.importorskip("torch", reason="the converter tests need the 'convert' extra")
@@ -89,7 +89,7 @@ def test_convert_onnx_file_without_pow2_and_bad_calibration(trained, tmp_path):
     _export(net, path)
     proto, report = converters.convert(str(path), cal, pow2=False)
     assert report.pow2_layers == 0 and report.stages[-1].accuracy is None
-    she.model.from_proto(proto)
+    she.frontend.model.from_proto(proto)
     with pytest.raises(she.DataError, match="shape"):
         converters.convert(str(path), cal[:, :, :20])
     with pytest.raises(she.DataError, match="labels"):
@@ -143,9 +143,9 @@ def test_ghn_network_converts_exactly(mnist_dir, tmp_path):
     # quantisation) is the torch model, to float precision.
     proto, report = converters.convert(net, x, input_shape=(1, 28, 28), pow2=False)
     assert report.activations == [] and report.folded_batchnorms == 0
-    model = she.model.from_proto(proto)
+    model = she.frontend.model.from_proto(proto)
     assert np.abs(model.run_plain(x) - reference).max() <= 1e-4
-    assert np.abs(she.lowering.lower(model).run(x) - reference).max() <= 1e-4
+    assert np.abs(she.frontend.lowering.lower(model).run(x) - reference).max() <= 1e-4
 
 
 def test_ghn_double_threshold_becomes_one_quadratic(mnist_dir):
@@ -164,7 +164,7 @@ def test_ghn_double_threshold_becomes_one_quadratic(mnist_dir):
     proto, report = converters.convert(net, x, input_shape=(1, 28, 28), pow2=False)
     assert [a["op_type"] for a in report.activations] == ["Clip (double threshold)"]
     assert report.depth == 1
-    model = she.model.from_proto(proto)
+    model = she.frontend.model.from_proto(proto)
     ops = {n.op_type for n in proto.graph.node}
     assert "Clip" not in ops
     out = model.run_plain(x)
@@ -204,7 +204,7 @@ def test_degree_three_and_polynomial_max_run_encrypted(mnist_dir):
              if i.name.startswith(FIXED_PREFIX)]
     assert fixed and all(np.all((v == 0) | (np.log2(np.abs(v) + (v == 0)) % 1 == 0))
                          for v in fixed)
-    model = she.model.from_proto(proto)
+    model = she.frontend.model.from_proto(proto)
     plan = she.compile(model, calibration=x[:1000])
     enc, _ = encrypted_predict(plan, xt[:64])
     plain = model.run_plain(xt[:64])
@@ -266,7 +266,7 @@ def test_every_listed_operator_converts(mnist_dir, opset, tmp_path):
                         "GlobalAveragePool", "BatchNormalization", "Flatten", "Reshape", "Pad"}
     proto, report = converters.convert(str(path), x[:500], pow2=False)
     assert len(report.activations) == 6 and report.replaced_pools == 1
-    model = she.model.from_proto(proto)
+    model = she.frontend.model.from_proto(proto)
     with torch.no_grad():
         reference = net(torch.from_numpy(x[500:])).numpy()
     # polynomials replace six activations: close to, not equal to, the original

@@ -27,7 +27,7 @@ from converters import onnx_graph as g  # noqa: E402
 from converters import passes  # noqa: E402
 from converters.convert import Settings, prepare  # noqa: E402
 from converters.search import search  # noqa: E402
-from she.data import load_idx_dataset  # noqa: E402
+from she.io.data import load_idx_dataset  # noqa: E402
 from she.pipeline import encrypted_predict  # noqa: E402
 
 CHANNELS = 6
@@ -183,7 +183,7 @@ def test_encrypted_run_agrees_with_the_converted_plaintext(converted, data):
     for every image."""
     proto, _ = converted
     x, _, xt, _ = data
-    plan = she.compile(she.model.from_proto(proto, "tiny_resnet"), calibration=x[:500])
+    plan = she.compile(she.frontend.model.from_proto(proto, "tiny_resnet"), calibration=x[:500])
     assert plan.params.poly_modulus_degree <= 16384 and plan.params.security >= 128
     enc, _ = encrypted_predict(plan, xt[:64])
     plain = g.run(proto, xt[:64])[0]

@@ -17,7 +17,7 @@ from onnx import numpy_helper
 
 import she
 from benchmarks import user_models
-from she.data import load_idx_dataset
+from she.io.data import load_idx_dataset
 from she.pipeline import encrypted_predict
 
 torch = pytest.importorskip("torch", reason="the converter tests need the 'convert' extra")
@@ -95,7 +95,7 @@ def test_sklearn_mlp_converts_and_client_reapplies_its_tail(sklearn_models, skle
     assert acc["original"] - report.stages[-1].accuracy <= MAX_TEST_DROP
     chosen = report.search["trials"][report.search["chosen"]]
     assert chosen["val_accuracy"] >= chosen["val_accuracy_converted"]
-    model = she.model.from_proto(proto)
+    model = she.frontend.model.from_proto(proto)
     plan = she.compile(model, calibration=flat[:500])
     assert "tail" in plan.spec()
     server, client = she.Server(plan), she.Client(plan.spec())
@@ -148,7 +148,7 @@ def test_sklearn_zipmap_output_comes_back_as_dicts(sklearn_models, mnist):
     proto, report = converters.convert(str(sklearn_models[True]), flat[:1000])
     original = _original(sklearn_models[True], flat_t[:16])
     assert report.tail_outputs == list(original) == ["output_label", "output_probability"]
-    model = she.model.from_proto(proto)
+    model = she.frontend.model.from_proto(proto)
     plan = she.compile(model, calibration=flat[:300])
     client = she.Client(plan.spec())
     logits = model.run_plain(flat_t[:16])
@@ -182,7 +182,7 @@ def test_keras_style_graph_folds_its_layout_like_its_torch_twin(mnist, tmp_path)
     twin_dense = onnx.numpy_helper.to_array(
         next(i for i in proto.graph.initializer
              if i.name == next(n for n in proto.graph.node if n.op_type == "MatMul").input[1]))
-    model = she.model.from_proto(proto)
+    model = she.frontend.model.from_proto(proto)
     plan = she.compile(model, calibration=nhwc[:300])
     enc, _ = encrypted_predict(plan, nhwc_t[:32])
     plain = model.run_plain(nhwc_t[:32])
@@ -197,11 +197,11 @@ def test_keras_style_graph_folds_its_layout_like_its_torch_twin(mnist, tmp_path)
     del twin.graph.input[:]
     twin.graph.input.append(onnx.helper.make_tensor_value_info("input_1", onnx.TensorProto.FLOAT,
                                                                ["n", 1, 28, 28]))
-    twin_plan = she.compile(she.model.from_proto(twin), calibration=x[:300])
+    twin_plan = she.compile(she.frontend.model.from_proto(twin), calibration=x[:300])
     assert (twin_plan.params.poly_modulus_degree, twin_plan.depth) == \
         (plan.params.poly_modulus_degree, plan.depth)
     assert twin_dense.shape[0] == 13 * 13 * 2
-    assert np.allclose(she.model.from_proto(twin).run_plain(x[:50]), model.run_plain(nhwc[:50]),
+    assert np.allclose(she.frontend.model.from_proto(twin).run_plain(x[:50]), model.run_plain(nhwc[:50]),
                        atol=1e-4)
 
 
@@ -238,8 +238,8 @@ def test_torch_exports_convert_within_the_stated_drop(exporter, mnist, tmp_path)
     assert acc["original"] - report.stages[-1].accuracy <= MAX_TEST_DROP
     trials = report.search["trials"]
     assert all(t["val_accuracy"] >= t["val_accuracy_converted"] for t in trials)
-    model = she.model.from_proto(proto)
-    tail = she.tail.Tail(model.metadata[she.tail.METADATA_KEY])
+    model = she.frontend.model.from_proto(proto)
+    tail = she.frontend.tail.Tail(model.metadata[she.frontend.tail.METADATA_KEY])
     logits = model.run_plain(xt[:20])
     log_probs = tail.evaluate(logits)[1]
     assert np.allclose(np.exp(log_probs).sum(1), 1, atol=1e-4)
@@ -332,7 +332,7 @@ def test_cli_default_convert_reads_image_folders_in_the_models_layout(mnist, tmp
     result = json.loads(captured.out)
     assert result["search"]["training_samples"] + result["search"]["validation_samples"] == 600
     assert result["eval_samples"] == 100 and result["stages"][0]["accuracy"] > 0.5
-    assert she.load(out).metadata[she.tail.METADATA_KEY]
+    assert she.load(out).metadata[she.frontend.tail.METADATA_KEY]
     # the human report: every setting with its predicted latency and memory, the choice
     from she.cli import _print_human
 
@@ -361,7 +361,7 @@ def test_search_skips_a_setting_whose_plan_does_not_fit_memory(mnist, tmp_path, 
     from torch import nn
 
     import converters
-    import she.engine
+    import she.runtime.engine
     from converters.convert import ConversionReport, Settings, he_friendly
     from converters.search import predicted_cost, trial_line
 
@@ -381,7 +381,7 @@ def test_search_skips_a_setting_whose_plan_does_not_fit_memory(mnist, tmp_path, 
         memory[setting.pool_first] = predicted_cost(proto, x[:500]).memory_bytes
     assert memory[True] < 0.7 * memory[False]  # the activations act on 4x fewer values
     limit = (memory[True] + memory[False]) / 2 / 0.6  # the server refuses above 0.6 x memory
-    monkeypatch.setattr(she.engine, "_physical_memory", lambda: int(limit))
+    monkeypatch.setattr(she.runtime.engine, "_physical_memory", lambda: int(limit))
     proto, report = converters.search(str(path), x[:1000], y[:1000], budget=3600, seed=0,
                                       max_epochs=1, progress=False, settings=[deep])
     trials, search = report.search["trials"], report.search
@@ -390,9 +390,9 @@ def test_search_skips_a_setting_whose_plan_does_not_fit_memory(mnist, tmp_path, 
     assert big["runs"] is False and big["epochs"] == 0 and "GiB" in big["problem"]
     assert big["batch"]["memory_bytes"] == memory[False]
     # the search's verdict is the server's: its engine refuses that plan with the same words
-    big_plan = she.compile(she.model.from_proto(protos[False]), calibration=x[:500])
+    big_plan = she.compile(she.frontend.model.from_proto(protos[False]), calibration=x[:500])
     with pytest.raises(she.errors.ParameterError) as refused:
-        she.engine.Engine(big_plan)
+        she.runtime.engine.Engine(big_plan)
     assert str(refused.value) == big["problem"]
     assert small["runs"] is True and small["problem"] is None and small["epochs"] == 1
     assert search["chosen"] == 1 and search["not_runnable"] == [f"{big['description']}: "
@@ -408,5 +408,5 @@ def test_search_skips_a_setting_whose_plan_does_not_fit_memory(mnist, tmp_path, 
     assert "single: " in trial_line(small)
     assert "not measured" in search["latency_model"]
     # the model written is the runnable one: the server accepts its plan under that limit
-    plan = she.compile(she.model.from_proto(proto), calibration=x[:500])
-    assert plan.batch_memory_bytes() < 0.6 * limit and she.engine.batch_memory_problem(plan) is None
+    plan = she.compile(she.frontend.model.from_proto(proto), calibration=x[:500])
+    assert plan.batch_memory_bytes() < 0.6 * limit and she.runtime.engine.batch_memory_problem(plan) is None

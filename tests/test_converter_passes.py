@@ -71,7 +71,7 @@ def test_maxpool_becomes_average_pool(x):
     assert passes.replace_pooling(model) == 1
     out = g.run(model, x)[0]
     np.testing.assert_allclose(out, x.reshape(64, 1, 4, 2, 4, 2).mean(axis=(3, 5)), atol=1e-6)
-    she.model.from_proto(model)  # now HE-friendly
+    she.frontend.model.from_proto(model)  # now HE-friendly
 
 
 @pytest.mark.parametrize("act", ["Relu", "Sigmoid", "Softmax"])
@@ -101,7 +101,7 @@ def test_relu_replaced_by_fitted_quadratic(x):
     rmse = float(np.sqrt(np.mean((out - np.maximum(x, 0)) ** 2)))
     assert rmse < 0.08 and abs(rmse - fitted[0].rmse) < 0.01
     assert [n.op_type for n in model.graph.node] == ["Add", "Mul", "Mul", "Add"]
-    chain = she.lowering.lower(she.model.from_proto(model))
+    chain = she.frontend.lowering.lower(she.frontend.model.from_proto(model))
     assert chain.depth == 1
 
 

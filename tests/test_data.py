@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import she
-from she.data import load_idx_dataset, read_idx
+from she.io.data import load_idx_dataset, read_idx
 
 
 def _idx(dims: list[int], dtype: int = 0x08, payload: bytes | None = None) -> bytes:
@@ -221,7 +221,7 @@ def test_gzip_that_expands_past_its_header_is_read_within_a_bound(tmp_path):
 
 
 def test_header_promising_more_than_the_limit_is_refused_before_reading(tmp_path, monkeypatch):
-    monkeypatch.setattr(she.data, "MAX_IDX_BYTES", 1000)
+    monkeypatch.setattr(she.io.data, "MAX_IDX_BYTES", 1000)
     path = _write(tmp_path / "big", _idx([1001]))
     with pytest.raises(she.DataError, match="more than the 1000 this reader accepts"):
         read_idx(path)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import she
-from she import assets
-from she.data import load_idx_dataset
+from she.io import assets
+from she.io.data import load_idx_dataset
 from she.pipeline import encrypted_predict
 
 
@@ -39,7 +39,7 @@ def test_plan_is_secure_and_depth_two(demo_plan):
     _, plan = demo_plan
     assert plan.depth == 2
     assert plan.params.security >= 128
-    bound = she.params.MAX_MODULUS_BITS[128][plan.params.poly_modulus_degree]
+    bound = she.plan.params.MAX_MODULUS_BITS[128][plan.params.poly_modulus_degree]
     assert plan.params.total_bits <= bound
 
 
@@ -71,7 +71,7 @@ def test_argmax_margin_check_refuses_what_it_should(toy_plan, toy_calibration):
     of more than 1 % of the calibration samples is refused, and only then."""
     import dataclasses
 
-    from she.compiler import _check_argmax_margin
+    from she.plan.compiler import _check_argmax_margin
 
     outputs = toy_plan.chain.run(toy_calibration.reshape(len(toy_calibration), -1))
     logits = np.sort(outputs, 1)
@@ -105,7 +105,7 @@ def test_full_mnist_test_set_agreement(mnist_dir, demo_plan):
 def test_worker_count_does_not_change_the_result(mnist_dir, demo_plan, monkeypatch):
     """The kernels and squares split among processes give bit-identical ciphertexts (before
     the results are re-randomised, which makes every response differ by design)."""
-    from she.privacy import Rerandomiser
+    from she.runtime.privacy import Rerandomiser
 
     monkeypatch.setattr(Rerandomiser, "__call__", lambda self, raw: raw)
     _, plan = demo_plan
@@ -139,13 +139,13 @@ def test_streaming_wide_layers_does_not_change_a_bit(toy_plan, toy_server_client
     units at a time (partial products summed modulo each prime): the server's response is
     byte for byte the one computed in one piece (before the re-randomisation, random by
     design), and the memory estimate shrinks."""
-    from she.privacy import Rerandomiser
+    from she.runtime.privacy import Rerandomiser
 
     monkeypatch.setattr(Rerandomiser, "__call__", lambda self, raw: raw)
     server, _, keys = toy_server_client
     whole = server.evaluate(keys, toy_request)
     before = toy_plan.batch_memory_bytes()
-    monkeypatch.setattr(she.compiler, "BATCH_CHUNK_BYTES", 3 * 8 * 2 * 8192 * 8 * 5)
+    monkeypatch.setattr(she.plan.compiler, "BATCH_CHUNK_BYTES", 3 * 8 * 2 * 8192 * 8 * 5)
     assert toy_plan.chunk_units(0) < toy_plan.layers[0].weights.shape[0]
     streamed = she.Server(toy_plan)
     assert len(streamed.engine.chunks[0]) > 10

@@ -9,8 +9,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import she
-import she.compiler
-from she.data import load_idx_dataset
+import she.plan.compiler
+from she.io.data import load_idx_dataset
 
 
 def _conv_conv_model(seed: int = 7) -> onnx.ModelProto:
@@ -56,7 +56,7 @@ def test_a_second_convolution_runs_band_by_band(conv_conv, monkeypatch):
     held at once stay well below the whole layer, the response is byte for byte the one
     computed in one piece (re-randomisation, random by design, left out), and it agrees
     with onnxruntime within the predicted error."""
-    from she.privacy import Rerandomiser
+    from she.runtime.privacy import Rerandomiser
 
     monkeypatch.setattr(Rerandomiser, "__call__", lambda self, raw: raw)
     model, plan, x = conv_conv
@@ -73,7 +73,7 @@ def test_a_second_convolution_runs_band_by_band(conv_conv, monkeypatch):
     # less of the first: a row of the second reads 3 rows of the first, so at most 2 of
     # its 7 rows are open at a time
     n = plan.params.poly_modulus_degree
-    monkeypatch.setattr(she.compiler, "BATCH_CHUNK_BYTES", 3 * 8 * 2 * n * plan.levels()[1] * 14)
+    monkeypatch.setattr(she.plan.compiler, "BATCH_CHUNK_BYTES", 3 * 8 * 2 * n * plan.levels()[1] * 14)
     streamed = she.Server(plan)
     chunks = streamed.engine.chunks
     assert len(chunks[0]) in (14, 28) and len(chunks[1]) == 7 and len(chunks[2]) == 1

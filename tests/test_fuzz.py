@@ -16,10 +16,10 @@ import test_service
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from she import compact, sealbytes, wire
-from she.context import SealBridge, load_galois_keys, load_public_context, public_context_bytes
 from she.errors import FormatError, ParameterError, SecurityError
-from she.params import EncryptionParameters
+from she.io import compact, sealbytes, wire
+from she.io.context import SealBridge, load_galois_keys, load_public_context, public_context_bytes
+from she.plan.params import EncryptionParameters
 
 PARAMS = EncryptionParameters("ckks", 4096, (30, 25, 30))
 
@@ -205,7 +205,7 @@ def http_app(shipped_size):
     """The HTTP app serving the batch model in process, and one registered session."""
     from fastapi.testclient import TestClient
 
-    from she.service import ServiceConfig, create_app
+    from she.serve.service import ServiceConfig, create_app
 
     server, _, context, _, _ = shipped_size["batch"]
     http = TestClient(create_app({"m": server}, ServiceConfig(max_sessions=1000)))

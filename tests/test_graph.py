@@ -14,10 +14,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import she
-from she.compiler import ALIGN_SLACK_BITS
-from she.data import load_idx_dataset
-from she.lowering import lower
+from she.frontend.lowering import lower
+from she.io.data import load_idx_dataset
 from she.pipeline import encrypted_predict
+from she.plan.compiler import ALIGN_SLACK_BITS
 
 
 def _model(nodes, inits, shape, out_dim=10, opset=17) -> she.Model:
@@ -28,7 +28,7 @@ def _model(nodes, inits, shape, out_dim=10, opset=17) -> she.Model:
         [numpy_helper.from_array(np.asarray(v, dtype=np.float32 if np.asarray(v).dtype.kind == "f"
                                             else np.int64), k) for k, v in inits.items()])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=9)
-    return she.model.from_proto(proto, "graph")
+    return she.frontend.model.from_proto(proto, "graph")
 
 
 def _pow2(rng, shape, scale):
@@ -512,7 +512,7 @@ def test_she_serve_accepts_a_session_whose_keys_exceed_the_default_cap(mnist):
     session registers (here with the cap set to 1 MiB and 17 MiB of keys)."""
     from fastapi.testclient import TestClient
 
-    from she.service import ServiceConfig, create_app
+    from she.serve.service import ServiceConfig, create_app
 
     plan = she.compile(_mnist_projection(), calibration=mnist, packing="single")
     server, client = she.Server(plan), she.Client(plan.spec())

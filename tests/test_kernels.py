@@ -7,8 +7,8 @@ import pytest
 import tenseal as ts
 import tenseal.sealapi as sealapi
 
-from she.context import SealBridge
-from she.kernels import LinearKernel, add_constant
+from she.io.context import SealBridge
+from she.runtime.kernels import LinearKernel, add_constant
 
 
 @pytest.fixture(scope="module", params=[[34, 30, 36, 36], [60, 52, 60]], ids=["36-bit", "60-bit"])
@@ -87,9 +87,9 @@ def test_sparse_and_dense_paths_agree(seal):
 def test_grouped_convolution_path_is_bit_exact(seal, monkeypatch):
     """A convolution's rows read their inputs in groups (one per output position); the
     product by dense groups equals SEAL's, bit for bit, wide weights included."""
-    import she.kernels
+    import she.runtime.kernels
 
-    monkeypatch.setattr(she.kernels, "GROUP_MIN_WEIGHTS", 1)
+    monkeypatch.setattr(she.runtime.kernels, "GROUP_MIN_WEIGHTS", 1)
     *_, raws = seal
     data = np.stack([r.data for r in raws])
     rng = np.random.default_rng(7)
@@ -128,7 +128,7 @@ def _moduli(seal) -> tuple[int, ...]:
 @pytest.mark.parametrize("bits", [20, 31, 33, 50, 60])
 def test_reduction_is_exact_at_the_edges(bits):
     """The float-estimated quotient is corrected: every residue equals Python's ``%``."""
-    from she.kernels import _reduced
+    from she.runtime.kernels import _reduced
 
     q = (1 << bits) - 1 - 2 * (bits % 7)  # odd, of the given width
     edges = [0, 1, -1, q, -q, q - 1, q + 1, -q - 1, 2 ** 53 - 1, -(2 ** 53 - 1), 2 ** 52,

@@ -17,8 +17,8 @@ import tenseal as ts
 import tenseal.sealapi as sealapi
 
 import she
-from she import context, sealbytes
-from she.context import (
+from she.io import context, sealbytes
+from she.io.context import (
     SealBridge,
     galois_key_bytes,
     key_level,
@@ -28,7 +28,7 @@ from she.context import (
     public_context_bytes,
     relin_key_bytes,
 )
-from she.params import EncryptionParameters
+from she.plan.params import EncryptionParameters
 
 PARAMS = EncryptionParameters("ckks", 4096, (30, 25, 30))
 STEPS = [1, 2]
@@ -159,7 +159,7 @@ def test_relin_keys_must_be_exactly_one_key(client_ctx, server_ctx):
 
 def test_empty_relin_keys_are_refused_at_registration(toy_server_client):
     server, client, _ = toy_server_client
-    from she import wire
+    from she.io import wire
 
     msg = wire.unpack(client.public_context(), kind=wire.KIND_CONTEXT, max_items=3,
                       max_item_bytes=1 << 30)

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 import she
-from she import layout
+from she.plan import layout
 
 
 def simulate(lay: layout.LayerLayout, weights: np.ndarray, xs: np.ndarray,
              groups: slice = slice(None)) -> np.ndarray:
-    """Run the baby-step giant-step schedule of :mod:`she.layout` (only ``groups`` of the
+    """Run the baby-step giant-step schedule of :mod:`she.plan.layout` (only ``groups`` of the
     giant steps, the fold included) on a plain slot vector ``xs``."""
     diags = lay.diagonals(weights)[groups]
     babies = [np.roll(xs, -i) for i in range(lay.n_babies)]
@@ -152,7 +152,7 @@ def test_diagonals_check_the_weight_shape():
 
 @pytest.mark.parametrize("stride", [1, 2])
 def test_placed_convolutions_need_few_diagonals_and_compute_the_chain(stride):
-    """Two convolutions and a dense layer: hidden units placed by :mod:`she.placement`
+    """Two convolutions and a dense layer: hidden units placed by :mod:`she.plan.placement`
     need a fraction of the diagonals, and the chain (squares between layers) evaluated in
     the placed layout gives the outputs in their natural order."""
     rng = np.random.default_rng(stride)

@@ -8,8 +8,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import she
-from she.data import load_idx_dataset
-from she.lowering import lower
+from she.frontend.lowering import lower
+from she.io.data import load_idx_dataset
 from she.pipeline import encrypted_predict
 
 
@@ -21,7 +21,7 @@ def _model(nodes, inits, out_dim=10) -> she.Model:
         [numpy_helper.from_array(np.asarray(v, dtype=np.float32 if np.asarray(v).dtype.kind == "f"
                                             else np.int64), k) for k, v in inits.items()])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
-    return she.model.from_proto(proto, "test")
+    return she.frontend.model.from_proto(proto, "test")
 
 
 def _rich_model() -> she.Model:

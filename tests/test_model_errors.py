@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import she
-from she.lowering import lower
+from she.frontend.lowering import lower
 
 RNG = np.random.default_rng(0)
 
@@ -129,7 +129,7 @@ def test_unnamed_node_is_identified_by_its_index(tmp_path):
 
 def test_from_proto_gives_the_same_error():
     with pytest.raises(she.UnsupportedOperatorError, match="act_relu"):
-        she.model.from_proto(_relu_model())
+        she.frontend.model.from_proto(_relu_model())
 
 
 # -- files -------------------------------------------------------------------------------------
@@ -198,7 +198,7 @@ def test_product_of_two_encrypted_tensors():
          helper.make_node("Mul", ["a", "b2"], ["out"], name="cross")],
         {"w": RNG.normal(0, 0.1, (10, 784)), "w2": RNG.normal(0, 0.1, (10, 784)), "b": np.zeros(10)},
     )
-    model = she.model.from_proto(proto)  # loads: every operator is supported
+    model = she.frontend.model.from_proto(proto)  # loads: every operator is supported
     with pytest.raises(she.UnsupportedOperatorError, match="'cross' \\(operator Mul\\)") as info:
         lower(model)
     assert "product of two different encrypted values" in str(info.value)
@@ -209,7 +209,7 @@ def test_skip_connection_across_a_square():
     chains only, refuses it with a clear error (CKKS runs it in both packings)."""
     proto = _dense(helper.make_node("Mul", ["g", "g"], ["sq"], name="square"),
                    helper.make_node("Add", ["sq", "g"], ["out"], name="skip"))
-    model = she.model.from_proto(proto)
+    model = she.frontend.model.from_proto(proto)
     chain = lower(model)
     assert chain.layers[-1].sources == (0, 1) and not chain.is_chain
     with pytest.raises(she.ParameterError, match="chains of layers only"):
@@ -221,7 +221,7 @@ def test_unused_square_is_dropped():
     """The output uses the pre-square tensor: the square reaches nothing and is dropped."""
     proto = _dense(helper.make_node("Mul", ["g", "g"], ["sq"], name="square"),
                    helper.make_node("Identity", ["g"], ["out"]))
-    chain = lower(she.model.from_proto(proto))
+    chain = lower(she.frontend.model.from_proto(proto))
     assert chain.depth == 0 and len(chain.layers) == 1
 
 
@@ -229,4 +229,4 @@ def test_higher_power_is_refused():
     proto = _dense(helper.make_node("Pow", ["g", "three"], ["out"], name="cube"),
                    inits={"three": np.array(3.0)})
     with pytest.raises(she.UnsupportedOperatorError, match="'cube'"):
-        lower(she.model.from_proto(proto))
+        lower(she.frontend.model.from_proto(proto))

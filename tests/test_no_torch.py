@@ -24,7 +24,7 @@ names = [m.name for m in pkgutil.walk_packages(she.__path__, "she.") if m.name !
 for name in names:
     importlib.import_module(name)
 import numpy as np
-plan = she.compile(she.load(she.assets.demo_model_path()), poly_modulus_degree=None)
+plan = she.compile(she.load(she.io.assets.demo_model_path()), poly_modulus_degree=None)
 assert "torch" not in sys.modules
 print(len(names), plan.params.poly_modulus_degree)
 """

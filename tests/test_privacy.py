@@ -1,4 +1,4 @@
-"""Model privacy of results (she.privacy): noise flooding budgeted by the compiler."""
+"""Model privacy of results (she.runtime.privacy): noise flooding budgeted by the compiler."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from test_service import small_model  # noqa: F401 - the shared module-scoped fi
 
 import she
 from she.pipeline import encrypted_predict
-from she.privacy import _uniform_noise, flooding_error
+from she.runtime.privacy import _uniform_noise, flooding_error
 
 
 def test_flooding_noise_is_uniform_in_its_range():

@@ -31,9 +31,9 @@ import test_service  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 from test_service import local, small_model  # noqa: E402,F401  (the module-scoped fixtures)
 
-from she import ray_batch, ray_serve  # noqa: E402
-from she.remote import RemoteClient  # noqa: E402
-from she.service import ServiceConfig  # noqa: E402
+from she.serve import ray_batch, ray_serve  # noqa: E402
+from she.serve.remote import RemoteClient  # noqa: E402
+from she.serve.service import ServiceConfig  # noqa: E402
 
 #: Object store per node: a few small requests in flight.
 STORE_BYTES = 150 * 1024 * 1024
@@ -372,7 +372,7 @@ def test_shared_store_binds_owners_caps_and_reloads_evicted_keys(cluster, plan):
     """The store's interface as the service uses it: the table keeps the owner and the cap
     (StoreFull 503), the replica's cache keeps the key-memory budget (StoreFull 507 for keys
     that never fit; evicted keys are loaded again from the table's message)."""
-    from she.service import StoreFull, UnknownSession
+    from she.serve.service import StoreFull, UnknownSession
 
     key_bytes = she.Server(plan).session_key_bytes
     config = ServiceConfig(max_sessions=2, max_key_memory=key_bytes)  # one session's keys

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from she import assets
 from she.cli import main
+from she.io import assets
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_she_never_imports_ray_unless_asked():
-    code = ("import sys, she, she.cli, she.service, she.ray_batch, she.ray_serve; "
+    code = ("import sys, she, she.cli, she.serve.service, she.serve.ray_batch, she.serve.ray_serve; "
             "print('ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)

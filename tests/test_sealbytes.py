@@ -12,8 +12,8 @@ import tenseal.sealapi as sealapi
 import zstandard
 
 import she
-from she import sealbytes
-from she.context import SealBridge, level_specs
+from she.io import sealbytes
+from she.io.context import SealBridge, level_specs
 
 HEADER = struct.Struct("<HBBBBHQ")  # magic, header size, major, minor, mode, reserved, total
 # Offsets in an *uncompressed* serialisation (16-byte header, then the body).

@@ -8,9 +8,9 @@ import pytest
 import tenseal.sealapi as sealapi
 
 import she
-from she import wire
-from she.context import public_context_bytes, public_key_bytes, relin_key_bytes
-from she.params import MAX_MODULUS_BITS, RING_SIZES, EncryptionParameters, check_security
+from she.io import wire
+from she.io.context import public_context_bytes, public_key_bytes, relin_key_bytes
+from she.plan.params import MAX_MODULUS_BITS, RING_SIZES, EncryptionParameters, check_security
 
 SEAL_LEVELS = {128: sealapi.SEC_LEVEL_TYPE.TC128, 192: sealapi.SEC_LEVEL_TYPE.TC192,
                256: sealapi.SEC_LEVEL_TYPE.TC256}

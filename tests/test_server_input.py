@@ -11,9 +11,9 @@ import tenseal.sealapi as sealapi
 from onnx import TensorProto, helper, numpy_helper
 
 import she
-from she import sealbytes, wire
-from she.context import level_specs
-from she.model import from_proto
+from she.frontend.model import from_proto
+from she.io import sealbytes, wire
+from she.io.context import level_specs
 
 
 def _message(base: wire.Message, items: list[bytes] | None = None, drop: tuple[str, ...] = (),
@@ -40,7 +40,7 @@ def test_batch_slots_beyond_the_batch_hold_the_model_on_what_was_encrypted(
     """Issue #21 item 5, answered in docs/http-api.md (security model): batch packing
     answers every slot; past the declared batch the client's zero padding gives the model's
     output at the zero input, which any client could ask for. Nothing else is there."""
-    from she import sealbytes
+    from she.io import sealbytes
 
     _, client, _ = toy_server_client
     msg = wire.unpack(toy_result, kind=wire.KIND_CIPHERTEXTS, max_items=10,
@@ -285,9 +285,9 @@ def test_decrypt_item_with_invalid_metadata(toy_server_client, toy_plan, result_
 def test_a_plan_too_large_for_memory_is_refused_up_front(toy_plan, monkeypatch):
     """Rather than be killed mid-request, the server refuses a batch plan whose ciphertexts
     would not fit this machine's memory (here pretended to be 64 MiB)."""
-    import she.engine
+    import she.runtime.engine
 
     assert toy_plan.describe()["estimated_bytes"]["server_memory_per_request"] > 64 * 2**20 * 0.6
-    monkeypatch.setattr(she.engine, "_physical_memory", lambda: 64 * 2**20)
+    monkeypatch.setattr(she.runtime.engine, "_physical_memory", lambda: 64 * 2**20)
     with pytest.raises(she.ParameterError, match="GiB"):
         she.Server(toy_plan)

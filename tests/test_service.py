@@ -19,11 +19,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import she
-from she import wire
-from she.context import public_context_bytes
-from she.data import load_idx_dataset
+from she.io import wire
+from she.io.context import public_context_bytes
+from she.io.data import load_idx_dataset
 from she.pipeline import encrypted_predict
-from she.remote import RemoteClient, RemoteError
+from she.serve.remote import RemoteClient, RemoteError
 
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "test-key"

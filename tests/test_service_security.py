@@ -16,8 +16,8 @@ import uvicorn
 
 import she
 from she.cli import API_KEY_ENV, _api_key, _api_keys, build_parser
-from she.remote import RemoteClient, RemoteError
-from she.service import ServiceConfig, SessionStore, StoreFull, UnknownSession, create_app
+from she.serve.remote import RemoteClient, RemoteError
+from she.serve.service import ServiceConfig, SessionStore, StoreFull, UnknownSession, create_app
 
 KEY = "s3cret-test-key"
 

@@ -22,8 +22,8 @@ import pytest
 from test_service import small_model  # noqa: F401 - the shared module-scoped fixture
 
 import she
-from she import wire
-from she.service import RateLimiter, SessionStore, StoreFull, create_app
+from she.io import wire
+from she.serve.service import RateLimiter, SessionStore, StoreFull, create_app
 
 REPO = Path(__file__).resolve().parents[1]
 KEY_A, KEY_B = "key-a", "key-b"

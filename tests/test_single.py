@@ -9,9 +9,10 @@ import pytest
 import tenseal.sealapi as sealapi
 
 import she
-from she import compact, layout, wire
-from she.context import galois_key_bytes
-from she.data import load_idx_dataset
+from she.io import compact, wire
+from she.io.context import galois_key_bytes
+from she.io.data import load_idx_dataset
+from she.plan import layout
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def test_every_slot_holds_an_output_copy_or_nothing(single, test_images):
     layout repeats the outputs with period P (the next power of two); the P - n slots of
     each period beyond the outputs decrypt to zero up to the noise (no partial sums)."""
     plan, server, client, _, keys = single
-    from she import sealbytes
+    from she.io import sealbytes
 
     msg = wire.unpack(server.evaluate(keys, client.encrypt(test_images[:1])),
                       kind=wire.KIND_CIPHERTEXTS, max_items=1, max_item_bytes=1 << 30)
@@ -87,7 +88,7 @@ def test_upload_is_compact_and_a_seal_ciphertext_is_refused(single, test_images)
     bits = sum(p.bit_length() for p in primes) - plan.input_drop_bits
     assert len(msg.items[0]) <= n / 2 * bits / 8 + 200
     # The same image in SEAL's seeded form (64-bit words) is not what the server expects.
-    bridge = she.context.SealBridge(client.ctx)
+    bridge = she.io.context.SealBridge(client.ctx)
     try:
         plain = sealapi.Plaintext()
         sealapi.CKKSEncoder(bridge.seal).encode(test_images[0].ravel().tolist(), plan.input_scale,
@@ -142,9 +143,9 @@ def test_spec_asking_for_too_many_keys_is_refused(single):
 def test_two_processes_compute_the_same_result(single, test_images, monkeypatch):
     """The thread-count setting: with workers=2 a forked process sums half of every layer's
     giant steps; the decrypted result matches the one-process run within the noise."""
-    import she.single
+    import she.runtime.single
 
-    monkeypatch.setattr(she.single, "SPLIT_MIN_COST", 1)  # split even these small layers
+    monkeypatch.setattr(she.runtime.single, "SPLIT_MIN_COST", 1)  # split even these small layers
     plan, _, client, context, _ = single
     # The forked half rotates its sum into place with keys the plan asks for.
     assert all(set(lay.jump(lay.groups[lay.split] * lay.baby))
@@ -177,7 +178,7 @@ def test_a_widening_first_layer_runs(mnist_dir):
     graph = helper.make_graph(
         nodes, "widening", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 7, 7])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
-    model = she.model.from_proto(helper.make_model(
+    model = she.frontend.model.from_proto(helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), "widening")
     x, _ = load_idx_dataset(mnist_dir, "test")
     x = np.ascontiguousarray(x[:200, :, ::4, ::4])  # 7x7 digits: 49 inputs -> 128 units

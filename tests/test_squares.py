@@ -1,6 +1,6 @@
 """Degree-3/4 activations and polynomial max pooling: the ONNX the converter writes for
 them is checked against the functions it approximates (onnxruntime) and against the
-chain of affine maps and squares the engine runs (she.lowering)."""
+chain of affine maps and squares the engine runs (she.frontend.lowering)."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ def _model(node: onnx.NodeProto, in_shape, out_shape) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
 
 
-def _lowered(model: onnx.ModelProto) -> she.lowering.Chain:
-    return she.lowering.lower(she.model.from_proto(model, "test"))
+def _lowered(model: onnx.ModelProto) -> she.frontend.lowering.Chain:
+    return she.frontend.lowering.lower(she.frontend.model.from_proto(model, "test"))
 
 
 @pytest.fixture()

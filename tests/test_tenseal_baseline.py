@@ -18,7 +18,7 @@ import tenseal as ts
 from onnx import TensorProto, helper, numpy_helper
 
 from benchmarks import tenseal_baseline as tb
-from she.data import load_idx_dataset
+from she.io.data import load_idx_dataset
 
 MODEL = tb.DEFAULT_MODEL
 #: Decrypted logits must be within this fraction of max |plaintext logit|. The tutorial's

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import she
-from she import wire
+from she.io import wire
 
 KIND = wire.KIND_CIPHERTEXTS
 META = {"fingerprint": "0123456789abcdef", "batch": 3, "model": "toy", "nested": {"a": [1, 2.5]}}

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from .errors import ParameterError
+from ..errors import ParameterError
 
 _EXACT_BITS = 53
 #: Use a sparse product below this weight density.

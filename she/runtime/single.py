@@ -1,19 +1,19 @@
 """Server-side execution of a plan in single packing (one sample per ciphertext, CKKS).
 
-The layout and the diagonal schedule come from :mod:`she.layout`; this module runs them
+The layout and the diagonal schedule come from :mod:`she.plan.layout`; this module runs them
 with SEAL's evaluator: rotations (Galois keys for the plan's steps only),
 plaintext-diagonal products, bias addition, and square / relinearise / rescale between
 layers. Each linear layer multiplies by diagonals encoded at scale ``2^shift``; that scale
 is removed by the rescale after the following square, exactly as the plan's scales say.
 
-Hidden units sit where :mod:`she.placement` put them, so a convolution needs only a few of
-its diagonals; only those are multiplied (see :class:`~she.layout.LayerLayout`).
+Hidden units sit where :mod:`she.plan.placement` put them, so a convolution needs only a few of
+its diagonals; only those are multiplied (see :class:`~she.plan.layout.LayerLayout`).
 
 A layer that reads several sources (a skip connection, branches) is one diagonal product
 per source, summed. Every source ciphertext is kept until the last layer that reads it; a
 shallower one (more primes) is first brought to the layer's level by dropping its extra
 primes (``mod_switch``: exact), and its diagonals are encoded at the scale that makes its
-product land at the reference product's scale (:meth:`~she.compiler.Plan.diagonal_scales`),
+product land at the reference product's scale (:meth:`~she.plan.compiler.Plan.diagonal_scales`),
 so the sum is exact; the two scales then differ by the rounding of one floating-point
 product at most, and the sum takes the reference's.
 
@@ -36,12 +36,12 @@ import numpy as np
 import tenseal as ts
 import tenseal.sealapi as sealapi
 
-from . import layout
-from .compiler import Plan
-from .errors import ParameterError
+from ..errors import ParameterError
+from ..plan import layout
+from ..plan.compiler import Plan
 
 #: Cheapest upper half of a layer's giant steps worth a fork, in diagonal products (a
-#: rotation counts as :data:`she.layout.ROTATION_COST` products).
+#: rotation counts as :data:`she.plan.layout.ROTATION_COST` products).
 SPLIT_MIN_COST = 256
 
 
@@ -61,7 +61,7 @@ class SingleEngine:
         self.plan = plan
         self.workers = max(1, workers or os.cpu_count() or 1)
         #: One layout per block (a layer's product over one of its sources; see
-        #: :meth:`~she.compiler.Plan.layouts`) and the blocks of every layer.
+        #: :meth:`~she.plan.compiler.Plan.layouts`) and the blocks of every layer.
         self.layouts = plan.layouts()
         self.blocks = plan.layer_blocks()
         self.slots = plan.params.slots
@@ -197,7 +197,7 @@ def _horner(evaluator: sealapi.Evaluator, galois: sealapi.GaloisKeys, lay: layou
             groups: list[int], plain: list[list[sealapi.Plaintext | None]],
             babies: list[sealapi.Ciphertext]) -> sealapi.Ciphertext | None:
     """``sum_g rot(sum_i diag_gi * baby_i, groups[g] * b)`` in Horner form (descending, each
-    jump made of :meth:`~she.layout.LayerLayout.jump`); None if every diagonal is zero."""
+    jump made of :meth:`~she.plan.layout.LayerLayout.jump`); None if every diagonal is zero."""
     baby = lay.baby
     acc: sealapi.Ciphertext | None = None
     at = 0  # the giant step acc is rotated to

@@ -1,7 +1,7 @@
 """The MLaaS HTTP service: a FastAPI app around :class:`she.Server`.
 
 Endpoints (all under ``/v1``; binary bodies are ``application/octet-stream`` in the
-:mod:`she.wire` format, see ``docs/http-api.md``):
+:mod:`she.io.wire` format, see ``docs/http-api.md``):
 
 * ``GET  /v1/health``                      liveness, counts, workers and key memory
 * ``GET  /v1/models``                      the models served
@@ -16,7 +16,7 @@ before a body is read; bodies stream into a spool with a read timeout and are re
 (413) as soon as they pass their cap; malformed bytes get 400/422 with a message, unknown
 sessions 404, and no exception ever leaves as a bare 500: anything unexpected is logged
 and answered with a JSON error. Homomorphic work runs in a forked process per request
-(:mod:`she.workers`), at most ``workers`` at once; beyond that requests queue, boundedly,
+(:mod:`she.serve.workers`), at most ``workers`` at once; beyond that requests queue, boundedly,
 and then get 503 with ``Retry-After``. Session keys live in a :class:`SessionStore`
 bounded by count and by memory (the least recently used sessions are evicted first).
 """
@@ -40,11 +40,11 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Respons
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from . import __version__
-from .context import MAX_CONTEXT_BYTES
-from .engine import _physical_memory
-from .errors import ParameterError, SecurityError, SheError
-from .server import EvaluationKeys, Server
+from .. import __version__
+from ..errors import ParameterError, SecurityError, SheError
+from ..io.context import MAX_CONTEXT_BYTES
+from ..runtime.engine import _physical_memory
+from ..server import EvaluationKeys, Server
 from .workers import Busy, WorkerDied, WorkerPool, WorkerTimeout
 
 API = "/v1"
@@ -53,7 +53,7 @@ _BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "
 SPOOL_BYTES = 4 * 1024 * 1024
 #: Most clients (API keys or addresses) whose request rate is remembered.
 RATE_CLIENTS = 4096
-log = logging.getLogger("she.service")
+log = logging.getLogger("she.serve.service")
 
 
 def default_key_memory() -> int:
@@ -110,7 +110,7 @@ class StoreFull(Exception):
 def _context_cap(config: ServiceConfig, server: Server) -> int:
     """Largest public-context upload accepted for ``server``'s model: the configured cap, or
     what this model's keys need if more (seeded keys are smaller than expanded ones), never
-    above :data:`she.context.MAX_CONTEXT_BYTES`."""
+    above :data:`she.io.context.MAX_CONTEXT_BYTES`."""
     return min(max(config.max_context_bytes, server.session_key_bytes), MAX_CONTEXT_BYTES)
 
 
@@ -300,7 +300,7 @@ def create_app(servers: dict[str, Server], config: ServiceConfig | None = None,
     """Build the FastAPI application serving ``servers`` (model name -> Server).
 
     ``sessions`` replaces the in-memory :class:`SessionStore` by another with the same
-    methods and attributes, e.g. :class:`she.ray_serve.SharedSessionStore`.
+    methods and attributes, e.g. :class:`she.serve.ray_serve.SharedSessionStore`.
     """
     config = config or ServiceConfig()
     if sessions is None:

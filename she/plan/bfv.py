@@ -22,8 +22,8 @@ import math
 
 import numpy as np
 
-from .errors import ParameterError
-from .lowering import Chain
+from ..errors import ParameterError
+from ..frontend.lowering import Chain
 from .params import (
     MAX_MODULUS_BITS,
     MAX_PLAIN_MODULUS_BITS,

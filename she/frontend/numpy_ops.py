@@ -1,6 +1,6 @@
 """The ONNX operators SHE supports, as sparse linear maps and numpy functions.
 
-:mod:`she.lowering` composes these into the affine maps of a model. Each structural operator
+:mod:`she.frontend.lowering` composes these into the affine maps of a model. Each structural operator
 (Conv, AveragePool, Pad, Transpose, Slice, ReduceMean, ...) acts on one sample's flattened
 tensor (C-order, batch axis left out) as a ``scipy.sparse`` matrix built straight from its
 semantics, so the cost is the number of weights times output positions, never the square of
@@ -21,7 +21,7 @@ import onnx
 import scipy.sparse as sp
 from numpy.lib.stride_tricks import sliding_window_view
 
-from .errors import ModelError
+from ..errors import ModelError
 
 Attrs = dict[str, object]
 Shape = tuple[int, ...]

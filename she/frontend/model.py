@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .errors import ModelError, UnsupportedOperatorError
+from ..errors import ModelError, UnsupportedOperatorError
 
 #: Operators the encrypted engine runs.
 SUPPORTED_OPS = frozenset({

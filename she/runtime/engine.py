@@ -1,6 +1,6 @@
 """Server-side execution of a plan on encrypted data (batch packing, CKKS or BFV).
 
-Linear layers run in numpy through :mod:`she.kernels` (zero multiplicative depth: in CKKS
+Linear layers run in numpy through :mod:`she.runtime.kernels` (zero multiplicative depth: in CKKS
 the ``2^-shift`` of the integer weights goes into the ciphertext scale; in BFV the integer
 weights are the quantised model's own). Squares run in SEAL: square, relinearise, and (CKKS)
 rescale by the primes the plan assigned to them. SEAL's bindings
@@ -9,7 +9,7 @@ coefficients, the squares) is shared among ``workers`` forked processes, which e
 arrays and ciphertexts through files in the bridge's shared-memory directory.
 
 Wide layers are streamed: a layer's outputs are computed, squared and multiplied into the
-next layer's weights a chunk of units at a time (:meth:`~she.compiler.Plan.chunk_units`),
+next layer's weights a chunk of units at a time (:meth:`~she.plan.compiler.Plan.chunk_units`),
 the partial products summed modulo each prime, so that neither a wide layer's outputs
 nor their squares are ever held whole. The result is the same, bit for bit. A chunk of a
 feature map ``(C, H, W)`` is a band of rows across all channels, so that a convolution
@@ -46,10 +46,10 @@ import scipy.sparse as sp
 import tenseal as ts
 import tenseal.sealapi as sealapi
 
-from . import sealbytes
-from .compiler import Plan, PlanLayer
-from .context import SealBridge
-from .errors import FormatError, ParameterError
+from ..errors import FormatError, ParameterError
+from ..io import sealbytes
+from ..io.context import SealBridge
+from ..plan.compiler import Plan, PlanLayer
 from .kernels import LinearKernel, add_constant, add_constant_bfv
 
 T = TypeVar("T")
@@ -403,7 +403,7 @@ def _chunks(shape: tuple[int, ...], units: int) -> list[np.ndarray]:
 def batch_memory_problem(plan: Plan) -> str | None:
     """Why one batch of ``plan`` does not fit this machine's memory (None when it does): the
     check the server makes before running a plan, and the converter's search before choosing
-    a setting (:mod:`she.estimate`)."""
+    a setting (:mod:`she.plan.estimate`)."""
     need, have = plan.batch_memory_bytes(), _physical_memory()
     if have and need > 0.6 * have:
         return (f"one batch of this plan holds about {need / 2**30:.1f} GiB of ciphertexts, more "

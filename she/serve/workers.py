@@ -11,7 +11,7 @@ Nothing needs rebuilding.
 
 The budget is ``workers`` processes. A request takes one slot; a request that finds the
 server idle and nobody waiting takes them all (its own evaluation then splits its work
-among that many processes, see :mod:`she.engine`). Requests beyond the budget wait in a
+among that many processes, see :mod:`she.runtime.engine`). Requests beyond the budget wait in a
 queue of at most ``queue`` requests for at most ``queue_timeout`` seconds; past either
 they get :class:`Busy` (the service answers 503 with ``Retry-After``), never a hang.
 

@@ -44,8 +44,8 @@ from collections.abc import Sequence
 import numpy as np
 import tenseal.sealapi as sealapi
 
+from ..errors import FormatError
 from .context import SealBridge
-from .errors import FormatError
 from .sealbytes import SEED_INFO_SIZE, LevelSpec, RawCiphertext, check_seed_info
 
 MAGIC = b"SHEi"

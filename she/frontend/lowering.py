@@ -5,7 +5,7 @@ graph input (source 0) and the outputs of earlier squares (source ``k + 1`` is t
 of layer ``k``). The lowering walks the graph once and keeps each encrypted tensor as that
 function: one ``scipy.sparse`` matrix per source it depends on, plus a bias. Every
 supported operator is affine in its encrypted inputs and is applied as a sparse matrix
-built from its ONNX semantics (:mod:`she.numpy_ops`): a convolution has one entry per
+built from its ONNX semantics (:mod:`she.frontend.numpy_ops`): a convolution has one entry per
 weight and output position, a reshape none at all. So time and memory grow with weights
 times positions, never with the square of a layer's size.
 
@@ -33,8 +33,8 @@ import onnx
 import scipy.sparse as sp
 from onnx import numpy_helper
 
+from ..errors import ModelError, UnsupportedOperatorError
 from . import numpy_ops as ops
-from .errors import ModelError, UnsupportedOperatorError
 from .model import Model
 
 Matrix = np.ndarray | sp.spmatrix

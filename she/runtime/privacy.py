@@ -34,10 +34,10 @@ import os
 import numpy as np
 import tenseal.sealapi as sealapi
 
-from .compiler import SIGMAS, Plan
-from .context import SealBridge
-from .errors import ParameterError
-from .sealbytes import RawCiphertext
+from ..errors import ParameterError
+from ..io.context import SealBridge
+from ..io.sealbytes import RawCiphertext
+from ..plan.compiler import SIGMAS, Plan
 
 #: Most flooding bits supported (noise is drawn as 64-bit integers).
 MAX_FLOOD_BITS = 62
@@ -64,9 +64,9 @@ def flooding_headroom_bits(plan: Plan, security_bits: int) -> int:
 def _needed_bits(plan: Plan, security_bits: int) -> int:
     """``log2 B`` for ``2^-security_bits``: ``B = 2^(s-1) ||e||_1``.
 
-    The plan's predicted noise error (:attr:`~she.compiler.Plan.noise_error`: its predicted
+    The plan's predicted noise error (:attr:`~she.plan.compiler.Plan.noise_error`: its predicted
     error without the weight quantisation, which is no noise) is a 6-sigma
-    (:data:`~she.compiler.SIGMAS`) bound on the decrypted values; a slot sums ``N``
+    (:data:`~she.plan.compiler.SIGMAS`) bound on the decrypted values; a slot sums ``N``
     coefficients with unit weights, so one output coefficient's noise has a standard
     deviation of at most ``err * scale / (SIGMAS sqrt(N))``, and the ``n N`` coefficients
     of ``n`` output ciphertexts have ``||e||_1 <= n sqrt(N) err scale / SIGMAS`` (the mean
@@ -109,7 +109,7 @@ def budget_flooding(plan: Plan, security_bits: int, outputs: np.ndarray | None) 
     predicted error raised by the flooding's; refused (:class:`ParameterError`) when that
     error could change the argmax of calibration samples (``outputs``: the float model's
     outputs for them)."""
-    from .compiler import _check_argmax_margin
+    from ..plan.compiler import _check_argmax_margin
 
     plan.flood_bits = flood_bits(plan, security_bits)
     plan.circuit_privacy = security_bits

@@ -32,9 +32,9 @@ import numpy as np
 import tenseal as ts
 import tenseal.sealapi as sealapi
 
+from ..errors import FormatError, ParameterError, SecurityError
+from ..plan.params import EncryptionParameters
 from . import sealbytes
-from .errors import FormatError, ParameterError, SecurityError
-from .params import EncryptionParameters
 
 KeysT = TypeVar("KeysT", sealapi.RelinKeys, sealapi.GaloisKeys, sealapi.PublicKey)
 _SEAL_MAGIC = sealbytes.MAGIC.to_bytes(2, "little")
@@ -264,7 +264,7 @@ def _save_serializable(ctx: ts.Context, create: Callable[[sealapi.KeyGenerator],
 
 def public_key_bytes(ctx: ts.Context) -> bytes:
     """The context's public key in SEAL's serialisation (TenSEAL's bindings offer no seeded
-    form for it). The server re-randomises its results with it (:mod:`she.privacy`)."""
+    form for it). The server re-randomises its results with it (:mod:`she.runtime.privacy`)."""
     bridge = SealBridge(ctx)
     try:
         return bridge.save_serializable(ctx.public_key().data)
@@ -274,7 +274,7 @@ def public_key_bytes(ctx: ts.Context) -> bytes:
 
 def load_public_key(ctx: ts.Context, data: bytes) -> sealapi.PublicKey:
     """Load an uploaded public key: its size, parameters and coefficients are checked
-    (:func:`she.sealbytes.parse`, bounded decompression) before SEAL sees it."""
+    (:func:`she.io.sealbytes.parse`, bounded decompression) before SEAL sees it."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise FormatError("the public key is not in SEAL's serialised format")
     sealbytes.parse(bytes(data), key_level(ctx))
@@ -356,7 +356,7 @@ def level_specs(ctx: ts.Context) -> dict[int, sealbytes.LevelSpec]:
 
 
 class SealBridge:
-    """Moves ciphertexts between numpy (:class:`~she.sealbytes.RawCiphertext`) and SEAL."""
+    """Moves ciphertexts between numpy (:class:`~she.io.sealbytes.RawCiphertext`) and SEAL."""
 
     def __init__(self, ctx: ts.Context) -> None:
         self.ctx = ctx
@@ -376,7 +376,7 @@ class SealBridge:
 
     def load(self, blob: bytes) -> sealapi.Ciphertext:
         """A SEAL ciphertext from its serialisation (validate it with
-        :func:`she.sealbytes.parse` first; SEAL expands a seeded one)."""
+        :func:`she.io.sealbytes.parse` first; SEAL expands a seeded one)."""
         Path(self._path).write_bytes(blob)
         ct = sealapi.Ciphertext(self.seal)
         ct.load(self.seal, self._path)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import tenseal.sealapi as sealapi
 
-from .errors import ParameterError
+from ..errors import ParameterError
 
 #: Largest total coefficient-modulus bits (special prime included) per ring size and level.
 MAX_MODULUS_BITS: dict[int, dict[int, int]] = {

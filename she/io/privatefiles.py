@@ -14,7 +14,7 @@ import os
 import secrets
 from pathlib import Path
 
-from .errors import SecurityError
+from ..errors import SecurityError
 
 
 def write_private(path: str | Path, data: bytes) -> None:

@@ -25,7 +25,7 @@ message and ciphertext bytes: exactly what ``she serve`` receives over HTTP.
   with the same plan, inputs and chunk size skips the chunks already written; anything
   else is refused rather than mixed.
 
-Ray is imported only here and in :mod:`she.ray_serve`; without it the rest of SHE works
+Ray is imported only here and in :mod:`she.serve.ray_serve`; without it the rest of SHE works
 as before.
 """
 
@@ -46,10 +46,10 @@ from typing import Any, NamedTuple
 import numpy as np
 import scipy.sparse as sp
 
-from .client import Client
-from .compiler import Plan
-from .errors import DataError, SheError
-from .server import EvaluationKeys, Server
+from ..client import Client
+from ..errors import DataError, SheError
+from ..plan.compiler import Plan
+from ..server import EvaluationKeys, Server
 
 #: Format of an output directory's manifest.
 MANIFEST_VERSION = 1
@@ -90,7 +90,7 @@ def ray_connection(address: str | None = None, *, num_cpus: int | None = None) -
                                "configure_logging": False}
     if address:  # the cluster's workers run this copy of SHE (Ray uploads it, ~5 MB)
         options.update(address=address,
-                       runtime_env={"py_modules": [str(Path(__file__).resolve().parent)]})
+                       runtime_env={"py_modules": [str(Path(__file__).resolve().parent.parent)]})
     else:  # never join a cluster by accident: "local" always starts a new instance
         options.update(address="local", num_cpus=num_cpus or os.cpu_count() or 1,
                        object_store_memory=EMBEDDED_OBJECT_STORE_BYTES,

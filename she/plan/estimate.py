@@ -9,9 +9,9 @@ reports it for every setting it tries); wall-clock figures come from the benchma
 
 * Batch packing (one sample per slot): every hidden unit is squared once in SEAL (square,
   relinearise, rescale), and every layer is an integer product of its non-zero weights with
-  the ciphertexts' coefficient arrays (:mod:`she.kernels`); the work is shared by all cores.
-  The memory is :meth:`~she.compiler.Plan.batch_memory_bytes`; the plan runs when the server
-  would accept it (:func:`she.engine.batch_memory_problem`).
+  the ciphertexts' coefficient arrays (:mod:`she.runtime.kernels`); the work is shared by all cores.
+  The memory is :meth:`~she.plan.compiler.Plan.batch_memory_bytes`; the plan runs when the server
+  would accept it (:func:`she.runtime.engine.batch_memory_problem`).
 * Single packing (one sample per ciphertext): every multiplied diagonal is one
   ciphertext-plaintext product, every rotation one key switch, every hidden layer one square;
   counted as sequential work. The server keeps the encoded diagonals of every layer.
@@ -81,7 +81,7 @@ def _factor(ring: int, primes: int) -> float:
 def estimate(plan: Plan, cores: int | None = None) -> Estimate:
     """Predicted latency and memory of ``plan`` on a server with ``cores`` cores (default:
     this machine's), and whether this machine's server accepts it."""
-    from .engine import batch_memory_problem
+    from ..runtime.engine import batch_memory_problem
 
     ring = plan.params.poly_modulus_degree
     levels = plan.levels()

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import zstandard
 
-from .errors import FormatError
+from ..errors import FormatError
 
 MAGIC = 0xA15E
 _HEADER = struct.Struct("<HBBBBHQ")

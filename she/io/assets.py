@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
+from ..errors import DataError
 
 
 def demo_model_path() -> Path:

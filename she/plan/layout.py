@@ -13,7 +13,7 @@ that a slot rotation acts cyclically inside every period. A linear layer ``y = W
   jump made of power-of-two rotations; ``b`` is the power of two with fewest rotations);
 * if ``P_out < P_in``: ``y = sum_t rot(z, t P_out)`` (``log2(P_in / P_out)`` rotations).
 
-Hidden units need not sit in their natural order: :mod:`she.placement` chooses their
+Hidden units need not sit in their natural order: :mod:`she.plan.placement` chooses their
 positions so that few diagonals are non-zero (a convolution in natural order needs almost
 all ``D``), and the next layer's columns follow them.
 
@@ -24,7 +24,7 @@ copies (see :class:`LayerLayout`).
 
 The result is ``y`` replicated with period ``P_out``: the layout the next layer expects.
 Every rotation step is a power of two, so the client generates a handful of Galois keys.
-This module is pure numpy; :mod:`she.single` runs it in SEAL.
+This module is pure numpy; :mod:`she.runtime.single` runs it in SEAL.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from functools import cached_property
 
 import numpy as np
 
+from ..errors import ParameterError
 from . import placement
-from .errors import ParameterError
 
 #: A giant-step size that is not a power of two needs a Galois key of its own (one more key
 #: the client makes and uploads once per session): it is chosen only if it saves more than
@@ -117,7 +117,7 @@ class LayerLayout:
         """Giant-step size ``b``: the one with the fewest rotations. A power of two needs no
         Galois key beyond the powers of two; any other size needs one of its own, so it must
         save more than :data:`KEY_ROTATIONS` rotations (convolutions placed by
-        :mod:`she.placement` have diagonals in clusters a few slots wide at a regular
+        :mod:`she.plan.placement` have diagonals in clusters a few slots wide at a regular
         stride, which a giant step of that stride covers)."""
         return min(range(1, self.n_diagonals + 1),
                    key=lambda b: (_schedule_rotations(self.used, b)
@@ -267,7 +267,7 @@ def _schedule_rotations(used: np.ndarray, baby: int) -> int:
 def layouts(weights: list[np.ndarray], slots: int,
             sources: list[tuple[int, ...]] | None = None) -> list[LayerLayout]:
     """Layouts of a graph of layers (their ``n_out x n_in`` weight matrices; ``sources``:
-    what each layer reads, as in :class:`she.lowering.Chain`, default a chain); checks that
+    what each layer reads, as in :class:`she.frontend.lowering.Chain`, default a chain); checks that
     they fit. Returns one layout per *block*, layer by layer and, inside a layer, in the
     order of its sources: a layer that reads several sources (a skip connection, branches)
     is the sum of one diagonal product per source, every block with the layer's output
@@ -275,7 +275,7 @@ def layouts(weights: list[np.ndarray], slots: int,
 
     The first layer spreads its diagonals over as many input replicas as the slots hold
     (when it does not widen its input, and no other layer reads the input). Hidden units are
-    placed by :func:`she.placement.place_rows` so that few diagonals are needed (in a layer
+    placed by :func:`she.plan.placement.place_rows` so that few diagonals are needed (in a layer
     of several blocks, for the block of most weights); only those are kept. A layer that
     adds a (scaled) permutation of a source, such as an identity skip, may instead put its
     units where that source's units are, so the skip costs one diagonal: whichever of the

@@ -18,7 +18,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import FormatError
+from ..errors import FormatError
 
 MAGIC = b"SHE"
 VERSION = 1

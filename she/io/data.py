@@ -14,7 +14,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from .errors import DataError
+from ..errors import DataError
 
 _IDX_DTYPES = {
     0x08: np.dtype(np.uint8),

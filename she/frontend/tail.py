@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .errors import ModelError
+from ..errors import ModelError
 
 #: Metadata key of the tail in an HE-friendly model (and key in the model spec).
-METADATA_KEY = "she.tail"
+METADATA_KEY = "she.frontend.tail"
 #: Operators a tail may contain.
 TAIL_OPS = frozenset({"Softmax", "LogSoftmax", "ArgMax", "ZipMap", "ArrayFeatureExtractor",
                       "Cast", "Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten",

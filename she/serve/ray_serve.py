@@ -1,7 +1,7 @@
 """``she serve --ray``: the HTTP service as a Ray Serve application with K replicas.
 
-Every HE replica (:class:`Replica`) runs the very app of :mod:`she.service`
-(:func:`she.service.create_app`: same paths, wire format, errors and ``X-API-Key``) around
+Every HE replica (:class:`Replica`) runs the very app of :mod:`she.serve.service`
+(:func:`she.serve.service.create_app`: same paths, wire format, errors and ``X-API-Key``) around
 its own copy of the compiled plans, with one :class:`she.Server` per model using the
 replica's one CPU. Ray Serve's proxy hands every request to a :class:`Front` (no CPU, on
 the head node), which passes it whole to a replica through a Serve handle; Serve spreads
@@ -20,7 +20,7 @@ A session answers only to the API key that made it (the table keeps its owner); 
 key-memory budget applies to each replica's cache (see :class:`SharedSessionStore`).
 
 Each replica runs the service's HE work as the plain service does, in a process forked per
-request (:mod:`she.workers`), with a budget of one process (``workers=1``: the replica's
+request (:mod:`she.serve.workers`), with a budget of one process (``workers=1``: the replica's
 one CPU). Forking a Ray worker, which has threads of its own (gRPC, the core worker), is
 safe here because the child never touches Ray or those threads' state: it only evaluates
 with SEAL on memory it shares copy-on-write, writes the result into a pipe and leaves with
@@ -48,9 +48,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from .compiler import Plan
+from ..plan.compiler import Plan
+from ..server import EvaluationKeys, Server
 from .ray_batch import ray_connection, require_ray
-from .server import EvaluationKeys, Server
 from .service import (
     API,
     ApiKeys,
@@ -68,13 +68,13 @@ NAMESPACE = "she"
 APP_NAME = "she"
 #: Ray's resource of the head node (where Ray Serve's proxy runs with ``HeadOnly``).
 HEAD_NODE = "node:__internal_head__"
-log = logging.getLogger("she.ray_serve")
+log = logging.getLogger("she.serve.ray_serve")
 
 
 class SessionTable:
     """Ray actor: every session's model, public context message, owner (the hash of the API
     key that made it) and key size, with a time-to-live since last use and a cap (the
-    service's :class:`~she.service.ServiceConfig`)."""
+    service's :class:`~she.serve.service.ServiceConfig`)."""
 
     def __init__(self, ttl: float, cap: int) -> None:
         self.ttl, self.cap = ttl, cap
@@ -137,12 +137,12 @@ class _ReplicaServer(Server):
 
 
 class SharedSessionStore:
-    """The service's session store (the interface of :class:`she.service.SessionStore`)
+    """The service's session store (the interface of :class:`she.serve.service.SessionStore`)
     backed by the shared :class:`SessionTable`, with a local cache of loaded keys.
 
     The table decides whether a session exists: its time-to-live, the count cap (past it,
-    :class:`~she.service.StoreFull` with 503) and the owner binding (a session answers only
-    to the API key that made it, else :class:`~she.service.UnknownSession`). The key-memory
+    :class:`~she.serve.service.StoreFull` with 503) and the owner binding (a session answers only
+    to the API key that made it, else :class:`~she.serve.service.UnknownSession`). The key-memory
     budget ``max_key_bytes`` applies to each replica's cache of loaded keys: a replica
     evicts its least recently used keys to make room, and ``evicted`` counts those, but
     the session itself stays in the table and is loaded again from its message when next
@@ -160,7 +160,7 @@ class SharedSessionStore:
         self._cache: OrderedDict[str, Session] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()
         #: Held while this process loads keys (SEAL work): the app's
-        #: :attr:`she.workers.WorkerPool.seal_lock`, so that no fork copies SEAL mid-call.
+        #: :attr:`she.serve.workers.WorkerPool.seal_lock`, so that no fork copies SEAL mid-call.
         self.seal_lock = threading.Lock()
         self.key_bytes = 0
         self.evicted = 0

@@ -34,10 +34,12 @@ import numpy as np
 import scipy.sparse as sp
 import tenseal.sealapi as sealapi
 
-from . import bfv, compact, layout, tail
-from .errors import ModelError, ParameterError
-from .lowering import Affine, Chain, lower
-from .model import Model
+from ..errors import ModelError, ParameterError
+from ..frontend import tail
+from ..frontend.lowering import Affine, Chain, lower
+from ..frontend.model import Model
+from ..io import compact
+from . import bfv, layout
 from .params import (
     MAX_MODULUS_BITS,
     MIN_PRIME_BITS,
@@ -52,7 +54,7 @@ SPEC_FORMAT = "she-spec/1"
 #: rounded by at most ``2^-(scale_bits - ALIGN_SLACK_BITS + 1)`` per weight, about the
 #: rounding noise of one rescale (and the error model counts it).
 ALIGN_SLACK_BITS = 8
-#: Largest ciphertext prime (SEAL's limit; :mod:`she.kernels` cuts wide coefficients into
+#: Largest ciphertext prime (SEAL's limit; :mod:`she.runtime.kernels` cuts wide coefficients into
 #: pieces, so fewer, larger primes cost the kernels nothing and make every SEAL operation
 #: and key smaller).
 MAX_CT_PRIME_BITS = 60
@@ -150,16 +152,16 @@ class Plan:
     #: BFV: the integer range of quantised inputs ``round(x * input_scale)``.
     input_int_range: tuple[int, int] | None = None
     #: Single packing: low bits of every input coefficient the client rounds away before
-    #: sending (:mod:`she.compact`); chosen within :data:`DROP_ERROR_SHARE`.
+    #: sending (:mod:`she.io.compact`); chosen within :data:`DROP_ERROR_SHARE`.
     input_drop_bits: int = 0
-    #: CKKS noise flooding of the results (:mod:`she.privacy`): the statistical distance
+    #: CKKS noise flooding of the results (:mod:`she.runtime.privacy`): the statistical distance
     #: exponent ``s`` and ``log2`` of the flooding bound; ``predicted_error`` includes it.
     circuit_privacy: int | None = None
     flood_bits: int | None = None
     #: CKKS: the part of ``predicted_error`` due to encryption noise (without the measured
     #: weight-quantisation deviation, which is part of the function computed).
     noise_error: float | None = None
-    #: The model's plaintext tail (:mod:`she.tail`), re-applied by the client after decryption.
+    #: The model's plaintext tail (:mod:`she.frontend.tail`), re-applied by the client after decryption.
     tail: str | None = None
     _layouts: list[layout.LayerLayout] | None = field(default=None, init=False, repr=False,
                                                        compare=False)
@@ -202,7 +204,7 @@ class Plan:
     def layouts(self) -> list[layout.LayerLayout]:
         """Single packing: the slot layout and diagonal schedule of every *block* (computed
         once: placing the hidden units takes a moment): one per layer and source it reads,
-        layer by layer (a chain: one per layer; see :func:`she.layout.layouts` and
+        layer by layer (a chain: one per layer; see :func:`she.plan.layout.layouts` and
         :meth:`layer_blocks`)."""
         if self._layouts is None:
             self._layouts = layout.layouts([layer.weights for layer in self.layers],
@@ -295,7 +297,7 @@ class Plan:
 
     def batch_memory_bytes(self) -> int:
         """Batch packing: about the server's peak memory for one request (see
-        :class:`~she.engine.Engine`). The input ciphertexts are held until the last layer
+        :class:`~she.runtime.engine.Engine`). The input ciphertexts are held until the last layer
         that reads them; a layer's outputs and their squares one chunk at a time
         (:meth:`chunk_units`), each chunk's products added into the accumulated outputs
         of every later layer that reads it, which are held whole until that layer runs."""
@@ -544,9 +546,9 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
     """Compile an HE-friendly model into a :class:`Plan`.
 
     Args:
-        model: a loaded :class:`~she.model.Model` (or an already lowered chain).
+        model: a loaded :class:`~she.frontend.model.Model` (or an already lowered chain).
         scheme: ``"ckks"`` (approximate, any depth) or ``"bfv"`` (batch packing: an
-            integer-quantised model reproduced exactly; see :mod:`she.bfv`).
+            integer-quantised model reproduced exactly; see :mod:`she.plan.bfv`).
         packing: ``"batch"``: one sample per slot, every feature its own ciphertext (best
             throughput); ``"single"``: one sample in one ciphertext (lowest latency).
         calibration: optional sample inputs; value ranges then come from them (times
@@ -570,7 +572,7 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
             product and rescale per unit, no extra bits); ``"auto"`` (default) rescales
             early only when that makes the ring smaller.
         circuit_privacy: CKKS: flood the results' noise to a statistical distance of
-            ``2^-circuit_privacy`` (:mod:`she.privacy`); the flooding's error is added to the
+            ``2^-circuit_privacy`` (:mod:`she.runtime.privacy`); the flooding's error is added to the
             predicted error before the argmax check, so the ladder picks a precise enough
             setting or the model is refused.
     """
@@ -614,7 +616,7 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
                                  security, poly_modulus_degree, range_margin, name, layouts,
                                  evaluated, skip_alignment, memo, guard_bits=guard)
             if circuit_privacy is not None:  # the output primes must also hold the flooding
-                from .privacy import budget_flooding, flooding_headroom_bits
+                from ..runtime.privacy import budget_flooding, flooding_headroom_bits
 
                 extra = flooding_headroom_bits(plan, circuit_privacy)
                 if extra:
@@ -637,7 +639,7 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
 
 
 def _with_tail(plan: Plan, model: Model | Chain) -> Plan:
-    """The plan, carrying the model's plaintext tail (see :mod:`she.tail`) if it has one."""
+    """The plan, carrying the model's plaintext tail (see :mod:`she.frontend.tail`) if it has one."""
     if isinstance(model, Model):
         plan.tail = model.metadata.get(tail.METADATA_KEY)
     return plan
@@ -686,7 +688,7 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
     calibration samples. ``memo``: what the rungs of one ladder compute alike
     (the quantised weights per ``weight_bits``), filled on first use.
     ``extra_output_bits``: added to the output primes (room for noise flooding,
-    :mod:`she.privacy`). ``guard_bits``: single packing's diagonal guard bits (default
+    :mod:`she.runtime.privacy`). ``guard_bits``: single packing's diagonal guard bits (default
     :func:`encode_guard_bits`)."""
     memo = {} if memo is None else memo
     if not 16 <= scale_bits <= 40:
@@ -1085,12 +1087,12 @@ def _set_predicted_error(plan: Plan, effective: list[tuple[np.ndarray, np.ndarra
             gain = amplify * gain
         rests.append(rest)
         gains.append(gain)
-    # The server re-randomises every result (she.privacy): a public-key encryption of zero
+    # The server re-randomises every result (she.runtime.privacy): a public-key encryption of zero
     # decrypts to e0 + u e + e1 s (u, s ternary, variance 2/3 per coefficient).
     rest = rest + NOISE_SIGMA ** 2 * (1 + 4 * n / 3) * n / scales[-1][1] ** 2
 
     # Per-coefficient variance of the inputs' noise: a fresh encryption's, and in single
-    # packing the folded upload's (she.compact): e + tau(e), one key switch rounding like a
+    # packing the folded upload's (she.io.compact): e + tau(e), one key switch rounding like a
     # rescale, and the dropped bits' rounding.
     fresh = NOISE_SIGMA ** 2 if plan.packing == "batch" else 2 * NOISE_SIGMA ** 2 + rounding
 

@@ -1,6 +1,6 @@
 """Single packing: which slot each hidden unit gets, chosen so that layers have few diagonals.
 
-A layer's diagonal ``d`` (see :mod:`she.layout`) is needed when some output placed at
+A layer's diagonal ``d`` (see :mod:`she.plan.layout`) is needed when some output placed at
 position ``p`` reads an input placed at ``q`` with ``q - p = d`` (modulo the diagonal count
 ``n``). With units in their natural order a convolution needs nearly all ``n`` diagonals:
 its channels sit far apart. The server may put a hidden layer's units anywhere in the slots

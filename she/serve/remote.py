@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from . import wire
-from .client import Client
-from .errors import FormatError, SheError
-from .params import EncryptionParameters
-from .privatefiles import private_directory, write_private
+from ..client import Client
+from ..errors import FormatError, SheError
+from ..io import wire
+from ..io.privatefiles import private_directory, write_private
+from ..plan.params import EncryptionParameters
 
 #: Largest JSON answer (a spec, a session, an error) read from a server.
 MAX_JSON_BYTES = 1 << 20
