@@ -96,10 +96,13 @@ def estimate(plan: Plan, cores: int | None = None) -> Estimate:
         return Estimate("batch", ring, plan.depth, plan.batch_memory_bytes(), seconds,
                         seconds / plan.params.slots, batch_memory_problem(plan))
     seconds, diagonals = 0.0, 0
-    for k, lay in enumerate(plan.layouts()):
+    layouts = plan.layouts()  # one per block: a layer reads one block per source
+    for k, blocks in enumerate(plan.layer_blocks()):
         factor = _factor(ring, levels[k])
-        seconds += (len(lay.used) * PRODUCT_SECONDS + lay.rotations * ROTATION_SECONDS) * factor
+        for lay in (layouts[b] for b in blocks):
+            seconds += (len(lay.used) * PRODUCT_SECONDS
+                        + lay.rotations * ROTATION_SECONDS) * factor
+            diagonals += len(lay.used) * levels[k]
         if k < plan.squares:
             seconds += SQUARE_SECONDS * factor
-        diagonals += len(lay.used) * levels[k]
     return Estimate("single", ring, plan.depth, diagonals * ring * 8, seconds, seconds)
