@@ -1,15 +1,22 @@
 """Batch engine: two convolutions in a row run as a wavefront (the second one's accumulated
-outputs are never all alive) and the result does not change by a bit."""
+outputs are never all alive) and the result does not change by a bit; the scratch that
+killed processes leave is removed."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 import onnx
 import pytest
+import tenseal as ts
 from onnx import TensorProto, helper, numpy_helper
 
 import she
 import she.plan.compiler
+from she.io.context import SealBridge, remove_orphaned_scratch
 from she.io.data import load_idx_dataset
 
 
@@ -84,3 +91,23 @@ def test_a_second_convolution_runs_band_by_band(conv_conv, monkeypatch):
     plain = model.run_plain(x)
     assert np.abs(out - plain).max() < plan.predicted_error
     assert np.mean(out.argmax(1) == plain.argmax(1)) >= 0.99
+
+
+def test_scratch_left_by_a_killed_process_is_removed(tmp_path):
+    """A server killed before its cleanup (SIGKILL, the OOM killer) leaves its SEAL scratch
+    directory in memory (/dev/shm); the next bridge removes it, and only it."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = tmp_path / f"she-{dead.pid}-abcd1234"
+    alive = tmp_path / f"she-{os.getpid()}-abcd1234"
+    unrelated = tmp_path / "she-notapid"
+    for d in (orphan, alive, unrelated):
+        d.mkdir()
+        (d / "u0").write_bytes(b"x" * 1000)
+    assert remove_orphaned_scratch(tmp_path) == 1
+    assert not orphan.exists() and alive.exists() and unrelated.exists()
+
+    ctx = ts.context(ts.SCHEME_TYPE.CKKS, 8192, coeff_mod_bit_sizes=[60, 40, 60])
+    bridge = SealBridge(ctx)
+    assert bridge.unit_path(0).split(os.sep)[-2].startswith(f"she-{os.getpid()}-")
+    bridge.close()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -355,6 +356,29 @@ def level_specs(ctx: ts.Context) -> dict[int, sealbytes.LevelSpec]:
     return specs
 
 
+_SCRATCH = re.compile(r"she-(\d+)-")
+
+
+def remove_orphaned_scratch(root: Path) -> int:
+    """Remove the scratch directories (``she-<pid>-*``, in memory under /dev/shm) that
+    processes killed before their cleanup left behind: those of this user whose process no
+    longer exists. Returns how many were removed."""
+    removed = 0
+    for entry in root.glob("she-*"):
+        match = _SCRATCH.match(entry.name)
+        try:
+            if not match or entry.is_symlink() or not entry.is_dir() \
+                    or entry.stat().st_uid != os.getuid():
+                continue
+            os.kill(int(match.group(1)), 0)
+        except ProcessLookupError:  # its process is gone
+            shutil.rmtree(entry, ignore_errors=True)
+            removed += 1
+        except (OSError, ValueError):  # alive (or not ours to ask about), or vanished
+            continue
+    return removed
+
+
 class SealBridge:
     """Moves ciphertexts between numpy (:class:`~she.io.sealbytes.RawCiphertext`) and SEAL."""
 
@@ -363,8 +387,9 @@ class SealBridge:
         self.seal = ctx.seal_context().data
         self.levels = level_specs(ctx)
         shm = Path("/dev/shm")
-        root = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
-        self._dir = Path(tempfile.mkdtemp(prefix="she-", dir=root))
+        root = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+        remove_orphaned_scratch(root)
+        self._dir = Path(tempfile.mkdtemp(prefix=f"she-{os.getpid()}-", dir=root))
         self._path = str(self._dir / "ct")
 
     def unit_path(self, index: int | str) -> str:
