@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import tenseal as ts
 import tenseal.sealapi as sealapi
-import test_service
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -110,16 +109,14 @@ def test_mutated_contexts(material, e, cut):
 FEW = settings(max_examples=40, deadline=None,
                suppress_health_check=[HealthCheck.function_scoped_fixture])
 head_edits = st.lists(st.tuples(st.integers(0, 600), st.integers(0, 255)), min_size=1, max_size=4)
-small_mnist = pytest.fixture(test_service.small_model.__wrapped__, scope="module",
-                             name="small_mnist")
 
 
 @pytest.fixture(scope="module")
-def shipped_size(small_mnist):
+def shipped_size(small_model):
     """Servers, clients, a context message and a request at N=8192, both packings."""
     import she
 
-    path, x, _ = small_mnist
+    path, x, _ = small_model
     model = she.load(path)
     out = {}
     for packing in ("batch", "single"):

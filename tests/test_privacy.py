@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_service import small_model  # noqa: F401 - the shared module-scoped fixture
 
 import she
 from she.pipeline import encrypted_predict
@@ -22,7 +21,7 @@ def test_flooding_noise_is_uniform_in_its_range():
     assert np.array_equal(np.remainder(values, q[1]).astype(np.uint64), noise[1])
 
 
-def test_flooded_results_are_noisier_within_the_budget(small_model):  # noqa: F811
+def test_flooded_results_are_noisier_within_the_budget(small_model):
     path, x, _ = small_model
     model = she.load(path)
     plain = model.run_plain(x[:1])
@@ -43,7 +42,7 @@ def test_flooded_results_are_noisier_within_the_budget(small_model):  # noqa: F8
                                                                     flooded.flood_bits) / 20
 
 
-def test_flooding_is_refused_where_it_cannot_work(small_model):  # noqa: F811
+def test_flooding_is_refused_where_it_cannot_work(small_model):
     model = she.load(small_model[0])
     with pytest.raises(she.ParameterError, match="BFV"):
         she.compile(model, scheme="bfv", circuit_privacy=8)

@@ -29,7 +29,7 @@ ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'she[
 
 import test_service  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
-from test_service import local, small_model  # noqa: E402,F401  (the module-scoped fixtures)
+from test_service import local  # noqa: E402,F401  (the module-scoped fixture)
 
 from she.serve import ray_batch, ray_serve  # noqa: E402
 from she.serve.remote import RemoteClient  # noqa: E402
@@ -57,17 +57,17 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def plan(small_model):  # noqa: F811
+def plan(small_model):
     return she.compile(she.load(small_model[0]))
 
 
 @pytest.fixture(scope="module")
-def plain(small_model):  # noqa: F811
+def plain(small_model):
     path, x, _ = small_model
     return she.load(path).run_plain(x)
 
 
-def test_ray_tasks_return_what_the_local_server_returns(cluster, plan, small_model):  # noqa: F811
+def test_ray_tasks_return_what_the_local_server_returns(cluster, plan, small_model):
     """The same results as the local server, up to the fresh noise of the re-randomisation
     that makes every response differ by design (and that the Ray workers apply too)."""
     _, x, _ = small_model
@@ -96,7 +96,7 @@ def test_ray_tasks_return_what_the_local_server_returns(cluster, plan, small_mod
         evaluator.close()
 
 
-def test_batch_scores_in_input_order_and_resumes(cluster, plan, plain, small_model, tmp_path):  # noqa: F811
+def test_batch_scores_in_input_order_and_resumes(cluster, plan, plain, small_model, tmp_path):
     _, x, _ = small_model
     out = tmp_path / "run"
     report = ray_batch.score(plan, x[:40], out, chunk_size=16, progress=False)
@@ -120,7 +120,7 @@ def test_batch_scores_in_input_order_and_resumes(cluster, plan, plain, small_mod
         ray_batch.score(plan, x[1:41], out, chunk_size=16, progress=False)
 
 
-def test_node_killed_mid_run_nothing_lost(cluster, plan, plain, small_model, tmp_path):  # noqa: F811
+def test_node_killed_mid_run_nothing_lost(cluster, plan, plain, small_model, tmp_path):
     """A worker node is killed (no graceful shutdown) in the middle of a run: what it was
     running, and its finished results not yet read, are evaluated again elsewhere."""
     _, x, _ = small_model
@@ -158,7 +158,7 @@ def test_node_killed_mid_run_nothing_lost(cluster, plan, plain, small_model, tmp
     assert "1 node lost" in report.summary()
 
 
-def test_batch_command(cluster, small_model, plain, tmp_path, capsys):  # noqa: F811
+def test_batch_command(cluster, small_model, plain, tmp_path, capsys):
     """``she batch`` on the connected cluster: input order, resume, JSON report."""
     from she.cli import main
 
@@ -177,7 +177,7 @@ def test_batch_command(cluster, small_model, plain, tmp_path, capsys):  # noqa: 
     assert "--replicas needs --ray" in capsys.readouterr().out
 
 
-def test_batch_command_joins_a_cluster_by_address(cluster, small_model, plain, tmp_path):  # noqa: F811
+def test_batch_command_joins_a_cluster_by_address(cluster, small_model, plain, tmp_path):
     """``she batch --ray ADDRESS`` from another process: a second driver on the cluster."""
     path, x, _ = small_model
     np.save(tmp_path / "x.npy", x[:12])
@@ -216,12 +216,12 @@ def test_serve_answers_the_plain_tenseal_client_from_the_docs(served, small_mode
     test_service.test_plain_tenseal_client_from_docs(served, small_model, local, tmp_path)
 
 
-def test_serve_answers_she_predict(served, small_model, mnist_dir, tmp_path, capsys):  # noqa: F811
+def test_serve_answers_she_predict(served, small_model, mnist_dir, tmp_path, capsys):
     test_service.test_predict_command_with_png_and_idx(served, small_model, mnist_dir, tmp_path,
                                                        capsys)
 
 
-def test_serve_gives_the_same_errors(served, small_model, tmp_path):  # noqa: F811
+def test_serve_gives_the_same_errors(served, small_model, tmp_path):
     test_service.test_bad_input_gets_4xx_never_500(served, small_model, tmp_path)
     test_service.test_secret_key_upload_is_refused(served, tmp_path)
 
@@ -260,7 +260,7 @@ def _front_stats() -> dict[str, int]:
     return serve.get_deployment_handle("SheFront", ray_serve.APP_NAME).stats.remote().result()
 
 
-def test_replica_killed_under_load_answers_are_right_or_503(served, plan, plain, small_model,  # noqa: F811
+def test_replica_killed_under_load_answers_are_right_or_503(served, plan, plain, small_model,
                                                            tmp_path):
     """Issue #20: one of the two HE replicas is killed (no graceful shutdown) while four
     clients keep sending requests on one session. Every request is answered (no hang, none
@@ -338,7 +338,7 @@ def test_replica_killed_under_load_answers_are_right_or_503(served, plan, plain,
     remote.close()
 
 
-def test_sessions_survive_replica_restart(served, plain, small_model, tmp_path):  # noqa: F811
+def test_sessions_survive_replica_restart(served, plain, small_model, tmp_path):
     _, x, _ = small_model
     remote = RemoteClient(served.url, "small", api_key=test_service.API_KEY, key_dir=tmp_path)
     first = remote.predict(x[:8])

@@ -14,53 +14,16 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 import she
 from she.io import wire
 from she.io.context import public_context_bytes
-from she.io.data import load_idx_dataset
 from she.pipeline import encrypted_predict
 from she.serve.remote import RemoteClient, RemoteError
 
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "test-key"
-
-
-def _small_mnist(mnist_dir: Path, split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """MNIST averaged down to 7x7 (4x4 blocks), so requests stay small."""
-    x, y = load_idx_dataset(mnist_dir, split)
-    x = x[:n].reshape(n, 1, 7, 4, 7, 4).mean(axis=(3, 5))
-    return x.astype(np.float32), y[:n]
-
-
-@pytest.fixture(scope="module")
-def small_model(mnist_dir, tmp_path_factory) -> tuple[Path, np.ndarray, np.ndarray]:
-    """A depth-1 model on 7x7 MNIST: random square features, least-squares readout."""
-    x, y = _small_mnist(mnist_dir, "train", 5000)
-    rng = np.random.default_rng(0)
-    w1 = rng.normal(0, 0.5, (24, 49))
-    b1 = rng.normal(0, 0.2, 24)
-    feats = (x.reshape(len(x), -1) @ w1.T + b1) ** 2
-    feats = np.hstack([feats, np.ones((len(x), 1))])
-    readout = np.linalg.lstsq(feats, np.eye(10)[y], rcond=None)[0]
-    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in
-             (("w1", w1), ("b1", b1), ("w2", readout[:-1].T), ("b2", readout[-1]))]
-    graph = helper.make_graph(
-        [helper.make_node("Flatten", ["input"], ["f"]),
-         helper.make_node("Gemm", ["f", "w1", "b1"], ["h"], transB=1),
-         helper.make_node("Mul", ["h", "h"], ["s"]),
-         helper.make_node("Gemm", ["s", "w2", "b2"], ["logits"], transB=1)],
-        "small", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 7, 7])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
-    proto.metadata_props.add(key="she.input_range", value="0,1")
-    path = tmp_path_factory.mktemp("model") / "small.onnx"
-    onnx.save(proto, path)
-    x_test, y_test = _small_mnist(mnist_dir, "test", 64)
-    return path, x_test, y_test
 
 
 def _free_port() -> int:

@@ -11,7 +11,6 @@ import time
 import httpx
 import numpy as np
 import pytest
-import test_service
 import uvicorn
 
 import she
@@ -22,15 +21,12 @@ from she.serve.service import ServiceConfig, SessionStore, StoreFull, UnknownSes
 KEY = "s3cret-test-key"
 
 
-#: test_service's 7x7 MNIST model (a depth-1 network with a least-squares readout).
-small_mnist = pytest.fixture(test_service.small_model.__wrapped__, scope="module",
-                             name="small_mnist")
 
 
 @pytest.fixture(scope="module")
-def plans(small_mnist):
+def plans(small_model):
     """The 7x7 MNIST model in single packing (CKKS) and in BFV."""
-    path, x, _ = small_mnist
+    path, x, _ = small_model
     model = she.load(path)
     return {"small_single": (she.compile(model, calibration=x, packing="single"), path),
             "small_bfv": (she.compile(model, scheme="bfv", calibration=x), path)}
@@ -55,8 +51,8 @@ def live(plans):
 
 
 @pytest.fixture(scope="module")
-def images(small_mnist):
-    return small_mnist[1][:8]
+def images(small_model):
+    return small_model[1][:8]
 
 
 def test_every_endpoint_needs_the_api_key(live):
