@@ -56,6 +56,18 @@ def _legacy_export(net, path: Path, shape: tuple[int, ...], opset: int = 17) -> 
     return path
 
 
+def _dynamo_export(net, path: Path, shape: tuple[int, ...]) -> Path:
+    """``net`` exported by torch's dynamo exporter, weights in an external data file."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.zeros(2, *shape),), str(path), dynamo=True,
+                          external_data=True, input_names=["input"], output_names=["logits"],
+                          dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+    return path
+
+
 def torch_mlp(x: np.ndarray, y: np.ndarray, out: Path, epochs: int = 3, seed: int = 0) -> Path:
     """Flatten -> Linear(784, 128) -> BatchNorm1d -> ReLU -> Linear(128, 10); legacy export."""
     import torch
@@ -91,12 +103,7 @@ def torch_dynamo_cnn(x: np.ndarray, y: np.ndarray, out: Path, epochs: int = 3,
                         nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(),
                         nn.Linear(16 * 7 * 7, 10))
     net = _train_torch(net, x, y, epochs, seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(net, (torch.zeros(2, *x.shape[1:]),), str(out), dynamo=True,
-                          external_data=True, input_names=["input"], output_names=["logits"],
-                          dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
-    return out
+    return _dynamo_export(net, out, x.shape[1:])
 
 
 def sklearn_mlp(x: np.ndarray, y: np.ndarray, out: Path, epochs: int = 10, seed: int = 0,
@@ -257,12 +264,7 @@ def torch_resnet(x: np.ndarray, y: np.ndarray, out: Path, epochs: int = 3, seed:
     net = _train_torch(_user_resnet(channels, pool, stem_max_pool), x, y, epochs, seed)
     if not dynamo:
         return _legacy_export(net, out, x.shape[1:])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(net, (torch.zeros(2, *x.shape[1:]),), str(out), dynamo=True,
-                          external_data=True, input_names=["input"], output_names=["logits"],
-                          dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
-    return out
+    return _dynamo_export(net, out, x.shape[1:])
 
 
 def torch_wide_cnn(x: np.ndarray, y: np.ndarray, out: Path, epochs: int = 3,
