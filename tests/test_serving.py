@@ -19,7 +19,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from test_service import small_model  # noqa: F401 - the shared module-scoped fixture
 
 import she
 from she.io import wire
@@ -67,7 +66,7 @@ def _http(live: Live, method: str, path: str, key: str = KEY_A, **kw) -> httpx.R
 
 
 @pytest.fixture(scope="module")
-def plan(small_model):  # noqa: F811
+def plan(small_model):
     return she.compile(she.load(small_model[0]))
 
 
@@ -78,7 +77,7 @@ def clients(plan):
 
 
 @pytest.fixture(scope="module")
-def live(small_model):  # noqa: F811
+def live(small_model):
     server = Live(small_model[0], "--workers", "2", "--queue", "32", "--read-timeout", "15")
     yield server
     server.stop()
@@ -90,7 +89,7 @@ def _register(live: Live, client: she.Client, key: str = KEY_A) -> str:
     return r.json()["session"]
 
 
-def test_sixteen_concurrent_clients_all_correct(live, clients, plan, small_model):  # noqa: F811
+def test_sixteen_concurrent_clients_all_correct(live, clients, plan, small_model):
     path, x, _ = small_model
     plain = she.load(path).run_plain(x)
     sessions = [_register(live, c) for c in clients]
@@ -124,7 +123,7 @@ def test_sixteen_concurrent_clients_all_correct(live, clients, plan, small_model
     assert max(busy) <= 2 and max(busy) >= 1
 
 
-def test_results_are_rerandomised(live, clients, small_model):  # noqa: F811
+def test_results_are_rerandomised(live, clients, small_model):
     _, x, _ = small_model
     client = clients[0]
     session = _register(live, client)
@@ -152,7 +151,7 @@ def test_public_key_is_checked(live, clients):
     assert r.status_code == 400 and "public key" in r.json()["detail"]
 
 
-def test_sessions_are_bound_to_their_api_key(live, clients, small_model):  # noqa: F811
+def test_sessions_are_bound_to_their_api_key(live, clients, small_model):
     _, x, _ = small_model
     session = _register(live, clients[1], KEY_A)
     assert len(session) >= 32  # 192 random bits
@@ -192,7 +191,7 @@ def test_sizes_and_sessions_checked_before_the_body(live, clients):
     assert raw(f"/v1/sessions/{session}/predict", 1000, b"x" * 10, wait=300) == 408
 
 
-def test_killed_worker_gives_503_and_the_next_request_succeeds(live, clients, small_model):  # noqa: F811
+def test_killed_worker_gives_503_and_the_next_request_succeeds(live, clients, small_model):
     _, x, _ = small_model
     client = clients[3]
     session = _register(live, client)
@@ -219,7 +218,7 @@ def test_killed_worker_gives_503_and_the_next_request_succeeds(live, clients, sm
     assert _http(live, "GET", "/v1/health").json()["worker_failures"] >= 1
 
 
-def test_short_soak_keeps_server_memory_flat(live, clients, small_model):  # noqa: F811
+def test_short_soak_keeps_server_memory_flat(live, clients, small_model):
     """20 requests (the 1000-request soak is in benchmarks.serve): after 8 of them the
     server's resident memory grows by less than 16 MiB (one request's body is ~6 MiB)."""
     _, x, _ = small_model
@@ -238,7 +237,7 @@ def test_short_soak_keeps_server_memory_flat(live, clients, small_model):  # noq
     assert rss() - settled < 16 * 2**20
 
 
-def test_full_queue_gets_503_with_retry_after(small_model, clients):  # noqa: F811
+def test_full_queue_gets_503_with_retry_after(small_model, clients):
     _, x, _ = small_model
     live = Live(small_model[0], "--workers", "1", "--queue", "0")
     try:
@@ -259,7 +258,7 @@ def test_full_queue_gets_503_with_retry_after(small_model, clients):  # noqa: F8
         live.stop()
 
 
-def test_key_memory_budget_evicts_lru_and_rate_limit(small_model, clients, plan):  # noqa: F811
+def test_key_memory_budget_evicts_lru_and_rate_limit(small_model, clients, plan):
     cost = she.Server(plan, workers=1).session_key_bytes
     live = Live(small_model[0], "--max-key-memory-mb", str(2.5 * cost / 2**20),
                 "--rate-limit", "0.05", "--rate-burst", "8")
@@ -282,7 +281,7 @@ def test_key_memory_budget_evicts_lru_and_rate_limit(small_model, clients, plan)
         live.stop()
 
 
-def test_tls(small_model, clients, tmp_path):  # noqa: F811
+def test_tls(small_model, clients, tmp_path):
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -323,7 +322,7 @@ def test_tls(small_model, clients, tmp_path):  # noqa: F811
         live.stop()
 
 
-def test_unexpected_error_is_a_clean_json_500(plan, clients, small_model):  # noqa: F811
+def test_unexpected_error_is_a_clean_json_500(plan, clients, small_model):
     from fastapi.testclient import TestClient
 
     server = she.Server(plan, workers=1)
@@ -367,7 +366,7 @@ def test_session_store_budget_and_rate_limiter_units():
     assert limiter.retry_after("k") == 0
 
 
-def test_schema_driven_fuzzer_finds_no_5xx(small_model, clients):  # noqa: F811
+def test_schema_driven_fuzzer_finds_no_5xx(small_model, clients):
     """schemathesis generates requests for every operation of the OpenAPI description
     (positive and negative data, binary bodies, odd session ids and model names); half of
     the predict calls go to a real session so that their bodies reach the parsers."""
