@@ -9,7 +9,8 @@ with ``--arch mlp`` the dense network :func:`converters.zoo.relu_mlp`; or with
 :func:`converters.zoo.tutorial_relu_cnn`; with ``--arch resnet`` a small ResNet,
 :func:`converters.zoo.residual_relu_cnn` (``--channels`` stem and block channels,
 ``--blocks``); with ``--arch wide`` a three-conv plain CNN,
-:func:`converters.zoo.wide_relu_cnn`)
+:func:`converters.zoo.wide_relu_cnn`; with ``--arch pooled`` two full-resolution
+convolutions each pooled before its ReLU, :func:`converters.zoo.pooled_relu_cnn`)
 with random-shift augmentation, export it to ONNX, convert it exactly as
 ``she convert`` does (batch norm folded, max pool to average pool, quadratic activations
 fitted on the calibration data, power-of-two weights, distillation fine-tuning on the
@@ -43,7 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", required=True, help="IDX directory (train and t10k files)")
     parser.add_argument("--name", required=True, help="asset name prefix, e.g. mnist")
     parser.add_argument("--out-dir", default="she/assets")
-    parser.add_argument("--arch", choices=("two_conv", "shallow", "ghn", "mlp", "tutorial", "resnet", "wide"),
+    parser.add_argument("--arch", choices=("two_conv", "shallow", "ghn", "mlp", "tutorial", "resnet", "wide",
+                                                 "pooled"),
                         default="two_conv")
     parser.add_argument("--channels", type=int, nargs="+", default=[32, 64],
                         help="conv channels (two for two_conv, one for shallow)")
@@ -52,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (one-cycle)")
     parser.add_argument("--max-shift", type=int, default=2, help="augmentation (pixels)")
+    parser.add_argument("--flip", action="store_true",
+                        help="augmentation: random horizontal mirroring (Fashion-MNIST)")
     parser.add_argument("--skip-training", action="store_true",
                         help="convert the original NAME_cnn.onnx of an earlier run again "
                         "(its training command is kept in the record)")
@@ -77,12 +81,15 @@ def _train(args: argparse.Namespace, out: Path) -> dict:
         net = zoo.tutorial_relu_cnn(args.hidden)
     elif args.arch == "resnet":
         net = zoo.residual_relu_cnn(tuple(args.channels[:2]), args.blocks)
+    elif args.arch == "pooled":
+        net = zoo.pooled_relu_cnn(tuple(args.channels[:2]), args.hidden)
     elif args.arch == "wide":
         net = zoo.wide_relu_cnn(tuple(args.channels[:3]), args.hidden)
     else:
         net = zoo.two_conv_relu_cnn(tuple(args.channels), args.hidden)
     net, accuracy = zoo.train(net, args.data, epochs=args.epochs, lr=args.lr, seed=args.seed,
-                              max_shift=args.max_shift, threads=args.threads)
+                              max_shift=args.max_shift, threads=args.threads,
+                              flip=args.flip)
     seconds = round(time.perf_counter() - start)
     print(f"trained: test accuracy {accuracy:.2%} ({seconds} s)", flush=True)
     original = torch_to_onnx(net, (1, 28, 28))
