@@ -14,7 +14,8 @@ The coefficient data is ``size`` polynomials x ``coeff_modulus_size`` RNS limbs 
 coefficients, which is exactly the ``(size, L, N)`` uint64 array the engine computes on.
 
 Everything here treats its input as untrusted: sizes are checked before anything is
-allocated or decompressed, and every coefficient is checked to be below its modulus.
+allocated or decompressed, every coefficient is checked to be below its modulus, and a
+ciphertext whose polynomials after the first are all zero (transparent) is refused.
 """
 
 from __future__ import annotations
@@ -203,6 +204,11 @@ def parse(blob: bytes, level: LevelSpec, *, size: int = 2, seeded: bool = False,
     moduli = np.asarray(level.moduli, dtype=np.uint64)[None, :, None]
     if np.any(data >= moduli):
         raise FormatError("ciphertext coefficient out of range for its modulus")
+    if stored > 1 and not np.any(data[1:]):
+        # SEAL refuses to compute on such a "transparent" ciphertext, and as a public key
+        # it would turn re-randomisation into adding plain noise
+        raise FormatError("ciphertext is transparent (its polynomials after the first are "
+                          "zero): not an encryption")
     if out is None:
         out = data.copy()
     else:

@@ -1,0 +1,132 @@
+"""Attacks of a hostile client on the HTTP service that got past the earlier checks (the
+security review of the serving path): transparent ciphertexts (second polynomial zero)
+as inputs or as the public key results are re-randomised with, and one client taking
+every session slot. Each attack gets its clear 4xx answer (or ends only the attacker's
+own sessions), and a good request afterwards still decrypts to the plaintext model's
+outputs (7x7 MNIST model, batch packing, N=8192, real test images)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+import she
+from she.errors import FormatError
+from she.io import context, sealbytes, wire
+from she.serve.service import ServiceConfig, SessionStore, create_app
+
+
+@pytest.fixture(scope="module")
+def setup(small_model):
+    path, x, _ = small_model
+    model = she.load(path)
+    plan = she.compile(model, calibration=x)
+    server = she.Server(plan, workers=1)
+    app = create_app({"m": server}, ServiceConfig(api_keys=("alice", "bob"), workers=1,
+                                                  max_sessions=3, max_sessions_per_client=2))
+    client = she.Client(plan.spec())
+    http = TestClient(app, raise_server_exceptions=False)
+    images = x[:2]
+    return {"plan": plan, "client": client, "http": http, "images": images,
+            "reference": model.run_plain(images), "request": client.encrypt(images),
+            "context": client.public_context()}
+
+
+def _register(setup, body: bytes, key: str = "alice"):
+    return setup["http"].post("/v1/models/m/sessions", content=body, headers={"X-API-Key": key})
+
+
+def _predict(setup, sid: str, body: bytes, key: str = "alice"):
+    return setup["http"].post(f"/v1/sessions/{sid}/predict", content=body,
+                              headers={"X-API-Key": key})
+
+
+def _assert_correct(setup, answer) -> None:
+    assert answer.status_code == 200, answer.text
+    out = setup["client"].decrypt(answer.content)
+    assert np.abs(out - setup["reference"]).max() <= setup["plan"].predicted_error
+    assert (out.argmax(1) == setup["reference"].argmax(1)).all()
+
+
+def _with_polynomials(blob: bytes, level: sealbytes.LevelSpec, zero: slice) -> bytes:
+    """``blob`` (a SEAL ciphertext at ``level``) with the polynomials ``zero`` set to 0."""
+    raw = sealbytes.parse(blob, level)
+    raw.data[zero] = 0
+    return sealbytes.serialize(raw)
+
+
+def test_transparent_input_ciphertexts_are_refused(setup):
+    """A ciphertext whose second polynomial is zero is no encryption; SEAL refused to
+    compute on it deep inside the worker, which answered 500 (before the fix)."""
+    sid = _register(setup, setup["context"]).json()["session"]
+    msg = wire.unpack(setup["request"], kind=wire.KIND_CIPHERTEXTS, max_items=10 ** 4,
+                      max_item_bytes=1 << 26)
+    plan = setup["plan"]
+    level = context.level_specs(context.new_secret_context(plan.params))[
+        len(plan.params.ciphertext_primes)]
+    for zero in (slice(1, None), slice(None)):  # c1 = 0; everything 0
+        items = [_with_polynomials(item, level, zero) for item in msg.items]
+        answer = _predict(setup, sid, wire.pack(wire.KIND_CIPHERTEXTS, msg.meta, items))
+        assert answer.status_code == 400, answer.text
+        assert "transparent" in answer.json()["detail"]
+    _assert_correct(setup, _predict(setup, sid, setup["request"]))
+
+
+def test_public_key_with_a_zero_polynomial_is_refused(setup):
+    """Results are re-randomised with the client's public key: one whose second
+    polynomial is zero makes that a no-op (the client would see the result ciphertext's
+    weight-dependent polynomials); before the fix it was accepted."""
+    msg = wire.unpack(setup["context"], kind=wire.KIND_CONTEXT, max_items=4,
+                      max_item_bytes=1 << 28)
+    ctx = context.load_public_context(msg.items[0], setup["plan"].params)
+    for zero in (slice(1, None), slice(None)):
+        items = [*msg.items[:-1], _with_polynomials(msg.items[-1], context.key_level(ctx), zero)]
+        answer = _register(setup, wire.pack(wire.KIND_CONTEXT, msg.meta, items))
+        assert answer.status_code == 400, answer.text
+        assert "transparent" in answer.json()["detail"]
+    sid = _register(setup, setup["context"]).json()["session"]
+    _assert_correct(setup, _predict(setup, sid, setup["request"]))
+
+
+def test_one_client_cannot_take_every_session(setup):
+    """With 3 session slots and 2 per client, alice registering again and again ends only
+    her own oldest sessions; bob still registers (before the fix he got 503 until alice's
+    sessions expired) and gets correct results."""
+    http = setup["http"]
+    alice = [_register(setup, setup["context"]).json()["session"] for _ in range(4)]
+    assert _predict(setup, alice[0], setup["request"]).status_code == 404
+    bob = _register(setup, setup["context"], key="bob")
+    assert bob.status_code == 201, bob.text
+    _assert_correct(setup, _predict(setup, bob.json()["session"], setup["request"], key="bob"))
+    _assert_correct(setup, _predict(setup, alice[-1], setup["request"]))
+    health = http.get("/v1/health", headers={"X-API-Key": "bob"}).json()
+    assert health["sessions"] == 3 and health["evicted_sessions"] >= 2
+
+
+def test_per_client_cap_of_the_store_ends_the_least_recently_used():
+    now = [0.0]
+    store = SessionStore(ttl=100, cap=10, max_key_bytes=1000, clock=lambda: now[0],
+                         per_client=2)
+    a, b = store.put("m", None, 1, "o", "x"), store.put("m", None, 1, "o", "x")
+    other = store.put("m", None, 1, "p", "y")
+    store.get(a, "o")  # b is now x's least recently used
+    c = store.put("m", None, 1, "o", "x")
+    assert {store.get(s, "o").client for s in (a, c)} == {"x"}
+    assert store.get(other, "p").client == "y"
+    with pytest.raises(LookupError):
+        store.get(b, "o")
+    assert len(store) == 3 and store.evicted == 1
+
+
+def test_parse_refuses_transparent_ciphertexts_but_not_seeded_ones(setup):
+    plan = setup["plan"]
+    ctx = context.new_secret_context(plan.params)
+    level = context.level_specs(ctx)[len(plan.params.ciphertext_primes)]
+    blob = wire.unpack(setup["request"], kind=wire.KIND_CIPHERTEXTS, max_items=10 ** 4,
+                       max_item_bytes=1 << 26).items[0]
+    with pytest.raises(FormatError, match="transparent"):
+        sealbytes.parse(_with_polynomials(blob, level, slice(1, None)), level)
+    # a seeded key stores one polynomial: nothing to refuse there
+    relin = context.load_relin_keys(ctx, context.relin_key_bytes(ctx))
+    assert relin.size() == 1
