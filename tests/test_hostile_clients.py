@@ -1,7 +1,7 @@
 """Attacks of a hostile client on the HTTP service that got past the earlier checks (the
 security review of the serving path): transparent ciphertexts (second polynomial zero)
 as inputs or as the public key results are re-randomised with, and one client taking
-every session slot. Each attack gets its clear 4xx answer (or ends only the attacker's
+every session slot (per API key). Each attack gets its clear 4xx answer (or ends only the attacker's
 own sessions), and a good request afterwards still decrypts to the plaintext model's
 outputs (7x7 MNIST model, batch packing, N=8192, real test images)."""
 
@@ -24,7 +24,7 @@ def setup(small_model):
     plan = she.compile(model, calibration=x)
     server = she.Server(plan, workers=1)
     app = create_app({"m": server}, ServiceConfig(api_keys=("alice", "bob"), workers=1,
-                                                  max_sessions=3, max_sessions_per_client=2))
+                                                  max_sessions=3, max_sessions_per_key=2))
     client = she.Client(plan.spec())
     http = TestClient(app, raise_server_exceptions=False)
     images = x[:2]
@@ -104,19 +104,19 @@ def test_one_client_cannot_take_every_session(setup):
     assert health["sessions"] == 3 and health["evicted_sessions"] >= 2
 
 
-def test_per_client_cap_of_the_store_ends_the_least_recently_used():
-    now = [0.0]
-    store = SessionStore(ttl=100, cap=10, max_key_bytes=1000, clock=lambda: now[0],
-                         per_client=2)
-    a, b = store.put("m", None, 1, "o", "x"), store.put("m", None, 1, "o", "x")
-    other = store.put("m", None, 1, "p", "y")
-    store.get(a, "o")  # b is now x's least recently used
-    c = store.put("m", None, 1, "o", "x")
-    assert {store.get(s, "o").client for s in (a, c)} == {"x"}
-    assert store.get(other, "p").client == "y"
+def test_per_key_cap_of_the_store_ends_the_least_recently_used():
+    store = SessionStore(ttl=100, cap=10, max_key_bytes=1000, per_owner=2)
+    a, b = store.put("m", None, 1, "o"), store.put("m", None, 1, "o")
+    other = store.put("m", None, 1, "p")
+    store.get(a, "o")  # b is now o's least recently used
+    c = store.put("m", None, 1, "o")
+    for sid, owner in ((a, "o"), (c, "o"), (other, "p")):
+        assert store.get(sid, owner).owner == owner
     with pytest.raises(LookupError):
         store.get(b, "o")
     assert len(store) == 3 and store.evicted == 1
+    anonymous = [store.put("m", None, 1, None) for _ in range(4)]  # no key: no such cap
+    assert all(store.get(sid, None) for sid in anonymous) and len(store) == 7
 
 
 def test_parse_refuses_transparent_ciphertexts_but_not_seeded_ones(setup):
@@ -130,3 +130,16 @@ def test_parse_refuses_transparent_ciphertexts_but_not_seeded_ones(setup):
     # a seeded key stores one polynomial: nothing to refuse there
     relin = context.load_relin_keys(ctx, context.relin_key_bytes(ctx))
     assert relin.size() == 1
+
+
+def test_per_key_cap_of_the_shared_session_table():
+    """The Ray front's shared table (a plain class; Ray makes it an actor) caps the same."""
+    from she.serve.ray_serve import SessionTable
+
+    table = SessionTable(ttl=100, cap=10, per_owner=2)
+    ids = [table.add("m", b"message", "o", 1) for _ in range(3)]
+    other = table.add("m", b"message", "p", 1)
+    assert table.touch(ids[0], "o", False) is None  # the least recently used one ended
+    assert all(table.touch(sid, owner, False) for sid, owner in
+               ((ids[1], "o"), (ids[2], "o"), (other, "p")))
+    assert table.count() == 3

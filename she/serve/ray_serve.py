@@ -73,13 +73,13 @@ log = logging.getLogger("she.serve.ray_serve")
 
 class SessionTable:
     """Ray actor: every session's model, public context message, owner (the hash of the API
-    key that made it) and key size, with a time-to-live since last use, a cap and a
-    per-client cap (the service's :class:`~she.serve.service.ServiceConfig`: past the
-    per-client cap a client's least recently used session ends)."""
+    key that made it) and key size, with a time-to-live since last use, a cap and a cap
+    per owner (the service's :class:`~she.serve.service.ServiceConfig`: past the latter an
+    owner's least recently used session ends)."""
 
-    def __init__(self, ttl: float, cap: int, per_client: int = 0) -> None:
-        self.ttl, self.cap, self.per_client = ttl, cap, per_client
-        # id -> [model, message, owner, key bytes, last used, client]
+    def __init__(self, ttl: float, cap: int, per_owner: int = 0) -> None:
+        self.ttl, self.cap, self.per_owner = ttl, cap, per_owner
+        # id -> [model, message, owner, key bytes, last used]
         self._sessions: dict[str, list[Any]] = {}
 
     def _expire(self) -> None:
@@ -87,18 +87,17 @@ class SessionTable:
         for sid in [s for s, v in self._sessions.items() if now - v[4] > self.ttl]:
             del self._sessions[sid]
 
-    def add(self, model: str, message: bytes, owner: str | None, key_bytes: int,
-            client: str | None = None) -> str | None:
+    def add(self, model: str, message: bytes, owner: str | None, key_bytes: int) -> str | None:
         """Store a session; its id, or None when the cap is reached."""
         self._expire()
-        if self.per_client:
-            mine = sorted((v[4], s) for s, v in self._sessions.items() if v[5] == client)
-            for _, sid in mine[:max(0, len(mine) - self.per_client + 1)]:
+        if self.per_owner and owner is not None:
+            mine = sorted((v[4], s) for s, v in self._sessions.items() if v[2] == owner)
+            for _, sid in mine[:max(0, len(mine) - self.per_owner + 1)]:
                 del self._sessions[sid]  # least recently used first
         if len(self._sessions) >= self.cap:
             return None
         sid = secrets.token_urlsafe(24)
-        self._sessions[sid] = [model, message, owner, key_bytes, time.monotonic(), client]
+        self._sessions[sid] = [model, message, owner, key_bytes, time.monotonic()]
         return sid
 
     def touch(self, sid: str, owner: str | None,
@@ -193,13 +192,12 @@ class SharedSessionStore:
         """Raise :class:`StoreFull` if keys of ``key_bytes`` can never be stored."""
         check_key_budget(key_bytes, self.max_key_bytes)
 
-    def put(self, model: str, keys: EvaluationKeys, key_bytes: int, owner: str | None,
-            client: str | None = None) -> str:
+    def put(self, model: str, keys: EvaluationKeys, key_bytes: int, owner: str | None) -> str:
         self.check_fits(key_bytes)
         message = keys.message if isinstance(keys, _RegisteredKeys) else b""
         if not message:
             raise TypeError("shared sessions need keys loaded by a replica's server")
-        sid = self._ray.get(self._table.add.remote(model, message, owner, key_bytes, client))
+        sid = self._ray.get(self._table.add.remote(model, message, owner, key_bytes))
         if sid is None:
             raise StoreFull(f"session limit of {self.cap} reached; delete a session or "
                             "retry later", 503)
@@ -254,7 +252,7 @@ def session_table(config: ServiceConfig, name: str = APP_NAME) -> Any:
     return ray.remote(num_cpus=0, max_restarts=-1)(SessionTable).options(
         name=f"sessions-{name}", namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
         scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
-    ).remote(config.session_ttl, config.max_sessions, config.max_sessions_per_client)
+    ).remote(config.session_ttl, config.max_sessions, config.max_sessions_per_key)
 
 
 #: The path of the evaluation route (``POST /v1/sessions/{session}/predict``): a pure

@@ -68,10 +68,11 @@ class ServiceConfig:
 
     session_ttl: float = 3600.0  # seconds since last use
     max_sessions: int = 64
-    #: Sessions one client (API key, or address without keys) may hold: registering one
-    #: more ends that client's least recently used session, so that no client can take
-    #: every session slot (0: no per-client limit).
-    max_sessions_per_client: int = 16
+    #: Sessions one API key may hold: registering one more ends that key's least recently
+    #: used session, so that no key can take every session slot (0: no such cap). Without
+    #: API keys clients have no identity to count by (behind a proxy they share one
+    #: address), and only ``max_sessions`` applies.
+    max_sessions_per_key: int = 16
     max_body_bytes: int = 1024 * 1024 * 1024
     max_context_bytes: int = 64 * 1024 * 1024
     #: Accepted X-API-Key values (none: no key needed). A session is bound to its key.
@@ -97,8 +98,6 @@ class Session:
     owner: str | None
     last_used: float
     created: float = field(default_factory=time.time)
-    #: Who registered it (the owner, or the client's address without API keys).
-    client: str | None = None
 
 
 class UnknownSession(LookupError):
@@ -128,22 +127,22 @@ def check_key_budget(key_bytes: int, max_key_bytes: int) -> None:
 
 
 class SessionStore:
-    """Sessions with a time-to-live (since last use), a count cap, a per-client cap and a
+    """Sessions with a time-to-live (since last use), a count cap, a cap per owner and a
     key-memory budget.
 
-    :meth:`put` first ends the client's own least recently used sessions while it holds
-    ``per_client`` of them (0: no such cap), then evicts the least recently used sessions
-    until the new one's keys fit the budget; a session whose keys alone exceed it, or one
-    past the count cap (which evicts nothing: expiry only), raises :class:`StoreFull`.
-    A session id is 192 random bits and
+    :meth:`put` first ends the owner's own least recently used sessions while it holds
+    ``per_owner`` of them (0, or no owner: no such cap), then evicts the least recently
+    used sessions until the new one's keys fit the budget; a session whose keys alone
+    exceed it, or one past the count cap (which evicts nothing: expiry only), raises
+    :class:`StoreFull`. A session id is 192 random bits and
     answers only to the API key that created it. Another store (for example a shared one
     for several replicas) can replace this one: the service uses only these methods.
     """
 
     def __init__(self, ttl: float, cap: int, max_key_bytes: int,
-                 clock: Callable[[], float] = time.monotonic, per_client: int = 0) -> None:
+                 clock: Callable[[], float] = time.monotonic, per_owner: int = 0) -> None:
         self.ttl, self.cap, self.max_key_bytes, self.clock = ttl, cap, max_key_bytes, clock
-        self.per_client = per_client
+        self.per_owner = per_owner
         self._sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()
         self.key_bytes = 0
@@ -161,14 +160,13 @@ class SessionStore:
         """Raise :class:`StoreFull` if keys of ``key_bytes`` can never be stored."""
         check_key_budget(key_bytes, self.max_key_bytes)
 
-    def put(self, model: str, keys: EvaluationKeys, key_bytes: int, owner: str | None,
-            client: str | None = None) -> str:
+    def put(self, model: str, keys: EvaluationKeys, key_bytes: int, owner: str | None) -> str:
         self.check_fits(key_bytes)
         with self._lock:
             self._expire()
-            if self.per_client:
-                mine = [sid for sid, s in self._sessions.items() if s.client == client]
-                for sid in mine[:max(0, len(mine) - self.per_client + 1)]:
+            if self.per_owner and owner is not None:
+                mine = [sid for sid, s in self._sessions.items() if s.owner == owner]
+                for sid in mine[:max(0, len(mine) - self.per_owner + 1)]:
                     self._drop(sid)  # least recently used first
                     self.evicted += 1
             if len(self._sessions) >= self.cap:
@@ -178,8 +176,7 @@ class SessionStore:
                 self._drop(next(iter(self._sessions)))
                 self.evicted += 1
             sid = secrets.token_urlsafe(24)
-            self._sessions[sid] = Session(model, keys, key_bytes, owner, self.clock(),
-                                          client=client)
+            self._sessions[sid] = Session(model, keys, key_bytes, owner, self.clock())
             self.key_bytes += key_bytes
             return sid
 
@@ -322,7 +319,7 @@ def create_app(servers: dict[str, Server], config: ServiceConfig | None = None,
     config = config or ServiceConfig()
     if sessions is None:
         sessions = SessionStore(config.session_ttl, config.max_sessions, config.max_key_memory,
-                                per_client=config.max_sessions_per_client)
+                                per_owner=config.max_sessions_per_key)
     pool = WorkerPool(config.workers, queue=config.queue, queue_timeout=config.queue_timeout,
                       job_timeout=config.job_timeout)
     limiter = RateLimiter(config.rate_limit, config.rate_burst)
@@ -342,16 +339,11 @@ def create_app(servers: dict[str, Server], config: ServiceConfig | None = None,
                                    max(_context_cap(config, s) for s in servers.values()))
     keys = ApiKeys(config.api_keys)
 
-    def client_of(request: Request, owner: str | None) -> str:
-        """Who is asking, for the rate limit and the per-client session cap: the owner
-        (the hash of the API key), or the client's address without keys."""
-        return owner or (request.client.host if request.client else "unknown")
-
     async def caller(request: Request) -> str | None:
         """The API-key check (a router dependency) and the rate limit; returns the owner
         of the sessions this caller may use (a hash of its key; None without keys)."""
         owner = keys.owner(request.headers.get("x-api-key", ""))
-        client = client_of(request, owner)
+        client = owner or (request.client.host if request.client else "unknown")
         wait = limiter.retry_after(client)
         if wait:
             raise HTTPException(429, f"more than {config.rate_limit:g} requests per second",
@@ -423,8 +415,7 @@ def create_app(servers: dict[str, Server], config: ServiceConfig | None = None,
         finally:
             body.close()
         try:
-            sid = sessions.put(model, keys, server.session_key_bytes, owner,
-                               client_of(request, owner))
+            sid = sessions.put(model, keys, server.session_key_bytes, owner)
         except StoreFull as exc:
             headers = {"Retry-After": "60"} if exc.status == 503 else None
             raise HTTPException(exc.status, str(exc), headers=headers) from None
