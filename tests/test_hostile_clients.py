@@ -1,20 +1,29 @@
 """Attacks of a hostile client on the HTTP service that got past the earlier checks (the
 security review of the serving path): transparent ciphertexts (second polynomial zero)
-as inputs or as the public key results are re-randomised with, and one client taking
-every session slot (per API key). Each attack gets its clear 4xx answer (or ends only the attacker's
-own sessions), and a good request afterwards still decrypts to the plaintext model's
+as inputs or as the public key results are re-randomised with, one client taking every
+session slot (per API key), and slow-loris connections (headers or body trickled). Each
+attack gets its clear 4xx answer (or ends only the attacker's own sessions, or its
+connections), and a good request afterwards still decrypts to the plaintext model's
 outputs (7x7 MNIST model, batch packing, N=8192, real test images)."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
+import time
+
+import httpx
 import numpy as np
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 
 import she
 from she.errors import FormatError
 from she.io import context, sealbytes, wire
 from she.serve.service import ServiceConfig, SessionStore, create_app
+from she.serve.slow_clients import header_timeout_protocol
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +37,7 @@ def setup(small_model):
     client = she.Client(plan.spec())
     http = TestClient(app, raise_server_exceptions=False)
     images = x[:2]
-    return {"plan": plan, "client": client, "http": http, "images": images,
+    return {"plan": plan, "server": server, "client": client, "http": http, "images": images,
             "reference": model.run_plain(images), "request": client.encrypt(images),
             "context": client.public_context()}
 
@@ -143,3 +152,66 @@ def test_per_key_cap_of_the_shared_session_table():
     assert all(table.touch(sid, owner, False) for sid, owner in
                ((ids[1], "o"), (ids[2], "o"), (other, "p")))
     assert table.count() == 3
+
+
+@pytest.fixture(scope="module")
+def slow_limits_server(setup):
+    """A real uvicorn (slow clients need sockets) with short header and body deadlines
+    and room for three connections (uvicorn answers 503 from the fourth on)."""
+    server = setup["server"]
+    config = ServiceConfig(api_keys=("alice",), workers=1, read_timeout=1.0,
+                           body_timeout=2.5, header_timeout=1.5)
+    app = create_app({"m": server}, config)
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                       limit_concurrency=4, timeout_keep_alive=5,
+                                       http=header_timeout_protocol(config.header_timeout)))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    while not uv.started:
+        assert thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+    yield uv.servers[0].sockets[0].getsockname()[1]
+    uv.should_exit = True
+    thread.join(timeout=30)
+
+
+def _closed(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1 << 16, socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def test_slow_loris_connections_are_closed_and_others_get_in(setup, slow_limits_server):
+    """Three connections (uvicorn's limit here) held by a client that never finishes its
+    headers, trickles them, or trickles its body: before the deadlines, uvicorn kept the
+    first two open for ever (every other client got 503) and the body's read timeout
+    alone never fired on a trickle. Now both are closed and the trickled body gets 408;
+    then a good client registers and gets correct results."""
+    port = slow_limits_server
+    idle, trickle, body = (socket.create_connection(("127.0.0.1", port)) for _ in range(3))
+    idle.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n")
+    trickle.sendall(b"GET /v1/health HTTP/1.1\r\n")
+    body.sendall(b"POST /v1/models/m/sessions HTTP/1.1\r\nHost: x\r\nX-API-Key: alice\r\n"
+                 b"Content-Length: 1000000\r\n\r\n")
+    answer = b""
+    for i in range(80):  # at most 8 s of trickling, a byte every 0.1 s
+        time.sleep(0.1)
+        for sock, data in ((trickle, b"X-%d: y\r\n" % i), (body, b"x")):
+            with contextlib.suppress(OSError):
+                sock.sendall(data)
+        with contextlib.suppress(BlockingIOError, OSError):
+            answer += body.recv(1 << 16, socket.MSG_DONTWAIT)
+        if _closed(idle) and _closed(trickle) and b"too slow" in answer:
+            break
+    assert _closed(idle) and _closed(trickle)
+    assert answer.startswith(b"HTTP/1.1 408") and b"too slow" in answer
+    for sock in (idle, trickle, body):
+        sock.close()
+    url, headers = f"http://127.0.0.1:{port}", {"X-API-Key": "alice"}
+    sid = httpx.post(f"{url}/v1/models/m/sessions", content=setup["context"],
+                     headers=headers, timeout=60).json()["session"]
+    _assert_correct(setup, httpx.post(f"{url}/v1/sessions/{sid}/predict",
+                                      content=setup["request"], headers=headers, timeout=60))

@@ -347,7 +347,7 @@ class Front:
     def __init__(self, replicas: Any, config: ServiceConfig) -> None:
         self._replicas = replicas
         self._keys = ApiKeys(config.api_keys)
-        self._read_timeout = config.read_timeout
+        self._read_timeout, self._body_timeout = config.read_timeout, config.body_timeout
         self._max_body: int | None = None
         #: Requests sent again after their replica died, and requests answered 503.
         self.retried = self.unavailable = 0
@@ -400,7 +400,8 @@ class Front:
                 self._keys.owner(request.headers.get("x-api-key", ""))
                 if self._max_body is None:
                     self._max_body = await self._call("max_body_bytes", retry=True)
-                spool = await _spool_body(request, self._max_body, self._read_timeout)
+                spool = await _spool_body(request, self._max_body, self._read_timeout,
+                                          self._body_timeout)
                 try:
                     body = spool.read()
                 finally:

@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -45,6 +45,7 @@ from ..errors import ParameterError, SecurityError, SheError
 from ..io.context import MAX_CONTEXT_BYTES
 from ..runtime.engine import _physical_memory
 from ..server import EvaluationKeys, Server
+from .slow_clients import HEADER_TIMEOUT, header_timeout_protocol
 from .workers import Busy, WorkerDied, WorkerPool, WorkerTimeout
 
 API = "/v1"
@@ -52,6 +53,8 @@ _BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "
 #: Bodies up to this size stay in memory while they arrive; larger ones go to a file.
 SPOOL_BYTES = 4 * 1024 * 1024
 #: Most clients (API keys or addresses) whose request rate is remembered.
+#: Default seconds a request body may take to arrive in all (:attr:`ServiceConfig.body_timeout`).
+BODY_TIMEOUT = 600.0
 RATE_CLIENTS = 4096
 log = logging.getLogger("she.serve.service")
 
@@ -86,6 +89,10 @@ class ServiceConfig:
     rate_limit: float = 20.0  # requests per second per API key or client address (0: off)
     rate_burst: int = 40
     read_timeout: float = 30.0  # seconds without a byte of the body before 408
+    body_timeout: float = BODY_TIMEOUT  # seconds for a whole body before 408
+    #: Seconds a client has to send a request's line and headers (uvicorn under
+    #: :func:`serve`; :mod:`she.serve.slow_clients`).
+    header_timeout: float = HEADER_TIMEOUT
 
 
 @dataclass
@@ -255,10 +262,34 @@ def _unavailable(detail: str, retry_after: int) -> HTTPException:
     return HTTPException(503, detail, headers={"Retry-After": str(retry_after)})
 
 
-async def _spool_body(request: Request, limit: int, read_timeout: float) -> IO[bytes]:
+async def _body_chunks(request: Request, read_timeout: float,
+                       body_timeout: float) -> AsyncIterator[bytes]:
+    """The chunks of the request body; 408 after ``read_timeout`` seconds without data or
+    ``body_timeout`` seconds for the whole body (a client trickling a byte now and then
+    would otherwise hold the request, and its connection, for ever)."""
+    deadline = time.monotonic() + body_timeout
+    chunks = request.stream().__aiter__()
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            if left <= 0:
+                raise asyncio.TimeoutError
+            chunk = await asyncio.wait_for(chunks.__anext__(), min(read_timeout, left))
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            if left <= read_timeout:
+                raise HTTPException(408, f"request body not received within {body_timeout:g} s "
+                                         "(too slow)") from None
+            raise HTTPException(408, f"no request data for {read_timeout:g} s") from None
+        yield chunk
+
+
+async def _spool_body(request: Request, limit: int, read_timeout: float,
+                      body_timeout: float = BODY_TIMEOUT) -> IO[bytes]:
     """The request body in a spool (memory, then a temporary file), refused with 413 as
     soon as it passes ``limit`` bytes and with 408 after ``read_timeout`` seconds without
-    data."""
+    data or ``body_timeout`` seconds in all."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -270,14 +301,7 @@ async def _spool_body(request: Request, limit: int, read_timeout: float) -> IO[b
     spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 - returned
     try:
         size = 0
-        chunks = request.stream().__aiter__()
-        while True:
-            try:
-                chunk = await asyncio.wait_for(chunks.__anext__(), read_timeout)
-            except StopAsyncIteration:
-                break
-            except asyncio.TimeoutError:
-                raise HTTPException(408, f"no request data for {read_timeout:g} s") from None
+        async for chunk in _body_chunks(request, read_timeout, body_timeout):
             size += len(chunk)
             if size > limit:
                 raise HTTPException(413, f"request body larger than {limit} bytes")
@@ -291,22 +315,25 @@ async def _spool_body(request: Request, limit: int, read_timeout: float) -> IO[b
         raise
 
 
-async def _drain(request: Request, limit: int, read_timeout: float) -> None:
+async def _drain(request: Request, limit: int, read_timeout: float,
+                 body_timeout: float = BODY_TIMEOUT) -> None:
     """Read and discard up to ``limit`` bytes of the body, so that an early answer reaches
     a client that is still sending instead of a connection reset (nothing is read when
-    ``Content-Length`` announces more, or is not a number)."""
+    ``Content-Length`` announces more, or is not a number; reading stops at the timeouts
+    of :func:`_body_chunks`)."""
     try:
         if int(request.headers.get("content-length", "0")) > limit:
             return
     except ValueError:
         return
     size = 0
-    chunks = request.stream().__aiter__()
-    while size <= limit:
-        try:
-            size += len(await asyncio.wait_for(chunks.__anext__(), read_timeout))
-        except (StopAsyncIteration, asyncio.TimeoutError):
-            return
+    try:
+        async for chunk in _body_chunks(request, read_timeout, body_timeout):
+            size += len(chunk)
+            if size > limit:
+                return
+    except HTTPException:
+        return
 
 
 def create_app(servers: dict[str, Server], config: ServiceConfig | None = None,
@@ -409,7 +436,8 @@ def create_app(servers: dict[str, Server], config: ServiceConfig | None = None,
             sessions.check_fits(server.session_key_bytes)
         except StoreFull as exc:
             raise HTTPException(exc.status, str(exc)) from None
-        body = await _spool_body(request, _context_cap(config, server), config.read_timeout)
+        body = await _spool_body(request, _context_cap(config, server), config.read_timeout,
+                                 config.body_timeout)
         try:
             keys = await run_in_threadpool(load_keys, server, body)
         finally:
@@ -437,11 +465,11 @@ def create_app(servers: dict[str, Server], config: ServiceConfig | None = None,
         try:
             entry = sessions.get(session, owner)
         except UnknownSession:
-            await _drain(request, max_request, config.read_timeout)
+            await _drain(request, max_request, config.read_timeout, config.body_timeout)
             raise HTTPException(404, "unknown or expired session; register again") from None
         server = servers[entry.model]
         limit = min(max_request, server.max_request_bytes)
-        body = await _spool_body(request, limit, config.read_timeout)
+        body = await _spool_body(request, limit, config.read_timeout, config.body_timeout)
 
         def job(processes: int) -> bytes:  # runs in the forked worker
             server.use_processes(processes)
@@ -477,9 +505,11 @@ def serve(servers: dict[str, Server], host: str, port: int, config: ServiceConfi
           max_connections: int = 256) -> None:
     """Run the service under uvicorn (blocking); HTTPS with a certificate and key file.
     Beyond ``max_connections`` open connections uvicorn answers 503; idle keep-alive
-    connections close after 5 s."""
+    connections close after 5 s, and a connection whose request headers take longer than
+    ``config.header_timeout`` seconds is closed (:mod:`she.serve.slow_clients`)."""
     import uvicorn
 
     uvicorn.run(create_app(servers, config), host=host, port=port, log_level="info",
                 ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
-                limit_concurrency=max_connections, timeout_keep_alive=5)
+                limit_concurrency=max_connections, timeout_keep_alive=5,
+                http=header_timeout_protocol(config.header_timeout))
