@@ -8,6 +8,8 @@ checked before use: message framing, sizes, parameters, levels, scales, and coef
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,26 @@ from .plan.compiler import Plan, compile
 from .runtime.engine import Engine
 from .runtime.privacy import Rerandomiser
 from .runtime.single import SingleEngine
+
+#: SEAL's refusal to produce a ciphertext whose second polynomial is zero (no encryption).
+_SEAL_TRANSPARENT = "result ciphertext is transparent"
+
+
+@contextlib.contextmanager
+def _transparent_is_bad_input() -> Iterator[None]:
+    """Turn SEAL's "transparent result" error during an evaluation into a
+    :class:`FormatError`: inputs that are valid ciphertexts one by one can still cancel
+    out inside the model (the same ciphertext for every pixel, and a filter whose weights
+    sum to zero), which fresh independent encryptions never do. (A model with a unit whose
+    weights are all zero meets the same error on every input: the message says so.)"""
+    try:
+        yield
+    except (RuntimeError, ValueError) as exc:
+        if _SEAL_TRANSPARENT not in str(exc):
+            raise
+        raise FormatError("a ciphertext became transparent inside the model: the input "
+                          "ciphertexts cancel out (send fresh, independent encryptions), or "
+                          "the model has a unit whose weights are all zero") from None
 
 
 @dataclass
@@ -139,7 +161,8 @@ class Server:
             scale = self.plan.ciphertext_scale
             inputs = self.engine.parse_inputs(keys.ctx, msg.items, level, scale)
             msg.items.clear()
-            out, scale = self.engine.run(keys.ctx, keys.relin, inputs, scale)
+            with _transparent_is_bad_input():
+                out, scale = self.engine.run(keys.ctx, keys.relin, inputs, scale)
             out_level = level_specs(keys.ctx)[out.shape[2]]
             results = [sealbytes.RawCiphertext(unit, scale, out_level.parms_id, out_level.ntt_form)
                        for unit in out]
@@ -168,7 +191,8 @@ class Server:
         bridge = SealBridge(keys.ctx)
         try:
             ct = compact.unfold(bridge, level, v, scale, seed_info, keys.galois)
-            return bridge.from_seal(self.engine.run(keys.ctx, keys.relin, keys.galois, ct))
+            with _transparent_is_bad_input():
+                return bridge.from_seal(self.engine.run(keys.ctx, keys.relin, keys.galois, ct))
         finally:
             bridge.close()
 

@@ -15,9 +15,11 @@ import time
 
 import httpx
 import numpy as np
+import onnx
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
+from onnx import numpy_helper
 
 import she
 from she.errors import FormatError
@@ -215,3 +217,35 @@ def test_slow_loris_connections_are_closed_and_others_get_in(setup, slow_limits_
                      headers=headers, timeout=60).json()["session"]
     _assert_correct(setup, httpx.post(f"{url}/v1/sessions/{sid}/predict",
                                       content=setup["request"], headers=headers, timeout=60))
+
+
+def test_inputs_that_cancel_out_inside_the_model_get_400(small_model, tmp_path_factory):
+    """Every input ciphertext valid on its own, all the same: a hidden unit whose weights
+    sum to zero turns them into a transparent ciphertext, on which SEAL refuses to compute
+    (500 before the fix). Honest inputs are still evaluated correctly by that model."""
+    path, x, _ = small_model
+    proto = onnx.load(path)
+    for init in proto.graph.initializer:
+        if init.name == "w1":
+            w1 = numpy_helper.to_array(init).copy()
+            w1[0] = 0
+            w1[0, 10], w1[0, 20] = 0.5, -0.5  # unit 0: pixel 10 minus pixel 20
+            init.CopyFrom(numpy_helper.from_array(w1, "w1"))
+    edited = tmp_path_factory.mktemp("zero_sum") / "zero_sum.onnx"
+    onnx.save(proto, edited)
+    model = she.load(edited)
+    plan = she.compile(model, calibration=x)
+    http = TestClient(create_app({"m": she.Server(plan, workers=1)}, ServiceConfig(workers=1)),
+                      raise_server_exceptions=False)
+    client = she.Client(plan.spec())
+    sid = http.post("/v1/models/m/sessions", content=client.public_context()).json()["session"]
+    request = client.encrypt(x[:2])
+    msg = wire.unpack(request, kind=wire.KIND_CIPHERTEXTS, max_items=10 ** 4,
+                      max_item_bytes=1 << 26)
+    same = wire.pack(wire.KIND_CIPHERTEXTS, msg.meta, [msg.items[0]] * len(msg.items))
+    answer = http.post(f"/v1/sessions/{sid}/predict", content=same)
+    assert answer.status_code == 400, answer.text
+    assert "transparent" in answer.json()["detail"]
+    honest = http.post(f"/v1/sessions/{sid}/predict", content=request)
+    _assert_correct({"client": client, "plan": plan, "reference": model.run_plain(x[:2])},
+                    honest)
