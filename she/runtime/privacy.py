@@ -7,7 +7,10 @@ weights. Before a result leaves the server:
 * **Re-randomisation** (always): a fresh public-key encryption of zero under the client's
   public key is added (SEAL's ``Encryptor.encrypt_zero``). The ciphertext is then a fresh
   random encryption of the same value: its two polynomials say nothing beyond what it
-  decrypts to. It does not hide the evaluation noise inside the decrypted value.
+  decrypts to, provided the public key was honestly generated (the server refuses one
+  with a zero polynomial, but cannot check that a key is well formed: a client that
+  crafts its public key can read the result's polynomials). It does not hide the
+  evaluation noise inside the decrypted value.
 * **Noise flooding** (``circuit_privacy=s`` bits, CKKS): a uniformly random polynomial
   with coefficients in ``[-B, B)`` (drawn from the operating system's CSPRNG) is added to
   the first polynomial. With ``e`` the evaluation noise of all the output ciphertexts'
