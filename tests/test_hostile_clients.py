@@ -249,3 +249,13 @@ def test_inputs_that_cancel_out_inside_the_model_get_400(small_model, tmp_path_f
     honest = http.post(f"/v1/sessions/{sid}/predict", content=request)
     _assert_correct({"client": client, "plan": plan, "reference": model.run_plain(x[:2])},
                     honest)
+
+
+def test_guessing_api_keys_is_rate_limited_and_the_right_key_still_works(setup):
+    """Wrong keys got 401 at any rate (the rate limit counted only accepted keys), so keys
+    could be guessed as fast as the network allows; now they count against the address."""
+    http = setup["http"]
+    codes = [http.get("/v1/health", headers={"X-API-Key": f"guess{i}"}).status_code
+             for i in range(60)]  # the burst is 40
+    assert codes[0] == 401 and codes[-1] == 429 and set(codes) == {401, 429}
+    assert http.get("/v1/health", headers={"X-API-Key": "alice"}).status_code == 200

@@ -236,15 +236,18 @@ class ApiKeys:
     (a hash of the key)."""
 
     def __init__(self, api_keys: tuple[str, ...]) -> None:
-        self._keys = [(k.encode(), hashlib.sha256(k.encode()).hexdigest()[:16]) for k in api_keys]
+        self._keys = [(hashlib.sha256(k.encode()).digest(),
+                       hashlib.sha256(k.encode()).hexdigest()[:16]) for k in api_keys]
 
     def owner(self, given: str) -> str | None:
         """The owner of the key ``given`` (None when no key is needed); 401 if it is not
         accepted."""
         if not self._keys:
             return None
-        # compare with every key, so that the time taken does not say which one matched
-        matches = [owner for key, owner in self._keys if hmac.compare_digest(given.encode(), key)]
+        # digests of equal length, compared with every key: the time taken says neither
+        # which key matched nor how long the accepted keys are
+        digest = hashlib.sha256(given.encode()).digest()
+        matches = [owner for key, owner in self._keys if hmac.compare_digest(digest, key)]
         if not matches:
             raise HTTPException(401, "missing or wrong X-API-Key")
         return matches[0]
@@ -369,9 +372,15 @@ def create_app(servers: dict[str, Server], config: ServiceConfig | None = None,
     async def caller(request: Request) -> str | None:
         """The API-key check (a router dependency) and the rate limit; returns the owner
         of the sessions this caller may use (a hash of its key; None without keys)."""
-        owner = keys.owner(request.headers.get("x-api-key", ""))
-        client = owner or (request.client.host if request.client else "unknown")
-        wait = limiter.retry_after(client)
+        address = request.client.host if request.client else "unknown"
+        try:
+            owner = keys.owner(request.headers.get("x-api-key", ""))
+        except HTTPException:  # wrong keys count against the address: no brute force
+            wait = limiter.retry_after(address)
+            if not wait:
+                raise
+        else:
+            wait = limiter.retry_after(owner or address)
         if wait:
             raise HTTPException(429, f"more than {config.rate_limit:g} requests per second",
                                 headers={"Retry-After": str(max(1, round(wait + 0.5)))})
