@@ -54,11 +54,13 @@ from .ray_batch import ray_connection, require_ray
 from .service import (
     API,
     ApiKeys,
+    RateLimiter,
     ServiceConfig,
     Session,
     StoreFull,
     UnknownSession,
     _spool_body,
+    authenticate,
     check_key_budget,
 )
 
@@ -347,6 +349,8 @@ class Front:
     def __init__(self, replicas: Any, config: ServiceConfig) -> None:
         self._replicas = replicas
         self._keys = ApiKeys(config.api_keys)
+        #: Counts requests with a wrong API key per address (the replicas count the rest).
+        self._wrong_keys = RateLimiter(config.rate_limit, config.rate_burst)
         self._read_timeout, self._body_timeout = config.read_timeout, config.body_timeout
         self._max_body: int | None = None
         #: Requests sent again after their replica died, and requests answered 503.
@@ -397,7 +401,7 @@ class Front:
         try:
             body = b""  # no other method of the service reads a body
             if method == "POST":  # whatever the path: no path matching decides this
-                self._keys.owner(request.headers.get("x-api-key", ""))
+                authenticate(self._keys, self._wrong_keys, request)
                 if self._max_body is None:
                     self._max_body = await self._call("max_body_bytes", retry=True)
                 spool = await _spool_body(request, self._max_body, self._read_timeout,

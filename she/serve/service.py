@@ -253,6 +253,28 @@ class ApiKeys:
         return matches[0]
 
 
+def _too_many(rate: float, wait: float) -> HTTPException:
+    return HTTPException(429, f"more than {rate:g} requests per second",
+                         headers={"Retry-After": str(max(1, round(wait + 0.5)))})
+
+
+def _address(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+def authenticate(keys: ApiKeys, limiter: RateLimiter, request: Request) -> str | None:
+    """The owner of the request's ``X-API-Key`` (:meth:`ApiKeys.owner`): 401 if the key is
+    not accepted, 429 instead once the client's address has sent more wrong keys than the
+    rate limit allows (so that keys cannot be guessed at network speed)."""
+    try:
+        return keys.owner(request.headers.get("x-api-key", ""))
+    except HTTPException:
+        wait = limiter.retry_after(_address(request))
+        if wait:
+            raise _too_many(limiter.rate, wait) from None
+        raise
+
+
 def _status(exc: SheError) -> int:
     if isinstance(exc, SecurityError):
         return 403
@@ -372,18 +394,10 @@ def create_app(servers: dict[str, Server], config: ServiceConfig | None = None,
     async def caller(request: Request) -> str | None:
         """The API-key check (a router dependency) and the rate limit; returns the owner
         of the sessions this caller may use (a hash of its key; None without keys)."""
-        address = request.client.host if request.client else "unknown"
-        try:
-            owner = keys.owner(request.headers.get("x-api-key", ""))
-        except HTTPException:  # wrong keys count against the address: no brute force
-            wait = limiter.retry_after(address)
-            if not wait:
-                raise
-        else:
-            wait = limiter.retry_after(owner or address)
+        owner = authenticate(keys, limiter, request)
+        wait = limiter.retry_after(owner or _address(request))
         if wait:
-            raise HTTPException(429, f"more than {config.rate_limit:g} requests per second",
-                                headers={"Retry-After": str(max(1, round(wait + 0.5)))})
+            raise _too_many(config.rate_limit, wait)
         return owner
 
     router = APIRouter(prefix=API, dependencies=[Depends(caller)])
