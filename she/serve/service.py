@@ -77,6 +77,10 @@ class ServiceConfig:
     #: address), and only ``max_sessions`` applies.
     max_sessions_per_key: int = 16
     max_body_bytes: int = 1024 * 1024 * 1024
+    #: Bytes of request bodies held at once over all requests (arriving, or waiting for a
+    #: worker); past it a body gets 503 with Retry-After. Never below the largest body
+    #: a route accepts.
+    max_pending_body_bytes: int = 4 * 1024 * 1024 * 1024
     max_context_bytes: int = 64 * 1024 * 1024
     #: Accepted X-API-Key values (none: no key needed). A session is bound to its key.
     api_keys: tuple[str, ...] = ()
@@ -287,6 +291,41 @@ def _unavailable(detail: str, retry_after: int) -> HTTPException:
     return HTTPException(503, detail, headers={"Retry-After": str(retry_after)})
 
 
+class BodyBudget:
+    """Bytes of request bodies held at once over all requests (in their spools, memory or
+    temporary files, until the request ends): past ``limit`` a body is refused with 503
+    and ``Retry-After``, so that many concurrent uploads cannot fill the server's memory
+    or disk. Used from the event loop only."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+
+    def take(self, size: int) -> None:
+        if self.used + size > self.limit:
+            raise _unavailable(f"the server already holds {self.used} bytes of request "
+                               "bodies, its limit; retry later", 5)
+        self.used += size
+
+
+class _Spool(tempfile.SpooledTemporaryFile):  # type: ignore[type-arg]
+    """A body's spool, whose bytes count in a :class:`BodyBudget` until it is closed."""
+
+    def __init__(self, budget: BodyBudget | None) -> None:
+        super().__init__(max_size=SPOOL_BYTES)
+        self._budget, self._held = budget, 0
+
+    def hold(self, size: int) -> None:
+        if self._budget is not None:
+            self._budget.take(size)
+            self._held += size
+
+    def close(self) -> None:
+        if self._budget is not None:
+            self._budget.used -= self._held
+            self._held = 0
+        super().close()
+
+
 async def _body_chunks(request: Request, read_timeout: float,
                        body_timeout: float) -> AsyncIterator[bytes]:
     """The chunks of the request body; 408 after ``read_timeout`` seconds without data or
@@ -311,10 +350,12 @@ async def _body_chunks(request: Request, read_timeout: float,
 
 
 async def _spool_body(request: Request, limit: int, read_timeout: float,
-                      body_timeout: float = BODY_TIMEOUT) -> IO[bytes]:
+                      body_timeout: float = BODY_TIMEOUT,
+                      budget: BodyBudget | None = None) -> IO[bytes]:
     """The request body in a spool (memory, then a temporary file), refused with 413 as
-    soon as it passes ``limit`` bytes and with 408 after ``read_timeout`` seconds without
-    data or ``body_timeout`` seconds in all."""
+    soon as it passes ``limit`` bytes, with 408 after ``read_timeout`` seconds without
+    data or ``body_timeout`` seconds in all, and with 503 when it does not fit ``budget``
+    (its bytes count there until the spool is closed)."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -323,13 +364,14 @@ async def _spool_body(request: Request, limit: int, read_timeout: float,
             raise HTTPException(400, "invalid Content-Length") from exc
         if size > limit:
             raise HTTPException(413, f"request body larger than {limit} bytes")
-    spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 - returned
+    spool = _Spool(budget)
     try:
         size = 0
         async for chunk in _body_chunks(request, read_timeout, body_timeout):
             size += len(chunk)
             if size > limit:
                 raise HTTPException(413, f"request body larger than {limit} bytes")
+            spool.hold(len(chunk))
             spool.write(chunk)
         if size == 0:
             raise HTTPException(400, "empty request body")
@@ -389,6 +431,8 @@ def create_app(servers: dict[str, Server], config: ServiceConfig | None = None,
     #: The largest body any route accepts (a front that buffers bodies reads no more).
     app.state.max_body_bytes = max(max_request,
                                    max(_context_cap(config, s) for s in servers.values()))
+    bodies = app.state.bodies = BodyBudget(max(config.max_pending_body_bytes,
+                                               app.state.max_body_bytes))
     keys = ApiKeys(config.api_keys)
 
     async def caller(request: Request) -> str | None:
@@ -427,7 +471,8 @@ def create_app(servers: dict[str, Server], config: ServiceConfig | None = None,
         return {"status": "ok", "version": __version__, "models": len(servers),
                 "sessions": len(sessions), "key_memory_bytes": sessions.key_bytes,
                 "max_key_memory_bytes": sessions.max_key_bytes,
-                "evicted_sessions": sessions.evicted, **pool.stats()}
+                "evicted_sessions": sessions.evicted, "pending_body_bytes": bodies.used,
+                **pool.stats()}
 
     @router.get("/models", summary="List the models served")
     async def list_models() -> list[dict[str, Any]]:
@@ -460,7 +505,7 @@ def create_app(servers: dict[str, Server], config: ServiceConfig | None = None,
         except StoreFull as exc:
             raise HTTPException(exc.status, str(exc)) from None
         body = await _spool_body(request, _context_cap(config, server), config.read_timeout,
-                                 config.body_timeout)
+                                 config.body_timeout, bodies)
         try:
             keys = await run_in_threadpool(load_keys, server, body)
         finally:
@@ -492,7 +537,8 @@ def create_app(servers: dict[str, Server], config: ServiceConfig | None = None,
             raise HTTPException(404, "unknown or expired session; register again") from None
         server = servers[entry.model]
         limit = min(max_request, server.max_request_bytes)
-        body = await _spool_body(request, limit, config.read_timeout, config.body_timeout)
+        body = await _spool_body(request, limit, config.read_timeout, config.body_timeout,
+                                 bodies)
 
         def job(processes: int) -> bytes:  # runs in the forked worker
             server.use_processes(processes)
