@@ -54,6 +54,7 @@ from .ray_batch import ray_connection, require_ray
 from .service import (
     API,
     ApiKeys,
+    BodyBudget,
     RateLimiter,
     ServiceConfig,
     Session,
@@ -344,7 +345,9 @@ class Front:
     counters. Before it reads a body, it checks the API key (401) and ``Content-Length``
     against the largest body the replicas accept (413), and it reads no more than that:
     the checks the service makes before reading a body. (These only spare reading bodies
-    that would be refused: the replicas' app makes every access decision.)"""
+    that would be refused: the replicas' app makes every access decision.) Bodies count
+    in a :class:`~she.serve.service.BodyBudget` of ``max_pending_body_bytes`` until their
+    answer is back (503 past it), and wrong API keys in the rate limit of their address."""
 
     def __init__(self, replicas: Any, config: ServiceConfig) -> None:
         self._replicas = replicas
@@ -353,6 +356,9 @@ class Front:
         self._wrong_keys = RateLimiter(config.rate_limit, config.rate_burst)
         self._read_timeout, self._body_timeout = config.read_timeout, config.body_timeout
         self._max_body: int | None = None
+        self._max_pending = config.max_pending_body_bytes
+        #: Bodies held until their answer comes (created with ``_max_body``).
+        self._bodies: BodyBudget | None = None
         #: Requests sent again after their replica died, and requests answered 503.
         self.retried = self.unavailable = 0
 
@@ -398,18 +404,18 @@ class Front:
         method, scope = request.method, request.scope
         retry = method in ("GET", "HEAD") or (method == "POST"
                                                and bool(_PREDICT.match(scope["path"])))
+        spool = None
         try:
             body = b""  # no other method of the service reads a body
             if method == "POST":  # whatever the path: no path matching decides this
                 authenticate(self._keys, self._wrong_keys, request)
                 if self._max_body is None:
                     self._max_body = await self._call("max_body_bytes", retry=True)
+                    self._bodies = BodyBudget(max(self._max_pending, self._max_body))
+                # the body counts in the budget until its answer is back
                 spool = await _spool_body(request, self._max_body, self._read_timeout,
-                                          self._body_timeout)
-                try:
-                    body = spool.read()
-                finally:
-                    spool.close()
+                                          self._body_timeout, self._bodies)
+                body = spool.read()
             forwarded = ForwardedRequest(method, scope["path"], scope.get("raw_path") or b"",
                                          scope.get("query_string", b""),
                                          list(scope.get("headers", [])),
@@ -427,6 +433,9 @@ class Front:
                       exc_info=exc)
             return _json_error(500, f"internal error (reference {reference}, in the "
                                     "server log)")
+        finally:
+            if spool is not None:
+                spool.close()
         response = Response(answer.body, status_code=answer.status)
         response.raw_headers = answer.headers
         return response
