@@ -41,6 +41,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
+from collections.abc import Collection
 from typing import Any
 
 import numpy as np
@@ -146,7 +147,7 @@ def worst_fitted(proto: onnx.ModelProto, calibration: np.ndarray) -> tuple[str, 
     return tuple(f.node for f in fitted if f.rmse >= worst / WORST_FIT_RATIO)
 
 
-def order(previews: list[Trial], superseded: set[int] = frozenset()) -> list[int]:
+def order(previews: list[Trial], superseded: Collection[int] = ()) -> list[int]:
     """The order in which to fine-tune settings, from what is known before fine-tuning
     (indices into ``previews``).
 
@@ -170,8 +171,7 @@ def order(previews: list[Trial], superseded: set[int] = frozenset()) -> list[int
                  and all(a <= b for a, b in zip(keys[j], keys[i], strict=True))}
     front = sorted((i for i in runnable if i not in dominated), key=lambda i: (keys[i], i))
     uncertain = [i for i, t in enumerate(previews) if not t.runs and i not in superseded]
-    return (front + [i for i in runnable if i in dominated] + uncertain
-            + sorted(i for i in superseded if i < len(previews)))
+    return front + [i for i in runnable if i in dominated] + uncertain + sorted(superseded)
 
 
 def pooled_first(proto: onnx.ModelProto, setting: Settings) -> Settings | None:
@@ -240,8 +240,8 @@ def search(model: Any, x: np.ndarray, y: np.ndarray, *, test_x: np.ndarray | Non
                    f"target >= {target:.2%} (drop <= {max_drop} points), budget {budget:.0f} s, "
                    f"fine-tuning on {len(train_x)} samples")
     # every setting converted and compiled first: what is known before fine-tuning orders
-    # them, and one whose plan does not fit memory is not fine-tuned (its size does not
-    # depend on the weights) but tried with its max pools moved ahead of their activations
+    # them (:func:`order`); one whose plan does not fit memory is also tried with its max
+    # pools moved ahead of their activations
     tried: list[tuple[Trial, onnx.ModelProto, Settings, ConversionReport]] = []
     queue = list(settings or candidates(proto, calibration))
     superseded: set[int] = set()
