@@ -40,8 +40,8 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
 from collections.abc import Collection
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
