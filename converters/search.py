@@ -117,8 +117,8 @@ def candidates(proto: onnx.ModelProto, calibration: np.ndarray | None = None) ->
     float weights (the compiler stores them in fixed point: on a deep model its plan can be
     the cheaper one, see :func:`order`). The shapes: degree-2 activations; a polynomial max
     pool (when the model has max pools); degree 4 only at the activations whose degree-2
-    fit is worst (:func:`worst_fitted`, with ``calibration`` and more than one activation:
-    one level more per such activation, where degree 4 everywhere doubles the depth);
+    fit is worst (:func:`worst_fitted`, with ``calibration``, when they are not all of
+    them: one level more per such activation, where degree 4 everywhere doubles the depth);
     degree-4 activations when the depth stays within :data:`MAX_DEPTH`.
     """
     has_max_pool = any(n.op_type == "MaxPool" for n in proto.graph.node)
@@ -126,8 +126,10 @@ def candidates(proto: onnx.ModelProto, calibration: np.ndarray | None = None) ->
     shapes: list[dict[str, Any]] = [{}]
     if has_max_pool:
         shapes.append({"max_pool": "polynomial"})
-    if calibration is not None and activations > 1:
-        shapes.append({"degree4_at": worst_fitted(proto, calibration)})
+    worst = worst_fitted(proto, calibration) if calibration is not None and activations > 1 \
+        else ()
+    if 0 < len(worst) < activations:  # all of them: the degree-4 setting below
+        shapes.append({"degree4_at": worst})
     if activations and activations <= MAX_DEPTH:  # degree 4 doubles the activations' depth
         shapes.append({"degree": 4})
     return [Settings(**shape, **weights) for shape in shapes
