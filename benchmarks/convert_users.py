@@ -49,7 +49,7 @@ RESULTS = REPO / "docs" / "results" / "convert_users.json"
 DOC = REPO / "docs" / "conversion.md"
 #: Every (family, data set) pair measured by default.
 DEFAULT_MODELS = [f"{family}:{data}" for data in ("mnist", "fashion-mnist")
-                  for family in user_models.FAMILIES]
+                  for family in user_models.FAMILIES + user_models.RESIDUAL_FAMILIES]
 #: Targets of the issue: drop in points by data set, minutes, encrypted agreement.
 TARGET_DROP = {"mnist": 0.5, "fashion-mnist": 1.0}
 TARGET_MINUTES = 10.0

@@ -11,7 +11,9 @@ TensorFlow is too heavy to install here):
 * :func:`sklearn_mlp` — scikit-learn ``MLPClassifier`` through skl2onnx (Softmax, a
   ``label`` output through ArgMax/ArrayFeatureExtractor, ZipMap on or off);
 * :func:`keras_cnn` — a Keras-style CNN in tf2onnx's form: NHWC input, Transposes around
-  the convolution, a Reshape whose target is computed by Shape/Gather/Concat, Softmax.
+  the convolution, a Reshape whose target is computed by Shape/Gather/Concat, Softmax;
+* :func:`torch_resnet` and :func:`torch_resnet_dynamo` — small ResNets (an identity and a
+  projection block, BatchNorm inside, ReLU after each addition), legacy and dynamo exports.
 
 Used by :mod:`benchmarks.convert_users` (with real data and full training) and by the
 converter tests (with a few hundred samples).
@@ -28,6 +30,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 #: The exporter families, by trainer name.
 FAMILIES = ("torch_mlp", "torch_cnn", "torch_dynamo_cnn", "sklearn_mlp", "keras_cnn")
+#: Residual networks (:func:`torch_resnet`): the legacy-exported one with a stem MaxPool and
+#: ``x.mean``, and the dynamo-exported one with ``AdaptiveAvgPool2d`` and a strided stem.
+RESIDUAL_FAMILIES = ("torch_resnet", "torch_resnet_dynamo")
 
 
 def _train_torch(net, x: np.ndarray, y: np.ndarray, epochs: int, seed: int, lr: float = 2e-3):
@@ -202,7 +207,8 @@ def train(family: str, x: np.ndarray, y: np.ndarray, out: Path, *, epochs: int |
     """Train and export the ``family`` model (NCHW ``x`` in [0, 1]); returns its path."""
     trainer = {"torch_mlp": torch_mlp, "torch_cnn": torch_cnn,
                "torch_dynamo_cnn": torch_dynamo_cnn, "sklearn_mlp": sklearn_mlp,
-               "keras_cnn": keras_cnn}[family]
+               "keras_cnn": keras_cnn, "torch_resnet": torch_resnet,
+               "torch_resnet_dynamo": torch_resnet_dynamo}[family]
     kwargs = {} if epochs is None else {"epochs": epochs}
     return trainer(x, y, Path(out), seed=seed, **kwargs)
 
@@ -265,6 +271,14 @@ def torch_resnet(x: np.ndarray, y: np.ndarray, out: Path, epochs: int = 3, seed:
     if not dynamo:
         return _legacy_export(net, out, x.shape[1:])
     return _dynamo_export(net, out, x.shape[1:])
+
+
+def torch_resnet_dynamo(x: np.ndarray, y: np.ndarray, out: Path, epochs: int = 3,
+                        seed: int = 0) -> Path:
+    """:func:`torch_resnet` without the stem MaxPool (a stride-2 convolution instead),
+    ``AdaptiveAvgPool2d(1)`` + flatten, the dynamo exporter with external data."""
+    return torch_resnet(x, y, out, epochs, seed, pool="adaptive", stem_max_pool=False,
+                        dynamo=True)
 
 
 def torch_wide_cnn(x: np.ndarray, y: np.ndarray, out: Path, epochs: int = 3,

@@ -130,11 +130,15 @@ class Settings:
     pow2: bool = True
     exponent_bits: int = 4
     pow2_terms: int = 1
+    #: activations (node names) fitted with degree 4 whatever ``degree`` is
+    degree4_at: tuple[str, ...] = ()
 
     def describe(self) -> str:
         weights = (f"pow2 {self.pow2_terms} term{'s' if self.pow2_terms > 1 else ''}, "
                    f"{self.exponent_bits} exponent bits" if self.pow2 else "float weights")
-        return (f"degree {self.degree}, max pool as {self.max_pool}"
+        degree = (f"degree {self.degree}" if not self.degree4_at else
+                  f"degree {self.degree} (4 at {', '.join(self.degree4_at)})")
+        return (f"{degree}, max pool as {self.max_pool}"
                 f"{', pool first' if self.pool_first else ''}, {weights}")
 
 
@@ -202,7 +206,8 @@ def he_friendly(proto: onnx.ModelProto, calibration: np.ndarray, settings: Setti
     report.replaced_pools = passes.replace_pooling(proto, settings.max_pool, calibration)
     if report.replaced_pools:
         stage(proto, f"{settings.max_pool} pooling")
-    fitted = passes.replace_activations(proto, calibration, settings.degree)
+    fitted = passes.replace_activations(proto, calibration, settings.degree,
+                                        degrees={name: 4 for name in settings.degree4_at})
     report.activations = [asdict(f) for f in fitted]
     stage(proto, f"degree-{settings.degree} polynomial activations")
     if settings.pow2:

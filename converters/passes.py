@@ -313,6 +313,7 @@ class FittedActivation:
     channels: int
     value_range: tuple[float, float]
     rmse: float  # root-mean-square error of the fit on the calibration values
+    degree: int = 2
 
 
 def _activation(node: onnx.NodeProto, model: onnx.ModelProto):
@@ -381,17 +382,24 @@ def fit_quadratic(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
 
 
 def replace_activations(model: onnx.ModelProto, calibration: np.ndarray, degree: int = 2,
-                        progress=None) -> list[FittedActivation]:
+                        progress=None, degrees: dict[str, int] | None = None
+                        ) -> list[FittedActivation]:
     """Replace non-polynomial activations by per-channel polynomials fitted on calibration data.
 
     Degree 2 (one multiplicative level) is written ``a (x + beta)^2 + gamma`` as Add,
     Mul(t, t), Mul, Add. Degrees 3 and 4 cost two levels and four times as many squares
-    (:func:`converters.squares.write_polynomial`).
+    (:func:`converters.squares.write_polynomial`). ``degrees`` gives some activations (by
+    node name) another degree than ``degree``.
     """
-    if degree not in DEGREES:
-        raise ParameterError(f"degree {degree} is not supported: choose one of {DEGREES} "
-                             "(degree 2 costs one multiplicative level, 3 and 4 cost two)")
+    degrees = degrees or {}
+    for value in {degree, *degrees.values()}:
+        if value not in DEGREES:
+            raise ParameterError(f"degree {value} is not supported: choose one of {DEGREES} "
+                                 "(degree 2 costs one multiplicative level, 3 and 4 cost two)")
     nodes = [n for n in model.graph.node if n.op_type in ACTIVATIONS]
+    unknown = set(degrees) - {n.name for n in nodes}
+    if unknown:
+        raise ParameterError(f"no activation named {', '.join(sorted(unknown))}")
     if not nodes:
         return []
     values = g.run(model, calibration, [n.input[0] for n in nodes])
@@ -401,12 +409,14 @@ def replace_activations(model: onnx.ModelProto, calibration: np.ndarray, degree:
         for extra in spanned:
             model.graph.node.remove(extra)
         rng = np.random.default_rng(0)
-        if degree > 2:
-            nodes, rmse = squares.write_polynomial(model, node.input[0], output, x, f, degree,
-                                                   node.name, rng, FIT_SAMPLES)
-            g.replace_node(model, node, nodes)
+        node_degree = degrees.get(node.name, degree)
+        if node_degree > 2:
+            written, rmse = squares.write_polynomial(model, node.input[0], output, x, f,
+                                                     node_degree, node.name, rng, FIT_SAMPLES)
+            g.replace_node(model, node, written)
             fitted.append(FittedActivation(node.name, _kind(node, spanned), x.shape[1],
-                                           (float(x.min()), float(x.max())), rmse))
+                                           (float(x.min()), float(x.max())), rmse,
+                                           node_degree))
             if progress is not None:
                 progress(1)
             continue

@@ -5,25 +5,31 @@
 1. A validation split is carved from the labelled training data (never the test split,
    which is only reported). The original model's validation accuracy is the reference.
 2. The exact clean-up (:func:`converters.convert.prepare`) is done once.
-3. Candidate settings are tried from the cheapest encrypted model to the most accurate
-   (:func:`candidates`): degree-2 activations with two power-of-two terms per weight (the
-   integer kernel multiplies by any small integer at the same cost, and two terms round
-   about six times less than one); a polynomial max pool (when the model has max pools);
-   degree-4 activations when the depth stays within :data:`MAX_DEPTH`; float weights.
-4. Each setting's default plan (CKKS, batch packing: what ``she serve`` and ``she predict``
-   run) is compiled first and its cost predicted (:mod:`she.plan.estimate`: server memory, and
-   an encrypted latency that is a model, not a measurement). A plan the server would refuse
-   on this machine (:func:`she.runtime.engine.batch_memory_problem`) is *not runnable*: the setting
-   is not fine-tuned, and the same setting with every max pool moved ahead of its
-   activation (:func:`pooled_first`; the activations then act on 4x fewer values) is tried
-   next. Degree-4 activations before a max pool are what make a small CNN's plan outgrow
-   memory (measured on the Fashion-MNIST torch CNN: 37.7 GiB, against 2.5 GiB at degree 2).
-5. A runnable setting is fine-tuned on all the remaining training data (distillation plus
-   cross-entropy) with early stopping on the validation split
+3. Candidate settings (:func:`candidates`): degree-2 activations; a polynomial max pool
+   (when the model has max pools); degree 4 only at the activations whose degree-2 fit is
+   worst (residual networks: the one after the last addition); degree-4 activations when
+   the depth stays within :data:`MAX_DEPTH` — each with two power-of-two terms per weight
+   and with float weights (the integer kernel multiplies by any small integer at the same
+   cost; which of the two plans is cheaper depends on the model, so it is measured).
+4. Every setting is converted and its default plan (CKKS, batch packing: what ``she serve``
+   and ``she predict`` run) compiled *before* any fine-tuning: its accuracy before
+   fine-tuning, depth and predicted cost (:mod:`she.plan.estimate`: server memory, and an
+   encrypted latency that is a model, not a measurement) are known up front. A plan the
+   server would refuse on this machine (:func:`she.runtime.engine.batch_memory_problem`) is
+   *not runnable* (yet: the ring, hence the memory, depends on the value ranges, which
+   fine-tuning changes), and the same setting with every max pool moved ahead of its
+   activation (:func:`pooled_first`; the activations then act on 4x fewer values) is
+   added. :func:`order` then ranks them: the settings no other beats on predicted latency,
+   memory and accuracy before fine-tuning, cheapest first; then the beaten ones; then those
+   the compiler refuses or that do not fit before fine-tuning (either may change after
+   it); last the too big ones that have a pooled-first variant (with explicit
+   ``settings``: no setting that does not fit is fine-tuned).
+5. Settings are fine-tuned in that order on all the remaining training data (distillation
+   plus cross-entropy) with early stopping on the validation split
    (:func:`converters.finetune.finetune`). The first runnable one whose validation accuracy
    is within ``max_drop`` points of the original's is taken at once; when the budget runs
-   out first, the most accurate runnable setting tried is (falling back to the next when
-   the compiler refuses one).
+   out first, the most accurate runnable setting (fine-tuned or not) is (falling back to
+   the next when the compiler refuses one).
 6. Every setting tried is reported (validation accuracy before and after fine-tuning,
    depth, epochs, predicted latency and memory, whether it runs, time) with the choice and
    the reason; the chosen setting's single-packing plan is compiled too and its predicted
@@ -34,6 +40,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -62,6 +69,9 @@ MAX_DROP = 0.5
 BUDGET = 540.0
 #: Most multiplicative depth a candidate may add over the degree-2 model's.
 MAX_DEPTH = 6
+#: Degree 4 goes to the activations whose degree-2 fit error is within this factor of the
+#: worst one's (:func:`worst_fitted`).
+WORST_FIT_RATIO = 2.0
 #: Validation split: this fraction of the training data, within the bounds below.
 VAL_FRACTION = 0.1
 VAL_MIN, VAL_MAX = 200, 5000
@@ -99,18 +109,71 @@ class Trial:
     problem: str | None = None
 
 
-def candidates(proto: onnx.ModelProto) -> list[Settings]:
-    """The settings to try on the cleaned model ``proto``, cheapest first."""
+def candidates(proto: onnx.ModelProto, calibration: np.ndarray | None = None) -> list[Settings]:
+    """The settings to try on the cleaned model ``proto``, cheapest first as far as is known
+    before compiling them (:func:`search` reorders them by their compiled cost).
+
+    Every shape of polynomial model is tried with power-of-two weights (two terms) and with
+    float weights (the compiler stores them in fixed point: on a deep model its plan can be
+    the cheaper one, see :func:`order`). The shapes: degree-2 activations; a polynomial max
+    pool (when the model has max pools); degree 4 only at the activations whose degree-2
+    fit is worst (:func:`worst_fitted`, with ``calibration``, when they are not all of
+    them: one level more per such activation, where degree 4 everywhere doubles the depth);
+    degree-4 activations when the depth stays within :data:`MAX_DEPTH`.
+    """
     has_max_pool = any(n.op_type == "MaxPool" for n in proto.graph.node)
-    out = [Settings(pow2_terms=2)]
+    activations = sum(n.op_type in passes.ACTIVATIONS for n in proto.graph.node)
+    shapes: list[dict[str, Any]] = [{}]
     if has_max_pool:
-        out.append(Settings(pow2_terms=2, max_pool="polynomial"))
-    activations = sum(n.op_type in ("Relu", "LeakyRelu", "Clip", "Sigmoid", "Tanh")
-                      for n in proto.graph.node)
+        shapes.append({"max_pool": "polynomial"})
+    worst = worst_fitted(proto, calibration) if calibration is not None and activations > 1 \
+        else ()
+    if 0 < len(worst) < activations:  # all of them: the degree-4 setting below
+        shapes.append({"degree4_at": worst})
     if activations and activations <= MAX_DEPTH:  # degree 4 doubles the activations' depth
-        out.append(Settings(degree=4, pow2_terms=2))
-    out.append(Settings(pow2=False))
-    return out
+        shapes.append({"degree": 4})
+    return [Settings(**shape, **weights) for shape in shapes
+            for weights in ({"pow2_terms": 2}, {"pow2": False})]
+
+
+def worst_fitted(proto: onnx.ModelProto, calibration: np.ndarray) -> tuple[str, ...]:
+    """The activations (node names, in graph order) whose degree-2 fit errs most: those
+    within a factor :data:`WORST_FIT_RATIO` of the largest root-mean-square error (on a
+    residual network, typically the last, after an addition, whose inputs span the widest
+    range)."""
+    trial = onnx.ModelProto()
+    trial.CopyFrom(proto)
+    passes.replace_pooling(trial, "average")
+    fitted = passes.replace_activations(trial, calibration[:FIT_SAMPLES], 2)
+    worst = max(f.rmse for f in fitted)
+    return tuple(f.node for f in fitted if f.rmse >= worst / WORST_FIT_RATIO)
+
+
+def order(previews: list[Trial], superseded: Collection[int] = ()) -> list[int]:
+    """The order in which to fine-tune settings, from what is known before fine-tuning
+    (indices into ``previews``).
+
+    First the settings whose plan runs and that no other runnable setting beats on
+    predicted latency, memory and accuracy before fine-tuning (the Pareto front), cheapest
+    first; then the beaten runnable ones; then, in the order given, the uncertain ones:
+    those the compiler refuses before fine-tuning (fine-tuning widens the output margins
+    its argmax check compares with the predicted error) and those whose plan does not fit
+    memory (a plan's ring, hence its memory, depends on the value ranges, which fine-tuning
+    changes: measured on a Fashion-MNIST ResNet, N=32768 before and N=16384 after); last
+    the ``superseded`` ones: plans that do not fit memory and have a variant that acts on
+    fewer values (:func:`pooled_first`) among the others.
+    """
+    def key(t: Trial) -> tuple[float, float, float]:  # smaller is better in each
+        return (t.batch["seconds_per_image"], t.batch["memory_bytes"],
+                -t.val_accuracy_converted)
+
+    runnable = [i for i, t in enumerate(previews) if t.runs]
+    keys = {i: key(previews[i]) for i in runnable}
+    dominated = {i for i in runnable for j in runnable if keys[j] != keys[i]
+                 and all(a <= b for a, b in zip(keys[j], keys[i], strict=True))}
+    front = sorted((i for i in runnable if i not in dominated), key=lambda i: (keys[i], i))
+    uncertain = [i for i, t in enumerate(previews) if not t.runs and i not in superseded]
+    return front + [i for i in runnable if i in dominated] + uncertain + sorted(superseded)
 
 
 def pooled_first(proto: onnx.ModelProto, setting: Settings) -> Settings | None:
@@ -178,72 +241,67 @@ def search(model: Any, x: np.ndarray, y: np.ndarray, *, test_x: np.ndarray | Non
     _log(progress, f"validation split: {len(val_x)} samples, original accuracy {original:.2%}; "
                    f"target >= {target:.2%} (drop <= {max_drop} points), budget {budget:.0f} s, "
                    f"fine-tuning on {len(train_x)} samples")
-    trials: list[Trial] = []
+    # every setting converted and compiled first: what is known before fine-tuning orders
+    # them (:func:`order`); one whose plan does not fit memory is also tried with its max
+    # pools moved ahead of their activations
     tried: list[tuple[Trial, onnx.ModelProto, Settings, ConversionReport]] = []
-    queue = list(settings or candidates(proto))
+    queue = list(settings or candidates(proto, calibration))
+    superseded: set[int] = set()
     k = 0
     while k < len(queue):
         setting = queue[k]
         k += 1
-        if k > 1 and time.monotonic() > deadline:
-            _log(progress, "budget exhausted: no further settings tried")
-            break
-        t0 = time.monotonic()
-        trial_proto = onnx.ModelProto()
-        trial_proto.CopyFrom(proto)
-        trial_report = ConversionReport()
-        he_friendly(trial_proto, calibration, setting, trial_report)
-        converted = float(np.mean(g.run(trial_proto, val_x)[0].argmax(1) == val_y))
-        trial = Trial(asdict(setting), setting.describe(), square_depth(trial_proto), converted,
-                      converted, round(100 * (original - converted), 3), 0, "not runnable",
-                      0.0)
-        _log(progress, f"[{k}] {setting.describe()}: {converted:.2%} before fine-tuning")
-        # the plan the server would run: one that does not fit memory is not fine-tuned
-        # (its size does not depend on the weights); one that does not compile yet may
-        # after fine-tuning (the compiler's argmax-margin check)
-        _cost(trial, trial_proto, calibration, progress)
-        if trial.runs is not False:
-            from converters.finetune import finetune
-
-            result = finetune(trial_proto, train_x, teacher, epochs=max_epochs,
-                              lr=LEARNING_RATE,
-                              pow2_bits=setting.exponent_bits if setting.pow2 else None,
-                              pow2_terms=setting.pow2_terms, labels=train_y,
-                              batch_size=BATCH_SIZE, validation=(val_x, val_y), target=target,
-                              deadline=deadline, progress=progress, seed=seed)
-            trial.val_accuracy = max(result.val_accuracy)
-            trial.drop_points = round(100 * (original - trial.val_accuracy), 3)
-            trial.epochs, trial.stopped = len(result.losses), result.stopped
-            trial_report.finetune_losses = result.losses
-            trial_report.finetune_val_accuracy = result.val_accuracy
-            _log(progress, f"    fine-tuned {trial.epochs} epochs ({trial.stopped}): "
-                           f"{trial.val_accuracy:.2%}, drop {trial.drop_points:.2f} points, "
-                           f"depth {trial.depth}")
-            if trial.runs is None:
-                _cost(trial, trial_proto, calibration, progress)
-        trial.seconds = round(time.monotonic() - t0, 1)
-        trials.append(trial)
-        tried.append((trial, trial_proto, setting, trial_report))
-        if trial.runs is False:
+        tried.append(_preview(proto, setting, calibration, (val_x, val_y), original, len(tried),
+                              progress))
+        if tried[-1][0].runs is False:
             fallback = pooled_first(proto, setting)
-            if fallback is not None and fallback not in queue:
-                _log(progress, "    next: the same with every max pool moved ahead of its "
-                               "activation (4x fewer values to activate)")
-                queue.insert(k, fallback)
-            continue
+            if fallback is not None:
+                superseded.add(len(tried) - 1)
+                if fallback not in queue:
+                    _log(progress, "    next: the same with every max pool moved ahead of "
+                                   "its activation (4x fewer values to activate)")
+                    queue.insert(k, fallback)
+    trials = [entry[0] for entry in tried]
+    sequence = (order(trials, superseded) if settings is None else
+                [i for i, t in enumerate(trials) if t.runs is not False])
+    _log(progress, "fine-tuning order: " + " ".join(f"[{i + 1}]" for i in sequence))
+    from converters.finetune import finetune
+
+    for n, i in enumerate(sequence):
+        if n and time.monotonic() > deadline:
+            _log(progress, "budget exhausted: no further settings fine-tuned")
+            break
+        trial, trial_proto, setting, trial_report = tried[i]
+        t0 = time.monotonic()
+        result = finetune(trial_proto, train_x, teacher, epochs=max_epochs, lr=LEARNING_RATE,
+                          pow2_bits=setting.exponent_bits if setting.pow2 else None,
+                          pow2_terms=setting.pow2_terms, labels=train_y,
+                          batch_size=BATCH_SIZE, validation=(val_x, val_y), target=target,
+                          deadline=deadline, progress=progress, seed=seed)
+        trial.val_accuracy = max(result.val_accuracy)
+        trial.drop_points = round(100 * (original - trial.val_accuracy), 3)
+        trial.epochs, trial.stopped = len(result.losses), result.stopped
+        trial_report.finetune_losses = result.losses
+        trial_report.finetune_val_accuracy = result.val_accuracy
+        _log(progress, f"[{i + 1}] fine-tuned {trial.epochs} epochs ({trial.stopped}): "
+                       f"{trial.val_accuracy:.2%}, drop {trial.drop_points:.2f} points, "
+                       f"depth {trial.depth}")
+        if not trial.runs:  # refused or too big before fine-tuning: may not be now
+            _cost(trial, trial_proto, calibration, progress)
+        trial.seconds = round(trial.seconds + time.monotonic() - t0, 1)
         if trial.runs and trial.val_accuracy >= target:
             break
     chosen, plan, setting, refused = _choose(tried, tail, calibration, report, input_range,
                                              progress)
     index = trials.index(chosen)
     met = chosen.val_accuracy >= target
-    reason = (f"the first (cheapest) setting within {max_drop} points of the original on the "
-              "validation split" if met else
+    reason = (f"the first setting fine-tuned to within {max_drop} points of the original on "
+              "the validation split" if met else
               f"no setting reached the target within the budget; the most accurate of "
               f"{len(trials)} tried (drop {chosen.drop_points:.2f} points)")
     if refused:
         reason += f" that compiles for encryption ({len(refused)} more accurate did not)"
-    too_big = [i for i, t in enumerate(trials) if t.runs is False]
+    too_big = [i for i, t in enumerate(trials) if t.stopped == "not runnable"]
     if too_big:
         reason += ("; not runnable on this machine, so not fine-tuned nor chosen: "
                    + ", ".join(f"[{i + 1}]" for i in too_big) + f" ({trials[too_big[0]].problem})")
@@ -265,12 +323,35 @@ def search(model: Any, x: np.ndarray, y: np.ndarray, *, test_x: np.ndarray | Non
                      "max_drop_points": max_drop, "budget_s": budget, "seed": seed,
                      "validation_samples": len(val_x), "training_samples": len(train_x),
                      "trials": [asdict(t) for t in trials], "chosen": index,
+                     "order": sequence,
                      "target_met": met, "reason": reason, "not_encryptable": refused,
                      "not_runnable": [f"{t.description}: {t.problem}" for t in trials
                                       if t.runs is False],
                      "latency_model": LATENCY_MODEL,
                      "seconds": round(time.monotonic() - started, 1)}
     return tried[index][1], report
+
+
+def _preview(proto: onnx.ModelProto, setting: Settings, calibration: np.ndarray,
+             validation: tuple[np.ndarray, np.ndarray], original: float, index: int,
+             progress: bool) -> tuple[Trial, onnx.ModelProto, Settings, ConversionReport]:
+    """``setting`` applied to a copy of ``proto``: its accuracy before fine-tuning, depth and
+    the predicted cost of its batch plan (or why it does not compile)."""
+    t0 = time.monotonic()
+    trial_proto = onnx.ModelProto()
+    trial_proto.CopyFrom(proto)
+    trial_report = ConversionReport()
+    he_friendly(trial_proto, calibration, setting, trial_report)
+    val_x, val_y = validation
+    converted = float(np.mean(g.run(trial_proto, val_x)[0].argmax(1) == val_y))
+    trial = Trial(asdict(setting), setting.describe(), square_depth(trial_proto), converted,
+                  converted, round(100 * (original - converted), 3), 0, "not fine-tuned", 0.0)
+    _log(progress, f"[{index + 1}] {setting.describe()}: {converted:.2%} before fine-tuning")
+    _cost(trial, trial_proto, calibration, progress)
+    if trial.runs is False:
+        trial.stopped = "not runnable"
+    trial.seconds = round(time.monotonic() - t0, 1)
+    return trial, trial_proto, setting, trial_report
 
 
 def _cost(trial: Trial, proto: onnx.ModelProto, calibration: np.ndarray,
@@ -280,6 +361,7 @@ def _cost(trial: Trial, proto: onnx.ModelProto, calibration: np.ndarray,
         cost = predicted_cost(proto, calibration)
     except SheError as exc:
         trial.runs, trial.problem = None, f"does not compile for encryption: {exc}"
+        _log(progress, f"    {trial.problem}")
         return
     trial.batch, trial.runs, trial.problem = cost.as_dict(), cost.runs, cost.problem
     _log(progress, f"    predicted {cost.describe()}, depth {cost.depth}"

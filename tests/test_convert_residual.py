@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -219,3 +220,40 @@ def test_scale_rounding_is_exact_through_identity_and_projection_blocks(monkeypa
                                                                           strict=True))
     rounded = g.run(proto, x[300:400])[0]
     assert np.abs(rounded - fitted).max() <= 1e-4 * np.abs(fitted).max()
+
+
+def test_degree_4_only_where_the_degree_2_fit_is_worst(user_model, data):
+    """The search's mixed candidate: degree 4 at the activation(s) whose degree-2 fit errs
+    most (here the one after the addition, whose inputs span the widest range), degree 2
+    elsewhere: one level more than degree 2 (not twice the depth), a closer fit there, and
+    a plan that compiles."""
+    from converters.convert import ConversionReport, he_friendly, square_depth
+    from converters.search import candidates, worst_fitted
+
+    x, _, xt, _ = data
+    proto, _, _ = prepare(user_model, x[:2000])
+    worst = worst_fitted(proto, x[:2000])
+    two = onnx.ModelProto()
+    two.CopyFrom(proto)
+    fitted = {f.node: f for f in passes.replace_activations(two, x[:2000])}
+    assert worst and set(worst) <= set(fitted)
+    assert max(fitted, key=lambda name: fitted[name].rmse) in worst
+    mixed = Settings(degree4_at=worst, pow2_terms=2)
+    assert mixed in candidates(proto, x[:2000])
+    assert Settings(degree4_at=worst, pow2=False) in candidates(proto, x[:2000])
+    assert all(not s.degree4_at for s in candidates(proto))  # needs calibration data
+    four = onnx.ModelProto()
+    four.CopyFrom(proto)
+    report = ConversionReport()
+    he_friendly(four, x[:2000], replace(mixed, pow2=False), report)
+    degrees = {a["node"]: a["degree"] for a in report.activations}
+    assert {n for n, d in degrees.items() if d == 4} == set(worst)
+    assert square_depth(four) == square_depth(two) + 1
+    for a in report.activations:
+        if a["node"] in worst:
+            assert a["rmse"] < 0.8 * fitted[a["node"]].rmse
+    assert "(4 at " in mixed.describe()
+    plan = she.compile(she.frontend.model.from_proto(four), calibration=x[:300])
+    assert plan.params.poly_modulus_degree <= 16384
+    with pytest.raises(she.errors.ParameterError, match="no activation named"):
+        passes.replace_activations(two, x[:100], degrees={"nowhere": 4})

@@ -262,11 +262,15 @@ def test_search_is_reproducible_and_reports_every_setting(mnist, tmp_path):
                               max_epochs=4, progress=False) for _ in range(2)]
     (a, ra), (b, rb) = runs
     assert ra.search["target_met"] is False and "no setting reached" in ra.search["reason"]
-    # no max pool: two power-of-two terms, degree 4 (one activation), float weights
+    # no max pool, one activation: degree 2 and 4, each with two power-of-two terms and
+    # with float weights; every one fine-tuned (in the order of their compiled cost)
     assert [t["description"] for t in ra.search["trials"]] == [
         "degree 2, max pool as average, pow2 2 terms, 4 exponent bits",
+        "degree 2, max pool as average, float weights",
         "degree 4, max pool as average, pow2 2 terms, 4 exponent bits",
-        "degree 2, max pool as average, float weights"]
+        "degree 4, max pool as average, float weights"]
+    assert sorted(ra.search["order"]) == [0, 1, 2, 3]
+    assert all(t["epochs"] >= 1 for t in ra.search["trials"])
     chosen = ra.search["trials"][ra.search["chosen"]]
     assert chosen["val_accuracy"] == max(t["val_accuracy"] for t in ra.search["trials"])
     # same seed, same model (tensor names aside)
@@ -410,3 +414,25 @@ def test_search_skips_a_setting_whose_plan_does_not_fit_memory(mnist, tmp_path, 
     # the model written is the runnable one: the server accepts its plan under that limit
     plan = she.compile(she.frontend.model.from_proto(proto), calibration=x[:500])
     assert plan.batch_memory_bytes() < 0.6 * limit and she.runtime.engine.batch_memory_problem(plan) is None
+
+
+def test_fine_tuning_order_follows_what_is_known_before_fine_tuning():
+    """Settings no other beats on predicted latency, memory and accuracy before fine-tuning
+    first, cheapest first; beaten ones next; then, as listed, those the compiler refuses
+    or whose plan does not fit memory before fine-tuning (fine-tuning changes both); last
+    a plan too big that has a variant acting on fewer values."""
+    from converters.search import Trial, order
+
+    def trial(seconds, memory, accuracy, runs=True):
+        cost = None if runs is None else {"seconds_per_image": seconds, "memory_bytes": memory}
+        return Trial({}, "", 1, accuracy, accuracy, 0.0, 0, "not fine-tuned", 0.0, batch=cost,
+                     runs=runs)
+
+    previews = [trial(2.0, 8, 0.84),  # 0: beaten by 1 (cheaper, smaller, more accurate)
+                trial(1.8, 7, 0.88),  # 1: cheapest of the front
+                trial(3.0, 10, 0.89),  # 2: dearer but more accurate: on the front
+                trial(1.0, 99, 0.95, runs=False),  # 3: does not fit memory
+                trial(0.0, 0, 0.94, runs=None),  # 4: refused by the compiler for now
+                trial(1.8, 7, 0.88)]  # 5: a tie with 1: neither beats the other
+    assert order(previews) == [1, 5, 2, 0, 3, 4]
+    assert order(previews, superseded={3}) == [1, 5, 2, 0, 4, 3]
