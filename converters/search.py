@@ -9,8 +9,9 @@
    (when the model has max pools); degree 4 only at the activations whose degree-2 fit is
    worst (residual networks: the one after the last addition); degree-4 activations when
    the depth stays within :data:`MAX_DEPTH` — each with two power-of-two terms per weight
-   and with float weights (the integer kernel multiplies by any small integer at the same
-   cost; which of the two plans is cheaper depends on the model, so it is measured).
+   (the shift-accumulate model), and each also with float weights, a fallback fine-tuned
+   only after every power-of-two setting (its fixed-point plan can be the cheaper one,
+   and a model that no power-of-two setting converts within the target still converts).
 4. Every setting is converted and its default plan (CKKS, batch packing: what ``she serve``
    and ``she predict`` run) compiled *before* any fine-tuning: its accuracy before
    fine-tuning, depth and predicted cost (:mod:`she.plan.estimate`: server memory, and an
@@ -19,7 +20,8 @@
    *not runnable* (yet: the ring, hence the memory, depends on the value ranges, which
    fine-tuning changes), and the same setting with every max pool moved ahead of its
    activation (:func:`pooled_first`; the activations then act on 4x fewer values) is
-   added. :func:`order` then ranks them: the settings no other beats on predicted latency,
+   added. :func:`order` then ranks them, power-of-two weights first and float weights
+   after, within each: the settings no other beats on predicted latency,
    memory and accuracy before fine-tuning, cheapest first; then the beaten ones; then those
    the compiler refuses or that do not fit before fine-tuning (either may change after
    it); last the too big ones that have a pooled-first variant (with explicit
@@ -115,7 +117,8 @@ def candidates(proto: onnx.ModelProto, calibration: np.ndarray | None = None) ->
 
     Every shape of polynomial model is tried with power-of-two weights (two terms) and with
     float weights (the compiler stores them in fixed point: on a deep model its plan can be
-    the cheaper one, see :func:`order`). The shapes: degree-2 activations; a polynomial max
+    the cheaper one), the latter a fallback fine-tuned after every power-of-two setting
+    (:func:`order`). The shapes: degree-2 activations; a polynomial max
     pool (when the model has max pools); degree 4 only at the activations whose degree-2
     fit is worst (:func:`worst_fitted`, with ``calibration``, when they are not all of
     them: one level more per such activation, where degree 4 everywhere doubles the depth);
@@ -153,7 +156,9 @@ def order(previews: list[Trial], superseded: Collection[int] = ()) -> list[int]:
     """The order in which to fine-tune settings, from what is known before fine-tuning
     (indices into ``previews``).
 
-    First the settings whose plan runs and that no other runnable setting beats on
+    Power-of-two weights first (the shift-accumulate model SHE converts to), float weights
+    only after every power-of-two setting (a fallback when none reaches the target). Within
+    each: first the settings whose plan runs and that no other runnable setting beats on
     predicted latency, memory and accuracy before fine-tuning (the Pareto front), cheapest
     first; then the beaten runnable ones; then, in the order given, the uncertain ones:
     those the compiler refuses before fine-tuning (fine-tuning widens the output margins
@@ -167,13 +172,18 @@ def order(previews: list[Trial], superseded: Collection[int] = ()) -> list[int]:
         return (t.batch["seconds_per_image"], t.batch["memory_bytes"],
                 -t.val_accuracy_converted)
 
-    runnable = [i for i, t in enumerate(previews) if t.runs]
-    keys = {i: key(previews[i]) for i in runnable}
-    dominated = {i for i in runnable for j in runnable if keys[j] != keys[i]
-                 and all(a <= b for a, b in zip(keys[j], keys[i], strict=True))}
-    front = sorted((i for i in runnable if i not in dominated), key=lambda i: (keys[i], i))
-    uncertain = [i for i, t in enumerate(previews) if not t.runs and i not in superseded]
-    return front + [i for i in runnable if i in dominated] + uncertain + sorted(superseded)
+    def rank(group: list[int]) -> list[int]:
+        runnable = [i for i in group if previews[i].runs]
+        keys = {i: key(previews[i]) for i in runnable}
+        dominated = {i for i in runnable for j in runnable if keys[j] != keys[i]
+                     and all(a <= b for a, b in zip(keys[j], keys[i], strict=True))}
+        front = sorted((i for i in runnable if i not in dominated), key=lambda i: (keys[i], i))
+        uncertain = [i for i in group if not previews[i].runs and i not in superseded]
+        return (front + [i for i in runnable if i in dominated] + uncertain
+                + sorted(i for i in group if i in superseded))
+
+    pow2 = [i for i, t in enumerate(previews) if t.settings.get("pow2", True)]
+    return rank(pow2) + rank([i for i in range(len(previews)) if i not in pow2])
 
 
 def pooled_first(proto: onnx.ModelProto, setting: Settings) -> Settings | None:

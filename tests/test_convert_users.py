@@ -436,3 +436,8 @@ def test_fine_tuning_order_follows_what_is_known_before_fine_tuning():
                 trial(1.8, 7, 0.88)]  # 5: a tie with 1: neither beats the other
     assert order(previews) == [1, 5, 2, 0, 3, 4]
     assert order(previews, superseded={3}) == [1, 5, 2, 0, 4, 3]
+    # float weights only after every power-of-two setting, whatever their cost
+    floats = previews + [trial(0.5, 1, 0.99), trial(0.0, 0, 0.99, runs=None)]
+    for t in floats[6:]:
+        t.settings = {"pow2": False}
+    assert order(floats) == [1, 5, 2, 0, 3, 4, 6, 7]
