@@ -50,6 +50,7 @@ from ..errors import FormatError, ParameterError
 from ..io import sealbytes
 from ..io.context import SealBridge
 from ..plan.compiler import Plan, PlanLayer
+from ..plan.estimate import batch_memory_problem
 from .kernels import LinearKernel, add_constant, add_constant_bfv
 
 T = TypeVar("T")
@@ -400,18 +401,6 @@ def _chunks(shape: tuple[int, ...], units: int) -> list[np.ndarray]:
     return [np.arange(a, min(a + units, total)) for a in range(0, total, units)]
 
 
-def batch_memory_problem(plan: Plan) -> str | None:
-    """Why one batch of ``plan`` does not fit this machine's memory (None when it does): the
-    check the server makes before running a plan, and the converter's search before choosing
-    a setting (:mod:`she.plan.estimate`)."""
-    need, have = plan.batch_memory_bytes(), _physical_memory()
-    if have and need > 0.6 * have:
-        return (f"one batch of this plan holds about {need / 2**30:.1f} GiB of ciphertexts, more "
-                f"than this machine's {have / 2**30:.1f} GiB allow; use single packing, or a "
-                "model whose activations act on fewer values (pool before the activation)")
-    return None
-
-
 def _columns(weights: np.ndarray | sp.csr_matrix) -> np.ndarray:
     """The columns of ``weights`` holding a nonzero weight."""
     if sp.issparse(weights):
@@ -452,14 +441,6 @@ def _split(length: int, parts: int) -> list[range]:
     """``range(length)`` in ``parts`` contiguous ranges of about equal size."""
     bounds = np.linspace(0, length, parts + 1).astype(int)
     return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-
-
-def _physical_memory() -> int:
-    """Bytes of physical memory (0 if unknown)."""
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 0
 
 
 def _run_pool(workers: int, fn: Callable[[range], T], chunks: list[range]) -> list[T]:
