@@ -148,7 +148,7 @@ def test_two_processes_compute_the_same_result(single, test_images, monkeypatch)
     monkeypatch.setattr(she.runtime.single, "SPLIT_MIN_COST", 1)  # split even these small layers
     plan, _, client, context, _ = single
     # The forked half rotates its sum into place with keys the plan asks for.
-    assert all(set(lay.jump(lay.groups[lay.split] * lay.baby))
+    assert all(set(lay.jump(lay.schedule.giants[lay.split]))
                <= set(plan.rotation_steps()) for lay in plan.layouts() if lay.split)
     outputs = []
     for workers in (1, 2):

@@ -164,26 +164,27 @@ def _diagonal_product(evaluator: sealapi.Evaluator, galois: sealapi.GaloisKeys,
                       lay: layout.LayerLayout, plain: list[list[sealapi.Plaintext | None]],
                       x: sealapi.Ciphertext, seal: sealapi.SEALContext,
                       split: int = 0) -> sealapi.Ciphertext | None:
-    """``sum_d diag_d * rot(x, d)`` baby-step giant-step, then the hybrid fold (None if
-    every diagonal is zero). With ``split`` > 0, a forked process sums the giant steps
-    ``groups[split:]``."""
+    """``sum_d diag_d * rot(x, d)`` baby-step giant-step (:class:`~she.plan.layout.Schedule`),
+    then the hybrid fold (None if every diagonal is zero). With ``split`` > 0, a forked
+    process sums the giant steps ``giants[split:]``."""
+    schedule = lay.schedule
     babies = [x]
-    for _ in range(1, lay.n_babies):
+    for source, step in schedule.baby_steps:
         nxt = sealapi.Ciphertext()
-        evaluator.rotate_vector(babies[-1], 1, galois, nxt)
+        evaluator.rotate_vector(babies[source], step, galois, nxt)
         babies.append(nxt)
-    groups = lay.groups
+    giants = list(schedule.giants)
     if split:
-        upper = _in_child(seal, lambda: _horner(evaluator, galois, lay, groups[split:],
+        upper = _in_child(seal, lambda: _horner(evaluator, galois, lay, giants[split:],
                                                 plain[split:], babies))
         try:
-            acc = _horner(evaluator, galois, lay, groups[:split], plain[:split], babies)
+            acc = _horner(evaluator, galois, lay, giants[:split], plain[:split], babies)
         finally:
             joined = upper.result()  # always reap the child
         if joined is not None:
             acc = joined if acc is None else _added(evaluator, acc, joined)
     else:
-        acc = _horner(evaluator, galois, lay, groups, plain, babies)
+        acc = _horner(evaluator, galois, lay, giants, plain, babies)
     if acc is None:
         return None
     for step in lay.fold_steps:
@@ -194,25 +195,24 @@ def _diagonal_product(evaluator: sealapi.Evaluator, galois: sealapi.GaloisKeys,
 
 
 def _horner(evaluator: sealapi.Evaluator, galois: sealapi.GaloisKeys, lay: layout.LayerLayout,
-            groups: list[int], plain: list[list[sealapi.Plaintext | None]],
+            giants: list[int], plain: list[list[sealapi.Plaintext | None]],
             babies: list[sealapi.Ciphertext]) -> sealapi.Ciphertext | None:
-    """``sum_g rot(sum_i diag_gi * baby_i, groups[g] * b)`` in Horner form (descending, each
+    """``sum_g rot(sum_i diag_gi * baby_i, giants[g])`` in Horner form (descending, each
     jump made of :meth:`~she.plan.layout.LayerLayout.jump`); None if every diagonal is zero."""
-    baby = lay.baby
     acc: sealapi.Ciphertext | None = None
     at = 0  # the giant step acc is rotated to
-    for j, row in zip(reversed(groups), reversed(plain), strict=True):
+    for giant, row in zip(reversed(giants), reversed(plain), strict=True):
         if acc is not None:
-            _rotate(evaluator, acc, lay.jump((at - j) * baby), galois)
+            _rotate(evaluator, acc, lay.jump(at - giant), galois)
         for i, diag in enumerate(row):
             if diag is None:
                 continue
             term = sealapi.Ciphertext()
             evaluator.multiply_plain(babies[i], diag, term)
             acc = term if acc is None else _added(evaluator, acc, term)
-        at = j
+        at = giant
     if acc is not None:
-        _rotate(evaluator, acc, lay.jump(at * baby), galois)
+        _rotate(evaluator, acc, lay.jump(at), galois)
     return acc
 
 
@@ -226,9 +226,10 @@ def _upper_cost(lay: layout.LayerLayout) -> int:
     """Cost of the split-off giant steps in products (0 if the layer cannot be split)."""
     if not lay.split:
         return 0
-    upper = lay.groups[lay.split:]
-    products = int(np.count_nonzero(lay.used // lay.baby >= upper[0]))
-    return products + layout.ROTATION_COST * layout.horner_rotations(upper, lay.baby, lay.keys)
+    schedule = lay.schedule
+    products = int(np.count_nonzero(schedule.cells[lay.split:] >= 0))
+    return products + layout.ROTATION_COST * layout.horner_rotations(
+        list(schedule.giants[lay.split:]), schedule.unit, lay.keys)
 
 
 def _added(evaluator: sealapi.Evaluator, acc: sealapi.Ciphertext,
