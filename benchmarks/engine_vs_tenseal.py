@@ -550,6 +550,12 @@ def _render_accurate(accurate: dict[str, Any]) -> list[str]:
                 f"{r['modulus_bits']} | {r['accuracy']:.2%} | {r['argmax_agreement']:.2%} | "
                 f"{r['max_abs_error']:.1e}"
                 + (f" ({r['predicted_error']:.1e})" if "predicted_error" in r else "") + " |")
+        lines += ["", "Batch plans whose exact power-of-two weights need two primes per rescale "
+                  "are also compiled with those weights rounded to the largest shift whose "
+                  "rescale fits one prime (`she/plan/compiler.py`, `fit_rescale`; kept when it "
+                  "passes the argmax-margin check, like every rung): the two accurate models then "
+                  "need 4 ciphertext primes instead of 6. Rows whose modulus lists 6 ciphertext "
+                  "primes were measured before that."]
     return lines
 
 
