@@ -83,6 +83,8 @@ class SingleEngine:
         #: The last layer that reads every source (its ciphertext is dropped after it).
         self._last_reader = {s: k for k, layer in enumerate(plan.layers) for s in layer.sources}
         self._plain: list[list[list[sealapi.Plaintext | None]]] | None = None
+        #: Encoded biases by layer, level and scale (see :meth:`_bias`).
+        self._bias_plain: dict[tuple[int, tuple[int, ...], float], sealapi.Plaintext] = {}
         self._lock = threading.Lock()
 
     def _encode_diagonals(self, seal: sealapi.SEALContext) -> list[list[list[sealapi.Plaintext | None]]]:
@@ -112,6 +114,19 @@ class SingleEngine:
                 self._plain = encoded
                 self._diagonals = []  # the encoded form is all that is needed from now on
             return self._plain
+
+    def _bias(self, encoder: sealapi.CKKSEncoder, k: int,
+              ct: sealapi.Ciphertext) -> sealapi.Plaintext:
+        """Layer ``k``'s bias encoded at ``ct``'s level and scale (the same for every
+        request of a plan: encoded once)."""
+        key = (k, tuple(ct.parms_id()), ct.scale)
+        with self._lock:
+            plain = self._bias_plain.get(key)
+            if plain is None:
+                plain = sealapi.Plaintext()
+                encoder.encode(self._biases[k].tolist(), ct.parms_id(), ct.scale, plain)
+                self._bias_plain[key] = plain
+            return plain
 
     def run(self, ctx: ts.Context, relin: sealapi.RelinKeys, galois: sealapi.GaloisKeys,
             ct: sealapi.Ciphertext) -> sealapi.Ciphertext:
@@ -147,9 +162,7 @@ class SingleEngine:
                 raise ParameterError(f"layer {k}: every weight encodes to zero at its scale")
             for _ in range(layer.product_primes):
                 evaluator.rescale_to_next_inplace(ct)
-            bias = sealapi.Plaintext()
-            encoder.encode(self._biases[k].tolist(), ct.parms_id(), ct.scale, bias)
-            evaluator.add_plain_inplace(ct, bias)
+            evaluator.add_plain_inplace(ct, self._bias(encoder, k, ct))
             if k < self.plan.squares:
                 evaluator.square_inplace(ct)
                 evaluator.relinearize_inplace(ct, relin)
