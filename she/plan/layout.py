@@ -8,9 +8,12 @@ that a slot rotation acts cyclically inside every period. A linear layer ``y = W
 
 * ``D = min(P_in, P_out)`` diagonals; ``diag_d[r] = W[r mod P_out, (r + d) mod P_in]``;
 * ``z = sum_d diag_d * rot(x, d)`` over the diagonals that are not zero, evaluated
-  baby-step giant-step: ``z = sum_j rot(sum_i rot(diag_{jb+i}, -jb) * rot(x, i), jb)``
-  (baby rotations by one slot each; Horner over the non-empty giant steps ``j`` only, each
-  jump made of power-of-two rotations; ``b`` is the power of two with fewest rotations);
+  baby-step giant-step: ``z = sum_g rot(sum_b rot(diag_{g+b}, -g) * rot(x, b), g)``
+  (Horner over the non-empty giant steps ``g`` only, each jump made of power-of-two
+  rotations or one with a key of its own; see :class:`Schedule`): babies ``b = 0 .. n - 1``
+  by one slot each and giant steps at multiples of one size (the *grid* schedule), or,
+  for diagonals in clusters at a regular stride, babies in rows (by one slot and by the
+  stride) and giant steps at any offsets (*row* schedules), whichever rotates least;
 * if ``P_out < P_in``: ``y = sum_t rot(z, t P_out)`` (``log2(P_in / P_out)`` rotations).
 
 Hidden units need not sit in their natural order: :mod:`she.plan.placement` chooses their
@@ -23,7 +26,8 @@ diagonals and the diagonal count drops ``R``-fold, for ``log2 R`` rotations that
 copies (see :class:`LayerLayout`).
 
 The result is ``y`` replicated with period ``P_out``: the layout the next layer expects.
-Every rotation step is a power of two, so the client generates a handful of Galois keys.
+Rotation steps are powers of two and the few steps that get a key of their own, so the
+client generates a handful of Galois keys.
 This module is pure numpy; :mod:`she.runtime.single` runs it in SEAL.
 """
 
@@ -81,9 +85,8 @@ class LayerLayout:
     ``in_pos`` / ``out_pos``: the slot position (inside the period) of every input / output
     unit; None keeps the natural order (the model's input and output, which the client sees).
     ``offsets``: the diagonals that are not zero (:func:`layouts` finds them); None means
-    all. Only they are multiplied, and the baby-step count is chosen for them: babies
-    ``0 .. n_babies - 1`` by rotations of one slot, and Horner steps over the non-empty
-    giant steps only, each jump made of power-of-two rotations.
+    all. Only they are multiplied, and the baby-step giant-step :attr:`schedule` is chosen
+    for them.
     """
 
     n_in: int
