@@ -514,7 +514,12 @@ def _render_accurate(accurate: dict[str, Any]) -> list[str]:
                       for name, r in single["models"].items() if "layer_rotations" in r)
                   + ". A rotation (a key switch) costs about as much as 15-20 diagonal "
                   "products at N=16384 (see `she/runtime/single.py`) and grows faster than linearly "
-                  "with the primes it carries, so the second convolution's rotations dominate."]
+                  "with the primes it carries, so the second convolution's rotations dominate: "
+                  "its diagonals sit in clusters of kernel columns every input row, which rows of "
+                  "babies cover (`she/plan/layout.py`, `row_schedules`: 70 rotations with the "
+                  "grid schedule, 41 with rows). N=8192 is out of reach for these models: the "
+                  "first convolution's 6272 outputs need 8192 slots in one ciphertext, and the "
+                  "exact power-of-two weights need about 250 modulus bits (218 allowed at N=8192)."]
     batch = accurate.get("batch")
     if batch:
         lines += ["", "## Accurate models, batch packing", "",
@@ -545,6 +550,12 @@ def _render_accurate(accurate: dict[str, Any]) -> list[str]:
                 f"{r['modulus_bits']} | {r['accuracy']:.2%} | {r['argmax_agreement']:.2%} | "
                 f"{r['max_abs_error']:.1e}"
                 + (f" ({r['predicted_error']:.1e})" if "predicted_error" in r else "") + " |")
+        lines += ["", "Batch plans whose exact power-of-two weights need two primes per rescale "
+                  "are also compiled with those weights rounded to the largest shift whose "
+                  "rescale fits one prime (`she/plan/compiler.py`, `fit_rescale`; kept when it "
+                  "passes the argmax-margin check, like every rung): the two accurate models then "
+                  "need 4 ciphertext primes instead of 6. Rows whose modulus lists 6 ciphertext "
+                  "primes were measured before that."]
     return lines
 
 

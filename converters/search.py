@@ -16,7 +16,7 @@
    and ``she predict`` run) compiled *before* any fine-tuning: its accuracy before
    fine-tuning, depth and predicted cost (:mod:`she.plan.estimate`: server memory, and an
    encrypted latency that is a model, not a measurement) are known up front. A plan the
-   server would refuse on this machine (:func:`she.runtime.engine.batch_memory_problem`) is
+   server would refuse on this machine (:func:`she.plan.estimate.batch_memory_problem`) is
    *not runnable* (yet: the ring, hence the memory, depends on the value ranges, which
    fine-tuning changes), and the same setting with every max pool moved ahead of its
    activation (:func:`pooled_first`; the activations then act on 4x fewer values) is

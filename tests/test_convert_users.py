@@ -365,6 +365,7 @@ def test_search_skips_a_setting_whose_plan_does_not_fit_memory(mnist, tmp_path, 
     from torch import nn
 
     import converters
+    import she.plan.estimate
     import she.runtime.engine
     from converters.convert import ConversionReport, Settings, he_friendly
     from converters.search import predicted_cost, trial_line
@@ -385,7 +386,7 @@ def test_search_skips_a_setting_whose_plan_does_not_fit_memory(mnist, tmp_path, 
         memory[setting.pool_first] = predicted_cost(proto, x[:500]).memory_bytes
     assert memory[True] < 0.7 * memory[False]  # the activations act on 4x fewer values
     limit = (memory[True] + memory[False]) / 2 / 0.6  # the server refuses above 0.6 x memory
-    monkeypatch.setattr(she.runtime.engine, "_physical_memory", lambda: int(limit))
+    monkeypatch.setattr(she.plan.estimate, "_physical_memory", lambda: int(limit))
     proto, report = converters.search(str(path), x[:1000], y[:1000], budget=3600, seed=0,
                                       max_epochs=1, progress=False, settings=[deep])
     trials, search = report.search["trials"], report.search
@@ -413,7 +414,7 @@ def test_search_skips_a_setting_whose_plan_does_not_fit_memory(mnist, tmp_path, 
     assert "not measured" in search["latency_model"]
     # the model written is the runnable one: the server accepts its plan under that limit
     plan = she.compile(she.frontend.model.from_proto(proto), calibration=x[:500])
-    assert plan.batch_memory_bytes() < 0.6 * limit and she.runtime.engine.batch_memory_problem(plan) is None
+    assert plan.batch_memory_bytes() < 0.6 * limit and she.plan.estimate.batch_memory_problem(plan) is None
 
 
 def test_fine_tuning_order_follows_what_is_known_before_fine_tuning():

@@ -111,3 +111,44 @@ def test_scratch_left_by_a_killed_process_is_removed(tmp_path):
     bridge = SealBridge(ctx)
     assert bridge.unit_path(0).split(os.sep)[-2].startswith(f"she-{os.getpid()}-")
     bridge.close()
+
+
+def test_exact_weights_needing_two_primes_per_rescale_are_rounded_to_one(mnist_dir, tmp_path):
+    """Batch packing: power-of-two weights exact only at a shift of 19 need a 26 + 2*19 =
+    64-bit rescale (two primes) at the ladder's first scale; the default ladder also tries
+    them rounded to the largest shift whose rescale fits one prime (17), keeps that cheaper
+    plan, and its encrypted results stay within its predicted error of the float model."""
+    from conftest import _small_mnist
+
+    x, y = _small_mnist(mnist_dir, "train", 2000)
+    rng = np.random.default_rng(19)
+    w1 = np.round(rng.normal(0, 0.5, (12, 49)) * 2.0 ** 19) * 2.0 ** -19  # exact at f = 19
+    b1 = rng.normal(0, 0.2, 12)
+    feats = np.hstack([(x.reshape(len(x), -1) @ w1.T + b1) ** 2, np.ones((len(x), 1))])
+    readout = np.linalg.lstsq(feats, np.eye(10)[y], rcond=None)[0]
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["input"], ["f"]),
+         helper.make_node("Gemm", ["f", "w1", "b1"], ["h"], transB=1),
+         helper.make_node("Mul", ["h", "h"], ["s"]),
+         helper.make_node("Gemm", ["s", "w2", "b2"], ["logits"], transB=1)],
+        "exact", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 7, 7])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(a.astype(np.float32), n)  # w1 stays exact: 21 bits
+         for n, a in (("w1", w1), ("b1", b1), ("w2", readout[:-1].T), ("b2", readout[-1]))])
+    path = tmp_path / "exact.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                ir_version=9), str(path))
+    model = she.load(str(path))
+    exact = she.compile(model, calibration=x[:500], scale_bits=26, weight_bits=12)
+    assert exact.layers[0].shift == 19 and exact.layers[0].rescale_primes == 2
+    plan = she.compile(model, calibration=x[:500])
+    assert plan.layers[0].shift == she.plan.compiler._rescale_cap(26) == 17
+    assert plan.layers[0].rescale_primes == 1
+    assert len(plan.params.primes) < len(exact.params.primes)
+    x_test, _ = _small_mnist(mnist_dir, "test", 64)
+    server, client = she.Server(plan), she.Client(plan.spec())
+    keys = server.load_context(client.public_context())
+    out = client.decrypt(server.evaluate(keys, client.encrypt(x_test)))
+    reference = model.run_plain(x_test)
+    assert np.abs(out - reference).max() <= plan.predicted_error
+    assert np.array_equal(out.argmax(1), reference.argmax(1))

@@ -285,9 +285,9 @@ def test_decrypt_item_with_invalid_metadata(toy_server_client, toy_plan, result_
 def test_a_plan_too_large_for_memory_is_refused_up_front(toy_plan, monkeypatch):
     """Rather than be killed mid-request, the server refuses a batch plan whose ciphertexts
     would not fit this machine's memory (here pretended to be 64 MiB)."""
-    import she.runtime.engine
+    import she.plan.estimate
 
     assert toy_plan.describe()["estimated_bytes"]["server_memory_per_request"] > 64 * 2**20 * 0.6
-    monkeypatch.setattr(she.runtime.engine, "_physical_memory", lambda: 64 * 2**20)
+    monkeypatch.setattr(she.plan.estimate, "_physical_memory", lambda: 64 * 2**20)
     with pytest.raises(she.ParameterError, match="GiB"):
         she.Server(toy_plan)

@@ -148,7 +148,7 @@ def test_two_processes_compute_the_same_result(single, test_images, monkeypatch)
     monkeypatch.setattr(she.runtime.single, "SPLIT_MIN_COST", 1)  # split even these small layers
     plan, _, client, context, _ = single
     # The forked half rotates its sum into place with keys the plan asks for.
-    assert all(set(lay.jump(lay.groups[lay.split] * lay.baby))
+    assert all(set(lay.jump(lay.schedule.giants[lay.split]))
                <= set(plan.rotation_steps()) for lay in plan.layouts() if lay.split)
     outputs = []
     for workers in (1, 2):
@@ -188,3 +188,63 @@ def test_a_widening_first_layer_runs(mnist_dir):
     keys = server.load_context(client.public_context())
     out = client.decrypt(server.evaluate(keys, client.encrypt(x[:1])))
     assert np.max(np.abs(out - model.run_plain(x[:1]))) <= plan.predicted_error
+
+
+def _two_conv_proto():  # -> onnx.ModelProto
+    """Conv(1->2, 5x5, stride 2) -> square -> Conv(2->4, 3x3, stride 2) -> square -> Gemm:
+    the placed second convolution leaves its diagonals in clusters (kernel columns) every
+    input row, rows in blocks per input channel."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    arrays = {"w1": rng.normal(0, 0.3, (2, 1, 5, 5)), "b1": rng.normal(0, 0.1, 2),
+              "w2": rng.normal(0, 0.15, (4, 2, 3, 3)), "b2": rng.normal(0, 0.1, 4),
+              "w3": rng.normal(0, 0.1, (10, 196)), "b3": np.zeros(10)}
+    nodes = [helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], strides=[2, 2], pads=[2] * 4),
+             helper.make_node("Mul", ["c1", "c1"], ["s1"]),
+             helper.make_node("Conv", ["s1", "w2", "b2"], ["c2"], strides=[2, 2], pads=[1] * 4),
+             helper.make_node("Mul", ["c2", "c2"], ["s2"]),
+             helper.make_node("Flatten", ["s2"], ["f"]),
+             helper.make_node("Gemm", ["f", "w3", "b3"], ["logits"], transB=1)]
+    graph = helper.make_graph(
+        nodes, "two_conv",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 28, 28])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(a.astype(np.float32), name) for name, a in arrays.items()])
+    return onnx.helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+def test_rows_of_babies_run_encrypted(toy_calibration, test_images, tmp_path, monkeypatch):
+    """A convolution whose schedule has rows of babies (rotations by one slot and by the
+    row stride, giant steps at any offsets) needs fewer rotations than the grid schedule,
+    and runs in SEAL within the predicted error of the plan's chain and with
+    onnxruntime's argmax, on one process and split over two."""
+    import onnx
+
+    import she.runtime.single
+
+    monkeypatch.setattr(she.runtime.single, "SPLIT_MIN_COST", 1)  # split even these small layers
+    path = tmp_path / "two_conv.onnx"
+    onnx.save(_two_conv_proto(), str(path))
+    plan = she.compile(she.load(str(path)), calibration=toy_calibration, packing="single")
+    conv = plan.layouts()[1]
+    schedule = conv.schedule
+    assert schedule.babies != tuple(range(len(schedule.babies)))  # rows, not one run
+    grid = min(layout.grid_schedule(conv.used, b).rotations(conv.fold_steps)
+               for b in range(1, conv.n_diagonals + 1))
+    assert conv.rotations < grid
+    assert {step for _, step in schedule.baby_steps} <= set(plan.rotation_steps())
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    reference = session.run(None, {session.get_inputs()[0].name: test_images[:2]})[0]
+    client = she.Client(plan.spec())
+    context = client.public_context()
+    for workers in (1, 2):
+        server = she.Server(plan, workers=workers)
+        assert server.engine.split[1] == (conv.split if workers == 2 else 0) and conv.split
+        keys = server.load_context(context)
+        for i, image in enumerate(test_images[:2]):
+            out = client.decrypt(server.evaluate(keys, client.encrypt(image[None])))
+            assert np.max(np.abs(out - plan.chain.run(image[None].reshape(1, -1)))) <= \
+                plan.predicted_error
+            assert out.argmax() == reference[i].argmax()

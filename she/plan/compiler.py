@@ -26,6 +26,7 @@ default only when that makes the ring smaller.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -469,30 +470,36 @@ def _with_data(matrix: sp.csr_matrix, data: np.ndarray) -> sp.csr_matrix:
     return sp.csr_matrix((data, matrix.indices.copy(), matrix.indptr.copy()), shape=matrix.shape)
 
 
-def quantise(matrix: np.ndarray | sp.spmatrix,
-             weight_bits: int) -> tuple[np.ndarray, int, np.ndarray]:
+def quantise(matrix: np.ndarray | sp.spmatrix, weight_bits: int,
+             max_shift: int | None = None) -> tuple[np.ndarray, int, np.ndarray]:
     """Integer weights ``W_int`` and shift ``f`` with ``W ~= W_int * 2^-f``.
 
     If the weights are exactly representable with at most ``weight_bits +``
     :data:`EXACT_EXTRA_BITS` bits below the largest (power-of-two or fixed-point weights)
-    the result is exact; otherwise the largest weight gets ``weight_bits`` bits. Returns
+    the result is exact; otherwise the largest weight gets ``weight_bits`` bits. With
+    ``max_shift``, ``f`` is at most that: weights that are not exact within it are rounded
+    to it (or to ``weight_bits +`` :data:`EXACT_EXTRA_BITS` bits if fewer). Returns
     ``(W_int, f, abs_error)``, sparse (of the same pattern) for a sparse ``matrix``.
     """
     if sp.issparse(matrix):
         matrix = sp.csr_matrix(matrix, copy=True)
         matrix.sum_duplicates()  # canonical: sorted indices, no duplicates
-        w_int, f, err = quantise(matrix.data, weight_bits)
+        w_int, f, err = quantise(matrix.data, weight_bits, max_shift)
         return _with_data(matrix, w_int), f, _with_data(matrix, err)
     amax = float(np.abs(matrix).max(initial=0.0))
     if amax == 0.0:
         return np.zeros(matrix.shape, dtype=np.int64), 0, np.zeros(matrix.shape)
     f_approx = weight_bits - 1 - math.floor(math.log2(amax))
+    most = f_approx + EXACT_EXTRA_BITS if max_shift is None else min(
+        f_approx + EXACT_EXTRA_BITS, max_shift)
     # Exact power-of-two / fixed-point weights may span a few more bits than weight_bits:
     # exactness is worth a larger shift (the kernel splits wide integers into digits).
-    for f in range(min(0, f_approx), f_approx + EXACT_EXTRA_BITS + 1):
+    for f in range(min(0, f_approx), most + 1):
         scaled = matrix * 2.0 ** f
         if np.array_equal(scaled, np.round(scaled)):
             return scaled.astype(np.int64), f, np.zeros(matrix.shape)
+    if max_shift is not None:  # as many bits as the cap allows (no more than exactness would)
+        f_approx = min(max(f_approx, most), max_shift)
     w_int = np.round(matrix * 2.0 ** f_approx)
     return w_int.astype(np.int64), f_approx, np.abs(matrix - w_int * 2.0 ** -f_approx)
 
@@ -592,8 +599,10 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
     if scale_bits is None and weight_bits is None:
         ladder = (SINGLE_PRECISION_LADDER if packing == "single" else
                   tuple((s, w, None) for s, w in PRECISION_LADDER))
+        fits = (True, False) if packing == "batch" else (False,)
     else:
         ladder = ((scale_bits or 26, weight_bits or 12, None),)
+        fits = (False,)
     chain = model if isinstance(model, Chain) else lower(model)
     if packing == "single":
         chain = _dense_chain(chain, "single packing")
@@ -610,11 +619,15 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
                 f"(input shape {chain.input_shape}), got array of shape {cal.shape}"
             )
         evaluated = chain.evaluate(cal.reshape(len(cal), -1))
-    for s_bits, w_bits, guard in ladder:
+    for (s_bits, w_bits, guard), fit in itertools.product(ladder, fits):
+        if fit and all(f <= _rescale_cap(s_bits)
+                       for _, f, _ in _quantised(chain, w_bits, None, memo)[:-1]):
+            continue  # every hidden layer's rescale fits one prime already
         try:
             plan = _compile_once(model, chain, scheme, packing, calibration, s_bits, w_bits,
                                  security, poly_modulus_degree, range_margin, name, layouts,
-                                 evaluated, skip_alignment, memo, guard_bits=guard)
+                                 evaluated, skip_alignment, memo, guard_bits=guard,
+                                 fit_rescale=fit)
             if circuit_privacy is not None:  # the output primes must also hold the flooding
                 from ..runtime.privacy import budget_flooding, flooding_headroom_bits
 
@@ -623,7 +636,7 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
                     plan = _compile_once(model, chain, scheme, packing, calibration, s_bits,
                                          w_bits, security, poly_modulus_degree, range_margin,
                                          name, layouts, evaluated, skip_alignment, memo, extra,
-                                         guard)
+                                         guard, fit)
                 budget_flooding(plan, circuit_privacy,
                                 None if evaluated is None else evaluated[1][-1])
         except ParameterError as exc:
@@ -681,7 +694,8 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
                   evaluated: tuple[list[np.ndarray], list[np.ndarray]] | None,
                   skip_alignment: str = "auto",
                   memo: dict[Any, Any] | None = None,
-                  extra_output_bits: int = 0, guard_bits: int | None = None) -> Plan:
+                  extra_output_bits: int = 0, guard_bits: int | None = None,
+                  fit_rescale: bool = False) -> Plan:
     """One rung of the precision ladder. ``layouts``: single packing's slot layouts by slot
     count (placed from the float weights, whose non-zero pattern holds that of any
     quantisation; filled on first use). ``evaluated``: :meth:`Chain.evaluate` of the
@@ -689,7 +703,11 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
     (the quantised weights per ``weight_bits``), filled on first use.
     ``extra_output_bits``: added to the output primes (room for noise flooding,
     :mod:`she.runtime.privacy`). ``guard_bits``: single packing's diagonal guard bits (default
-    :func:`encode_guard_bits`)."""
+    :func:`encode_guard_bits`). ``fit_rescale``: batch packing rounds the weights of every
+    hidden layer to at most the shift whose rescale fits one prime
+    (:data:`MAX_CT_PRIME_BITS`), instead of keeping exact weights that need two (fewer
+    primes: every square, key switch and kernel works on fewer limbs; the rounding is
+    counted in the predicted error like any weight quantisation)."""
     memo = {} if memo is None else memo
     if not 16 <= scale_bits <= 40:
         raise ParameterError(f"scale_bits={scale_bits} is outside the supported range 16..40")
@@ -721,10 +739,8 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
                                  [b[None] for b in bounds])
         notes.append("no calibration data: value ranges from interval arithmetic (pessimistic)")
 
-    if ("quantised", weight_bits) not in memo:
-        memo["quantised", weight_bits] = [quantise(layer.matrix, weight_bits)
-                                          for layer in chain.layers]
-    quantised = memo["quantised", weight_bits]
+    quantised = _quantised(chain, weight_bits, _rescale_cap(scale_bits) if fit_rescale else None,
+                           memo)
     y_out = float(bounds[-1].max(initial=0.0))
     max_prime = MAX_CT_PRIME_BITS - (KEYSWITCH_GUARD_BITS if packing == "single" else 0)
     # Depth of every layer's square (the output layer's: one more than the deepest source it
@@ -805,6 +821,23 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
     if calibration is not None:
         _check_argmax_margin(plan, acts[-1])
     return plan
+
+
+def _rescale_cap(scale_bits: int) -> int:
+    """Batch packing: the largest weight shift ``f`` whose rescale after the square
+    (``scale_bits + 2 f`` bits) fits one prime."""
+    return (MAX_CT_PRIME_BITS - scale_bits) // 2
+
+
+def _quantised(chain: Chain, weight_bits: int, cap: int | None,
+               memo: dict[Any, Any]) -> list[tuple[np.ndarray, int, np.ndarray]]:
+    """:func:`quantise` of every layer (hidden layers' shifts at most ``cap``), memoised."""
+    if ("quantised", weight_bits, cap) not in memo:
+        last = len(chain.layers) - 1
+        memo["quantised", weight_bits, cap] = [
+            quantise(layer.matrix, weight_bits, None if k == last else cap)
+            for k, layer in enumerate(chain.layers)]
+    return memo["quantised", weight_bits, cap]
 
 
 def _depth_shifts(needed: list[int], depths: list[int]) -> list[int]:

@@ -11,7 +11,7 @@ reports it for every setting it tries); wall-clock figures come from the benchma
   relinearise, rescale), and every layer is an integer product of its non-zero weights with
   the ciphertexts' coefficient arrays (:mod:`she.runtime.kernels`); the work is shared by all cores.
   The memory is :meth:`~she.plan.compiler.Plan.batch_memory_bytes`; the plan runs when the server
-  would accept it (:func:`she.runtime.engine.batch_memory_problem`).
+  would accept it (:func:`batch_memory_problem`).
 * Single packing (one sample per ciphertext): every multiplied diagonal is one
   ciphertext-plaintext product, every rotation one key switch, every hidden layer one square;
   counted as sequential work. The server keeps the encoded diagonals of every layer.
@@ -81,8 +81,6 @@ def _factor(ring: int, primes: int) -> float:
 def estimate(plan: Plan, cores: int | None = None) -> Estimate:
     """Predicted latency and memory of ``plan`` on a server with ``cores`` cores (default:
     this machine's), and whether this machine's server accepts it."""
-    from ..runtime.engine import batch_memory_problem
-
     ring = plan.params.poly_modulus_degree
     levels = plan.levels()
     if plan.packing == "batch":
@@ -106,3 +104,23 @@ def estimate(plan: Plan, cores: int | None = None) -> Estimate:
         if k < plan.squares:
             seconds += SQUARE_SECONDS * factor
     return Estimate("single", ring, plan.depth, diagonals * ring * 8, seconds, seconds)
+
+
+def batch_memory_problem(plan: Plan) -> str | None:
+    """Why one batch of ``plan`` does not fit this machine's memory (None when it does): the
+    check the server makes before running a plan, and the converter's search before choosing
+    a setting (:func:`estimate`)."""
+    need, have = plan.batch_memory_bytes(), _physical_memory()
+    if have and need > 0.6 * have:
+        return (f"one batch of this plan holds about {need / 2**30:.1f} GiB of ciphertexts, more "
+                f"than this machine's {have / 2**30:.1f} GiB allow; use single packing, or a "
+                "model whose activations act on fewer values (pool before the activation)")
+    return None
+
+
+def _physical_memory() -> int:
+    """Bytes of physical memory (0 if unknown)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0

@@ -8,9 +8,12 @@ that a slot rotation acts cyclically inside every period. A linear layer ``y = W
 
 * ``D = min(P_in, P_out)`` diagonals; ``diag_d[r] = W[r mod P_out, (r + d) mod P_in]``;
 * ``z = sum_d diag_d * rot(x, d)`` over the diagonals that are not zero, evaluated
-  baby-step giant-step: ``z = sum_j rot(sum_i rot(diag_{jb+i}, -jb) * rot(x, i), jb)``
-  (baby rotations by one slot each; Horner over the non-empty giant steps ``j`` only, each
-  jump made of power-of-two rotations; ``b`` is the power of two with fewest rotations);
+  baby-step giant-step: ``z = sum_g rot(sum_b rot(diag_{g+b}, -g) * rot(x, b), g)``
+  (Horner over the non-empty giant steps ``g`` only, each jump made of power-of-two
+  rotations or one with a key of its own; see :class:`Schedule`): babies ``b = 0 .. n - 1``
+  by one slot each and giant steps at multiples of one size (the *grid* schedule), or,
+  for diagonals in clusters at a regular stride, babies in rows (by one slot and by the
+  stride) and giant steps at any offsets (*row* schedules), whichever rotates least;
 * if ``P_out < P_in``: ``y = sum_t rot(z, t P_out)`` (``log2(P_in / P_out)`` rotations).
 
 Hidden units need not sit in their natural order: :mod:`she.plan.placement` chooses their
@@ -23,7 +26,8 @@ diagonals and the diagonal count drops ``R``-fold, for ``log2 R`` rotations that
 copies (see :class:`LayerLayout`).
 
 The result is ``y`` replicated with period ``P_out``: the layout the next layer expects.
-Every rotation step is a power of two, so the client generates a handful of Galois keys.
+Rotation steps are powers of two and the few steps that get a key of their own, so the
+client generates a handful of Galois keys.
 This module is pure numpy; :mod:`she.runtime.single` runs it in SEAL.
 """
 
@@ -81,9 +85,8 @@ class LayerLayout:
     ``in_pos`` / ``out_pos``: the slot position (inside the period) of every input / output
     unit; None keeps the natural order (the model's input and output, which the client sees).
     ``offsets``: the diagonals that are not zero (:func:`layouts` finds them); None means
-    all. Only they are multiplied, and the baby-step count is chosen for them: babies
-    ``0 .. n_babies - 1`` by rotations of one slot, and Horner steps over the non-empty
-    giant steps only, each jump made of power-of-two rotations.
+    all. Only they are multiplied, and the baby-step giant-step :attr:`schedule` is chosen
+    for them.
     """
 
     n_in: int
@@ -113,25 +116,18 @@ class LayerLayout:
         return np.arange(self.n_diagonals) if self.offsets is None else np.asarray(self.offsets)
 
     @cached_property
-    def baby(self) -> int:
-        """Giant-step size ``b``: the one with the fewest rotations. A power of two needs no
-        Galois key beyond the powers of two; any other size needs one of its own, so it must
-        save more than :data:`KEY_ROTATIONS` rotations (convolutions placed by
-        :mod:`she.plan.placement` have diagonals in clusters a few slots wide at a regular
-        stride, which a giant step of that stride covers)."""
-        return min(range(1, self.n_diagonals + 1),
-                   key=lambda b: (_schedule_rotations(self.used, b)
+    def schedule(self) -> Schedule:
+        """The baby-step giant-step schedule with the fewest rotations (a Galois key beyond
+        the powers of two counting :data:`KEY_ROTATIONS`): the grid one (babies ``0 ..
+        n - 1``, giant steps at multiples of one size, :func:`grid_schedule`) or, for
+        diagonals in clusters at a regular stride (a placed convolution: clusters of kernel
+        columns every input row), rows of babies (:func:`row_schedules`)."""
+        grid = min(range(1, self.n_diagonals + 1),
+                   key=lambda b: (_grid_rotations(self.used, b)
                                   + (KEY_ROTATIONS if b & (b - 1) else 0), b))
-
-    @cached_property
-    def n_babies(self) -> int:
-        """Rotations of the input by ``0 .. n_babies - 1`` slots that the products use."""
-        return _schedule(self.used, self.baby)[0]
-
-    @cached_property
-    def groups(self) -> list[int]:
-        """The non-empty giant steps ``j`` (diagonals ``j*b .. j*b + b - 1``), ascending."""
-        return _schedule(self.used, self.baby)[1]
+        candidates = [grid_schedule(self.used, grid)] + row_schedules(self.used)
+        return min(candidates, key=lambda s: s.rotations(self.fold_steps, self.split_of(s))
+                   + KEY_ROTATIONS * len(s.keys(self.split_of(s))))
 
     @property
     def fold_steps(self) -> list[int]:
@@ -143,59 +139,52 @@ class LayerLayout:
             s *= 2
         return steps
 
-    @cached_property
-    def split(self) -> int:
-        """Where two processes may share the giant steps: ``groups[split:]`` (about half of
-        the products) go to the second one, which then rotates its sum down by
-        ``groups[split] * b`` itself; 0 when there are fewer than two groups."""
-        if len(self.groups) < 2:
+    @staticmethod
+    def split_of(schedule: Schedule) -> int:
+        """Where two processes may share the giant steps of ``schedule``: ``giants[split:]``
+        (about half of the products) go to the second one, which then rotates its sum down
+        by ``giants[split]`` itself; 0 when there are fewer than two giant steps."""
+        if len(schedule.giants) < 2:
             return 0
-        per_group = np.bincount(self.used // self.baby)[self.groups]
-        upper = np.cumsum(per_group[::-1])
-        return len(self.groups) - max(1, min(int(np.searchsorted(upper, upper[-1] / 2)) + 1,
-                                             len(self.groups) - 1))
+        upper = np.cumsum((schedule.cells >= 0).sum(axis=1)[::-1])
+        return len(schedule.giants) - max(1, min(int(np.searchsorted(upper, upper[-1] / 2)) + 1,
+                                                 len(schedule.giants) - 1))
+
+    @property
+    def split(self) -> int:
+        """:meth:`split_of` this layout's schedule."""
+        return self.split_of(self.schedule)
 
     @cached_property
     def keys(self) -> frozenset[int]:
-        """Giant-step rotations that get a Galois key of their own (beyond the powers of
-        two): the giant-step size when it is not a power of two, and every jump of the
-        Horner sum that recurs often enough to save more than :data:`KEY_ROTATIONS`
-        rotations with one key."""
-        base = frozenset({self.baby} if self.baby & (self.baby - 1) else ())
-        jumps = _jumps(self.groups) + ([self.groups[self.split]] if self.split else [])
-        counts: dict[int, int] = {}
-        for jump in jumps:
-            counts[jump * self.baby] = counts.get(jump * self.baby, 0) + 1
-        return base | {step for step, m in counts.items()
-                       if m * (len(jump_steps(step, self.baby, base)) - 1) > KEY_ROTATIONS}
+        """Rotation steps that get a Galois key of their own (beyond the powers of two), see
+        :meth:`Schedule.keys`."""
+        return self.schedule.keys(self.split)
 
     def jump(self, step: int) -> list[int]:
         """The rotations that make a giant-step rotation by ``step``."""
-        return jump_steps(step, self.baby, self.keys)
+        return jump_steps(step, self.schedule.unit, self.keys)
 
     @property
     def rotation_steps(self) -> set[int]:
         """Distinct rotation steps (each needs one Galois key): powers of two and
         :attr:`keys`."""
-        steps = set(self.fold_steps)
-        if self.n_babies > 1:
-            steps.add(1)
-        jumps = _jumps(self.groups) + ([self.groups[self.split]] if self.split else [])
-        for jump in jumps:
-            steps.update(self.jump(jump * self.baby))
+        steps = set(self.fold_steps) | {step for _, step in self.schedule.baby_steps}
+        for jump in self.schedule.jumps(self.split):
+            steps.update(self.jump(jump))
         return steps
 
     @property
     def rotations(self) -> int:
         """Rotations one evaluation performs (without a split between processes)."""
-        return (self.n_babies - 1 + horner_rotations(self.groups, self.baby, self.keys)
-                + len(self.fold_steps))
+        return self.schedule.rotations(self.fold_steps, self.split)
 
     def diagonals(self, weights: np.ndarray) -> list[list[np.ndarray | None]]:
-        """The baby-step-ready diagonals: entry ``[g][i]`` (``g`` indexes :attr:`groups`,
-        ``i < n_babies``) is ``diag_{j*b+i}`` rotated by ``-j*b`` for ``j = groups[g]``, or
-        None where that diagonal is zero. Slot ``s`` of ``diag_d`` holds the weight that
-        joins the output at slot ``s`` to the input that a rotation by ``d`` brings to it.
+        """The baby-step-ready diagonals: entry ``[g][i]`` (``g`` indexes the schedule's
+        giant steps, ``i`` its babies) is ``diag_d`` for ``d = giants[g] + babies[i]``
+        rotated by ``-giants[g]``, or None where the schedule has no diagonal there or it is
+        zero. Slot ``s`` of ``diag_d`` holds the weight that joins the output at slot ``s``
+        to the input that a rotation by ``d`` brings to it.
         """
         w = np.asarray(weights, dtype=np.float64)
         if w.shape != (self.n_out, self.n_in):
@@ -204,15 +193,13 @@ class LayerLayout:
         padded[np.ix_(_positions(self.out_pos, self.n_out), _positions(self.in_pos, self.n_in))] = w
         rows = np.arange(self.slots) % max(self.p_in, self.p_out) % self.p_out
         columns = input_columns(self.n_in, self.slots, self.replicas, self.n_diagonals)
-        used = set(self.used.tolist())
         out: list[list[np.ndarray | None]] = []
-        for j in self.groups:
-            cells: list[np.ndarray | None] = []
-            for i in range(self.n_babies):
-                d = j * self.baby + i
-                diag = np.roll(padded[rows, np.roll(columns, -d)], j * self.baby) if d in used else None
-                cells.append(diag if diag is not None and diag.any() else None)
-            out.append(cells)
+        for giant, cells in zip(self.schedule.giants, self.schedule.cells, strict=True):
+            row: list[np.ndarray | None] = []
+            for d in cells.tolist():
+                diag = np.roll(padded[rows, np.roll(columns, -d)], giant) if d >= 0 else None
+                row.append(diag if diag is not None and diag.any() else None)
+            out.append(row)
         return out
 
     def place_output(self, values: np.ndarray) -> np.ndarray:
@@ -232,36 +219,146 @@ def power_of_two_steps(step: int) -> list[int]:
 
 
 @functools.lru_cache(maxsize=1 << 16)
-def jump_steps(step: int, baby: int, keys: frozenset[int] = frozenset()) -> list[int]:
-    """A giant-step rotation by ``step`` (a multiple of the giant-step size ``baby``) as the
-    fewest rotations: one if ``keys`` (extra Galois keys) hold ``step``, else by ``baby``
-    and by powers of two."""
+def jump_steps(step: int, unit: int, keys: frozenset[int] = frozenset()) -> list[int]:
+    """A giant-step rotation by ``step`` as the fewest rotations: one if ``keys`` (extra
+    Galois keys) hold ``step``, else by ``unit`` (the schedule's stride) and by powers of
+    two."""
     if step in keys:
         return [step]
-    return min(([baby] * m + power_of_two_steps(step - m * baby)
-                for m in range(min(step // baby, step.bit_count()) + 1)), key=len)
+    return min(([unit] * m + power_of_two_steps(step - m * unit)
+                for m in range(min(step // unit, step.bit_count()) + 1)), key=len)
 
 
-def _jumps(groups: list[int]) -> list[int]:
-    """Giant-step counts rotated in Horner form over ``groups``: between consecutive
-    non-empty groups (descending), then down to zero."""
-    return [hi - lo for hi, lo in zip(groups[:0:-1], groups[-2::-1], strict=True)] + groups[:1]
+def _jumps(giants: list[int]) -> list[int]:
+    """Rotations of a Horner sum over the giant steps ``giants`` (ascending offsets):
+    between consecutive ones (descending), then down to zero."""
+    return [hi - lo for hi, lo in zip(giants[:0:-1], giants[-2::-1], strict=True)] + giants[:1]
 
 
-def horner_rotations(groups: list[int], baby: int = 1, keys: frozenset[int] = frozenset()) -> int:
-    """Rotations of a Horner sum over the giant steps ``groups`` (ascending, of size
-    ``baby``), down to 0, with Galois keys for the powers of two and ``keys``."""
-    return sum(len(jump_steps(j * baby, baby, keys)) for j in _jumps(groups))
+def horner_rotations(giants: list[int], unit: int = 1, keys: frozenset[int] = frozenset()) -> int:
+    """Rotations of a Horner sum over the giant steps ``giants`` (ascending offsets), down
+    to 0, with Galois keys for the powers of two, ``unit`` and ``keys``."""
+    return sum(len(jump_steps(j, unit, keys)) for j in _jumps(giants))
 
 
-def _schedule(used: np.ndarray, baby: int) -> tuple[int, list[int]]:
+@dataclass(frozen=True, eq=False)
+class Schedule:
+    """Which rotations of the input (*babies*) and which giant steps compute
+    ``sum_d diag_d * rot(x, d)`` over the used diagonals: every used ``d`` is
+    ``giants[g] + babies[i]`` for exactly one cell ``cells[g, i] == d`` (-1: no diagonal),
+    and the sum is ``sum_g rot(sum_i rot(diag_{cells[g, i]}, -giants[g]) * baby_i,
+    giants[g])`` in Horner form over the giant steps.
+
+    ``baby_steps``: for ``babies[1:]``, the baby it is rotated from and the step (one
+    rotation each). Giant-step jumps are made of rotations by ``unit`` and powers of two,
+    or one rotation with a key of their own (:meth:`keys`).
+    """
+
+    babies: tuple[int, ...]
+    baby_steps: tuple[tuple[int, int], ...]
+    giants: tuple[int, ...]
+    cells: np.ndarray
+    unit: int
+
+    def jumps(self, split: int = 0) -> list[int]:
+        """The Horner sum's giant-step rotations (with ``split``: also the second process's
+        rotation of its sum down by ``giants[split]``)."""
+        return _jumps(list(self.giants)) + ([self.giants[split]] if split else [])
+
+    def keys(self, split: int = 0) -> frozenset[int]:
+        """Steps that get a Galois key of their own (beyond the powers of two): the baby
+        steps and ``unit`` that are not powers of two, and every giant-step jump that recurs
+        often enough to save more than :data:`KEY_ROTATIONS` rotations with one key."""
+        base = frozenset(s for s in {self.unit, *(step for _, step in self.baby_steps)}
+                         if s & (s - 1))
+        counts: dict[int, int] = {}
+        for jump in self.jumps(split):
+            counts[jump] = counts.get(jump, 0) + 1
+        return base | {step for step, m in counts.items()
+                       if m * (len(jump_steps(step, self.unit, base)) - 1) > KEY_ROTATIONS}
+
+    def rotations(self, fold_steps: list[int], split: int = 0) -> int:
+        """Rotations of one evaluation (without a split between processes)."""
+        return (len(self.babies) - 1
+                + horner_rotations(list(self.giants), self.unit, self.keys(split))
+                + len(fold_steps))
+
+
+def grid_schedule(used: np.ndarray, baby: int) -> Schedule:
+    """Babies ``0 .. n - 1`` (rotations by one slot each) and giant steps at the non-empty
+    multiples of ``baby``: diagonal ``d`` is giant ``d // baby``, baby ``d % baby``."""
+    n_babies, groups = _grid(used, baby)
+    cells = np.full((len(groups), n_babies), -1, dtype=np.int64)
+    index = {j: g for g, j in enumerate(groups)}
+    for d in used.tolist():
+        cells[index[d // baby], d % baby] = d
+    return Schedule(tuple(range(n_babies)), tuple((i, 1) for i in range(n_babies - 1)),
+                    tuple(j * baby for j in groups), cells, baby)
+
+
+#: Row schedules tried: strides (the commonest gaps between clusters of diagonals) and rows
+#: of babies at most.
+ROW_STRIDES, MAX_ROWS = 3, 8
+
+
+def row_schedules(used: np.ndarray) -> list[Schedule]:
+    """Schedules whose babies are ``rows`` rows of ``width`` consecutive offsets, ``stride``
+    apart (one rotation by one slot, or by the stride, each): for diagonals in clusters at
+    a regular stride (a placed convolution has a cluster of kernel columns every input row)
+    one giant step then covers several rows. The giant steps are chosen greedily (the offset
+    that covers most diagonals not yet covered, until all are); tried for the
+    :data:`ROW_STRIDES` commonest gaps between cluster starts, up to :data:`MAX_ROWS` rows."""
+    used = np.asarray(used, dtype=np.int64)
+    if len(used) < 4:
+        return []
+    starts = used[np.flatnonzero(np.diff(used, prepend=-2) != 1)]
+    if len(starts) < 3:
+        return []
+    gaps, counts = np.unique(np.diff(starts), return_counts=True)
+    widest = int(np.diff(np.append(np.flatnonzero(np.diff(used, prepend=-2) != 1), len(used))).max())
+    most = max(4, int(2 * math.sqrt(len(used))))  # babies: about as many as giant steps
+    out = []
+    for stride in gaps[np.argsort(-counts, kind="stable")][:ROW_STRIDES].tolist():
+        for width in range(1, min(stride, widest + 1) + 1):
+            for rows in range(2, min(MAX_ROWS, most // width) + 1):
+                out.append(_row_schedule(used, width, stride, rows))
+    return out
+
+
+def _row_schedule(used: np.ndarray, width: int, stride: int, rows: int) -> Schedule:
+    babies = [i + k * stride for k in range(rows) for i in range(width)]
+    # row 0 by one slot at a time; every later baby from the one a row above
+    steps = [(i - 1, 1) for i in range(1, width)] + [(b - width, stride)
+                                                     for b in range(width, len(babies))]
+    offsets = np.asarray(babies)
+    candidates = used[:, None] - offsets[None, :]  # the giant step each baby would need
+    candidates = np.where(candidates >= 0, candidates, -1)
+    left = np.ones(len(used), dtype=bool)
+    giants = []
+    while left.any():
+        values, counts = np.unique(candidates[left][candidates[left] >= 0], return_counts=True)
+        giant = int(values[np.argmax(counts)])
+        giants.append(giant)
+        left &= ~(candidates == giant).any(axis=1)
+    giants.sort()
+    index = {g: n for n, g in enumerate(giants)}
+    cells = np.full((len(giants), len(babies)), -1, dtype=np.int64)
+    for d, row in zip(used.tolist(), candidates.tolist(), strict=True):
+        # the first giant step (of those chosen) that covers d, with its baby
+        cells[min((index[g], b) for b, g in enumerate(row) if g in index)] = d
+    kept = (cells >= 0).any(axis=1)  # a giant step whose diagonals all went to others: none
+    return Schedule(tuple(babies), tuple(steps), tuple(np.asarray(giants)[kept].tolist()),
+                    cells[kept], stride)
+
+
+def _grid(used: np.ndarray, baby: int) -> tuple[int, list[int]]:
     """Baby count and non-empty giant steps (ascending) of diagonals ``used`` at size ``baby``."""
     return int((used % baby).max(initial=0)) + 1, sorted({int(d) for d in used // baby})
 
 
-def _schedule_rotations(used: np.ndarray, baby: int) -> int:
-    n_babies, groups = _schedule(used, baby)
-    return n_babies - 1 + horner_rotations(groups, baby)
+def _grid_rotations(used: np.ndarray, baby: int) -> int:
+    n_babies, groups = _grid(used, baby)
+    return n_babies - 1 + horner_rotations([j * baby for j in groups], baby)
 
 
 def layouts(weights: list[np.ndarray], slots: int,

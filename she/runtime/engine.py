@@ -50,13 +50,12 @@ from ..errors import FormatError, ParameterError
 from ..io import sealbytes
 from ..io.context import SealBridge
 from ..plan.compiler import Plan, PlanLayer
+from ..plan.estimate import batch_memory_problem
 from .kernels import LinearKernel, add_constant, add_constant_bfv
 
 T = TypeVar("T")
 #: Coefficients of every limb a worker multiplies at a time (bounds the kernels' temporaries).
 BLOCK_COEFFICIENTS = 2048
-#: Ciphertexts serialised for SEAL's squares at a time (bounds the scratch files).
-SQUARE_UNITS = 128
 
 #: What the forked workers need; set by the parent just before it forks.
 _JOB: dict[str, Any] = {}
@@ -312,32 +311,22 @@ class Engine:
                 rescales: int, times: float | None = None) -> tuple[np.ndarray, float]:
         """Square every ciphertext, relinearise, and drop ``rescales`` primes; with
         ``times``, multiply by that integer (an early rescale) instead of squaring. SEAL
-        reads and writes files, so the ciphertexts go through them :data:`SQUARE_UNITS` at
-        a time."""
-        level = bridge.levels[data.shape[2]]
+        reads and writes files, so each worker passes its ciphertexts through a file of its
+        own, one at a time, and writes the results into a shared mapping (the serialising
+        and copying run in the workers too, not one after the other in this process)."""
         out_level = bridge.levels[data.shape[2] - rescales]
-        out = np.empty((len(data), 2, out_level.limbs, out_level.poly_modulus_degree),
-                       dtype=np.uint64)
-        scale_out = scale
-        for start in range(0, len(data), SQUARE_UNITS):
-            units = range(start, min(start + SQUARE_UNITS, len(data)))
-            paths = [bridge.unit_path(i) for i in units]
-            for i, path in zip(units, paths, strict=True):
-                raw = sealbytes.RawCiphertext(data[i], scale, level.parms_id, level.ntt_form)
-                Path(path).write_bytes(sealbytes.serialize(raw))
-            _JOB.update(seal=bridge.seal, relin=relin, rescales=rescales,
-                        paths=paths, level=out_level, times=times)
-            workers = min(self.workers, len(paths))
-            try:
-                scale_out = _run_pool(workers, _square_chunk,
-                                      [range(i, len(paths), workers) for i in range(workers)])[0]
-            finally:
-                _JOB.clear()
-            for i, path in zip(units, paths, strict=True):
-                out[i] = np.fromfile(f"{path}.raw", dtype=np.uint64).reshape(out.shape[1:])
-                Path(path).unlink()  # shared memory: free it as soon as it is read
-                Path(f"{path}.raw").unlink()
-        return out, scale_out
+        out = _shared_zeros(bridge, "squares", (len(data), 2, out_level.limbs,
+                                                out_level.poly_modulus_degree))
+        workers = min(self.workers, len(data))
+        _JOB.update(bridge=bridge, relin=relin, rescales=rescales, data=data, scale=scale,
+                    level=bridge.levels[data.shape[2]], out_level=out_level, out=out,
+                    times=times)
+        try:
+            scales = _run_pool(workers, _square_chunk,
+                               [range(i, len(data), workers) for i in range(workers)])
+        finally:
+            _JOB.clear()
+        return out, scales[0]
 
 
 class _Pass:
@@ -400,18 +389,6 @@ def _chunks(shape: tuple[int, ...], units: int) -> list[np.ndarray]:
     return [np.arange(a, min(a + units, total)) for a in range(0, total, units)]
 
 
-def batch_memory_problem(plan: Plan) -> str | None:
-    """Why one batch of ``plan`` does not fit this machine's memory (None when it does): the
-    check the server makes before running a plan, and the converter's search before choosing
-    a setting (:mod:`she.plan.estimate`)."""
-    need, have = plan.batch_memory_bytes(), _physical_memory()
-    if have and need > 0.6 * have:
-        return (f"one batch of this plan holds about {need / 2**30:.1f} GiB of ciphertexts, more "
-                f"than this machine's {have / 2**30:.1f} GiB allow; use single packing, or a "
-                "model whose activations act on fewer values (pool before the activation)")
-    return None
-
-
 def _columns(weights: np.ndarray | sp.csr_matrix) -> np.ndarray:
     """The columns of ``weights`` holding a nonzero weight."""
     if sp.issparse(weights):
@@ -452,14 +429,6 @@ def _split(length: int, parts: int) -> list[range]:
     """``range(length)`` in ``parts`` contiguous ranges of about equal size."""
     bounds = np.linspace(0, length, parts + 1).astype(int)
     return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-
-
-def _physical_memory() -> int:
-    """Bytes of physical memory (0 if unknown)."""
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 0
 
 
 def _run_pool(workers: int, fn: Callable[[range], T], chunks: list[range]) -> list[T]:
@@ -516,24 +485,30 @@ def _reset_signals() -> None:
 
 def _square_chunk(indices: range) -> float:
     """Worker: square, relinearise (or multiply by ``times``) and rescale the ciphertexts at
-    ``indices`` (files)."""
-    seal, relin, paths = _JOB["seal"], _JOB["relin"], _JOB["paths"]
+    ``indices``, through a file in the bridge's (shared-memory) directory, into the shared
+    output; returns the scale of the results."""
+    bridge, relin, data, out = _JOB["bridge"], _JOB["relin"], _JOB["data"], _JOB["out"]
+    level, out_level, seal = _JOB["level"], _JOB["out_level"], bridge.seal
     evaluator = sealapi.Evaluator(seal)
+    path = Path(bridge.unit_path(f"square{indices.start}"))
     scale = 0.0
-    for i in indices:
-        ct = sealapi.Ciphertext(seal)
-        ct.load(seal, paths[i])
-        if _JOB["times"] is None:
-            evaluator.square_inplace(ct)
-            evaluator.relinearize_inplace(ct, relin)
-        else:  # the integer as a constant plaintext (SEAL encodes it exactly)
-            plain = sealapi.Plaintext()
-            sealapi.CKKSEncoder(seal).encode(1.0, ct.parms_id(), _JOB["times"], plain)
-            evaluator.multiply_plain_inplace(ct, plain)
-        for _ in range(_JOB["rescales"]):
-            evaluator.rescale_to_next_inplace(ct)
-        ct.save(paths[i])
-        raw = sealbytes.parse(Path(paths[i]).read_bytes(), _JOB["level"])
-        raw.data.tofile(f"{paths[i]}.raw")
-        scale = raw.scale
+    try:
+        for i in indices:
+            path.write_bytes(sealbytes.serialize(sealbytes.RawCiphertext(
+                data[i], _JOB["scale"], level.parms_id, level.ntt_form)))
+            ct = sealapi.Ciphertext(seal)
+            ct.load(seal, str(path))
+            if _JOB["times"] is None:
+                evaluator.square_inplace(ct)
+                evaluator.relinearize_inplace(ct, relin)
+            else:  # the integer as a constant plaintext (SEAL encodes it exactly)
+                plain = sealapi.Plaintext()
+                sealapi.CKKSEncoder(seal).encode(1.0, ct.parms_id(), _JOB["times"], plain)
+                evaluator.multiply_plain_inplace(ct, plain)
+            for _ in range(_JOB["rescales"]):
+                evaluator.rescale_to_next_inplace(ct)
+            ct.save(str(path))
+            scale = sealbytes.parse(path.read_bytes(), out_level, out=out[i]).scale
+    finally:
+        path.unlink(missing_ok=True)
     return scale

@@ -83,6 +83,8 @@ class SingleEngine:
         #: The last layer that reads every source (its ciphertext is dropped after it).
         self._last_reader = {s: k for k, layer in enumerate(plan.layers) for s in layer.sources}
         self._plain: list[list[list[sealapi.Plaintext | None]]] | None = None
+        #: Encoded biases by layer, level and scale (see :meth:`_bias`).
+        self._bias_plain: dict[tuple[int, tuple[int, ...], float], sealapi.Plaintext] = {}
         self._lock = threading.Lock()
 
     def _encode_diagonals(self, seal: sealapi.SEALContext) -> list[list[list[sealapi.Plaintext | None]]]:
@@ -112,6 +114,19 @@ class SingleEngine:
                 self._plain = encoded
                 self._diagonals = []  # the encoded form is all that is needed from now on
             return self._plain
+
+    def _bias(self, encoder: sealapi.CKKSEncoder, k: int,
+              ct: sealapi.Ciphertext) -> sealapi.Plaintext:
+        """Layer ``k``'s bias encoded at ``ct``'s level and scale (the same for every
+        request of a plan: encoded once)."""
+        key = (k, tuple(ct.parms_id()), ct.scale)
+        with self._lock:
+            plain = self._bias_plain.get(key)
+            if plain is None:
+                plain = sealapi.Plaintext()
+                encoder.encode(self._biases[k].tolist(), ct.parms_id(), ct.scale, plain)
+                self._bias_plain[key] = plain
+            return plain
 
     def run(self, ctx: ts.Context, relin: sealapi.RelinKeys, galois: sealapi.GaloisKeys,
             ct: sealapi.Ciphertext) -> sealapi.Ciphertext:
@@ -147,9 +162,7 @@ class SingleEngine:
                 raise ParameterError(f"layer {k}: every weight encodes to zero at its scale")
             for _ in range(layer.product_primes):
                 evaluator.rescale_to_next_inplace(ct)
-            bias = sealapi.Plaintext()
-            encoder.encode(self._biases[k].tolist(), ct.parms_id(), ct.scale, bias)
-            evaluator.add_plain_inplace(ct, bias)
+            evaluator.add_plain_inplace(ct, self._bias(encoder, k, ct))
             if k < self.plan.squares:
                 evaluator.square_inplace(ct)
                 evaluator.relinearize_inplace(ct, relin)
@@ -164,26 +177,27 @@ def _diagonal_product(evaluator: sealapi.Evaluator, galois: sealapi.GaloisKeys,
                       lay: layout.LayerLayout, plain: list[list[sealapi.Plaintext | None]],
                       x: sealapi.Ciphertext, seal: sealapi.SEALContext,
                       split: int = 0) -> sealapi.Ciphertext | None:
-    """``sum_d diag_d * rot(x, d)`` baby-step giant-step, then the hybrid fold (None if
-    every diagonal is zero). With ``split`` > 0, a forked process sums the giant steps
-    ``groups[split:]``."""
+    """``sum_d diag_d * rot(x, d)`` baby-step giant-step (:class:`~she.plan.layout.Schedule`),
+    then the hybrid fold (None if every diagonal is zero). With ``split`` > 0, a forked
+    process sums the giant steps ``giants[split:]``."""
+    schedule = lay.schedule
     babies = [x]
-    for _ in range(1, lay.n_babies):
+    for source, step in schedule.baby_steps:
         nxt = sealapi.Ciphertext()
-        evaluator.rotate_vector(babies[-1], 1, galois, nxt)
+        evaluator.rotate_vector(babies[source], step, galois, nxt)
         babies.append(nxt)
-    groups = lay.groups
+    giants = list(schedule.giants)
     if split:
-        upper = _in_child(seal, lambda: _horner(evaluator, galois, lay, groups[split:],
+        upper = _in_child(seal, lambda: _horner(evaluator, galois, lay, giants[split:],
                                                 plain[split:], babies))
         try:
-            acc = _horner(evaluator, galois, lay, groups[:split], plain[:split], babies)
+            acc = _horner(evaluator, galois, lay, giants[:split], plain[:split], babies)
         finally:
             joined = upper.result()  # always reap the child
         if joined is not None:
             acc = joined if acc is None else _added(evaluator, acc, joined)
     else:
-        acc = _horner(evaluator, galois, lay, groups, plain, babies)
+        acc = _horner(evaluator, galois, lay, giants, plain, babies)
     if acc is None:
         return None
     for step in lay.fold_steps:
@@ -194,25 +208,24 @@ def _diagonal_product(evaluator: sealapi.Evaluator, galois: sealapi.GaloisKeys,
 
 
 def _horner(evaluator: sealapi.Evaluator, galois: sealapi.GaloisKeys, lay: layout.LayerLayout,
-            groups: list[int], plain: list[list[sealapi.Plaintext | None]],
+            giants: list[int], plain: list[list[sealapi.Plaintext | None]],
             babies: list[sealapi.Ciphertext]) -> sealapi.Ciphertext | None:
-    """``sum_g rot(sum_i diag_gi * baby_i, groups[g] * b)`` in Horner form (descending, each
+    """``sum_g rot(sum_i diag_gi * baby_i, giants[g])`` in Horner form (descending, each
     jump made of :meth:`~she.plan.layout.LayerLayout.jump`); None if every diagonal is zero."""
-    baby = lay.baby
     acc: sealapi.Ciphertext | None = None
     at = 0  # the giant step acc is rotated to
-    for j, row in zip(reversed(groups), reversed(plain), strict=True):
+    for giant, row in zip(reversed(giants), reversed(plain), strict=True):
         if acc is not None:
-            _rotate(evaluator, acc, lay.jump((at - j) * baby), galois)
+            _rotate(evaluator, acc, lay.jump(at - giant), galois)
         for i, diag in enumerate(row):
             if diag is None:
                 continue
             term = sealapi.Ciphertext()
             evaluator.multiply_plain(babies[i], diag, term)
             acc = term if acc is None else _added(evaluator, acc, term)
-        at = j
+        at = giant
     if acc is not None:
-        _rotate(evaluator, acc, lay.jump(at * baby), galois)
+        _rotate(evaluator, acc, lay.jump(at), galois)
     return acc
 
 
@@ -226,9 +239,10 @@ def _upper_cost(lay: layout.LayerLayout) -> int:
     """Cost of the split-off giant steps in products (0 if the layer cannot be split)."""
     if not lay.split:
         return 0
-    upper = lay.groups[lay.split:]
-    products = int(np.count_nonzero(lay.used // lay.baby >= upper[0]))
-    return products + layout.ROTATION_COST * layout.horner_rotations(upper, lay.baby, lay.keys)
+    schedule = lay.schedule
+    products = int(np.count_nonzero(schedule.cells[lay.split:] >= 0))
+    return products + layout.ROTATION_COST * layout.horner_rotations(
+        list(schedule.giants[lay.split:]), schedule.unit, lay.keys)
 
 
 def _added(evaluator: sealapi.Evaluator, acc: sealapi.Ciphertext,

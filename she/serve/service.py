@@ -43,7 +43,7 @@ from starlette.concurrency import run_in_threadpool
 from .. import __version__
 from ..errors import ParameterError, SecurityError, SheError
 from ..io.context import MAX_CONTEXT_BYTES
-from ..runtime.engine import _physical_memory
+from ..plan.estimate import _physical_memory
 from ..server import EvaluationKeys, Server
 from .slow_clients import HEADER_TIMEOUT, header_timeout_protocol
 from .workers import Busy, WorkerDied, WorkerPool, WorkerTimeout
