@@ -603,7 +603,7 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
     else:
         ladder = ((scale_bits or 26, weight_bits or 12, None),)
         fits = (False,)
-    chain = model if isinstance(model, Chain) else lower(model)
+    chain = fold_constant_units(model if isinstance(model, Chain) else lower(model))
     if packing == "single":
         chain = _dense_chain(chain, "single packing")
     failure: ParameterError | None = None
@@ -649,6 +649,41 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
         assert failure is not None
         raise failure
     return _with_tail(best, model)
+
+
+def fold_constant_units(chain: Chain) -> Chain:
+    """``chain`` with the squares of its *constant* units folded into the layers that read
+    them: a hidden unit whose weights are all zero (a pruned unit or channel, a convolution
+    output that sees only padding) has no encrypted input, its value is its bias, and its
+    ciphertext would be transparent, which SEAL refuses to square. Its (public) square is
+    added to the biases of every later layer that reads it and its columns there are zeroed,
+    so no layer reads it any more (the engines leave such squares out); units that read
+    only constant units become constant in turn, layer by layer. The function computed is
+    the same. Returns ``chain`` itself when it has no constant unit."""
+    layers = list(chain.layers)
+    sizes = chain.source_sizes
+    for k in range(len(layers) - 1):
+        constant = np.flatnonzero(np.asarray(abs(layers[k].matrix).sum(axis=1)).ravel() == 0)
+        if not len(constant):
+            continue
+        squares = layers[k].bias[constant] ** 2
+        for i in range(k + 1, len(layers)):
+            layer = layers[i]
+            if k + 1 not in layer.sources:
+                continue
+            columns = sum(sizes[s] for s in layer.sources if s < k + 1) + constant
+            bias = layer.bias + np.asarray(layer.matrix[:, columns] @ squares).ravel()
+            keep = np.ones(layer.n_in)
+            keep[columns] = 0.0
+            if sp.issparse(layer.matrix):
+                matrix = sp.csr_matrix(layer.matrix @ sp.diags(keep))
+                matrix.eliminate_zeros()
+            else:
+                matrix = layer.matrix * keep
+            layers[i] = Affine(matrix, bias, layer.out_shape, layer.sources)
+    if all(a is b for a, b in zip(layers, chain.layers, strict=True)):
+        return chain
+    return Chain(layers, chain.input_shape)
 
 
 def _with_tail(plan: Plan, model: Model | Chain) -> Plan:
@@ -968,7 +1003,8 @@ def _compile_bfv(model: Model | Chain, packing: str, calibration: np.ndarray | N
         raise ParameterError("BFV runs in batch packing only; use scheme='ckks' for single packing")
     if security not in MAX_MODULUS_BITS:
         raise ParameterError(f"security level {security} is not allowed: use 128, 192 or 256")
-    chain = _dense_chain(model if isinstance(model, Chain) else lower(model), "BFV")
+    chain = _dense_chain(fold_constant_units(model if isinstance(model, Chain) else lower(model)),
+                         "BFV")
     input_range = model.input_range if isinstance(model, Model) else (0.0, 1.0)
     q = bfv.plan_parameters(chain, input_range, input_bits=input_bits, weight_bits=weight_bits,
                             security=security, poly_modulus_degree=poly_modulus_degree,

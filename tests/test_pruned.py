@@ -1,0 +1,98 @@
+"""Models with units that have no encrypted input: a pruned output channel (all-zero weights,
+non-zero bias), a 1x1 convolution with padding whose border outputs see only padding, and a
+channel that reads only the pruned one. Their ciphertexts would be transparent (SEAL refuses
+to square them: every request failed); the compiler folds their public squares into the
+biases of their readers, and the encrypted results match onnxruntime on real MNIST images."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from conftest import _small_mnist
+from onnx import TensorProto, helper, numpy_helper
+
+import she
+from she.frontend.lowering import lower
+from she.plan.compiler import fold_constant_units
+
+
+def _features(x: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray,
+              b2: np.ndarray) -> np.ndarray:
+    """The squared outputs of the two convolutions (3x3 pad 1, then 1x1 pad 1), flattened."""
+    padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    h1 = np.stack([sum(padded[:, 0, i:i + 7, j:j + 7] * w1[c, 0, i, j]
+                       for i in range(3) for j in range(3)) + b1[c] for c in range(3)], 1)
+    s1 = np.pad(h1 ** 2, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    h2 = np.einsum("dc,nchw->ndhw", w2[:, :, 0, 0], s1) + b2[None, :, None, None]
+    return (h2 ** 2).reshape(len(x), -1)
+
+
+@pytest.fixture(scope="module")
+def pruned(mnist_dir, tmp_path_factory):
+    """7x7 MNIST -> Conv(1->3, 3x3, p1; channel 1 pruned) -> x^2 -> Conv(3->2, 1x1, p1;
+    channel 1 reads only the pruned channel) -> x^2 -> Gemm(162->10, least squares)."""
+    x, y = _small_mnist(mnist_dir, "train", 3000)
+    rng = np.random.default_rng(3)
+    w1 = rng.normal(0, 0.3, (3, 1, 3, 3))
+    w1[1] = 0.0  # pruned output channel
+    b1 = np.array([0.1, 0.6, -0.2])
+    w2 = np.array([[0.8, 0.5, -0.6], [0.0, 0.7, 0.0]]).reshape(2, 3, 1, 1)
+    b2 = np.array([0.05, -0.1])
+    feats = np.hstack([_features(x, w1, b1, w2, b2), np.ones((len(x), 1))])
+    readout = np.linalg.solve(feats.T @ feats + 10.0 * np.eye(feats.shape[1]),
+                              feats.T @ np.eye(10)[y])  # ridge: moderate weights
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in
+             (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2), ("w3", readout[:-1].T),
+              ("b3", readout[-1]))]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["input", "w1", "b1"], ["h1"], kernel_shape=[3, 3],
+                          pads=[1, 1, 1, 1]),
+         helper.make_node("Mul", ["h1", "h1"], ["s1"]),
+         helper.make_node("Conv", ["s1", "w2", "b2"], ["h2"], kernel_shape=[1, 1],
+                          pads=[1, 1, 1, 1]),
+         helper.make_node("Mul", ["h2", "h2"], ["s2"]),
+         helper.make_node("Flatten", ["s2"], ["f"]),
+         helper.make_node("Gemm", ["f", "w3", "b3"], ["logits"], transB=1)],
+        "pruned", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 7, 7])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    proto.metadata_props.add(key="she.input_range", value="0,1")
+    path = tmp_path_factory.mktemp("pruned") / "pruned.onnx"
+    onnx.save(proto, path)
+    x_test, _ = _small_mnist(mnist_dir, "test", 32)
+    return she.load(path), x[:300], x_test
+
+
+def test_constant_units_are_folded_into_their_readers(pruned):
+    """Every unit with no encrypted input (the pruned channel; the second convolution's
+    border and its channel reading only the pruned one) loses its columns in the layers
+    that read it, and the folded chain computes the same function."""
+    model, _, x = pruned
+    chain = lower(model)
+    folded = fold_constant_units(chain)
+    zero_rows = [np.flatnonzero(np.asarray(abs(layer.matrix).sum(axis=1)).ravel() == 0)
+                 for layer in folded.layers]
+    assert len(zero_rows[0]) == 49  # channel 1 of the first convolution
+    assert len(zero_rows[1]) == 2 * 81 - 49  # channel 1 whole, channel 0's border
+    for k, rows in enumerate(zero_rows[:-1]):  # no later layer reads them
+        assert not np.asarray(abs(folded.layers[k + 1].matrix)[:, rows].sum()).any()
+    assert len(np.flatnonzero(np.asarray(abs(chain.layers[1].matrix).sum(axis=1)).ravel()
+                              == 0)) == 2 * 81 - 49 - 49  # the border, before folding
+    flat = x.reshape(len(x), -1).astype(np.float64)
+    assert np.allclose(folded.run(flat), chain.run(flat), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("packing", ["batch", "single"])
+def test_a_model_with_constant_units_runs_encrypted(pruned, packing):
+    """Encrypted (batch: every unit its own ciphertext; single: one slot each) on real MNIST
+    images: every class equals onnxruntime's, every logit within the predicted error."""
+    model, calibration, x = pruned
+    plan = she.compile(model, calibration=calibration, packing=packing)
+    server, client = she.Server(plan, workers=1), she.Client(plan.spec())
+    keys = server.load_context(client.public_context())
+    x = x[:plan.batch_capacity]  # single packing: one image per request
+    out = client.decrypt(server.evaluate(keys, client.encrypt(x)))
+    reference = model.run_plain(x)
+    assert np.abs(out - reference).max() <= plan.predicted_error
+    assert np.array_equal(out.argmax(1), reference.argmax(1))
