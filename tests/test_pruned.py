@@ -13,7 +13,7 @@ from conftest import _small_mnist
 from onnx import TensorProto, helper, numpy_helper
 
 import she
-from she.frontend.lowering import lower
+from she.frontend.lowering import Affine, Chain, lower
 from she.plan.compiler import fold_constant_units
 
 
@@ -94,5 +94,44 @@ def test_a_model_with_constant_units_runs_encrypted(pruned, packing):
     x = x[:plan.batch_capacity]  # single packing: one image per request
     out = client.decrypt(server.evaluate(keys, client.encrypt(x)))
     reference = model.run_plain(x)
+    assert np.abs(out - reference).max() <= plan.predicted_error
+    assert np.array_equal(out.argmax(1), reference.argmax(1))
+
+
+def test_bfv_decrypts_to_the_folded_quantised_model_exactly(pruned):
+    """BFV (batch packing) builds its quantised model from the folded chain: the decrypted
+    results equal that integer model, bit for bit."""
+    model, calibration, x = pruned
+    plan = she.compile(model, calibration=calibration, scheme="bfv", input_bits=4, weight_bits=4)
+    server, client = she.Server(plan, workers=1), she.Client(plan.spec())
+    keys = server.load_context(client.public_context())
+    out = client.decrypt(server.evaluate(keys, client.encrypt(x[:8])))
+    exact = plan.run_integers(plan.quantise_inputs(x[:8])) / plan.output_scale()
+    assert np.array_equal(out, exact)
+
+
+def test_early_rescaled_terms_of_units_that_do_not_read_the_input(mnist_dir):
+    """A layer that concatenates a squared branch and a linear skip of the input, its skip
+    terms rescaled early (``skip_alignment="rescale"``): the branch's units read no input,
+    so their skip term is a zero ciphertext, which SEAL refuses to multiply (every request
+    failed); its product is zero and is left out. Results match the float model."""
+    x, y = _small_mnist(mnist_dir, "train", 2000)
+    flat = x.reshape(len(x), -1).astype(np.float64)
+    rng = np.random.default_rng(5)
+    w0, b0 = rng.normal(0, 0.3, (8, 49)), rng.normal(0, 0.2, 8)
+    feats = np.hstack([(flat @ w0.T + b0) ** 2, flat, np.ones((len(flat), 1))])
+    readout = np.linalg.solve(feats.T @ feats + 10.0 * np.eye(feats.shape[1]),
+                              feats.T @ np.eye(10)[y])
+    matrix = np.zeros((10, 49 + 8))  # columns: the input, then the square of layer 0
+    matrix[:5, 49:] = readout[:8, :5].T  # classes 0-4 from the squared branch only
+    matrix[5:, :49] = readout[8:57, 5:].T  # classes 5-9 from the input only
+    chain = Chain([Affine(w0, b0, (8,)), Affine(matrix, readout[-1], (10,), (0, 1))], (1, 7, 7))
+    plan = she.compile(chain, calibration=x[:300], skip_alignment="rescale")
+    assert plan.layers[1].early_sources == (0,)
+    server, client = she.Server(plan, workers=1), she.Client(plan.spec())
+    keys = server.load_context(client.public_context())
+    x_test, _ = _small_mnist(mnist_dir, "test", 16)
+    out = client.decrypt(server.evaluate(keys, client.encrypt(x_test)))
+    reference = chain.run(x_test.reshape(len(x_test), -1).astype(np.float64))
     assert np.abs(out - reference).max() <= plan.predicted_error
     assert np.array_equal(out.argmax(1), reference.argmax(1))
