@@ -28,14 +28,14 @@ def _features(x: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray,
     return (h2 ** 2).reshape(len(x), -1)
 
 
-@pytest.fixture(scope="module")
-def pruned(mnist_dir, tmp_path_factory):
-    """7x7 MNIST -> Conv(1->3, 3x3, p1; channel 1 pruned) -> x^2 -> Conv(3->2, 1x1, p1;
-    channel 1 reads only the pruned channel) -> x^2 -> Gemm(162->10, least squares)."""
+def _pruned_model(mnist_dir, path, pruned: float = 0.0):
+    """7x7 MNIST -> Conv(1->3, 3x3, p1; channel 1 pruned: its weights ``pruned`` times the
+    others') -> x^2 -> Conv(3->2, 1x1, p1; channel 1 reads only the pruned channel) -> x^2
+    -> Gemm(162->10, ridge regression on MNIST training images)."""
     x, y = _small_mnist(mnist_dir, "train", 3000)
     rng = np.random.default_rng(3)
     w1 = rng.normal(0, 0.3, (3, 1, 3, 3))
-    w1[1] = 0.0  # pruned output channel
+    w1[1] *= pruned
     b1 = np.array([0.1, 0.6, -0.2])
     w2 = np.array([[0.8, 0.5, -0.6], [0.0, 0.7, 0.0]]).reshape(2, 3, 1, 1)
     b2 = np.array([0.05, -0.1])
@@ -58,10 +58,14 @@ def pruned(mnist_dir, tmp_path_factory):
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     proto.metadata_props.add(key="she.input_range", value="0,1")
-    path = tmp_path_factory.mktemp("pruned") / "pruned.onnx"
     onnx.save(proto, path)
     x_test, _ = _small_mnist(mnist_dir, "test", 32)
     return she.load(path), x[:300], x_test
+
+
+@pytest.fixture(scope="module")
+def pruned(mnist_dir, tmp_path_factory):
+    return _pruned_model(mnist_dir, tmp_path_factory.mktemp("pruned") / "pruned.onnx")
 
 
 def test_constant_units_are_folded_into_their_readers(pruned):
@@ -98,11 +102,15 @@ def test_a_model_with_constant_units_runs_encrypted(pruned, packing):
     assert np.array_equal(out.argmax(1), reference.argmax(1))
 
 
-def test_bfv_decrypts_to_the_folded_quantised_model_exactly(pruned):
-    """BFV (batch packing) builds its quantised model from the folded chain: the decrypted
-    results equal that integer model, bit for bit."""
-    model, calibration, x = pruned
+@pytest.mark.parametrize("pruned_weights", [0.0, 1e-3])
+def test_bfv_decrypts_to_the_folded_quantised_model_exactly(mnist_dir, tmp_path, pruned_weights):
+    """BFV (batch packing) builds its quantised model from the folded chain, and folds the
+    units whose weights round to zero in 4 bits (a channel with weights 1000 times smaller
+    than the others') the same way in integers: the decrypted results equal that integer
+    model, bit for bit."""
+    model, calibration, x = _pruned_model(mnist_dir, tmp_path / "m.onnx", pruned_weights)
     plan = she.compile(model, calibration=calibration, scheme="bfv", input_bits=4, weight_bits=4)
+    assert not plan.layers[0].weights[49:98].any()  # channel 1 of the first convolution
     server, client = she.Server(plan, workers=1), she.Client(plan.spec())
     keys = server.load_context(client.public_context())
     out = client.decrypt(server.evaluate(keys, client.encrypt(x[:8])))

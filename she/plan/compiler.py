@@ -996,6 +996,18 @@ def _ring_for(total_bits: int, security: int, chain: Chain, scale_bits: int) -> 
             "activations on the longest path) or the scale") from None
 
 
+def _fold_vanished_units(weights: list[np.ndarray], biases: list[np.ndarray]) -> None:
+    """BFV: :func:`fold_constant_units` on the integer model (a chain), in place, for the
+    units whose weights all round to zero (the folded chain has none with zero real
+    weights): a unit's integer value is then its integer bias, whose square goes exactly
+    into the next layer's integer biases (the function and its bounds are unchanged)."""
+    for k in range(len(weights) - 1):
+        constant = np.flatnonzero(~weights[k].any(axis=1))
+        if len(constant):
+            biases[k + 1] += weights[k + 1][:, constant] @ biases[k][constant] ** 2
+            weights[k + 1][:, constant] = 0
+
+
 def _compile_bfv(model: Model | Chain, packing: str, calibration: np.ndarray | None,
                  input_bits: int, weight_bits: int, security: int,
                  poly_modulus_degree: int | None, name: str | None) -> Plan:
@@ -1015,6 +1027,7 @@ def _compile_bfv(model: Model | Chain, packing: str, calibration: np.ndarray | N
               for layer, w, f, b, bound, scale in zip(chain.layers, q["weights"], q["shifts"],
                                                       q["biases"], q["bounds"], q["scales"],
                                                       strict=True)]
+    _fold_vanished_units(q["weights"], q["biases"])  # the layers' arrays, errors measured
     notes = [f"BFV: inputs quantised to {input_bits} bits, weights to {weight_bits} bits; the "
              f"{q['params'].plain_modulus.bit_length()}-bit plaintext modulus holds every value "
              "for any input in the declared range, so decryption equals the quantised model exactly"]
