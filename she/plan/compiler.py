@@ -673,17 +673,24 @@ def fold_constant_units(chain: Chain) -> Chain:
                 continue
             columns = sum(sizes[s] for s in layer.sources if s < k + 1) + constant
             bias = layer.bias + np.asarray(layer.matrix[:, columns] @ squares).ravel()
-            keep = np.ones(layer.n_in)
-            keep[columns] = 0.0
-            if sp.issparse(layer.matrix):
-                matrix = sp.csr_matrix(layer.matrix @ sp.diags(keep))
-                matrix.eliminate_zeros()
-            else:
-                matrix = layer.matrix * keep
-            layers[i] = Affine(matrix, bias, layer.out_shape, layer.sources)
+            layers[i] = Affine(_without_columns(layer.matrix, columns), bias, layer.out_shape,
+                               layer.sources)
     if all(a is b for a, b in zip(layers, chain.layers, strict=True)):
         return chain
     return Chain(layers, chain.input_shape)
+
+
+def _without_columns(matrix: np.ndarray | sp.spmatrix, columns: np.ndarray
+                     ) -> np.ndarray | sp.csr_matrix:
+    """A copy of ``matrix`` (of the same type and dtype) with ``columns`` zero."""
+    if not sp.issparse(matrix):
+        matrix = matrix.copy()
+        matrix[:, columns] = 0
+        return matrix
+    matrix = sp.csr_matrix(matrix, copy=True)
+    matrix.data[np.isin(matrix.indices, columns)] = 0
+    matrix.eliminate_zeros()
+    return matrix
 
 
 def _with_tail(plan: Plan, model: Model | Chain) -> Plan:
@@ -843,6 +850,8 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
     plan = Plan(model_name, scheme, packing, chain.input_shape, params, 2.0 ** scale_bits,
                 layers, 0.0, chain, calibrated=calibration is not None, notes=notes)
     effective = _align(plan, quantised)
+    if packing == "batch":
+        _fold_vanished_units(plan, effective)
     if packing == "single":
         if params.slots not in layouts:  # refuses layers wider than a ciphertext
             layouts[params.slots] = layout.layouts([layer.matrix for layer in chain.layers],
@@ -996,7 +1005,28 @@ def _ring_for(total_bits: int, security: int, chain: Chain, scale_bits: int) -> 
             "activations on the longest path) or the scale") from None
 
 
-def _fold_vanished_units(weights: list[np.ndarray], biases: list[np.ndarray]) -> None:
+def _fold_vanished_units(plan: Plan, effective: list[tuple[np.ndarray | sp.spmatrix, Any]]
+                         ) -> None:
+    """Batch packing: :func:`fold_constant_units` for the hidden units whose integer weights
+    all round to zero (the folded chain has none with zero real weights), in place. Such a
+    unit's value is its bias; its square, through the reader's ``effective`` real weights,
+    goes into the reader's bias, and its integer columns there become zero. ``effective``
+    (the quantised model the error model measures) is unchanged: it computes the same."""
+    sizes = plan.chain.source_sizes
+    for k, layer in enumerate(plan.layers[:-1]):
+        constant = np.flatnonzero(np.asarray(abs(layer.weights).sum(axis=1)).ravel() == 0)
+        if not len(constant):
+            continue
+        squares = layer.bias[constant] ** 2
+        for i, reader in enumerate(plan.layers):
+            if k + 1 not in reader.sources:
+                continue
+            columns = sum(sizes[s] for s in reader.sources if s < k + 1) + constant
+            reader.bias = reader.bias + np.asarray(effective[i][0][:, columns] @ squares).ravel()
+            reader.weights = _without_columns(reader.weights, columns)
+
+
+def _fold_vanished_integer_units(weights: list[np.ndarray], biases: list[np.ndarray]) -> None:
     """BFV: :func:`fold_constant_units` on the integer model (a chain), in place, for the
     units whose weights all round to zero (the folded chain has none with zero real
     weights): a unit's integer value is then its integer bias, whose square goes exactly
@@ -1005,7 +1035,7 @@ def _fold_vanished_units(weights: list[np.ndarray], biases: list[np.ndarray]) ->
         constant = np.flatnonzero(~weights[k].any(axis=1))
         if len(constant):
             biases[k + 1] += weights[k + 1][:, constant] @ biases[k][constant] ** 2
-            weights[k + 1][:, constant] = 0
+            weights[k + 1][:, constant] = 0  # in place: the plan's layers hold these arrays
 
 
 def _compile_bfv(model: Model | Chain, packing: str, calibration: np.ndarray | None,
@@ -1027,7 +1057,7 @@ def _compile_bfv(model: Model | Chain, packing: str, calibration: np.ndarray | N
               for layer, w, f, b, bound, scale in zip(chain.layers, q["weights"], q["shifts"],
                                                       q["biases"], q["bounds"], q["scales"],
                                                       strict=True)]
-    _fold_vanished_units(q["weights"], q["biases"])  # the layers' arrays, errors measured
+    _fold_vanished_integer_units(q["weights"], q["biases"])  # the layers' arrays, errors measured
     notes = [f"BFV: inputs quantised to {input_bits} bits, weights to {weight_bits} bits; the "
              f"{q['params'].plain_modulus.bit_length()}-bit plaintext modulus holds every value "
              "for any input in the declared range, so decryption equals the quantised model exactly"]
