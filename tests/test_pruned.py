@@ -6,6 +6,8 @@ biases of their readers, and the encrypted results match onnxruntime on real MNI
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -28,7 +30,8 @@ def _features(x: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray,
     return (h2 ** 2).reshape(len(x), -1)
 
 
-def _pruned_model(mnist_dir, path, pruned: float = 0.0):
+def _pruned_model(mnist_dir: Path, path: Path, pruned: float = 0.0
+                  ) -> tuple[she.Model, np.ndarray, np.ndarray]:
     """7x7 MNIST -> Conv(1->3, 3x3, p1; channel 1 pruned: its weights ``pruned`` times the
     others') -> x^2 -> Conv(3->2, 1x1, p1; channel 1 reads only the pruned channel) -> x^2
     -> Gemm(162->10, ridge regression on MNIST training images)."""
