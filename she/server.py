@@ -44,16 +44,16 @@ def _transparent_is_bad_input() -> Iterator[None]:
     """Turn SEAL's "transparent result" error during an evaluation into a
     :class:`FormatError`: inputs that are valid ciphertexts one by one can still cancel
     out inside the model (the same ciphertext for every pixel, and a filter whose weights
-    sum to zero), which fresh independent encryptions never do. (A model with a unit whose
-    weights are all zero meets the same error on every input: the message says so.)"""
+    sum to zero), which fresh independent encryptions never do. (A unit whose weights are
+    all zero never gets here: the compiler folds it into its readers' biases, see
+    :func:`~she.plan.compiler.fold_constant_units`.)"""
     try:
         yield
     except (RuntimeError, ValueError) as exc:
         if _SEAL_TRANSPARENT not in str(exc):
             raise
         raise FormatError("a ciphertext became transparent inside the model: the input "
-                          "ciphertexts cancel out (send fresh, independent encryptions), or "
-                          "the model has a unit whose weights are all zero") from None
+                          "ciphertexts cancel out (send fresh, independent encryptions)") from None
 
 
 @dataclass

@@ -603,7 +603,7 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
     else:
         ladder = ((scale_bits or 26, weight_bits or 12, None),)
         fits = (False,)
-    chain = model if isinstance(model, Chain) else lower(model)
+    chain = fold_constant_units(model if isinstance(model, Chain) else lower(model))
     if packing == "single":
         chain = _dense_chain(chain, "single packing")
     failure: ParameterError | None = None
@@ -649,6 +649,48 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
         assert failure is not None
         raise failure
     return _with_tail(best, model)
+
+
+def fold_constant_units(chain: Chain) -> Chain:
+    """``chain`` with the squares of its *constant* units folded into the layers that read
+    them: a hidden unit whose weights are all zero (a pruned unit or channel, a convolution
+    output that sees only padding) has no encrypted input, its value is its bias, and its
+    ciphertext would be transparent, which SEAL refuses to square. Its (public) square is
+    added to the biases of every later layer that reads it and its columns there are zeroed,
+    so no layer reads it any more (the engines leave such squares out); units that read
+    only constant units become constant in turn, layer by layer. The function computed is
+    the same. Returns ``chain`` itself when it has no constant unit."""
+    layers = list(chain.layers)
+    sizes = chain.source_sizes
+    for k in range(len(layers) - 1):
+        constant = np.flatnonzero(np.asarray(abs(layers[k].matrix).sum(axis=1)).ravel() == 0)
+        if not len(constant):
+            continue
+        squares = layers[k].bias[constant] ** 2
+        for i in range(k + 1, len(layers)):
+            layer = layers[i]
+            if k + 1 not in layer.sources:
+                continue
+            columns = sum(sizes[s] for s in layer.sources if s < k + 1) + constant
+            bias = layer.bias + np.asarray(layer.matrix[:, columns] @ squares).ravel()
+            layers[i] = Affine(_without_columns(layer.matrix, columns), bias, layer.out_shape,
+                               layer.sources)
+    if all(a is b for a, b in zip(layers, chain.layers, strict=True)):
+        return chain
+    return Chain(layers, chain.input_shape)
+
+
+def _without_columns(matrix: np.ndarray | sp.spmatrix, columns: np.ndarray
+                     ) -> np.ndarray | sp.csr_matrix:
+    """A copy of ``matrix`` (of the same type and dtype) with ``columns`` zero."""
+    if not sp.issparse(matrix):
+        matrix = matrix.copy()
+        matrix[:, columns] = 0
+        return matrix
+    matrix = sp.csr_matrix(matrix, copy=True)
+    matrix.data[np.isin(matrix.indices, columns)] = 0
+    matrix.eliminate_zeros()
+    return matrix
 
 
 def _with_tail(plan: Plan, model: Model | Chain) -> Plan:
@@ -808,6 +850,8 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
     plan = Plan(model_name, scheme, packing, chain.input_shape, params, 2.0 ** scale_bits,
                 layers, 0.0, chain, calibrated=calibration is not None, notes=notes)
     effective = _align(plan, quantised)
+    if packing == "batch":
+        _fold_vanished_units(plan, effective)
     if packing == "single":
         if params.slots not in layouts:  # refuses layers wider than a ciphertext
             layouts[params.slots] = layout.layouts([layer.matrix for layer in chain.layers],
@@ -961,6 +1005,39 @@ def _ring_for(total_bits: int, security: int, chain: Chain, scale_bits: int) -> 
             "activations on the longest path) or the scale") from None
 
 
+def _fold_vanished_units(plan: Plan, effective: list[tuple[np.ndarray | sp.spmatrix, Any]]
+                         ) -> None:
+    """Batch packing: :func:`fold_constant_units` for the hidden units whose integer weights
+    all round to zero (the folded chain has none with zero real weights), in place. Such a
+    unit's value is its bias; its square, through the reader's ``effective`` real weights,
+    goes into the reader's bias, and its integer columns there become zero. ``effective``
+    (the quantised model the error model measures) is unchanged: it computes the same."""
+    sizes = plan.chain.source_sizes
+    for k, layer in enumerate(plan.layers[:-1]):
+        constant = np.flatnonzero(np.asarray(abs(layer.weights).sum(axis=1)).ravel() == 0)
+        if not len(constant):
+            continue
+        squares = layer.bias[constant] ** 2
+        for i, reader in enumerate(plan.layers):
+            if k + 1 not in reader.sources:
+                continue
+            columns = sum(sizes[s] for s in reader.sources if s < k + 1) + constant
+            reader.bias = reader.bias + np.asarray(effective[i][0][:, columns] @ squares).ravel()
+            reader.weights = _without_columns(reader.weights, columns)
+
+
+def _fold_vanished_integer_units(weights: list[np.ndarray], biases: list[np.ndarray]) -> None:
+    """BFV: :func:`fold_constant_units` on the integer model (a chain), in place, for the
+    units whose weights all round to zero (the folded chain has none with zero real
+    weights): a unit's integer value is then its integer bias, whose square goes exactly
+    into the next layer's integer biases (the function and its bounds are unchanged)."""
+    for k in range(len(weights) - 1):
+        constant = np.flatnonzero(~weights[k].any(axis=1))
+        if len(constant):
+            biases[k + 1] += weights[k + 1][:, constant] @ biases[k][constant] ** 2
+            weights[k + 1][:, constant] = 0  # in place: the plan's layers hold these arrays
+
+
 def _compile_bfv(model: Model | Chain, packing: str, calibration: np.ndarray | None,
                  input_bits: int, weight_bits: int, security: int,
                  poly_modulus_degree: int | None, name: str | None) -> Plan:
@@ -968,7 +1045,8 @@ def _compile_bfv(model: Model | Chain, packing: str, calibration: np.ndarray | N
         raise ParameterError("BFV runs in batch packing only; use scheme='ckks' for single packing")
     if security not in MAX_MODULUS_BITS:
         raise ParameterError(f"security level {security} is not allowed: use 128, 192 or 256")
-    chain = _dense_chain(model if isinstance(model, Chain) else lower(model), "BFV")
+    chain = _dense_chain(fold_constant_units(model if isinstance(model, Chain) else lower(model)),
+                         "BFV")
     input_range = model.input_range if isinstance(model, Model) else (0.0, 1.0)
     q = bfv.plan_parameters(chain, input_range, input_bits=input_bits, weight_bits=weight_bits,
                             security=security, poly_modulus_degree=poly_modulus_degree,
@@ -979,6 +1057,7 @@ def _compile_bfv(model: Model | Chain, packing: str, calibration: np.ndarray | N
               for layer, w, f, b, bound, scale in zip(chain.layers, q["weights"], q["shifts"],
                                                       q["biases"], q["bounds"], q["scales"],
                                                       strict=True)]
+    _fold_vanished_integer_units(q["weights"], q["biases"])  # the layers' arrays, errors measured
     notes = [f"BFV: inputs quantised to {input_bits} bits, weights to {weight_bits} bits; the "
              f"{q['params'].plain_modulus.bit_length()}-bit plaintext modulus holds every value "
              "for any input in the declared range, so decryption equals the quantised model exactly"]

@@ -99,9 +99,17 @@ class Engine:
         #: restricted to the output rows they reach.
         self.stream_kernels: list[list[list[tuple[int, np.ndarray, LinearKernel]]]] = []
         self.early = [dict.fromkeys(layer.early_sources) for layer in layers]
+        #: Per hidden layer: its units whose square no later layer reads (the compiler folds
+        #: constant units, whose ciphertexts would be transparent, into the biases of their
+        #: readers: :func:`~she.plan.compiler.fold_constant_units`); they are not squared.
+        self.unread: list[np.ndarray] = []
         for k in range(len(layers) - 1):
             blocks = {i: _block(layer, k + 1, sizes).tocsc() for i, layer in enumerate(layers)
                       if k + 1 in layer.sources}
+            read = np.zeros(layers[k].weights.shape[0], dtype=bool)
+            for block in blocks.values():
+                read |= np.asarray(abs(block).sum(axis=0)).ravel() != 0
+            self.unread.append(~read)
             per_chunk = []
             for cols in self.chunks[k]:
                 entries = []
@@ -210,7 +218,7 @@ class Engine:
             state.result = (part, part_scale)
             return
         squared, state.scales[k + 1] = self._square(bridge, relin, part, part_scale,
-                                                    layer.rescale_primes)
+                                                    layer.rescale_primes, self.unread[k][rows])
         del part
         self._release_inputs(state, k, c)
         for i, reached, kernel in self.stream_kernels[k][c]:
@@ -308,25 +316,39 @@ class Engine:
         return out
 
     def _square(self, bridge: SealBridge, relin: sealapi.RelinKeys, data: np.ndarray, scale: float,
-                rescales: int, times: float | None = None) -> tuple[np.ndarray, float]:
+                rescales: int, skip: np.ndarray | None = None,
+                times: float | None = None) -> tuple[np.ndarray, float]:
         """Square every ciphertext, relinearise, and drop ``rescales`` primes; with
         ``times``, multiply by that integer (an early rescale) instead of squaring. SEAL
         reads and writes files, so each worker passes its ciphertexts through a file of its
         own, one at a time, and writes the results into a shared mapping (the serialising
-        and copying run in the workers too, not one after the other in this process)."""
+        and copying run in the workers too, not one after the other in this process).
+
+        The ciphertexts marked in ``skip`` (read by no later layer) and the zero ones (the
+        square or product of zero is zero; SEAL refuses such a transparent ciphertext) are
+        left out: their results stay zero. Any other transparent ciphertext (inputs that
+        cancel out inside the model) gets SEAL's error."""
         out_level = bridge.levels[data.shape[2] - rescales]
         out = _shared_zeros(bridge, "squares", (len(data), 2, out_level.limbs,
                                                 out_level.poly_modulus_degree))
         workers = min(self.workers, len(data))
         _JOB.update(bridge=bridge, relin=relin, rescales=rescales, data=data, scale=scale,
                     level=bridge.levels[data.shape[2]], out_level=out_level, out=out,
-                    times=times)
+                    times=times, skip=np.zeros(len(data), dtype=bool) if skip is None else skip)
         try:
             scales = _run_pool(workers, _square_chunk,
                                [range(i, len(data), workers) for i in range(workers)])
         finally:
             _JOB.clear()
-        return out, scales[0]
+        squared = [s for s in scales if s is not None]
+        if squared:
+            return out, squared[0]
+        # nothing went through SEAL: its scale arithmetic (a product, then a division by
+        # every prime dropped, the last one first)
+        result = scale * (scale if times is None else times)
+        for prime in reversed(self.primes[out_level.limbs:data.shape[2]]):
+            result /= float(prime)
+        return out, result
 
 
 class _Pass:
@@ -483,17 +505,20 @@ def _reset_signals() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def _square_chunk(indices: range) -> float:
+def _square_chunk(indices: range) -> float | None:
     """Worker: square, relinearise (or multiply by ``times``) and rescale the ciphertexts at
-    ``indices``, through a file in the bridge's (shared-memory) directory, into the shared
-    output; returns the scale of the results."""
+    ``indices`` (but those ``skip`` marks and the zero ones), through a file in the bridge's
+    (shared-memory) directory, into the shared output; returns the scale of the results
+    (None: none went through SEAL)."""
     bridge, relin, data, out = _JOB["bridge"], _JOB["relin"], _JOB["data"], _JOB["out"]
     level, out_level, seal = _JOB["level"], _JOB["out_level"], bridge.seal
     evaluator = sealapi.Evaluator(seal)
     path = Path(bridge.unit_path(f"square{indices.start}"))
-    scale = 0.0
+    scale = None
     try:
         for i in indices:
+            if _JOB["skip"][i] or not data[i].any():
+                continue
             path.write_bytes(sealbytes.serialize(sealbytes.RawCiphertext(
                 data[i], _JOB["scale"], level.parms_id, level.ntt_form)))
             ct = sealapi.Ciphertext(seal)
