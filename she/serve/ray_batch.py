@@ -61,6 +61,9 @@ LEDGER_PREFIX = "she-batch-attempts-"
 EMBEDDED_OBJECT_STORE_BYTES = 2 * 1024 ** 3
 #: Default cap on the bytes of requests in flight (at least two requests are).
 IN_FLIGHT_BYTES = 1024 ** 3
+#: Longest wait (seconds) at the end of a run with retries for the cluster to notice that
+#: a node which ran a retried chunk died (its health checks take seconds).
+NODE_DEATH_WAIT_S = 15.0
 
 
 def require_ray() -> ModuleType:
@@ -266,6 +269,21 @@ def alive_nodes() -> set[str]:
     return {node["NodeID"] for node in ray.nodes() if node["Alive"]}
 
 
+def lost_nodes(before: set[str], attempts: list[tuple[int, str]]) -> list[str]:
+    """The nodes alive at the start of a run (``before``) and gone now. A node that ran a
+    chunk which had to be retried (``attempts``: ``(chunk, node)`` in order) may have died
+    without the cluster having noticed yet: wait for that, up to :data:`NODE_DEATH_WAIT_S`
+    (a retry can also come from a worker process that died on a live node)."""
+    last = {index: node for index, node in attempts}
+    suspects = {node for index, node in attempts if node != last[index]} & before
+    deadline = time.monotonic() + NODE_DEATH_WAIT_S
+    alive = alive_nodes()
+    while suspects & alive and time.monotonic() < deadline:
+        time.sleep(0.5)
+        alive = alive_nodes()
+    return sorted(before - alive)
+
+
 def cluster_cpus() -> int:
     """CPUs of the connected Ray cluster."""
     return int(require_ray().cluster_resources().get("CPU", 0))
@@ -434,7 +452,7 @@ def _run(plan: Plan, x: np.ndarray, store: ResultStore, todo: list[int], report:
         attempts = evaluator.attempts()
         report.retries = max(0, len(attempts) - len(todo))
         report.chunks_per_node = dict(nodes)
-        report.lost_nodes = sorted(nodes_before - alive_nodes())
+        report.lost_nodes = lost_nodes(nodes_before, attempts)
     finally:
         bar.close()
         evaluator.cancel(list(pending))
