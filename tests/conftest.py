@@ -157,15 +157,11 @@ def _small_mnist(mnist_dir: Path, split: str, n: int) -> tuple[np.ndarray, np.nd
     return x.astype(np.float32), y[:n]
 
 
-@pytest.fixture(scope="module")
-def small_model(mnist_dir, tmp_path_factory) -> tuple[Path, np.ndarray, np.ndarray]:
-    """A depth-1 model on 7x7 MNIST: random square features, least-squares readout."""
-    x, y = _small_mnist(mnist_dir, "train", 5000)
-    rng = np.random.default_rng(0)
-    w1 = rng.normal(0, 0.5, (24, 49))
-    b1 = rng.normal(0, 0.2, 24)
-    feats = (x.reshape(len(x), -1) @ w1.T + b1) ** 2
-    feats = np.hstack([feats, np.ones((len(x), 1))])
+def square_features_model(x: np.ndarray, y: np.ndarray, w1: np.ndarray, b1: np.ndarray,
+                          name: str) -> onnx.ModelProto:
+    """A depth-1 model on 7x7 inputs: the square features ``(W1 x + b1)^2`` and a
+    least-squares readout of the labels ``y`` fitted on ``x``."""
+    feats = np.hstack([(x.reshape(len(x), -1) @ w1.T + b1) ** 2, np.ones((len(x), 1))])
     readout = np.linalg.lstsq(feats, np.eye(10)[y], rcond=None)[0]
     inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in
              (("w1", w1), ("b1", b1), ("w2", readout[:-1].T), ("b2", readout[-1]))]
@@ -174,9 +170,19 @@ def small_model(mnist_dir, tmp_path_factory) -> tuple[Path, np.ndarray, np.ndarr
          helper.make_node("Gemm", ["f", "w1", "b1"], ["h"], transB=1),
          helper.make_node("Mul", ["h", "h"], ["s"]),
          helper.make_node("Gemm", ["s", "w2", "b2"], ["logits"], transB=1)],
-        "small", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 7, 7])],
+        name, [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 7, 7])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+@pytest.fixture(scope="module")
+def small_model(mnist_dir, tmp_path_factory) -> tuple[Path, np.ndarray, np.ndarray]:
+    """A depth-1 model on 7x7 MNIST: random square features, least-squares readout."""
+    x, y = _small_mnist(mnist_dir, "train", 5000)
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(0, 0.5, (24, 49))
+    b1 = rng.normal(0, 0.2, 24)
+    proto = square_features_model(x, y, w1, b1, "small")
     proto.metadata_props.add(key="she.input_range", value="0,1")
     path = tmp_path_factory.mktemp("model") / "small.onnx"
     onnx.save(proto, path)

@@ -118,26 +118,14 @@ def test_exact_weights_needing_two_primes_per_rescale_are_rounded_to_one(mnist_d
     64-bit rescale (two primes) at the ladder's first scale; the default ladder also tries
     them rounded to the largest shift whose rescale fits one prime (17), keeps that cheaper
     plan, and its encrypted results stay within its predicted error of the float model."""
-    from conftest import _small_mnist
+    from conftest import _small_mnist, square_features_model
 
     x, y = _small_mnist(mnist_dir, "train", 2000)
     rng = np.random.default_rng(19)
     w1 = np.round(rng.normal(0, 0.5, (12, 49)) * 2.0 ** 19) * 2.0 ** -19  # exact at f = 19
     b1 = rng.normal(0, 0.2, 12)
-    feats = np.hstack([(x.reshape(len(x), -1) @ w1.T + b1) ** 2, np.ones((len(x), 1))])
-    readout = np.linalg.lstsq(feats, np.eye(10)[y], rcond=None)[0]
-    graph = helper.make_graph(
-        [helper.make_node("Flatten", ["input"], ["f"]),
-         helper.make_node("Gemm", ["f", "w1", "b1"], ["h"], transB=1),
-         helper.make_node("Mul", ["h", "h"], ["s"]),
-         helper.make_node("Gemm", ["s", "w2", "b2"], ["logits"], transB=1)],
-        "exact", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 7, 7])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
-        [numpy_helper.from_array(a.astype(np.float32), n)  # w1 stays exact: 21 bits
-         for n, a in (("w1", w1), ("b1", b1), ("w2", readout[:-1].T), ("b2", readout[-1]))])
-    path = tmp_path / "exact.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
-                                ir_version=9), str(path))
+    path = tmp_path / "exact.onnx"  # w1 stays exact: 21 bits
+    onnx.save(square_features_model(x, y, w1, b1, "exact"), str(path))
     model = she.load(str(path))
     exact = she.compile(model, calibration=x[:500], scale_bits=26, weight_bits=12)
     assert exact.layers[0].shift == 19 and exact.layers[0].rescale_primes == 2
