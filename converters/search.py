@@ -29,7 +29,8 @@
 5. Settings are fine-tuned in that order on all the remaining training data (distillation
    plus cross-entropy) with early stopping on the validation split
    (:func:`converters.finetune.finetune`). The first runnable one whose validation accuracy
-   is within ``max_drop`` points of the original's is taken at once; when the budget runs
+   is within ``max_drop`` points of the original's is taken (and fine-tuned on while its
+   validation accuracy improves and the budget lasts, :func:`_polish`); when the budget runs
    out first, the most accurate runnable setting (fine-tuned or not) is (falling back to
    the next when the compiler refuses one).
 6. Every setting tried is reported (validation accuracy before and after fine-tuning,
@@ -300,6 +301,8 @@ def search(model: Any, x: np.ndarray, y: np.ndarray, *, test_x: np.ndarray | Non
             _cost(trial, trial_proto, calibration, progress)
         trial.seconds = round(trial.seconds + time.monotonic() - t0, 1)
         if trial.runs and trial.val_accuracy >= target:
+            _polish(i, trial, trial_proto, setting, trial_report, train_x, train_y, teacher,
+                    (val_x, val_y), max_epochs, deadline, seed, progress)
             break
     chosen, plan, setting, refused = _choose(tried, tail, calibration, report, input_range,
                                              progress)
@@ -340,6 +343,38 @@ def search(model: Any, x: np.ndarray, y: np.ndarray, *, test_x: np.ndarray | Non
                      "latency_model": LATENCY_MODEL,
                      "seconds": round(time.monotonic() - started, 1)}
     return tried[index][1], report
+
+
+def _polish(index: int, trial: Trial, proto: onnx.ModelProto, setting: Settings, report: ConversionReport,
+            x: np.ndarray, y: np.ndarray, teacher: np.ndarray,
+            validation: tuple[np.ndarray, np.ndarray], max_epochs: int, deadline: float,
+            seed: int, progress: bool) -> None:
+    """The setting that reached the target keeps fine-tuning while its validation accuracy
+    improves (early stopping, best epoch kept) and the budget lasts: the target decides
+    which setting, not how accurate its model ends up."""
+    from converters.finetune import finetune
+
+    epochs = max_epochs - trial.epochs
+    if epochs <= 0 or time.monotonic() > deadline:
+        return
+    t0 = time.monotonic()
+    _log(progress, f"[{index + 1}] within the target: fine-tuning on while the "
+                   "validation accuracy improves and the budget lasts")
+    result = finetune(proto, x, teacher, epochs=epochs, lr=LEARNING_RATE / 2,
+                      pow2_bits=setting.exponent_bits if setting.pow2 else None,
+                      pow2_terms=setting.pow2_terms, labels=y, batch_size=BATCH_SIZE,
+                      validation=validation, deadline=deadline, progress=progress,
+                      seed=seed + 1)
+    before = trial.val_accuracy
+    trial.val_accuracy = max(result.val_accuracy)
+    trial.drop_points = round(trial.drop_points - 100 * (trial.val_accuracy - before), 3)
+    trial.epochs += len(result.losses)
+    trial.stopped = f"target, then {result.stopped}"
+    report.finetune_losses += result.losses
+    report.finetune_val_accuracy += result.val_accuracy[1:]
+    trial.seconds = round(trial.seconds + time.monotonic() - t0, 1)
+    _log(progress, f"[{index + 1}] {len(result.losses)} more epochs "
+                   f"({result.stopped}): {before:.2%} -> {trial.val_accuracy:.2%}")
 
 
 def _preview(proto: onnx.ModelProto, setting: Settings, calibration: np.ndarray,

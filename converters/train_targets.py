@@ -10,11 +10,13 @@ with ``--arch mlp`` the dense network :func:`converters.zoo.relu_mlp`; or with
 :func:`converters.zoo.residual_relu_cnn` (``--channels`` stem and block channels,
 ``--blocks``); with ``--arch wide`` a three-conv plain CNN,
 :func:`converters.zoo.wide_relu_cnn`; with ``--arch pooled`` two full-resolution
-convolutions each pooled before its ReLU, :func:`converters.zoo.pooled_relu_cnn`)
+convolutions each pooled before its ReLU, and a third on the 7x7 map when ``--channels``
+names three, :func:`converters.zoo.pooled_relu_cnn`)
 with random-shift augmentation, export it to ONNX, convert it exactly as
 ``she convert`` does (batch norm folded, max pool to average pool, quadratic activations
 fitted on the calibration data, power-of-two weights, distillation fine-tuning on the
-60 000 training images), and write into ``--out-dir``::
+60 000 training images; with ``--search`` the settings are searched against the drop
+target exactly as by ``she convert`` without flags), and write into ``--out-dir``::
 
     <name>_cnn.onnx        the original model (plaintext reference)
     <name>_cnn.she.onnx    the converted HE-friendly model
@@ -36,6 +38,7 @@ import onnx
 
 from converters import zoo
 from converters.convert import convert, save_atomically, torch_to_onnx
+from converters.search import search
 from she.io.data import load_idx_dataset
 
 
@@ -59,6 +62,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-training", action="store_true",
                         help="convert the original NAME_cnn.onnx of an earlier run again "
                         "(its training command is kept in the record)")
+    parser.add_argument("--search", action="store_true",
+                        help="convert as `she convert` does by default (settings searched "
+                        "against the accuracy-drop target in its time budget) instead of "
+                        "with the fixed settings below")
     parser.add_argument("--pow2-terms", type=int, default=1, choices=(1, 2, 3),
                         help="powers of two per converted weight")
     parser.add_argument("--finetune-epochs", type=int, default=15)
@@ -82,7 +89,7 @@ def _train(args: argparse.Namespace, out: Path) -> dict:
     elif args.arch == "resnet":
         net = zoo.residual_relu_cnn(tuple(args.channels[:2]), args.blocks)
     elif args.arch == "pooled":
-        net = zoo.pooled_relu_cnn(tuple(args.channels[:2]), args.hidden)
+        net = zoo.pooled_relu_cnn(tuple(args.channels[:3]), args.hidden)
     elif args.arch == "wide":
         net = zoo.wide_relu_cnn(tuple(args.channels[:3]), args.hidden)
     else:
@@ -95,7 +102,7 @@ def _train(args: argparse.Namespace, out: Path) -> dict:
     original = torch_to_onnx(net, (1, 28, 28))
     onnx.checker.check_model(original)
     save_atomically(original, out / f"{args.name}_cnn.onnx")
-    return {"command": None, "seconds": seconds}
+    return {"seconds": seconds}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -103,27 +110,34 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     record = out / f"{args.name}_cnn.json"
+    command = "python -m converters.train_targets " + " ".join(
+        f"--{k.replace('_', '-')}" if v is True else
+        f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list | tuple) else v}"
+        for k, v in vars(args).items() if k != "out_dir" and v is not False)
     if args.skip_training:
-        original = onnx.load(str(out / f"{args.name}_cnn.onnx"))
         earlier = json.loads(record.read_text())
         training = {"command": earlier.get("training_command", earlier["command"]),
                     "seconds": earlier["seconds"]["train"]}
     else:
         training = _train(args, out)
-        original = onnx.load(str(out / f"{args.name}_cnn.onnx"))
+        training["command"] = command
+        # recorded at once: a conversion interrupted later can be redone with --skip-training
+        record.write_text(json.dumps({"command": command, "training_command": command,
+                                      "seconds": {"train": training["seconds"]}}, indent=2) + "\n")
+    original = onnx.load(str(out / f"{args.name}_cnn.onnx"))
     x, y = load_idx_dataset(args.data, "train")
     xt, yt = load_idx_dataset(args.data, "test")
     start = time.perf_counter()
-    proto, report = convert(original, x, calibration_labels=y, eval_x=xt, eval_y=yt,
-                            pow2_terms=args.pow2_terms, finetune_epochs=args.finetune_epochs,
-                            finetune_lr=args.finetune_lr, progress=True)
+    if args.search:
+        proto, report = search(original, x, y, test_x=xt, test_y=yt, seed=args.seed,
+                               progress=True)
+    else:
+        proto, report = convert(original, x, calibration_labels=y, eval_x=xt, eval_y=yt,
+                                pow2_terms=args.pow2_terms, finetune_epochs=args.finetune_epochs,
+                                finetune_lr=args.finetune_lr, progress=True)
     convert_s = time.perf_counter() - start
     save_atomically(proto, out / f"{args.name}_cnn.she.onnx")
-    command = "python -m converters.train_targets " + " ".join(
-        f"--{k.replace('_', '-')}" if v is True else
-        f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list | tuple) else v}"
-        for k, v in vars(args).items() if k != "out_dir" and v is not False)
-    summary = {"command": command, "training_command": training["command"] or command,
+    summary = {"command": command, "training_command": training["command"],
                "seconds": {"train": training["seconds"], "convert": round(convert_s)},
                **report.as_dict()}
     record.write_text(json.dumps(summary, indent=2) + "\n")

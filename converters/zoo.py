@@ -31,16 +31,23 @@ def two_conv_relu_cnn(channels: tuple[int, int] = (32, 64), hidden: int = 128) -
         nn.Linear(c2 * 3 * 3, hidden), nn.ReLU(), nn.Linear(hidden, 10))
 
 
-def pooled_relu_cnn(channels: tuple[int, int] = (32, 64), hidden: int = 128) -> nn.Module:
-    """Two Conv (stride 1) + BatchNorm + AvgPool + ReLU blocks, AvgPool, two dense layers:
-    pooling ahead of each activation, so the activations act on 4x fewer values (what an
-    encrypted square costs) while the convolutions see the full resolution."""
-    c1, c2 = channels
-    return nn.Sequential(
+def pooled_relu_cnn(channels: tuple[int, ...] = (32, 64), hidden: int = 128) -> nn.Module:
+    """Two Conv (stride 1) + BatchNorm + AvgPool + ReLU blocks, with a third channel count a
+    Conv 3x3 + BatchNorm + ReLU on the 7x7 map, AvgPool, two dense layers: pooling ahead of
+    the first two activations, so they act on 4x fewer values (what an encrypted square
+    costs) while the convolutions see the full resolution."""
+    if len(channels) not in (2, 3):
+        raise ValueError(f"pooled_relu_cnn takes two or three channel counts, not {channels}")
+    c1, c2 = channels[:2]
+    layers: list[nn.Module] = [
         nn.Conv2d(1, c1, 5, padding=2), nn.BatchNorm2d(c1), nn.AvgPool2d(2), nn.ReLU(),
-        nn.Conv2d(c1, c2, 3, padding=1), nn.BatchNorm2d(c2), nn.AvgPool2d(2), nn.ReLU(),
-        nn.AvgPool2d(2), nn.Flatten(), nn.Dropout(0.2),
-        nn.Linear(c2 * 3 * 3, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+        nn.Conv2d(c1, c2, 3, padding=1), nn.BatchNorm2d(c2), nn.AvgPool2d(2), nn.ReLU()]
+    if len(channels) == 3:
+        layers += [nn.Conv2d(c2, channels[2], 3, padding=1), nn.BatchNorm2d(channels[2]),
+                   nn.ReLU()]
+    return nn.Sequential(*layers, nn.AvgPool2d(2), nn.Flatten(), nn.Dropout(0.2),
+                         nn.Linear(channels[-1] * 3 * 3, hidden), nn.ReLU(),
+                         nn.Linear(hidden, 10))
 
 
 def shallow_relu_cnn(channels: int = 16) -> nn.Module:
