@@ -42,13 +42,14 @@ def finetune(model: onnx.ModelProto, x: np.ndarray, teacher_logits: np.ndarray, 
              labels: np.ndarray | None = None,
              validation: tuple[np.ndarray, np.ndarray] | None = None,
              target: float | None = None, patience: int | None = 2,
-             deadline: float | None = None,
+             deadline: float | None = None, min_epochs: int = 0,
              progress: bool = True, seed: int = 0) -> FinetuneResult:
     """Train ``model`` in place (see the module docstring); returns the history.
 
     Without ``validation`` (or with ``patience=None``) it runs ``epochs`` epochs with a
     cosine learning-rate schedule; with validation it still keeps the best epoch's weights.
-    ``deadline`` is a :func:`time.monotonic` time after which training stops.
+    ``deadline`` is a :func:`time.monotonic` time after which training stops, except
+    during the first ``min_epochs`` epochs.
     """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -70,14 +71,15 @@ def finetune(model: onnx.ModelProto, x: np.ndarray, teacher_logits: np.ndarray, 
             return result
     bar = _bar(epochs * ((len(xs) + batch_size - 1) // batch_size), progress)
     for epoch in range(1, epochs + 1):
-        if deadline is not None and time.monotonic() > deadline:
+        late = deadline is not None and epoch > min_epochs
+        if late and time.monotonic() > deadline:
             result.stopped = "budget"
             break
         order = torch.randperm(len(xs), generator=generator)
         total, count = 0.0, 0
         student.train()
         for i in range(0, len(xs), batch_size):
-            if deadline is not None and i and time.monotonic() > deadline:
+            if late and i and time.monotonic() > deadline:
                 result.stopped = "budget"  # mid-epoch: scored below, then stopped
                 break
             idx = order[i:i + batch_size]

@@ -70,6 +70,9 @@ from she.plan.estimate import LATENCY_MODEL, Estimate, estimate
 MAX_DROP = 0.5
 #: Default time budget (seconds) for the whole search.
 BUDGET = 540.0
+#: Settings are converted and compiled (previewed) until this share of the budget is spent;
+#: the rest are not tried (they come last in :func:`candidates`' order: the costliest).
+PREVIEW_SHARE = 0.5
 #: Most multiplicative depth a candidate may add over the degree-2 model's.
 MAX_DEPTH = 6
 #: Degree 4 goes to the activations whose degree-2 fit error is within this factor of the
@@ -258,8 +261,14 @@ def search(model: Any, x: np.ndarray, y: np.ndarray, *, test_x: np.ndarray | Non
     tried: list[tuple[Trial, onnx.ModelProto, Settings, ConversionReport]] = []
     queue = list(settings or candidates(proto, calibration))
     superseded: set[int] = set()
+    skipped: list[str] = []
     k = 0
     while k < len(queue):
+        if tried and time.monotonic() > started + PREVIEW_SHARE * budget:
+            skipped = [s.describe() for s in queue[k:]]
+            _log(progress, f"previews stopped: {PREVIEW_SHARE:.0%} of the budget spent; not "
+                           "tried: " + "; ".join(skipped))
+            break
         setting = queue[k]
         k += 1
         tried.append(_preview(proto, setting, calibration, (val_x, val_y), original, len(tried),
@@ -288,7 +297,8 @@ def search(model: Any, x: np.ndarray, y: np.ndarray, *, test_x: np.ndarray | Non
                           pow2_bits=setting.exponent_bits if setting.pow2 else None,
                           pow2_terms=setting.pow2_terms, labels=train_y,
                           batch_size=BATCH_SIZE, validation=(val_x, val_y), target=target,
-                          deadline=deadline, progress=progress, seed=seed)
+                          deadline=deadline, min_epochs=1 if n == 0 else 0,
+                          progress=progress, seed=seed)
         trial.val_accuracy = max(result.val_accuracy)
         trial.drop_points = round(100 * (original - trial.val_accuracy), 3)
         trial.epochs, trial.stopped = len(result.losses), result.stopped
@@ -338,6 +348,7 @@ def search(model: Any, x: np.ndarray, y: np.ndarray, *, test_x: np.ndarray | Non
                      "trials": [asdict(t) for t in trials], "chosen": index,
                      "order": sequence,
                      "target_met": met, "reason": reason, "not_encryptable": refused,
+                     "not_previewed": skipped,
                      "not_runnable": [f"{t.description}: {t.problem}" for t in trials
                                       if t.runs is False],
                      "latency_model": LATENCY_MODEL,
