@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import scipy.sparse as sp
 
 import she
 from converters import onnx_graph as g
@@ -64,6 +65,7 @@ from converters.convert import (
     square_depth,
 )
 from she.errors import DataError, ModelError, SheError
+from she.frontend.lowering import Chain, lower
 from she.plan.estimate import LATENCY_MODEL, Estimate, estimate
 
 #: Default accuracy-drop target (percentage points, on the validation split).
@@ -214,10 +216,11 @@ def split(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarr
 
 
 def predicted_cost(proto: onnx.ModelProto, calibration: np.ndarray,
-                   packing: str = "batch") -> Estimate:
-    """Compile ``proto`` as the server would (CKKS, ``packing``) and predict its cost
-    (:func:`she.plan.estimate.estimate`); :class:`~she.errors.SheError` when it does not compile."""
-    model = she.frontend.model.from_proto(proto, "converted")
+                   packing: str = "batch", chain: Chain | None = None) -> Estimate:
+    """Compile ``proto`` (or its lowered ``chain``) as the server would (CKKS, ``packing``)
+    and predict its cost (:func:`she.plan.estimate.estimate`); :class:`~she.errors.SheError`
+    when it does not compile."""
+    model = chain if chain is not None else she.frontend.model.from_proto(proto, "converted")
     return estimate(she.compile(model, calibration=calibration[:COST_SAMPLES], packing=packing))
 
 
@@ -263,16 +266,16 @@ def search(model: Any, x: np.ndarray, y: np.ndarray, *, test_x: np.ndarray | Non
     superseded: set[int] = set()
     skipped: list[str] = []
     k = 0
+    clock = _PreviewClock(started + PREVIEW_SHARE * budget)
     while k < len(queue):
-        if tried and time.monotonic() > started + PREVIEW_SHARE * budget:
-            skipped = [s.describe() for s in queue[k:]]
-            _log(progress, f"previews stopped: {PREVIEW_SHARE:.0%} of the budget spent; not "
-                           "tried: " + "; ".join(skipped))
-            break
         setting = queue[k]
         k += 1
-        tried.append(_preview(proto, setting, calibration, (val_x, val_y), original, len(tried),
-                              progress))
+        entry = _preview(proto, setting, calibration, (val_x, val_y), original, len(tried),
+                         clock if tried else None, progress)
+        if entry is None:
+            skipped.append(setting.describe())
+            continue
+        tried.append(entry)
         if tried[-1][0].runs is False:
             fallback = pooled_first(proto, setting)
             if fallback is not None:
@@ -388,22 +391,59 @@ def _polish(index: int, trial: Trial, proto: onnx.ModelProto, setting: Settings,
                    f"({result.stopped}): {before:.2%} -> {trial.val_accuracy:.2%}")
 
 
+@dataclass
+class _PreviewClock:
+    """When previews stop: at ``end`` (:data:`PREVIEW_SHARE` of the budget), and before a
+    setting whose compile would run past it — its time predicted from the weights of its
+    lowered model at the slowest rate (seconds per weight) the previews so far showed."""
+
+    end: float
+    seconds_per_weight: float = 0.0
+
+    def refuses(self, weights: int) -> str | None:
+        """Why a setting of ``weights`` lowered weights is not previewed (None: it is)."""
+        now, need = time.monotonic(), self.seconds_per_weight * weights
+        if now + need <= self.end:
+            return None
+        return (f"{PREVIEW_SHARE:.0%} of the budget spent" if now > self.end else
+                f"compiling its {weights:,} weights would take about {need:.0f} s, past "
+                f"{PREVIEW_SHARE:.0%} of the budget")
+
+    def record(self, weights: int, seconds: float) -> None:
+        self.seconds_per_weight = max(self.seconds_per_weight, seconds / max(weights, 1))
+
+
 def _preview(proto: onnx.ModelProto, setting: Settings, calibration: np.ndarray,
              validation: tuple[np.ndarray, np.ndarray], original: float, index: int,
-             progress: bool) -> tuple[Trial, onnx.ModelProto, Settings, ConversionReport]:
+             clock: _PreviewClock | None, progress: bool
+             ) -> tuple[Trial, onnx.ModelProto, Settings, ConversionReport] | None:
     """``setting`` applied to a copy of ``proto``: its accuracy before fine-tuning, depth and
-    the predicted cost of its batch plan (or why it does not compile)."""
+    the predicted cost of its batch plan (or why it does not compile); None when ``clock``
+    refuses the time its compile would take (the first preview has no clock)."""
     t0 = time.monotonic()
     trial_proto = onnx.ModelProto()
     trial_proto.CopyFrom(proto)
     trial_report = ConversionReport()
     he_friendly(trial_proto, calibration, setting, trial_report)
+    try:
+        chain = lower(she.frontend.model.from_proto(trial_proto, "converted"))
+    except SheError:
+        chain = None  # _cost reports why
+    weights = 0 if chain is None else sum(
+        layer.matrix.nnz if sp.issparse(layer.matrix) else np.count_nonzero(layer.matrix)
+        for layer in chain.layers)
+    if clock is not None and (reason := clock.refuses(weights)):
+        _log(progress, f"    not previewed: {setting.describe()} ({reason})")
+        return None
     val_x, val_y = validation
     converted = float(np.mean(g.run(trial_proto, val_x)[0].argmax(1) == val_y))
     trial = Trial(asdict(setting), setting.describe(), square_depth(trial_proto), converted,
                   converted, round(100 * (original - converted), 3), 0, "not fine-tuned", 0.0)
     _log(progress, f"[{index + 1}] {setting.describe()}: {converted:.2%} before fine-tuning")
-    _cost(trial, trial_proto, calibration, progress)
+    t1 = time.monotonic()
+    _cost(trial, trial_proto, calibration, progress, chain)
+    if clock is not None:
+        clock.record(weights, time.monotonic() - t1)
     if trial.runs is False:
         trial.stopped = "not runnable"
     trial.seconds = round(time.monotonic() - t0, 1)
@@ -411,10 +451,11 @@ def _preview(proto: onnx.ModelProto, setting: Settings, calibration: np.ndarray,
 
 
 def _cost(trial: Trial, proto: onnx.ModelProto, calibration: np.ndarray,
-          progress: bool) -> None:
-    """Compile the trial's batch plan and record its predicted cost, or why it is missing."""
+          progress: bool, chain: Chain | None = None) -> None:
+    """Compile the trial's batch plan (from its lowered ``chain`` when given) and record its
+    predicted cost, or why it is missing."""
     try:
-        cost = predicted_cost(proto, calibration)
+        cost = predicted_cost(proto, calibration, chain=chain)
     except SheError as exc:
         trial.runs, trial.problem = None, f"does not compile for encryption: {exc}"
         _log(progress, f"    {trial.problem}")

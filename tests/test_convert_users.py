@@ -442,3 +442,44 @@ def test_fine_tuning_order_follows_what_is_known_before_fine_tuning():
     for t in floats[6:]:
         t.settings = {"pow2": False}
     assert order(floats) == [1, 5, 2, 0, 3, 4, 6, 7]
+
+
+@pytest.fixture(scope="module")
+def small_mlp(mnist, tmp_path_factory):
+    """A small ordinary MLP trained for one epoch (legacy torch export)."""
+    from torch import nn
+
+    x, y, _, _ = mnist
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(784, 16), nn.ReLU(), nn.Linear(16, 10))
+    user_models._train_torch(net, x, y, epochs=1, seed=2)
+    return user_models._legacy_export(net, tmp_path_factory.mktemp("mlp") / "mlp.onnx",
+                                      (1, 28, 28), opset=17)
+
+
+def test_search_that_spends_its_budget_on_previews_still_fine_tunes(mnist, small_mlp):
+    """A budget the first preview already exhausts: the other settings are not previewed
+    (and reported so), and the first setting still gets one epoch of fine-tuning."""
+    import converters
+
+    x, y, _, _ = mnist
+    _, report = converters.search(str(small_mlp), x[:1000], y[:1000], max_drop=-50,
+                                  budget=1e-3, seed=0, progress=False)
+    trials = report.search["trials"]
+    assert len(trials) == 1 and report.search["not_previewed"]
+    assert trials[0]["epochs"] == 1 and trials[0]["stopped"] == "budget"
+
+
+def test_setting_within_the_target_fine_tunes_on_while_it_improves(mnist, small_mlp):
+    """A target met before any fine-tuning: the setting is still fine-tuned on (early
+    stopping on the validation split), and keeps its best epoch."""
+    import converters
+
+    x, y, _, _ = mnist
+    _, report = converters.search(str(small_mlp), x[:1000], y[:1000], max_drop=50,
+                                  budget=3600, seed=0, max_epochs=3, progress=False)
+    chosen = report.search["trials"][report.search["chosen"]]
+    assert chosen["stopped"].startswith("target, then ")
+    assert 1 <= chosen["epochs"] <= 3
+    assert chosen["val_accuracy"] >= chosen["val_accuracy_converted"]
+    assert len(report.finetune_val_accuracy) == chosen["epochs"] + 1
