@@ -35,10 +35,11 @@ import time
 from pathlib import Path
 
 import onnx
+import torch
 
 from converters import zoo
 from converters.convert import convert, save_atomically, torch_to_onnx
-from converters.search import search
+from converters.search import BUDGET, search
 from she.io.data import load_idx_dataset
 
 
@@ -66,11 +67,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="convert as `she convert` does by default (settings searched "
                         "against the accuracy-drop target in its time budget) instead of "
                         "with the fixed settings below")
+    parser.add_argument("--budget", type=float, default=BUDGET,
+                        help="--search: seconds for the settings search (as `she convert "
+                        "--budget`)")
     parser.add_argument("--pow2-terms", type=int, default=1, choices=(1, 2, 3),
                         help="powers of two per converted weight")
     parser.add_argument("--finetune-epochs", type=int, default=15)
     parser.add_argument("--finetune-lr", type=float, default=2e-3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (training and "
+                        "conversion)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -107,6 +112,7 @@ def _train(args: argparse.Namespace, out: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    torch.set_num_threads(args.threads)  # training and conversion (fine-tuning) alike
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     record = out / f"{args.name}_cnn.json"
@@ -130,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     if args.search:
         proto, report = search(original, x, y, test_x=xt, test_y=yt, seed=args.seed,
-                               progress=True)
+                               budget=args.budget, progress=True)
     else:
         proto, report = convert(original, x, calibration_labels=y, eval_x=xt, eval_y=yt,
                                 pow2_terms=args.pow2_terms, finetune_epochs=args.finetune_epochs,
