@@ -145,6 +145,13 @@ def candidates(proto: onnx.ModelProto, calibration: np.ndarray | None = None) ->
             for weights in ({"pow2_terms": 2}, {"pow2": False})]
 
 
+def search_settings(**fixed: Any) -> Settings:
+    """The one setting ``she convert --degree 4`` (and the like) searches: the choices
+    ``fixed``, the others as :func:`candidates` makes them (two power-of-two terms per
+    weight, unless ``pow2=False``)."""
+    return Settings(**{**({} if fixed.get("pow2") is False else {"pow2_terms": 2}), **fixed})
+
+
 def worst_fitted(proto: onnx.ModelProto, calibration: np.ndarray) -> tuple[str, ...]:
     """The activations (node names, in graph order) whose degree-2 fit errs most: those
     within a factor :data:`WORST_FIT_RATIO` of the largest root-mean-square error (on a

@@ -159,6 +159,7 @@ def cmd_convert(args: argparse.Namespace) -> dict[str, Any]:
         from converters import convert, save_atomically, search
         from converters.convert import Settings
         from converters.onnx_graph import input_info, load_onnx
+        from converters.search import search_settings
     except ImportError as exc:  # pragma: no cover - converters ships with the package
         raise SheError(f"the converter is not installed: {exc}") from exc
     shape = input_info(load_onnx(args.model))[1]
@@ -205,7 +206,7 @@ def cmd_convert(args: argparse.Namespace) -> dict[str, Any]:
     else:
         proto, report = search(args.model, x, labels, test_x=eval_x, test_y=eval_y,
                                max_drop=args.max_drop, budget=args.budget, seed=args.seed,
-                               settings=[Settings(**fixed)] if fixed else None,
+                               settings=[search_settings(**fixed)] if fixed else None,
                                progress=progress)
     save_atomically(proto, args.output)
     return {"output": args.output, **report.as_dict()}
@@ -528,7 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-pow2", action="store_true", help="keep float weights")
     p.add_argument("--exponent-bits", type=int)
     p.add_argument("--pow2-terms", type=int, choices=(1, 2, 3),
-                   help="powers of two per weight (2: two shifts per weight, less rounding)")
+                   help="powers of two per weight (2: two shifts per weight, less rounding; "
+                   "default 2 as the search's settings, 1 with --fast)")
     p.add_argument("--finetune-epochs", type=int,
                    help="--fast: distillation epochs against the original (needs torch)")
     p.add_argument("--lr", type=float, default=1e-3, help="--fast: fine-tuning learning rate")

@@ -127,3 +127,33 @@ def test_missing_input_file_is_a_clear_error(tmp_path, capsys):
     code, result = _run_json(capsys, "decrypt", "--key", str(tmp_path / "nope.key"),
                              str(tmp_path / "nope.ct"))
     assert code == 2 and "nope.key" in result["error"]
+
+
+def test_convert_with_one_choice_fixed_searches_the_others_as_the_default(
+        monkeypatch, tmp_path, capsys):
+    """``she convert --degree 4`` (no --fast) fine-tunes the search's own setting with that
+    degree: two power-of-two terms per weight, as every default candidate has."""
+    import pytest
+
+    pytest.importorskip("torch", reason="the converter needs the 'convert' extra")
+    import converters
+    from she.errors import SheError
+
+    seen = []
+
+    def fake_search(model, x, y, **kwargs):
+        seen.append(kwargs["settings"])
+        raise SheError("stopped by the test")
+
+    monkeypatch.setattr(converters, "search", fake_search)
+    data = tmp_path / "train.npz"
+    rng = np.random.default_rng(0)
+    np.savez(data, x=rng.random((20, 1, 28, 28), dtype=np.float32),
+             y=rng.integers(0, 10, 20))
+    for flags, expected in ((["--degree", "4"], (4, True, 2)), (["--no-pow2"], (2, False, 1)),
+                            (["--pow2-terms", "3"], (2, True, 3))):
+        code = main(["convert", str(assets.asset_path("mlp_cnn.onnx")), "-o",
+                     str(tmp_path / "out.onnx"), "--train", str(data), *flags])
+        assert code != 0 and "stopped by the test" in capsys.readouterr().err
+        (setting,) = seen.pop()
+        assert (setting.degree, setting.pow2, setting.pow2_terms) == expected
