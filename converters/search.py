@@ -66,7 +66,7 @@ from converters.convert import (
 )
 from she.errors import DataError, ModelError, SheError
 from she.frontend.lowering import Chain, lower
-from she.plan.estimate import LATENCY_MODEL, Estimate, estimate
+from she.plan.estimate import LATENCY_MODEL, Estimate, estimate, physical_memory
 
 #: Default accuracy-drop target (percentage points, on the validation split).
 MAX_DROP = 0.5
@@ -75,6 +75,9 @@ BUDGET = 540.0
 #: Settings are converted and compiled (previewed) until this share of the budget is spent;
 #: the rest are not tried (they come last in :func:`candidates`' order: the costliest).
 PREVIEW_SHARE = 0.5
+#: Peak memory of compiling a batch plan per weight of its lowered model (measured: 22 GiB
+#: for a wide degree-4 model of 70 M weights, 2.8 GiB for its degree-2 twin of 9 M).
+COMPILE_BYTES_PER_WEIGHT = 330
 #: Most multiplicative depth a candidate may add over the degree-2 model's.
 MAX_DEPTH = 6
 #: Degree 4 goes to the activations whose degree-2 fit error is within this factor of the
@@ -409,6 +412,11 @@ class _PreviewClock:
 
     def refuses(self, weights: int) -> str | None:
         """Why a setting of ``weights`` lowered weights is not previewed (None: it is)."""
+        memory = COMPILE_BYTES_PER_WEIGHT * weights
+        have = physical_memory()
+        if have and memory > 0.6 * have:
+            return (f"compiling its {weights:,} weights would take about "
+                    f"{memory / 2**30:.0f} GiB, more than this machine allows")
         now, need = time.monotonic(), self.seconds_per_weight * weights
         if now + need <= self.end:
             return None

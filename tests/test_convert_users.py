@@ -386,7 +386,7 @@ def test_search_skips_a_setting_whose_plan_does_not_fit_memory(mnist, tmp_path, 
         memory[setting.pool_first] = predicted_cost(proto, x[:500]).memory_bytes
     assert memory[True] < 0.7 * memory[False]  # the activations act on 4x fewer values
     limit = (memory[True] + memory[False]) / 2 / 0.6  # the server refuses above 0.6 x memory
-    monkeypatch.setattr(she.plan.estimate, "_physical_memory", lambda: int(limit))
+    monkeypatch.setattr(she.plan.estimate, "physical_memory", lambda: int(limit))
     proto, report = converters.search(str(path), x[:1000], y[:1000], budget=3600, seed=0,
                                       max_epochs=1, progress=False, settings=[deep])
     trials, search = report.search["trials"], report.search
@@ -483,3 +483,17 @@ def test_setting_within_the_target_fine_tunes_on_while_it_improves(mnist, small_
     assert 1 <= chosen["epochs"] <= 3
     assert chosen["val_accuracy"] >= chosen["val_accuracy_converted"]
     assert len(report.finetune_val_accuracy) == chosen["epochs"] + 1
+
+
+def test_preview_clock_refuses_compiles_that_would_not_fit_time_or_memory(monkeypatch):
+    import time
+
+    from converters import search as search_module
+
+    monkeypatch.setattr(search_module, "physical_memory", lambda: 16 * 2**30)
+    clock = search_module._PreviewClock(time.monotonic() + 100)
+    assert clock.refuses(10_000_000) is None  # no rate measured yet, 3 GiB
+    assert "GiB" in clock.refuses(70_000_000)  # about 21 GiB of 16
+    clock.record(1_000_000, 20.0)  # 20 s per million weights
+    assert clock.refuses(1_000_000) is None
+    assert "would take about 200 s" in clock.refuses(10_000_000)

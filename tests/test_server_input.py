@@ -288,6 +288,6 @@ def test_a_plan_too_large_for_memory_is_refused_up_front(toy_plan, monkeypatch):
     import she.plan.estimate
 
     assert toy_plan.describe()["estimated_bytes"]["server_memory_per_request"] > 64 * 2**20 * 0.6
-    monkeypatch.setattr(she.plan.estimate, "_physical_memory", lambda: 64 * 2**20)
+    monkeypatch.setattr(she.plan.estimate, "physical_memory", lambda: 64 * 2**20)
     with pytest.raises(she.ParameterError, match="GiB"):
         she.Server(toy_plan)

@@ -110,7 +110,7 @@ def batch_memory_problem(plan: Plan) -> str | None:
     """Why one batch of ``plan`` does not fit this machine's memory (None when it does): the
     check the server makes before running a plan, and the converter's search before choosing
     a setting (:func:`estimate`)."""
-    need, have = plan.batch_memory_bytes(), _physical_memory()
+    need, have = plan.batch_memory_bytes(), physical_memory()
     if have and need > 0.6 * have:
         return (f"one batch of this plan holds about {need / 2**30:.1f} GiB of ciphertexts, more "
                 f"than this machine's {have / 2**30:.1f} GiB allow; use single packing, or a "
@@ -118,7 +118,7 @@ def batch_memory_problem(plan: Plan) -> str | None:
     return None
 
 
-def _physical_memory() -> int:
+def physical_memory() -> int:
     """Bytes of physical memory (0 if unknown)."""
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

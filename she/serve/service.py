@@ -43,7 +43,7 @@ from starlette.concurrency import run_in_threadpool
 from .. import __version__
 from ..errors import ParameterError, SecurityError, SheError
 from ..io.context import MAX_CONTEXT_BYTES
-from ..plan.estimate import _physical_memory
+from ..plan.estimate import physical_memory
 from ..server import EvaluationKeys, Server
 from .slow_clients import HEADER_TIMEOUT, header_timeout_protocol
 from .workers import Busy, WorkerDied, WorkerPool, WorkerTimeout
@@ -62,7 +62,7 @@ log = logging.getLogger("she.serve.service")
 def default_key_memory() -> int:
     """Default budget for session keys: a quarter of the machine's memory (1 GiB if it
     cannot be read)."""
-    return _physical_memory() // 4 or 1 << 30
+    return physical_memory() // 4 or 1 << 30
 
 
 @dataclass
