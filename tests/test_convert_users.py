@@ -486,10 +486,10 @@ def test_setting_within_the_target_fine_tunes_on_while_it_improves(mnist, small_
 
 
 def test_preview_clock_refuses_compiles_that_would_not_fit_time_or_memory(monkeypatch):
-    import sys
+    import importlib
     import time
 
-    search_module = sys.modules["converters.search"]
+    search_module = importlib.import_module("converters.search")
     monkeypatch.setattr(search_module, "physical_memory", lambda: 16 * 2**30)
     clock = search_module._PreviewClock(time.monotonic() + 100)
     assert clock.refuses(10_000_000) is None  # no rate measured yet, 3 GiB
