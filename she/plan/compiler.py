@@ -29,7 +29,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -470,6 +470,24 @@ def _with_data(matrix: sp.csr_matrix, data: np.ndarray) -> sp.csr_matrix:
     return sp.csr_matrix((data, matrix.indices.copy(), matrix.indptr.copy()), shape=matrix.shape)
 
 
+def _same_pattern(matrix: sp.csr_matrix, data: np.ndarray) -> sp.csr_matrix:
+    """A sparse matrix of ``matrix``'s (canonical) pattern holding ``data``, *sharing*
+    ``matrix``'s index arrays: for the compiler's read-only intermediates, where every rung's
+    weights of one layer have one pattern (a wide layer's indices are most of its bytes)."""
+    out = sp.csr_matrix((data, matrix.indices, matrix.indptr), shape=matrix.shape, copy=False)
+    out.has_canonical_format = True
+    return out
+
+
+def _canonical(matrix: sp.spmatrix) -> sp.csr_matrix:
+    """``matrix`` as CSR with sorted indices and no duplicates (itself when it is)."""
+    if sp.isspmatrix_csr(matrix) and matrix.has_canonical_format:
+        return matrix
+    matrix = sp.csr_matrix(matrix, copy=True)
+    matrix.sum_duplicates()
+    return matrix
+
+
 def quantise(matrix: np.ndarray | sp.spmatrix, weight_bits: int,
              max_shift: int | None = None) -> tuple[np.ndarray, int, np.ndarray]:
     """Integer weights ``W_int`` and shift ``f`` with ``W ~= W_int * 2^-f``.
@@ -482,8 +500,7 @@ def quantise(matrix: np.ndarray | sp.spmatrix, weight_bits: int,
     ``(W_int, f, abs_error)``, sparse (of the same pattern) for a sparse ``matrix``.
     """
     if sp.issparse(matrix):
-        matrix = sp.csr_matrix(matrix, copy=True)
-        matrix.sum_duplicates()  # canonical: sorted indices, no duplicates
+        matrix = _canonical(matrix)
         w_int, f, err = quantise(matrix.data, weight_bits, max_shift)
         return _with_data(matrix, w_int), f, _with_data(matrix, err)
     amax = float(np.abs(matrix).max(initial=0.0))
@@ -619,7 +636,10 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
                 f"(input shape {chain.input_shape}), got array of shape {cal.shape}"
             )
         evaluated = chain.evaluate(cal.reshape(len(cal), -1))
-    for (s_bits, w_bits, guard), fit in itertools.product(ladder, fits):
+    for rung, ((s_bits, w_bits, guard), fit) in enumerate(itertools.product(ladder, fits)):
+        # only what later rungs read stays (a wide layer's quantisation is large)
+        _forget_quantised(memo, {w for _, w, _ in ladder[rung // len(fits):]})
+        plan = None  # the previous rung's, unless it is the best
         if fit and all(f <= _rescale_cap(s_bits)
                        for _, f, _ in _quantised(chain, w_bits, None, memo)[:-1]):
             continue  # every hidden layer's rescale fits one prime already
@@ -640,7 +660,7 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
                 budget_flooding(plan, circuit_privacy,
                                 None if evaluated is None else evaluated[1][-1])
         except ParameterError as exc:
-            failure = exc
+            failure = exc.with_traceback(None)  # not the failed rung's frames and arrays
             continue
         # Cheapest first: ring size, number of primes, modulus bits (earlier rungs win ties).
         if best is None or _cost(plan) < _cost(best):
@@ -832,7 +852,7 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
     params = EncryptionParameters("ckks", ring, tuple(modulus_bits), security)
 
     layers = []
-    for k, (layer, (w_int, f, err)) in enumerate(zip(chain.layers, quantised, strict=True)):
+    for k, (layer, (w_int, f, error)) in enumerate(zip(chain.layers, quantised, strict=True)):
         layers.append(PlanLayer(
             weights=w_int * (1 << (shifts[k] - f)),
             shift=shifts[k],
@@ -841,8 +861,7 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
             out_shape=layer.out_shape,
             rescale_primes=len(group_parts[depths[k]]) if k < last else 0,
             value_bound=float(bounds[k].max(initial=0.0)),
-            weight_error=float(err.max(initial=0.0)) if not sp.issparse(err) else
-            float(err.max()) if err.nnz else 0.0,
+            weight_error=error,
             sources=layer.sources,
             early_sources=tuple(s for s in layer.sources if k in early and
                                 chain.source_depths[s] < depths[k] - 1),
@@ -873,15 +892,41 @@ def _rescale_cap(scale_bits: int) -> int:
     return (MAX_CT_PRIME_BITS - scale_bits) // 2
 
 
+class _Quantised(NamedTuple):
+    """One layer's :func:`quantise`, as the rungs keep it: the integer weights (sparse ones
+    share the index arrays of the layer's canonical matrix), the shift, and the largest
+    absolute rounding error (the error matrix itself is recomputed only when the error
+    model needs it, :func:`_weight_errors`)."""
+
+    weights: np.ndarray | sp.csr_matrix
+    shift: int
+    error: float
+
+
 def _quantised(chain: Chain, weight_bits: int, cap: int | None,
-               memo: dict[Any, Any]) -> list[tuple[np.ndarray, int, np.ndarray]]:
+               memo: dict[Any, Any]) -> list[_Quantised]:
     """:func:`quantise` of every layer (hidden layers' shifts at most ``cap``), memoised."""
-    if ("quantised", weight_bits, cap) not in memo:
+    key = ("quantised", weight_bits, cap)
+    if key not in memo:
         last = len(chain.layers) - 1
-        memo["quantised", weight_bits, cap] = [
-            quantise(layer.matrix, weight_bits, None if k == last else cap)
-            for k, layer in enumerate(chain.layers)]
-    return memo["quantised", weight_bits, cap]
+        memo[key] = []
+        for k, layer in enumerate(chain.layers):
+            matrix = layer.matrix
+            if sp.issparse(matrix):
+                if ("canonical", k) not in memo:
+                    memo["canonical", k] = _canonical(matrix)
+                matrix = memo["canonical", k].data
+            w_int, f, err = quantise(matrix, weight_bits, None if k == last else cap)
+            if sp.issparse(layer.matrix):
+                w_int = _same_pattern(memo["canonical", k], w_int)
+            memo[key].append(_Quantised(w_int, f, float(err.max(initial=0.0))))
+    return memo[key]
+
+
+def _forget_quantised(memo: dict[Any, Any], keep: set[int]) -> None:
+    """Drop the memoised quantisations whose ``weight_bits`` no later rung uses."""
+    for key in [key for key in memo if key[0] == "quantised" and key[1] not in keep]:
+        del memo[key]
 
 
 def _depth_shifts(needed: list[int], depths: list[int]) -> list[int]:
@@ -954,10 +999,10 @@ def _mixed(chain: Chain, k: int) -> bool:
     return len({chain.source_depths[s] for s in chain.layers[k].sources}) > 1
 
 
-def _align(plan: Plan, quantised: list[tuple[np.ndarray, int, np.ndarray]]
-           ) -> list[tuple[np.ndarray | sp.spmatrix, np.ndarray | sp.spmatrix]]:
+def _align(plan: Plan, quantised: list[_Quantised]) -> list[np.ndarray | sp.spmatrix]:
     """Align the scales of the sources each layer adds (skip connections), in place, and
-    return every layer's effective real weights and absolute weight error.
+    return every layer's effective real weights (:func:`_weight_errors` gives their
+    absolute error).
 
     A layer works at the level and scale of its reference source (:meth:`Plan.sources`);
     the columns reading source ``s`` get the ratio ``r = scale_ref / scale_s`` folded into
@@ -969,13 +1014,14 @@ def _align(plan: Plan, quantised: list[tuple[np.ndarray, int, np.ndarray]]
     """
     _, scales, refs = plan.sources()
     out = []
-    for k, (layer, (w_int, f, err)) in enumerate(zip(plan.layers, quantised, strict=True)):
+    for k, (layer, (w_int, f, _)) in enumerate(zip(plan.layers, quantised, strict=True)):
         real = plan.chain.layers[k].matrix
         # single packing encodes the ratio into the diagonals instead (Plan.diagonal_scales)
         ratios = [1.0 if s in layer.early_sources or plan.packing == "single"
                   else scales[refs[k]] / scales[s] for s in layer.sources]
         if all(r == 1.0 for r in ratios):
-            out.append((w_int * 2.0 ** -f, err))
+            out.append(_same_pattern(w_int, w_int.data * 2.0 ** -f) if sp.issparse(w_int)
+                       else w_int * 2.0 ** -f)
             continue
         sizes = [plan.chain.source_sizes[s] for s in layer.sources]
         column = np.repeat(np.asarray(ratios), sizes)
@@ -984,10 +1030,26 @@ def _align(plan: Plan, quantised: list[tuple[np.ndarray, int, np.ndarray]]
         weights.data = np.round(weights.data)
         layer.weights = weights.astype(np.int64)
         effective = weights @ sp.diags(2.0 ** -layer.shift / column)
-        error = abs(sp.csr_matrix(real) - effective)
+        error = _weight_errors(real, effective)
         layer.weight_error = float(error.max()) if error.nnz else 0.0
-        out.append((effective, error))
+        out.append(effective)
     return out
+
+
+def _weight_errors(real: np.ndarray | sp.spmatrix, effective: np.ndarray | sp.spmatrix
+                   ) -> np.ndarray | sp.csr_matrix:
+    """The absolute weight error ``|real - effective|`` of a layer (sparse: entry by entry
+    when both have one canonical pattern, which then holds the error, explicit zeros
+    included)."""
+    if not sp.issparse(effective):
+        return np.abs(real - effective)
+    real = sp.csr_matrix(real)
+    if (effective.has_canonical_format and real.has_canonical_format
+            and real.shape == effective.shape and real.nnz == effective.nnz
+            and np.array_equal(real.indptr, effective.indptr)
+            and np.array_equal(real.indices, effective.indices)):
+        return _same_pattern(effective, np.abs(real.data - effective.data))
+    return abs(real - effective)
 
 
 def _ring_for(total_bits: int, security: int, chain: Chain, scale_bits: int) -> int:
@@ -1005,8 +1067,7 @@ def _ring_for(total_bits: int, security: int, chain: Chain, scale_bits: int) -> 
             "activations on the longest path) or the scale") from None
 
 
-def _fold_vanished_units(plan: Plan, effective: list[tuple[np.ndarray | sp.spmatrix, Any]]
-                         ) -> None:
+def _fold_vanished_units(plan: Plan, effective: list[np.ndarray | sp.spmatrix]) -> None:
     """Batch packing: :func:`fold_constant_units` for the hidden units whose integer weights
     all round to zero (the folded chain has none with zero real weights), in place. Such a
     unit's value is its bias; its square, through the reader's ``effective`` real weights,
@@ -1022,7 +1083,7 @@ def _fold_vanished_units(plan: Plan, effective: list[tuple[np.ndarray | sp.spmat
             if k + 1 not in reader.sources:
                 continue
             columns = sum(sizes[s] for s in reader.sources if s < k + 1) + constant
-            reader.bias = reader.bias + np.asarray(effective[i][0][:, columns] @ squares).ravel()
+            reader.bias = reader.bias + np.asarray(effective[i][:, columns] @ squares).ravel()
             reader.weights = _without_columns(reader.weights, columns)
 
 
@@ -1109,12 +1170,12 @@ def _single_products(quantised: list[tuple[np.ndarray, int, np.ndarray]], scale_
     return products, shifts
 
 
-def _quantisation_deviation(chain: Chain, effective: list[tuple[np.ndarray, np.ndarray]],
+def _quantisation_deviation(chain: Chain, effective: list[np.ndarray | sp.spmatrix],
                             cal: np.ndarray, outputs: np.ndarray) -> float:
     """Largest |output change| that weight quantisation causes on the calibration samples
     (``outputs``: the float model's outputs for them)."""
     rounded = Chain([Affine(real, layer.bias, layer.out_shape, layer.sources)
-                     for layer, (real, _) in zip(chain.layers, effective, strict=True)],
+                     for layer, real in zip(chain.layers, effective, strict=True)],
                     chain.input_shape)
     return float(np.abs(rounded.run(cal) - outputs).max(initial=0.0))
 
@@ -1137,7 +1198,7 @@ def _error_samples(inputs: list[np.ndarray],
     return inputs, acts
 
 
-def _set_predicted_error(plan: Plan, effective: list[tuple[np.ndarray, np.ndarray]],
+def _set_predicted_error(plan: Plan, effective: list[np.ndarray | sp.spmatrix],
                          samples: tuple[list[np.ndarray], list[np.ndarray]],
                          deviation: float | None) -> None:
     """Set ``plan.predicted_error``, a 6-sigma estimate of the absolute error of the
@@ -1157,9 +1218,9 @@ def _set_predicted_error(plan: Plan, effective: list[tuple[np.ndarray, np.ndarra
     the noise variances (the square of an error, second order, is left out), so the inputs'
     share is followed apart and choosing the dropped bits costs nothing. ``deviation``: the
     weight-quantisation error measured on calibration samples (with a margin), added.
-    ``effective``: every layer's real weights as the plan computes them, and their absolute
-    rounding error. In a graph the variances are followed per source, and a layer's input
-    is its sources' side by side.
+    ``effective``: every layer's real weights as the plan computes them (their absolute
+    rounding error: :func:`_weight_errors`). In a graph the variances are followed per
+    source, and a layer's input is its sources' side by side.
     """
     n = plan.params.poly_modulus_degree
     # Coefficient variance of a rounding that also multiplies the secret (a rescale, or a
@@ -1176,7 +1237,7 @@ def _set_predicted_error(plan: Plan, effective: list[tuple[np.ndarray, np.ndarra
     # per source: variance from everything but the inputs' noise, and per unit of the latter
     rests = [np.zeros((samples_n, chain.source_sizes[0]))]
     gains = [np.ones((samples_n, chain.source_sizes[0]))]
-    for k, (real, w_err) in enumerate(effective):
+    for k, real in enumerate(effective):
         squared = _squared(real)
         rest = _applied(squared, chain.layer_input(rests, k))
         gain = _applied(squared, chain.layer_input(gains, k))
@@ -1184,6 +1245,7 @@ def _set_predicted_error(plan: Plan, effective: list[tuple[np.ndarray, np.ndarra
         # bias rounding, and the rounding of every early rescale
         rest = rest + 0.25 / s_out ** 2 + len(plan.layers[k].early_sources) * rescale / s_out ** 2
         if deviation is None:  # rounding errors of known size, their signs independent
+            w_err = _weight_errors(chain.layers[k].matrix, real)
             rest = rest + _applied(_squared(w_err), inputs[k] ** 2)
         if plan.packing == "single":  # every block's diagonals, over its source's values
             start = 0
