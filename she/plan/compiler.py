@@ -88,6 +88,9 @@ SIGMAS = 6.0
 ERROR_SAMPLES = 64
 #: How many bits beyond ``weight_bits`` an exactly representable layer may use.
 EXACT_EXTRA_BITS = 8
+#: :func:`quantise` tries a shift on this many weights before all of them (most shifts of
+#: weights that are not exact fail on the first few).
+EXACT_PROBE = 4096
 #: (scale_bits, weight_bits) settings tried in order when the caller fixes neither.
 PRECISION_LADDER = ((26, 12), (28, 14), (30, 16), (32, 18))
 #: The same for single packing, with the guard bits of the diagonals' encoding third
@@ -511,7 +514,10 @@ def quantise(matrix: np.ndarray | sp.spmatrix, weight_bits: int,
         f_approx + EXACT_EXTRA_BITS, max_shift)
     # Exact power-of-two / fixed-point weights may span a few more bits than weight_bits:
     # exactness is worth a larger shift (the kernel splits wide integers into digits).
+    probe = np.ravel(matrix)[:EXACT_PROBE]  # a shift that fails on it fails on all
     for f in range(min(0, f_approx), most + 1):
+        if not np.array_equal(probe * 2.0 ** f, np.round(probe * 2.0 ** f)):
+            continue
         scaled = matrix * 2.0 ** f
         if np.array_equal(scaled, np.round(scaled)):
             return scaled.astype(np.int64), f, np.zeros(matrix.shape)
