@@ -649,12 +649,16 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
         if fit and all(f <= _rescale_cap(s_bits)
                        for _, f, _ in _quantised(chain, w_bits, None, memo)[:-1]):
             continue  # every hidden layer's rescale fits one prime already
+        # Cheapest first: ring size, number of primes, modulus bits (earlier rungs win ties),
+        # so a rung whose parameters cost no less than the best plan's stops there.
+        limit = None if best is None else _cost(best.params)
         try:
             plan = _compile_once(model, chain, scheme, packing, calibration, s_bits, w_bits,
                                  security, poly_modulus_degree, range_margin, name, layouts,
                                  evaluated, skip_alignment, memo, guard_bits=guard,
-                                 fit_rescale=fit)
-            if circuit_privacy is not None:  # the output primes must also hold the flooding
+                                 fit_rescale=fit, cheaper_than=limit)
+            if plan is not None and circuit_privacy is not None:
+                # the output primes must also hold the flooding
                 from ..runtime.privacy import budget_flooding, flooding_headroom_bits
 
                 extra = flooding_headroom_bits(plan, circuit_privacy)
@@ -662,14 +666,14 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
                     plan = _compile_once(model, chain, scheme, packing, calibration, s_bits,
                                          w_bits, security, poly_modulus_degree, range_margin,
                                          name, layouts, evaluated, skip_alignment, memo, extra,
-                                         guard, fit)
-                budget_flooding(plan, circuit_privacy,
-                                None if evaluated is None else evaluated[1][-1])
+                                         guard, fit, cheaper_than=limit)
+                if plan is not None:
+                    budget_flooding(plan, circuit_privacy,
+                                    None if evaluated is None else evaluated[1][-1])
         except ParameterError as exc:
             failure = exc.with_traceback(None)  # not the failed rung's frames and arrays
             continue
-        # Cheapest first: ring size, number of primes, modulus bits (earlier rungs win ties).
-        if best is None or _cost(plan) < _cost(best):
+        if plan is not None:
             best = plan
     if best is None:
         assert failure is not None
@@ -751,8 +755,9 @@ def _dense_chain(chain: Chain, what: str) -> Chain:
         raise ParameterError(f"{what}: {exc}; use batch packing") from exc
 
 
-def _cost(plan: Plan) -> tuple[int, int, int]:
-    return plan.params.poly_modulus_degree, len(plan.params.primes), plan.params.total_bits
+def _cost(params: EncryptionParameters) -> tuple[int, int, int]:
+    """What the ladder minimises: ring size, then number of primes, then modulus bits."""
+    return params.poly_modulus_degree, len(params.primes), params.total_bits
 
 
 def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
@@ -763,7 +768,8 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
                   skip_alignment: str = "auto",
                   memo: dict[Any, Any] | None = None,
                   extra_output_bits: int = 0, guard_bits: int | None = None,
-                  fit_rescale: bool = False) -> Plan:
+                  fit_rescale: bool = False,
+                  cheaper_than: tuple[int, int, int] | None = None) -> Plan | None:
     """One rung of the precision ladder. ``layouts``: single packing's slot layouts by slot
     count (placed from the float weights, whose non-zero pattern holds that of any
     quantisation; filled on first use). ``evaluated``: :meth:`Chain.evaluate` of the
@@ -775,7 +781,9 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
     hidden layer to at most the shift whose rescale fits one prime
     (:data:`MAX_CT_PRIME_BITS`), instead of keeping exact weights that need two (fewer
     primes: every square, key switch and kernel works on fewer limbs; the rounding is
-    counted in the predicted error like any weight quantisation)."""
+    counted in the predicted error like any weight quantisation). ``cheaper_than``: a
+    :func:`_cost` this rung must beat: None (nothing built, no error measured) when its
+    parameters do not."""
     memo = {} if memo is None else memo
     if not 16 <= scale_bits <= 40:
         raise ParameterError(f"scale_bits={scale_bits} is outside the supported range 16..40")
@@ -856,6 +864,8 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
     group_parts = {depths[k]: _split_bits(scale_bits + 2 * (0 if product_bits[k] else shifts[k]),
                                           max_prime) for k in range(last)}
     params = EncryptionParameters("ckks", ring, tuple(modulus_bits), security)
+    if cheaper_than is not None and _cost(params) >= cheaper_than:
+        return None
 
     layers = []
     for k, (layer, (w_int, f, error)) in enumerate(zip(chain.layers, quantised, strict=True)):
