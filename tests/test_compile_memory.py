@@ -23,13 +23,14 @@ from she.frontend.model import from_proto
 from she.io.data import load_idx_dataset
 from she.plan import compiler
 
-#: Bound on the compile's traced peak, in units of the lowered chain's non-zeros times 8
-#: bytes (one float64 per weight). Measured on the model below (20 calibration images):
-#: 33.9 before the change, 11.8 after: the chain (1.5: float64 data and int32 indices), the
-#: current weight_bits' two quantisations (2: int64 data sharing the chain's indices), the
-#: best and the current rung's plan weights (3), effective weights (1), the error model's
-#: squares of one layer (1.5) and the calibration activations. The 22 GiB compile of a
-#: 70 M-weight CNN was ~40.
+#: Bound on the compile's traced peak (the chain is lowered before tracing starts), in units
+#: of the lowered chain's non-zeros times 8 bytes (one float64 per weight). Measured on the
+#: model below (20 calibration images): 33.9 before the change (every rung's quantisation
+#: with its error matrix, 2 x 12 bytes a weight, and its plan's copies), 9.8 after: the
+#: current weight_bits' two quantisations (int64 data sharing the chain's indices: 2), the
+#: best and the current rung's plan weights (int64 and int32 indices: 3), effective weights
+#: (1), one layer's squares in the error model (1.5), the quantised model's activations. The
+#: 22 GiB compile of a 70 M-weight CNN was about 40.
 PEAK_PER_WEIGHT = 16
 CALIBRATION = 20
 
