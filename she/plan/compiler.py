@@ -29,7 +29,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -88,6 +88,9 @@ SIGMAS = 6.0
 ERROR_SAMPLES = 64
 #: How many bits beyond ``weight_bits`` an exactly representable layer may use.
 EXACT_EXTRA_BITS = 8
+#: :func:`quantise` tries a shift on this many weights before all of them (most shifts of
+#: weights that are not exact fail on the first few).
+EXACT_PROBE = 4096
 #: (scale_bits, weight_bits) settings tried in order when the caller fixes neither.
 PRECISION_LADDER = ((26, 12), (28, 14), (30, 16), (32, 18))
 #: The same for single packing, with the guard bits of the diagonals' encoding third
@@ -470,6 +473,24 @@ def _with_data(matrix: sp.csr_matrix, data: np.ndarray) -> sp.csr_matrix:
     return sp.csr_matrix((data, matrix.indices.copy(), matrix.indptr.copy()), shape=matrix.shape)
 
 
+def _same_pattern(matrix: sp.csr_matrix, data: np.ndarray) -> sp.csr_matrix:
+    """A sparse matrix of ``matrix``'s (canonical) pattern holding ``data``, *sharing*
+    ``matrix``'s index arrays: for the compiler's read-only intermediates, where every rung's
+    weights of one layer have one pattern (a wide layer's indices are most of its bytes)."""
+    out = sp.csr_matrix((data, matrix.indices, matrix.indptr), shape=matrix.shape, copy=False)
+    out.has_canonical_format = True
+    return out
+
+
+def _canonical(matrix: sp.spmatrix) -> sp.csr_matrix:
+    """``matrix`` as CSR with sorted indices and no duplicates (itself when it is)."""
+    if sp.isspmatrix_csr(matrix) and matrix.has_canonical_format:
+        return matrix
+    matrix = sp.csr_matrix(matrix, copy=True)
+    matrix.sum_duplicates()
+    return matrix
+
+
 def quantise(matrix: np.ndarray | sp.spmatrix, weight_bits: int,
              max_shift: int | None = None) -> tuple[np.ndarray, int, np.ndarray]:
     """Integer weights ``W_int`` and shift ``f`` with ``W ~= W_int * 2^-f``.
@@ -482,8 +503,7 @@ def quantise(matrix: np.ndarray | sp.spmatrix, weight_bits: int,
     ``(W_int, f, abs_error)``, sparse (of the same pattern) for a sparse ``matrix``.
     """
     if sp.issparse(matrix):
-        matrix = sp.csr_matrix(matrix, copy=True)
-        matrix.sum_duplicates()  # canonical: sorted indices, no duplicates
+        matrix = _canonical(matrix)
         w_int, f, err = quantise(matrix.data, weight_bits, max_shift)
         return _with_data(matrix, w_int), f, _with_data(matrix, err)
     amax = float(np.abs(matrix).max(initial=0.0))
@@ -494,7 +514,10 @@ def quantise(matrix: np.ndarray | sp.spmatrix, weight_bits: int,
         f_approx + EXACT_EXTRA_BITS, max_shift)
     # Exact power-of-two / fixed-point weights may span a few more bits than weight_bits:
     # exactness is worth a larger shift (the kernel splits wide integers into digits).
+    probe = np.ravel(matrix)[:EXACT_PROBE]  # a shift that fails on it fails on all
     for f in range(min(0, f_approx), most + 1):
+        if not np.array_equal(probe * 2.0 ** f, np.round(probe * 2.0 ** f)):
+            continue
         scaled = matrix * 2.0 ** f
         if np.array_equal(scaled, np.round(scaled)):
             return scaled.astype(np.int64), f, np.zeros(matrix.shape)
@@ -619,16 +642,23 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
                 f"(input shape {chain.input_shape}), got array of shape {cal.shape}"
             )
         evaluated = chain.evaluate(cal.reshape(len(cal), -1))
-    for (s_bits, w_bits, guard), fit in itertools.product(ladder, fits):
+    for rung, ((s_bits, w_bits, guard), fit) in enumerate(itertools.product(ladder, fits)):
+        # only what later rungs read stays (a wide layer's quantisation is large)
+        _forget_quantised(memo, {w for _, w, _ in ladder[rung // len(fits):]})
+        plan = None  # the previous rung's, unless it is the best
         if fit and all(f <= _rescale_cap(s_bits)
                        for _, f, _ in _quantised(chain, w_bits, None, memo)[:-1]):
             continue  # every hidden layer's rescale fits one prime already
+        # Cheapest first: ring size, number of primes, modulus bits (earlier rungs win ties),
+        # so a rung whose parameters cost no less than the best plan's stops there.
+        limit = None if best is None else _cost(best.params)
         try:
             plan = _compile_once(model, chain, scheme, packing, calibration, s_bits, w_bits,
                                  security, poly_modulus_degree, range_margin, name, layouts,
                                  evaluated, skip_alignment, memo, guard_bits=guard,
-                                 fit_rescale=fit)
-            if circuit_privacy is not None:  # the output primes must also hold the flooding
+                                 fit_rescale=fit, cheaper_than=limit)
+            if plan is not None and circuit_privacy is not None:
+                # the output primes must also hold the flooding
                 from ..runtime.privacy import budget_flooding, flooding_headroom_bits
 
                 extra = flooding_headroom_bits(plan, circuit_privacy)
@@ -636,14 +666,14 @@ def compile(  # noqa: A001 - the public name mirrors the documented API ``she.co
                     plan = _compile_once(model, chain, scheme, packing, calibration, s_bits,
                                          w_bits, security, poly_modulus_degree, range_margin,
                                          name, layouts, evaluated, skip_alignment, memo, extra,
-                                         guard, fit)
-                budget_flooding(plan, circuit_privacy,
-                                None if evaluated is None else evaluated[1][-1])
+                                         guard, fit, cheaper_than=limit)
+                if plan is not None:
+                    budget_flooding(plan, circuit_privacy,
+                                    None if evaluated is None else evaluated[1][-1])
         except ParameterError as exc:
-            failure = exc
+            failure = exc.with_traceback(None)  # not the failed rung's frames and arrays
             continue
-        # Cheapest first: ring size, number of primes, modulus bits (earlier rungs win ties).
-        if best is None or _cost(plan) < _cost(best):
+        if plan is not None:
             best = plan
     if best is None:
         assert failure is not None
@@ -725,8 +755,9 @@ def _dense_chain(chain: Chain, what: str) -> Chain:
         raise ParameterError(f"{what}: {exc}; use batch packing") from exc
 
 
-def _cost(plan: Plan) -> tuple[int, int, int]:
-    return plan.params.poly_modulus_degree, len(plan.params.primes), plan.params.total_bits
+def _cost(params: EncryptionParameters) -> tuple[int, int, int]:
+    """What the ladder minimises: ring size, then number of primes, then modulus bits."""
+    return params.poly_modulus_degree, len(params.primes), params.total_bits
 
 
 def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
@@ -737,7 +768,8 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
                   skip_alignment: str = "auto",
                   memo: dict[Any, Any] | None = None,
                   extra_output_bits: int = 0, guard_bits: int | None = None,
-                  fit_rescale: bool = False) -> Plan:
+                  fit_rescale: bool = False,
+                  cheaper_than: tuple[int, int, int] | None = None) -> Plan | None:
     """One rung of the precision ladder. ``layouts``: single packing's slot layouts by slot
     count (placed from the float weights, whose non-zero pattern holds that of any
     quantisation; filled on first use). ``evaluated``: :meth:`Chain.evaluate` of the
@@ -749,7 +781,9 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
     hidden layer to at most the shift whose rescale fits one prime
     (:data:`MAX_CT_PRIME_BITS`), instead of keeping exact weights that need two (fewer
     primes: every square, key switch and kernel works on fewer limbs; the rounding is
-    counted in the predicted error like any weight quantisation)."""
+    counted in the predicted error like any weight quantisation). ``cheaper_than``: a
+    :func:`_cost` this rung must beat: None (nothing built, no error measured) when its
+    parameters do not."""
     memo = {} if memo is None else memo
     if not 16 <= scale_bits <= 40:
         raise ParameterError(f"scale_bits={scale_bits} is outside the supported range 16..40")
@@ -830,9 +864,11 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
     group_parts = {depths[k]: _split_bits(scale_bits + 2 * (0 if product_bits[k] else shifts[k]),
                                           max_prime) for k in range(last)}
     params = EncryptionParameters("ckks", ring, tuple(modulus_bits), security)
+    if cheaper_than is not None and _cost(params) >= cheaper_than:
+        return None
 
     layers = []
-    for k, (layer, (w_int, f, err)) in enumerate(zip(chain.layers, quantised, strict=True)):
+    for k, (layer, (w_int, f, error)) in enumerate(zip(chain.layers, quantised, strict=True)):
         layers.append(PlanLayer(
             weights=w_int * (1 << (shifts[k] - f)),
             shift=shifts[k],
@@ -841,8 +877,7 @@ def _compile_once(model: Model | Chain, chain: Chain, scheme: str, packing: str,
             out_shape=layer.out_shape,
             rescale_primes=len(group_parts[depths[k]]) if k < last else 0,
             value_bound=float(bounds[k].max(initial=0.0)),
-            weight_error=float(err.max(initial=0.0)) if not sp.issparse(err) else
-            float(err.max()) if err.nnz else 0.0,
+            weight_error=error,
             sources=layer.sources,
             early_sources=tuple(s for s in layer.sources if k in early and
                                 chain.source_depths[s] < depths[k] - 1),
@@ -873,15 +908,41 @@ def _rescale_cap(scale_bits: int) -> int:
     return (MAX_CT_PRIME_BITS - scale_bits) // 2
 
 
+class _Quantised(NamedTuple):
+    """One layer's :func:`quantise`, as the rungs keep it: the integer weights (sparse ones
+    share the index arrays of the layer's canonical matrix), the shift, and the largest
+    absolute rounding error (the error matrix itself is recomputed only when the error
+    model needs it, :func:`_weight_errors`)."""
+
+    weights: np.ndarray | sp.csr_matrix
+    shift: int
+    error: float
+
+
 def _quantised(chain: Chain, weight_bits: int, cap: int | None,
-               memo: dict[Any, Any]) -> list[tuple[np.ndarray, int, np.ndarray]]:
+               memo: dict[Any, Any]) -> list[_Quantised]:
     """:func:`quantise` of every layer (hidden layers' shifts at most ``cap``), memoised."""
-    if ("quantised", weight_bits, cap) not in memo:
+    key = ("quantised", weight_bits, cap)
+    if key not in memo:
         last = len(chain.layers) - 1
-        memo["quantised", weight_bits, cap] = [
-            quantise(layer.matrix, weight_bits, None if k == last else cap)
-            for k, layer in enumerate(chain.layers)]
-    return memo["quantised", weight_bits, cap]
+        memo[key] = []
+        for k, layer in enumerate(chain.layers):
+            matrix = layer.matrix
+            if sp.issparse(matrix):
+                if ("canonical", k) not in memo:
+                    memo["canonical", k] = _canonical(matrix)
+                matrix = memo["canonical", k].data
+            w_int, f, err = quantise(matrix, weight_bits, None if k == last else cap)
+            if sp.issparse(layer.matrix):
+                w_int = _same_pattern(memo["canonical", k], w_int)
+            memo[key].append(_Quantised(w_int, f, float(err.max(initial=0.0))))
+    return memo[key]
+
+
+def _forget_quantised(memo: dict[Any, Any], keep: set[int]) -> None:
+    """Drop the memoised quantisations whose ``weight_bits`` no later rung uses."""
+    for key in [key for key in memo if key[0] == "quantised" and key[1] not in keep]:
+        del memo[key]
 
 
 def _depth_shifts(needed: list[int], depths: list[int]) -> list[int]:
@@ -954,10 +1015,10 @@ def _mixed(chain: Chain, k: int) -> bool:
     return len({chain.source_depths[s] for s in chain.layers[k].sources}) > 1
 
 
-def _align(plan: Plan, quantised: list[tuple[np.ndarray, int, np.ndarray]]
-           ) -> list[tuple[np.ndarray | sp.spmatrix, np.ndarray | sp.spmatrix]]:
+def _align(plan: Plan, quantised: list[_Quantised]) -> list[np.ndarray | sp.spmatrix]:
     """Align the scales of the sources each layer adds (skip connections), in place, and
-    return every layer's effective real weights and absolute weight error.
+    return every layer's effective real weights (:func:`_weight_errors` gives their
+    absolute error).
 
     A layer works at the level and scale of its reference source (:meth:`Plan.sources`);
     the columns reading source ``s`` get the ratio ``r = scale_ref / scale_s`` folded into
@@ -969,13 +1030,14 @@ def _align(plan: Plan, quantised: list[tuple[np.ndarray, int, np.ndarray]]
     """
     _, scales, refs = plan.sources()
     out = []
-    for k, (layer, (w_int, f, err)) in enumerate(zip(plan.layers, quantised, strict=True)):
+    for k, (layer, (w_int, f, _)) in enumerate(zip(plan.layers, quantised, strict=True)):
         real = plan.chain.layers[k].matrix
         # single packing encodes the ratio into the diagonals instead (Plan.diagonal_scales)
         ratios = [1.0 if s in layer.early_sources or plan.packing == "single"
                   else scales[refs[k]] / scales[s] for s in layer.sources]
         if all(r == 1.0 for r in ratios):
-            out.append((w_int * 2.0 ** -f, err))
+            out.append(_same_pattern(w_int, w_int.data * 2.0 ** -f) if sp.issparse(w_int)
+                       else w_int * 2.0 ** -f)
             continue
         sizes = [plan.chain.source_sizes[s] for s in layer.sources]
         column = np.repeat(np.asarray(ratios), sizes)
@@ -984,10 +1046,26 @@ def _align(plan: Plan, quantised: list[tuple[np.ndarray, int, np.ndarray]]
         weights.data = np.round(weights.data)
         layer.weights = weights.astype(np.int64)
         effective = weights @ sp.diags(2.0 ** -layer.shift / column)
-        error = abs(sp.csr_matrix(real) - effective)
+        error = _weight_errors(real, effective)
         layer.weight_error = float(error.max()) if error.nnz else 0.0
-        out.append((effective, error))
+        out.append(effective)
     return out
+
+
+def _weight_errors(real: np.ndarray | sp.spmatrix, effective: np.ndarray | sp.spmatrix
+                   ) -> np.ndarray | sp.csr_matrix:
+    """The absolute weight error ``|real - effective|`` of a layer (sparse: entry by entry
+    when both have one canonical pattern, which then holds the error, explicit zeros
+    included)."""
+    if not sp.issparse(effective):
+        return np.abs(real - effective)
+    real = sp.csr_matrix(real)
+    if (effective.has_canonical_format and real.has_canonical_format
+            and real.shape == effective.shape and real.nnz == effective.nnz
+            and np.array_equal(real.indptr, effective.indptr)
+            and np.array_equal(real.indices, effective.indices)):
+        return _same_pattern(effective, np.abs(real.data - effective.data))
+    return abs(real - effective)
 
 
 def _ring_for(total_bits: int, security: int, chain: Chain, scale_bits: int) -> int:
@@ -1005,8 +1083,7 @@ def _ring_for(total_bits: int, security: int, chain: Chain, scale_bits: int) -> 
             "activations on the longest path) or the scale") from None
 
 
-def _fold_vanished_units(plan: Plan, effective: list[tuple[np.ndarray | sp.spmatrix, Any]]
-                         ) -> None:
+def _fold_vanished_units(plan: Plan, effective: list[np.ndarray | sp.spmatrix]) -> None:
     """Batch packing: :func:`fold_constant_units` for the hidden units whose integer weights
     all round to zero (the folded chain has none with zero real weights), in place. Such a
     unit's value is its bias; its square, through the reader's ``effective`` real weights,
@@ -1022,7 +1099,7 @@ def _fold_vanished_units(plan: Plan, effective: list[tuple[np.ndarray | sp.spmat
             if k + 1 not in reader.sources:
                 continue
             columns = sum(sizes[s] for s in reader.sources if s < k + 1) + constant
-            reader.bias = reader.bias + np.asarray(effective[i][0][:, columns] @ squares).ravel()
+            reader.bias = reader.bias + np.asarray(effective[i][:, columns] @ squares).ravel()
             reader.weights = _without_columns(reader.weights, columns)
 
 
@@ -1109,12 +1186,12 @@ def _single_products(quantised: list[tuple[np.ndarray, int, np.ndarray]], scale_
     return products, shifts
 
 
-def _quantisation_deviation(chain: Chain, effective: list[tuple[np.ndarray, np.ndarray]],
+def _quantisation_deviation(chain: Chain, effective: list[np.ndarray | sp.spmatrix],
                             cal: np.ndarray, outputs: np.ndarray) -> float:
     """Largest |output change| that weight quantisation causes on the calibration samples
     (``outputs``: the float model's outputs for them)."""
     rounded = Chain([Affine(real, layer.bias, layer.out_shape, layer.sources)
-                     for layer, (real, _) in zip(chain.layers, effective, strict=True)],
+                     for layer, real in zip(chain.layers, effective, strict=True)],
                     chain.input_shape)
     return float(np.abs(rounded.run(cal) - outputs).max(initial=0.0))
 
@@ -1137,7 +1214,7 @@ def _error_samples(inputs: list[np.ndarray],
     return inputs, acts
 
 
-def _set_predicted_error(plan: Plan, effective: list[tuple[np.ndarray, np.ndarray]],
+def _set_predicted_error(plan: Plan, effective: list[np.ndarray | sp.spmatrix],
                          samples: tuple[list[np.ndarray], list[np.ndarray]],
                          deviation: float | None) -> None:
     """Set ``plan.predicted_error``, a 6-sigma estimate of the absolute error of the
@@ -1157,9 +1234,9 @@ def _set_predicted_error(plan: Plan, effective: list[tuple[np.ndarray, np.ndarra
     the noise variances (the square of an error, second order, is left out), so the inputs'
     share is followed apart and choosing the dropped bits costs nothing. ``deviation``: the
     weight-quantisation error measured on calibration samples (with a margin), added.
-    ``effective``: every layer's real weights as the plan computes them, and their absolute
-    rounding error. In a graph the variances are followed per source, and a layer's input
-    is its sources' side by side.
+    ``effective``: every layer's real weights as the plan computes them (their absolute
+    rounding error: :func:`_weight_errors`). In a graph the variances are followed per
+    source, and a layer's input is its sources' side by side.
     """
     n = plan.params.poly_modulus_degree
     # Coefficient variance of a rounding that also multiplies the secret (a rescale, or a
@@ -1176,7 +1253,7 @@ def _set_predicted_error(plan: Plan, effective: list[tuple[np.ndarray, np.ndarra
     # per source: variance from everything but the inputs' noise, and per unit of the latter
     rests = [np.zeros((samples_n, chain.source_sizes[0]))]
     gains = [np.ones((samples_n, chain.source_sizes[0]))]
-    for k, (real, w_err) in enumerate(effective):
+    for k, real in enumerate(effective):
         squared = _squared(real)
         rest = _applied(squared, chain.layer_input(rests, k))
         gain = _applied(squared, chain.layer_input(gains, k))
@@ -1184,6 +1261,7 @@ def _set_predicted_error(plan: Plan, effective: list[tuple[np.ndarray, np.ndarra
         # bias rounding, and the rounding of every early rescale
         rest = rest + 0.25 / s_out ** 2 + len(plan.layers[k].early_sources) * rescale / s_out ** 2
         if deviation is None:  # rounding errors of known size, their signs independent
+            w_err = _weight_errors(chain.layers[k].matrix, real)
             rest = rest + _applied(_squared(w_err), inputs[k] ** 2)
         if plan.packing == "single":  # every block's diagonals, over its source's values
             start = 0
