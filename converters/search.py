@@ -75,9 +75,10 @@ BUDGET = 540.0
 #: Settings are converted and compiled (previewed) until this share of the budget is spent;
 #: the rest are not tried (they come last in :func:`candidates`' order: the costliest).
 PREVIEW_SHARE = 0.5
-#: Peak memory of compiling a batch plan per weight of its lowered model (measured: 22 GiB
-#: for a wide degree-4 model of 70 M weights, 2.8 GiB for its degree-2 twin of 9 M).
-COMPILE_BYTES_PER_WEIGHT = 330
+#: Peak memory of lowering and compiling a batch plan per weight of its lowered model
+#: (measured: 6.5 GiB for a wide degree-4 model of 70.5 M weights; 22 GiB before the
+#: compiler kept only the quantisations its ladder still reads).
+COMPILE_BYTES_PER_WEIGHT = 100
 #: Most multiplicative depth a candidate may add over the degree-2 model's.
 MAX_DEPTH = 6
 #: Degree 4 goes to the activations whose degree-2 fit error is within this factor of the

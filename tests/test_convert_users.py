@@ -492,8 +492,8 @@ def test_preview_clock_refuses_compiles_that_would_not_fit_time_or_memory(monkey
     search_module = importlib.import_module("converters.search")
     monkeypatch.setattr(search_module, "physical_memory", lambda: 16 * 2**30)
     clock = search_module._PreviewClock(time.monotonic() + 100)
-    assert clock.refuses(10_000_000) is None  # no rate measured yet, 3 GiB
-    assert "GiB" in clock.refuses(70_000_000)  # about 21 GiB of 16
+    assert clock.refuses(10_000_000) is None  # no rate measured yet, 1 GiB
+    assert "GiB" in clock.refuses(200_000_000)  # about 19 GiB of 16
     clock.record(1_000_000, 20.0)  # 20 s per million weights
     assert clock.refuses(1_000_000) is None
     assert "would take about 200 s" in clock.refuses(10_000_000)
