@@ -112,6 +112,8 @@ def test_skip_connection_across_square_lowers_as_a_graph(mnist_test):
     assert chain.layers[-1].sources == (0, 1) and chain.depth == 1
     x, _ = mnist_test
     np.testing.assert_allclose(chain.run(x), model.run_plain(x), atol=1e-4, rtol=1e-4)
+    # run releases what no later layer reads; it computes exactly what evaluate keeps
+    np.testing.assert_array_equal(chain.run(x), chain.activations(x)[-1])
 
 
 def test_onnx_file_round_trip(tmp_path):

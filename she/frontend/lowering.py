@@ -135,8 +135,22 @@ class Chain:
         return self.evaluate(x)[1]
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        """Plaintext evaluation (float64) of the graph."""
-        return self.activations(x)[-1]
+        """Plaintext evaluation (float64) of the graph: the output only, every source
+        released after the last layer that reads it (:meth:`evaluate` keeps them all)."""
+        last_read = {s: k for k, layer in enumerate(self.layers) for s in layer.sources}
+        sources: dict[int, np.ndarray] = {0: np.asarray(x, dtype=np.float64).reshape(len(x), -1)}
+        y = sources[0]
+        for k, layer in enumerate(self.layers):
+            parts = [sources[s] for s in layer.sources]
+            h = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+            y = np.asarray(layer.matrix @ h.T).T + layer.bias
+            del parts, h
+            for s in layer.sources:
+                if last_read[s] == k:
+                    del sources[s]
+            if k + 1 in last_read:
+                sources[k + 1] = y * y
+        return y
 
     def dense(self, max_values: int = 1 << 26) -> Chain:
         """The same chain with dense matrices (single packing's layouts and BFV use them);
