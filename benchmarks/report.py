@@ -127,6 +127,8 @@ SUBJECTS = (
             wide=True, target_drop=0.5, concrete=True),
     Subject("Fashion-MNIST ReLU CNN (converted)", "fashion-mnist", "fashion_cnn.she.onnx",
             "fashion_cnn.onnx", wide=True, target_drop=1.5),
+    Subject("MNIST pooled three-conv ReLU CNN (converted)", "mnist", "mnist_pooled_cnn.she.onnx",
+            "mnist_pooled_cnn.onnx", wide=True, target_drop=0.5),
     Subject("MNIST GHN network (converted)", "mnist", "ghn_cnn.she.onnx", "ghn_cnn.onnx",
             wide=True, target_drop=0.5),
     Subject("MNIST shallow ReLU CNN (converted)", "mnist", "shallow_cnn.she.onnx",
@@ -181,10 +183,12 @@ def _batch_row(name: str, r: dict[str, Any], mode: str) -> dict[str, Any]:
             "threads": r.get("workers", 1), "equals_quantised_model": r.get("equals_quantised_model")}
 
 
-#: Encrypted accuracy targets of the benchmark issue: (model, lowest accuracy of its CKKS
-#: batch row on the full 10 000-image test set).
+#: Encrypted accuracy targets: (model, lowest accuracy of its CKKS batch row on the full
+#: 10 000-image test set). The first two are the benchmark issue's; the pooled three-conv
+#: model carries the residual-network issue's (above SHE's published 99.54 % on MNIST).
 ACCURACY_TARGETS = (("MNIST ReLU CNN (converted)", 0.993),
-                    ("Fashion-MNIST ReLU CNN (converted)", 0.90))
+                    ("Fashion-MNIST ReLU CNN (converted)", 0.90),
+                    ("MNIST pooled three-conv ReLU CNN (converted)", 0.996))
 
 
 def accuracy_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
