@@ -6,11 +6,14 @@
   (Conv -> +c -> square -> Gemm -> square -> Gemm), its plan calibrated on real MNIST
   images, and a server/client pair with the client's evaluation keys loaded. Key generation
   and encryption take seconds, so these (and one encrypted request) are session-scoped.
+* ``onnx_model``: the one builder of the suite's hand-made ONNX graphs (input ``"input"``,
+  a symbolic batch axis, float32/int64 initializers, opset 17, IR version 9).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,7 @@ import onnx
 import pytest
 import tenseal as ts
 import tenseal.sealapi as sealapi
+from numpy.typing import ArrayLike
 from onnx import TensorProto, helper, numpy_helper
 
 import she
@@ -36,6 +40,39 @@ def data_root() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def onnx_model(nodes: Sequence[onnx.NodeProto], inits: Mapping[str, ArrayLike] | None = None, *,
+               name: str = "g", in_shape: Sequence[int | str] = (1, 28, 28),
+               out_shape: Sequence[int | str] = (10,), out: str = "logits", batch: str | None = "N",
+               opset: int = 17, ir_version: int = 9, check: bool = True) -> onnx.ModelProto:
+    """A hand-built ONNX model: ``nodes`` reading the float input ``"input"`` of shape
+    ``(batch, *in_shape)`` and writing the float output ``out`` of shape ``(batch, *out_shape)``
+    (no batch axis when ``batch`` is None), default-domain opset ``opset``.
+
+    ``inits`` become initializers in their order, float values stored as float32, integer
+    and boolean values as int64. ``check`` runs the ONNX checker on the result."""
+    lead = [] if batch is None else [batch]
+    graph = helper.make_graph(
+        list(nodes), name,
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [*lead, *in_shape])],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, [*lead, *out_shape])],
+        [numpy_helper.from_array(_initializer_array(v), k) for k, v in (inits or {}).items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                              ir_version=ir_version)
+    if check:
+        onnx.checker.check_model(model)
+    return model
+
+
+def _initializer_array(value: ArrayLike) -> np.ndarray:
+    """``value`` as float32 if it is floating point, as int64 if it is integer or boolean."""
+    array = np.asarray(value)
+    if array.dtype.kind == "f":
+        return array.astype(np.float32)
+    if array.dtype.kind in "iub":
+        return array.astype(np.int64)
+    raise TypeError(f"initializer of dtype {array.dtype}: expected floats or integers")
+
+
 @pytest.fixture(scope="session")
 def mnist_dir() -> Path:
     path = data_root() / "mnist"
@@ -48,20 +85,16 @@ def toy_model_proto(seed: int = 1234) -> onnx.ModelProto:
     """Conv(1->3, 5x5, stride 2, pads 1) -> Add(c) -> Mul(t, t) -> Flatten -> Gemm(507->16)
     -> Pow(g, 2) -> Gemm(16->10), with seeded random weights."""
     rng = np.random.default_rng(seed)
-
-    def init(name: str, value: np.ndarray | float) -> onnx.TensorProto:
-        return numpy_helper.from_array(np.asarray(value, dtype=np.float32), name)
-
-    inits = [
-        init("conv_w", rng.normal(0, 0.3, (3, 1, 5, 5))),
-        init("conv_b", rng.normal(0, 0.1, 3)),
-        init("shift", rng.normal(0, 0.1, (1, 3, 1, 1))),
-        init("fc1_w", rng.normal(0, 0.1, (16, 3 * 13 * 13))),
-        init("fc1_b", rng.normal(0, 0.1, 16)),
-        init("two", 2.0),
-        init("fc2_w", rng.normal(0, 0.1, (16, 10))),
-        init("fc2_b", rng.normal(0, 0.1, 10)),
-    ]
+    inits = {
+        "conv_w": rng.normal(0, 0.3, (3, 1, 5, 5)),
+        "conv_b": rng.normal(0, 0.1, 3),
+        "shift": rng.normal(0, 0.1, (1, 3, 1, 1)),
+        "fc1_w": rng.normal(0, 0.1, (16, 3 * 13 * 13)),
+        "fc1_b": rng.normal(0, 0.1, 16),
+        "two": 2.0,
+        "fc2_w": rng.normal(0, 0.1, (16, 10)),
+        "fc2_b": rng.normal(0, 0.1, 10),
+    }
     nodes = [
         helper.make_node("Conv", ["input", "conv_w", "conv_b"], ["c"], name="conv",
                          kernel_shape=[5, 5], strides=[2, 2], pads=[1, 1, 1, 1]),
@@ -72,15 +105,7 @@ def toy_model_proto(seed: int = 1234) -> onnx.ModelProto:
         helper.make_node("Pow", ["g", "two"], ["g2"], name="square2"),
         helper.make_node("Gemm", ["g2", "fc2_w", "fc2_b"], ["logits"], name="fc2"),
     ]
-    graph = helper.make_graph(
-        nodes, "toy",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 28, 28])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
-    onnx.checker.check_model(model)
-    return model
+    return onnx_model(nodes, inits, name="toy")
 
 
 @pytest.fixture(scope="session")
@@ -163,16 +188,13 @@ def square_features_model(x: np.ndarray, y: np.ndarray, w1: np.ndarray, b1: np.n
     least-squares readout of the labels ``y`` fitted on ``x``."""
     feats = np.hstack([(x.reshape(len(x), -1) @ w1.T + b1) ** 2, np.ones((len(x), 1))])
     readout = np.linalg.lstsq(feats, np.eye(10)[y], rcond=None)[0]
-    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in
-             (("w1", w1), ("b1", b1), ("w2", readout[:-1].T), ("b2", readout[-1]))]
-    graph = helper.make_graph(
+    inits = {"w1": w1, "b1": b1, "w2": readout[:-1].T, "b2": readout[-1]}
+    return onnx_model(
         [helper.make_node("Flatten", ["input"], ["f"]),
          helper.make_node("Gemm", ["f", "w1", "b1"], ["h"], transB=1),
          helper.make_node("Mul", ["h", "h"], ["s"]),
          helper.make_node("Gemm", ["s", "w2", "b2"], ["logits"], transB=1)],
-        name, [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 7, 7])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+        inits, name=name, in_shape=(1, 7, 7))
 
 
 @pytest.fixture(scope="module")

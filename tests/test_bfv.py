@@ -10,8 +10,8 @@ import onnx
 import pytest
 import tenseal as ts
 import tenseal.sealapi as sealapi
-from conftest import toy_model_proto
-from onnx import TensorProto, helper, numpy_helper
+from conftest import onnx_model, toy_model_proto
+from onnx import helper
 
 import she
 from she.errors import ParameterError
@@ -25,10 +25,6 @@ from she.runtime.kernels import LinearKernel, add_constant_bfv
 def shallow_model_proto(seed: int = 7) -> onnx.ModelProto:
     """Conv(1->3, 5x5, stride 2) -> square -> Flatten -> Gemm(507->10): depth 1."""
     rng = np.random.default_rng(seed)
-
-    def init(name: str, value: np.ndarray) -> onnx.TensorProto:
-        return numpy_helper.from_array(np.asarray(value, dtype=np.float32), name)
-
     nodes = [
         helper.make_node("Conv", ["input", "conv_w", "conv_b"], ["c"], name="conv",
                          kernel_shape=[5, 5], strides=[2, 2], pads=[1, 1, 1, 1]),
@@ -36,14 +32,9 @@ def shallow_model_proto(seed: int = 7) -> onnx.ModelProto:
         helper.make_node("Flatten", ["sq"], ["flat"], name="flatten"),
         helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], name="fc", transB=1),
     ]
-    graph = helper.make_graph(
-        nodes, "shallow",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 28, 28])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
-        [init("conv_w", rng.normal(0, 0.3, (3, 1, 5, 5))), init("conv_b", rng.normal(0, 0.1, 3)),
-         init("fc_w", rng.normal(0, 0.1, (10, 507))), init("fc_b", rng.normal(0, 0.1, 10))],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    inits = {"conv_w": rng.normal(0, 0.3, (3, 1, 5, 5)), "conv_b": rng.normal(0, 0.1, 3),
+             "fc_w": rng.normal(0, 0.1, (10, 507)), "fc_b": rng.normal(0, 0.1, 10)}
+    return onnx_model(nodes, inits, name="shallow")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,8 @@ import json
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from conftest import onnx_model
+from onnx import helper
 
 import she
 from she.cli import main
@@ -109,13 +110,9 @@ def test_public_context_file_has_no_secret_key(tmp_path, capsys):
 
 
 def test_unsupported_model_is_a_clear_error(tmp_path, capsys):
-    graph = helper.make_graph(
-        [helper.make_node("Relu", ["input"], ["out"], name="relu_1")], "g",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 4])])
     path = tmp_path / "relu.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
-                                ir_version=9), path)
+    onnx.save(onnx_model([helper.make_node("Relu", ["input"], ["out"], name="relu_1")],
+                         in_shape=(4,), out_shape=(4,), out="out"), path)
     code, result = _run_json(capsys, "inspect", str(path))
     assert code == 2
     assert "relu_1" in result["error"] and "she convert" in result["error"]

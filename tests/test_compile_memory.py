@@ -15,7 +15,8 @@ import tracemalloc
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from conftest import onnx_model
+from onnx import helper
 
 import she
 from she.frontend.lowering import lower
@@ -53,15 +54,11 @@ def _pooled_degree4_cnn(seed: int = 7) -> onnx.ModelProto:
     """Conv(1->8, 3x3, pads 1) -> AveragePool 2 -> degree 4 -> Conv(8->8, 3x3, pads 1) ->
     AveragePool 2 -> degree 4 -> Flatten -> Gemm(392->10), seeded random weights."""
     rng = np.random.default_rng(seed)
-
-    def init(name: str, value: np.ndarray | float) -> onnx.TensorProto:
-        return numpy_helper.from_array(np.asarray(value, dtype=np.float32), name)
-
-    inits = [init("w1", rng.normal(0, 0.3, (8, 1, 3, 3))), init("b1", rng.normal(0, 0.1, 8)),
-             init("w2", rng.normal(0, 0.1, (8, 8, 3, 3))), init("b2", rng.normal(0, 0.1, 8)),
-             init("w3", rng.normal(0, 0.5, (10, 8 * 7 * 7))), init("b3", np.zeros(10))]
+    inits = {"w1": rng.normal(0, 0.3, (8, 1, 3, 3)), "b1": rng.normal(0, 0.1, 8),
+             "w2": rng.normal(0, 0.1, (8, 8, 3, 3)), "b2": rng.normal(0, 0.1, 8),
+             "w3": rng.normal(0, 0.5, (10, 8 * 7 * 7)), "b3": np.zeros(10)}
     for name, c in (("a1", (0.05, 0.3, 0.5)), ("a2", (0.05, 0.3, 0.5))):
-        inits += [init(f"{name}_c4", c[0]), init(f"{name}_c2", c[1]), init(f"{name}_c1", c[2])]
+        inits |= {f"{name}_c4": c[0], f"{name}_c2": c[1], f"{name}_c1": c[2]}
     nodes = [
         helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], name="conv1",
                          kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
@@ -76,13 +73,7 @@ def _pooled_degree4_cnn(seed: int = 7) -> onnx.ModelProto:
         helper.make_node("Flatten", ["a2"], ["flat"], name="flatten"),
         helper.make_node("Gemm", ["flat", "w3", "b3"], ["logits"], name="fc", transB=1),
     ]
-    graph = helper.make_graph(
-        nodes, "pooled_degree4",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 28, 28])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
-    onnx.checker.check_model(model)
-    return model
+    return onnx_model(nodes, inits, name="pooled_degree4")
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from conftest import onnx_model
+from onnx import TensorProto, helper
 
 from benchmarks import concrete_env, concrete_peer, report
 from she.io import assets
@@ -74,11 +75,7 @@ def _tiny_relu_network(seed: int = 0) -> onnx.ModelProto:
              helper.make_node("Relu", ["c"], ["r"]),
              helper.make_node("Flatten", ["r"], ["f"], axis=1),
              helper.make_node("Gemm", ["f", "fw", "fb"], ["logits"], transB=1)]
-    graph = helper.make_graph(
-        nodes, "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 1, 28, 28])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 10])],
-        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return onnx_model(nodes, weights, name="tiny", batch="n", ir_version=onnx.IR_VERSION)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from conftest import onnx_model
+from onnx import helper
 
 import she
 from she.frontend.lowering import lower
@@ -21,13 +22,7 @@ from she.plan.compiler import ALIGN_SLACK_BITS
 
 
 def _model(nodes, inits, shape, out_dim=10, opset=17) -> she.Model:
-    graph = helper.make_graph(
-        nodes, "g",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", *shape])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", out_dim])],
-        [numpy_helper.from_array(np.asarray(v, dtype=np.float32 if np.asarray(v).dtype.kind == "f"
-                                            else np.int64), k) for k, v in inits.items()])
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=9)
+    proto = onnx_model(nodes, inits, in_shape=shape, out_shape=(out_dim,), out="out", opset=opset)
     return she.frontend.model.from_proto(proto, "graph")
 
 

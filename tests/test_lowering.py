@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from conftest import onnx_model
+from onnx import helper
 
 import she
 from she.frontend.lowering import lower
@@ -14,14 +15,8 @@ from she.pipeline import encrypted_predict
 
 
 def _model(nodes, inits, out_dim=10) -> she.Model:
-    graph = helper.make_graph(
-        nodes, "g",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 28, 28])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", out_dim])],
-        [numpy_helper.from_array(np.asarray(v, dtype=np.float32 if np.asarray(v).dtype.kind == "f"
-                                            else np.int64), k) for k, v in inits.items()])
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
-    return she.frontend.model.from_proto(proto, "test")
+    return she.frontend.model.from_proto(onnx_model(nodes, inits, out_shape=(out_dim,), out="out"),
+                                         "test")
 
 
 def _rich_model() -> she.Model:

@@ -6,23 +6,13 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from conftest import onnx_model
+from onnx import helper
 
 import she
 from she.frontend.lowering import lower
 
 RNG = np.random.default_rng(0)
-
-
-def _proto(nodes, inits: dict[str, np.ndarray], *, in_shape=("N", 1, 28, 28),
-           out_shape=("N", 10), name: str = "g") -> onnx.ModelProto:
-    graph = helper.make_graph(
-        nodes, name,
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, list(in_shape))],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, list(out_shape))],
-        [numpy_helper.from_array(np.asarray(v, dtype=np.float32), k) for k, v in inits.items()],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
 
 
 def _save(proto: onnx.ModelProto, path) -> str:
@@ -37,7 +27,7 @@ def _dense(*extra_nodes, inits=None, out_dim: int = 10):
              helper.make_node("Gemm", ["f", "w", "b"], ["g"], name="fc", transB=1),
              *extra_nodes]
     weights = {"w": RNG.normal(0, 0.1, (10, 784)), "b": np.zeros(10), **(inits or {})}
-    return _proto(nodes, weights, out_shape=("N", out_dim))
+    return onnx_model(nodes, weights, out="out", out_shape=(out_dim,))
 
 
 # -- unsupported operators -------------------------------------------------------------------------
@@ -51,7 +41,7 @@ def _maxpool_model():
                               strides=[2, 2]),
              helper.make_node("Flatten", ["p"], ["f"]),
              helper.make_node("Gemm", ["f", "w", "b"], ["out"], transB=1)]
-    return _proto(nodes, {"w": RNG.normal(0, 0.1, (10, 196)), "b": np.zeros(10)})
+    return onnx_model(nodes, {"w": RNG.normal(0, 0.1, (10, 196)), "b": np.zeros(10)}, out="out")
 
 
 def _batchnorm_model():
@@ -62,7 +52,7 @@ def _batchnorm_model():
     inits = {"cw": RNG.normal(0, 0.3, (2, 1, 3, 3)), "s": np.ones(2), "bb": np.zeros(2),
              "m": np.zeros(2), "v": np.ones(2), "w": RNG.normal(0, 0.1, (10, 2 * 784)),
              "b": np.zeros(10)}
-    return _proto(nodes, inits)
+    return onnx_model(nodes, inits, out="out")
 
 
 @pytest.mark.parametrize("build, node, op, hint", [
@@ -107,15 +97,10 @@ def test_unknown_recurrent_operator(tmp_path):
     nodes = [helper.make_node("Reshape", ["input", "shape"], ["seq"]),
              helper.make_node("LSTM", ["seq", "W", "R"], ["", "h"], name="rnn", hidden_size=hidden),
              helper.make_node("Flatten", ["h"], ["out"])]
-    graph = helper.make_graph(
-        nodes, "rnn",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [28, 1, 28])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, hidden])],
-        [numpy_helper.from_array(np.array([28, 1, 28], dtype=np.int64), "shape"),
-         numpy_helper.from_array(RNG.normal(0, 0.1, (1, 4 * hidden, 28)).astype(np.float32), "W"),
-         numpy_helper.from_array(RNG.normal(0, 0.1, (1, 4 * hidden, hidden)).astype(np.float32), "R")],
-    )
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    inits = {"shape": np.array([28, 1, 28]), "W": RNG.normal(0, 0.1, (1, 4 * hidden, 28)),
+             "R": RNG.normal(0, 0.1, (1, 4 * hidden, hidden))}
+    proto = onnx_model(nodes, inits, name="rnn", in_shape=(28, 1, 28), out_shape=(1, hidden),
+                       out="out", batch=None)
     with pytest.raises(she.UnsupportedOperatorError, match="'rnn' \\(operator LSTM\\)") as info:
         she.load(_save(proto, tmp_path / "rnn.onnx"))
     assert "she convert" not in str(info.value)
@@ -173,8 +158,8 @@ def test_toy_model_loads(toy_model_path):
 def test_dynamic_feature_dimensions(tmp_path, in_shape):
     nodes = [helper.make_node("Flatten", ["input"], ["f"]),
              helper.make_node("Gemm", ["f", "w", "b"], ["out"], transB=1)]
-    proto = _proto(nodes, {"w": RNG.normal(0, 0.1, (10, 784)), "b": np.zeros(10)},
-                   in_shape=in_shape)
+    proto = onnx_model(nodes, {"w": RNG.normal(0, 0.1, (10, 784)), "b": np.zeros(10)},
+                       out="out", in_shape=in_shape[1:])
     with pytest.raises(she.ModelError, match="must be fixed") as info:
         she.load(_save(proto, tmp_path / "dyn.onnx"))
     dynamic = next(d for d in in_shape[1:] if isinstance(d, str))
@@ -182,8 +167,8 @@ def test_dynamic_feature_dimensions(tmp_path, in_shape):
 
 
 def test_input_without_feature_axis(tmp_path):
-    proto = _proto([helper.make_node("Mul", ["input", "k"], ["out"])], {"k": np.array(2.0)},
-                   in_shape=("N",), out_shape=("N",))
+    proto = onnx_model([helper.make_node("Mul", ["input", "k"], ["out"])], {"k": np.array(2.0)},
+                       out="out", in_shape=(), out_shape=())
     with pytest.raises(she.ModelError, match="feature axis"):
         she.load(_save(proto, tmp_path / "flat.onnx"))
 
@@ -191,12 +176,13 @@ def test_input_without_feature_axis(tmp_path):
 # -- graphs the lowering refuses -------------------------------------------------------------------
 
 def test_product_of_two_encrypted_tensors():
-    proto = _proto(
+    proto = onnx_model(
         [helper.make_node("Flatten", ["input"], ["f"]),
          helper.make_node("Gemm", ["f", "w", "b"], ["a"], transB=1),
          helper.make_node("Gemm", ["f", "w2", "b"], ["b2"], transB=1),
          helper.make_node("Mul", ["a", "b2"], ["out"], name="cross")],
         {"w": RNG.normal(0, 0.1, (10, 784)), "w2": RNG.normal(0, 0.1, (10, 784)), "b": np.zeros(10)},
+        out="out",
     )
     model = she.frontend.model.from_proto(proto)  # loads: every operator is supported
     with pytest.raises(she.UnsupportedOperatorError, match="'cross' \\(operator Mul\\)") as info:

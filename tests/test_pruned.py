@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import _small_mnist
-from onnx import TensorProto, helper, numpy_helper
+from conftest import _small_mnist, onnx_model
+from onnx import helper
 
 import she
 from she.frontend.lowering import Affine, Chain, lower
@@ -45,10 +45,8 @@ def _pruned_model(mnist_dir: Path, path: Path, pruned: float = 0.0
     feats = np.hstack([_features(x, w1, b1, w2, b2), np.ones((len(x), 1))])
     readout = np.linalg.solve(feats.T @ feats + 10.0 * np.eye(feats.shape[1]),
                               feats.T @ np.eye(10)[y])  # ridge: moderate weights
-    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in
-             (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2), ("w3", readout[:-1].T),
-              ("b3", readout[-1]))]
-    graph = helper.make_graph(
+    inits = {"w1": w1, "b1": b1, "w2": w2, "b2": b2, "w3": readout[:-1].T, "b3": readout[-1]}
+    proto = onnx_model(
         [helper.make_node("Conv", ["input", "w1", "b1"], ["h1"], kernel_shape=[3, 3],
                           pads=[1, 1, 1, 1]),
          helper.make_node("Mul", ["h1", "h1"], ["s1"]),
@@ -57,9 +55,7 @@ def _pruned_model(mnist_dir: Path, path: Path, pruned: float = 0.0
          helper.make_node("Mul", ["h2", "h2"], ["s2"]),
          helper.make_node("Flatten", ["s2"], ["f"]),
          helper.make_node("Gemm", ["f", "w3", "b3"], ["logits"], transB=1)],
-        "pruned", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 7, 7])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+        inits, name="pruned", in_shape=(1, 7, 7))
     proto.metadata_props.add(key="she.input_range", value="0,1")
     onnx.save(proto, path)
     x_test, _ = _small_mnist(mnist_dir, "test", 32)

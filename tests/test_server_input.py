@@ -8,7 +8,8 @@ import dataclasses
 import numpy as np
 import pytest
 import tenseal.sealapi as sealapi
-from onnx import TensorProto, helper, numpy_helper
+from conftest import onnx_model
+from onnx import helper
 
 import she
 from she.frontend.model import from_proto
@@ -59,15 +60,11 @@ def test_batch_slots_beyond_the_batch_hold_the_model_on_what_was_encrypted(
 def tiny_client() -> she.Client:
     """The client of another model (4 inputs): other parameters, other keys."""
     rng = np.random.default_rng(2)
-    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (3, 4)).astype(np.float32), "w1"),
-             numpy_helper.from_array(rng.normal(0, 0.5, (2, 3)).astype(np.float32), "w2")]
+    inits = {"w1": rng.normal(0, 0.5, (3, 4)), "w2": rng.normal(0, 0.5, (2, 3))}
     nodes = [helper.make_node("Gemm", ["input", "w1"], ["h"], transB=1),
              helper.make_node("Mul", ["h", "h"], ["h2"]),
              helper.make_node("Gemm", ["h2", "w2"], ["out"], transB=1)]
-    graph = helper.make_graph(
-        nodes, "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 2])], inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    proto = onnx_model(nodes, inits, name="tiny", in_shape=(4,), out_shape=(2,), out="out")
     plan = she.compile(from_proto(proto, "tiny"))
     return she.Client(plan.spec())
 

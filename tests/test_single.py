@@ -7,6 +7,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tenseal.sealapi as sealapi
+from conftest import onnx_model
 
 import she
 from she.io import compact, wire
@@ -164,22 +165,17 @@ def test_two_processes_compute_the_same_result(single, test_images, monkeypatch)
 def test_a_widening_first_layer_runs(mnist_dir):
     """A first layer with more outputs than inputs keeps one input copy (no shift): the spec
     the client receives must describe that layout, and the result match onnxruntime."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper
 
     rng = np.random.default_rng(3)
-    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (128, 49)).astype(np.float32), "w1"),
-             numpy_helper.from_array(rng.normal(0, 0.1, 128).astype(np.float32), "b1"),
-             numpy_helper.from_array(rng.normal(0, 0.1, (10, 128)).astype(np.float32), "w2"),
-             numpy_helper.from_array(np.zeros(10, np.float32), "b2")]
+    inits = {"w1": rng.normal(0, 0.3, (128, 49)), "b1": rng.normal(0, 0.1, 128),
+             "w2": rng.normal(0, 0.1, (10, 128)), "b2": np.zeros(10)}
     nodes = [helper.make_node("Flatten", ["input"], ["f"]),
              helper.make_node("Gemm", ["f", "w1", "b1"], ["h"], transB=1),
              helper.make_node("Mul", ["h", "h"], ["s"]),
              helper.make_node("Gemm", ["s", "w2", "b2"], ["logits"], transB=1)]
-    graph = helper.make_graph(
-        nodes, "widening", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 7, 7])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
-    model = she.frontend.model.from_proto(helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), "widening")
+    model = she.frontend.model.from_proto(
+        onnx_model(nodes, inits, name="widening", in_shape=(1, 7, 7)), "widening")
     x, _ = load_idx_dataset(mnist_dir, "test")
     x = np.ascontiguousarray(x[:200, :, ::4, ::4])  # 7x7 digits: 49 inputs -> 128 units
     plan = she.compile(model, calibration=x, packing="single")
@@ -194,8 +190,7 @@ def _two_conv_proto():  # -> onnx.ModelProto
     """Conv(1->2, 5x5, stride 2) -> square -> Conv(2->4, 3x3, stride 2) -> square -> Gemm:
     the placed second convolution leaves its diagonals in clusters (kernel columns) every
     input row, rows in blocks per input channel."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper
 
     rng = np.random.default_rng(0)
     arrays = {"w1": rng.normal(0, 0.3, (2, 1, 5, 5)), "b1": rng.normal(0, 0.1, 2),
@@ -207,12 +202,7 @@ def _two_conv_proto():  # -> onnx.ModelProto
              helper.make_node("Mul", ["c2", "c2"], ["s2"]),
              helper.make_node("Flatten", ["s2"], ["f"]),
              helper.make_node("Gemm", ["f", "w3", "b3"], ["logits"], transB=1)]
-    graph = helper.make_graph(
-        nodes, "two_conv",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 28, 28])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
-        [numpy_helper.from_array(a.astype(np.float32), name) for name, a in arrays.items()])
-    return onnx.helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    return onnx_model(nodes, arrays, name="two_conv")
 
 
 def test_rows_of_babies_run_encrypted(toy_calibration, test_images, tmp_path, monkeypatch):

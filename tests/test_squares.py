@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from conftest import onnx_model
+from onnx import helper
 
 import she
 from converters import onnx_graph as g
@@ -16,10 +17,7 @@ from converters.convert import square_depth
 
 
 def _model(node: onnx.NodeProto, in_shape, out_shape) -> onnx.ModelProto:
-    graph = helper.make_graph(
-        [node], "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", *in_shape])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", *out_shape])])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    return onnx_model([node], in_shape=in_shape, out_shape=out_shape, out="out")
 
 
 def _lowered(model: onnx.ModelProto) -> she.frontend.lowering.Chain:

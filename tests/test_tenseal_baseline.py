@@ -15,7 +15,8 @@ import numpy as np
 import onnx
 import pytest
 import tenseal as ts
-from onnx import TensorProto, helper, numpy_helper
+from conftest import onnx_model
+from onnx import helper
 
 from benchmarks import tenseal_baseline as tb
 from she.io.data import load_idx_dataset
@@ -52,7 +53,6 @@ def small_model(path: Path, fit_x: np.ndarray, fit_y: np.ndarray, hidden: int = 
     target = 10.0 * np.eye(10)[fit_y]
     readout = np.linalg.solve(design.T @ design + 1e-3 * np.eye(hidden + 1), design.T @ target)
     arrays = {"cw": conv_w, "cb": conv_b, "w1": fc1_w, "b1": fc1_b, "w2": readout[:-1], "b2": readout[-1]}
-    inits = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in arrays.items()]
     nodes = [
         helper.make_node("Conv", ["input", "cw", "cb"], ["c"], kernel_shape=[7, 7], strides=[7, 7]),
         helper.make_node("Mul", ["c", "c"], ["s1"]),
@@ -61,13 +61,7 @@ def small_model(path: Path, fit_x: np.ndarray, fit_y: np.ndarray, hidden: int = 
         helper.make_node("Mul", ["h", "h"], ["s2"]),
         helper.make_node("Gemm", ["s2", "w2", "b2"], ["logits"]),  # no transB: (in, out) weight
     ]
-    graph = helper.make_graph(
-        nodes, "small",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 28, 28])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
-    onnx.checker.check_model(proto)
-    onnx.save(proto, str(path))
+    onnx.save(onnx_model(nodes, arrays, name="small"), str(path))
     return path
 
 
