@@ -34,6 +34,11 @@ from converters.tail import split_tail
 from she.errors import DataError, ModelError, ParameterError, SheError
 from she.frontend.tail import METADATA_KEY, encode
 
+#: Calibration inputs the activations and pools are fitted on (fine-tuning uses them all):
+#: plenty for every channel's polynomial, where the activation values of a wide model on
+#: 60 000 inputs would take tens of GiB.
+FIT_SAMPLES = 5000
+
 
 @dataclass
 class Stage:
@@ -248,14 +253,15 @@ def convert(model: Any, calibration: np.ndarray, *, eval_x: np.ndarray | None = 
             input_range: tuple[float, float] | None = None, finetune_epochs: int = 0,
             calibration_labels: np.ndarray | None = None,
             finetune_lr: float = 1e-3, pool_first: bool = False, max_pool: str = "average",
-            progress: bool = False) -> tuple[onnx.ModelProto, ConversionReport]:
+            distillation: str = "kl", progress: bool = False) -> tuple[onnx.ModelProto, ConversionReport]:
     """Convert ``model`` (ONNX path/proto or torch module) into an HE-friendly model with
     fixed settings, in one pass (``she convert --fast``; :func:`converters.search.search`
     chooses the settings itself).
 
     Args:
-        calibration: sample inputs; activation polynomials are fitted to the values they
-            produce, and the compiled parameters are derived from them.
+        calibration: sample inputs; activation polynomials are fitted to the values the
+            first :data:`FIT_SAMPLES` produce, and the compiled parameters derived from
+            them; fine-tuning trains on all of them.
         eval_x, eval_y: optional evaluation data for the accuracy report.
         degree: activation polynomial degree: 2 (one multiplicative level per activation),
             3 or 4 (two levels, four times the squares). The report's ``degree_options``
@@ -273,6 +279,8 @@ def convert(model: Any, calibration: np.ndarray, *, eval_x: np.ndarray | None = 
         calibration_labels: true classes of the calibration samples; fine-tuning then adds
             a cross-entropy term to the distillation loss.
         finetune_lr: its learning rate.
+        distillation: its loss, ``"kl"`` or ``"mse"``
+            (:func:`converters.finetune.distillation_loss`).
         pool_first: move each MaxPool ahead of the activation before it (exact), so that
             the activations become squares of 4x smaller maps: far cheaper encrypted, but
             the later MaxPool -> AveragePool step then changes the activations' inputs more
@@ -283,9 +291,10 @@ def convert(model: Any, calibration: np.ndarray, *, eval_x: np.ndarray | None = 
     """
     if degree not in passes.DEGREES:
         raise ParameterError(f"degree {degree} is not supported: choose one of {passes.DEGREES}")
-    proto, tail, report = prepare(model, calibration, input_shape=input_shape, eval_x=eval_x,
-                                  eval_y=eval_y, progress=progress)
+    proto, tail, report = prepare(model, calibration[:FIT_SAMPLES], input_shape=input_shape,
+                                  eval_x=eval_x, eval_y=eval_y, progress=progress)
     calibration = _check_data("calibration data", calibration, g.input_info(proto)[1])
+    fit = calibration[:FIT_SAMPLES]
     if calibration_labels is not None and len(calibration_labels) != len(calibration):
         raise DataError(f"{len(calibration_labels)} calibration labels for "
                         f"{len(calibration)} calibration samples")
@@ -299,9 +308,9 @@ def convert(model: Any, calibration: np.ndarray, *, eval_x: np.ndarray | None = 
     pooled.CopyFrom(proto)
     if pool_first:
         passes.pool_before_activation(pooled)
-    passes.replace_pooling(pooled, max_pool, calibration)
-    report.degree_options = _degree_options(pooled, calibration, eval_x, eval_y, progress)
-    he_friendly(proto, calibration, settings, report, stage)
+    passes.replace_pooling(pooled, max_pool, fit)
+    report.degree_options = _degree_options(pooled, fit, eval_x, eval_y, progress)
+    he_friendly(proto, fit, settings, report, stage)
     if finetune_epochs:
         from converters.finetune import finetune
 
@@ -315,7 +324,8 @@ def convert(model: Any, calibration: np.ndarray, *, eval_x: np.ndarray | None = 
                           lr=finetune_lr, pow2_bits=exponent_bits if pow2 else None,
                           pow2_terms=pow2_terms, validation=validation, patience=None,
                           labels=None if calibration_labels is None else
-                          calibration_labels[held:], progress=progress)
+                          calibration_labels[held:], distillation=distillation,
+                          progress=progress)
         report.finetune_losses = result.losses
         report.finetune_val_accuracy = result.val_accuracy
         stage(proto, f"fine-tuned ({finetune_epochs} epochs)")

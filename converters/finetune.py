@@ -1,10 +1,13 @@
 """Distillation fine-tuning of a converted model against the original's logits.
 
 The converted model runs as a :class:`~converters.torch_graph.TorchGraph`; its weights,
-biases and polynomial coefficients are trained to reproduce the original model's logits on
-the training data (mean squared error, plus cross-entropy to the true classes when they
-are given), with power-of-two weights through a straight-through estimator. A progress bar
-shows the batches.
+biases and polynomial coefficients are trained to reproduce the original model's outputs on
+the training data, with power-of-two weights through a straight-through estimator. The
+distillation loss (:func:`distillation_loss`) is by default the Kullback-Leibler divergence
+between the original's and the student's class probabilities softened at temperature
+:data:`TEMPERATURE` (``"kl"``), or the mean squared error of the logits (``"mse"``, SHE's
+loss before 2026-11-28), plus cross-entropy to the true classes when they are given. A
+progress bar shows the batches.
 
 With validation data, every epoch is scored on it: training stops as soon as the
 validation accuracy reaches ``target``, halves the learning rate when an epoch does not
@@ -25,6 +28,29 @@ from torch import nn
 
 from converters.torch_graph import TorchGraph
 
+#: Temperature of the ``"kl"`` distillation loss. Measured (6 cosine epochs from the same
+#: converted model, test split): a small user ResNet on MNIST 95.75 % with ``"mse"``,
+#: 96.66 % with ``"kl"`` at 2 (original 96.94 %); on Fashion-MNIST 83.91 % against 84.49 %
+#: (original 85.37 %).
+TEMPERATURE = 2.0
+#: The distillation losses :func:`finetune` knows.
+DISTILLATIONS = ("kl", "mse")
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "kl",
+                      temperature: float = TEMPERATURE) -> torch.Tensor:
+    """How far the student's logits are from the original's: ``"kl"``, the divergence of
+    their class probabilities at ``temperature`` (scaled by its square, so that its
+    gradients keep their size whatever the temperature), or ``"mse"`` of the logits."""
+    if kind == "mse":
+        return nn.functional.mse_loss(student, teacher)
+    if kind != "kl":
+        raise ValueError(f"distillation loss {kind!r}: choose one of {DISTILLATIONS}")
+    return temperature ** 2 * nn.functional.kl_div(
+        nn.functional.log_softmax(student / temperature, 1),
+        nn.functional.log_softmax(teacher / temperature, 1), log_target=True,
+        reduction="batchmean")
+
 
 @dataclass
 class FinetuneResult:
@@ -43,14 +69,17 @@ def finetune(model: onnx.ModelProto, x: np.ndarray, teacher_logits: np.ndarray, 
              validation: tuple[np.ndarray, np.ndarray] | None = None,
              target: float | None = None, patience: int | None = 2,
              deadline: float | None = None, min_epochs: int = 0,
-             progress: bool = True, seed: int = 0) -> FinetuneResult:
+             distillation: str = "kl", progress: bool = True, seed: int = 0) -> FinetuneResult:
     """Train ``model`` in place (see the module docstring); returns the history.
 
     Without ``validation`` (or with ``patience=None``) it runs ``epochs`` epochs with a
     cosine learning-rate schedule; with validation it still keeps the best epoch's weights.
     ``deadline`` is a :func:`time.monotonic` time after which training stops, except
-    during the first ``min_epochs`` epochs.
+    during the first ``min_epochs`` epochs. ``distillation``: the loss, one of
+    :data:`DISTILLATIONS` (:func:`distillation_loss`).
     """
+    if distillation not in DISTILLATIONS:
+        raise ValueError(f"distillation loss {distillation!r}: choose one of {DISTILLATIONS}")
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     student = TorchGraph(model, pow2_bits=pow2_bits, pow2_terms=pow2_terms)
@@ -85,7 +114,7 @@ def finetune(model: onnx.ModelProto, x: np.ndarray, teacher_logits: np.ndarray, 
             idx = order[i:i + batch_size]
             optimiser.zero_grad()
             out = student(xs[idx])
-            loss = nn.functional.mse_loss(out, ys[idx])
+            loss = distillation_loss(out, ys[idx], distillation)
             if classes is not None:
                 loss = loss + nn.functional.cross_entropy(out, classes[idx])
             if not torch.isfinite(loss):

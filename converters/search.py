@@ -55,6 +55,7 @@ import she
 from converters import onnx_graph as g
 from converters import passes
 from converters.convert import (
+    FIT_SAMPLES,
     ConversionReport,
     Settings,
     _check_data,
@@ -87,8 +88,6 @@ WORST_FIT_RATIO = 2.0
 #: Validation split: this fraction of the training data, within the bounds below.
 VAL_FRACTION = 0.1
 VAL_MIN, VAL_MAX = 200, 5000
-#: Samples the activation polynomials are fitted on.
-FIT_SAMPLES = 5000
 #: Most epochs of one fine-tuning run, and its learning rate.
 MAX_EPOCHS = 30
 LEARNING_RATE = 1e-3

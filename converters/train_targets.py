@@ -74,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="powers of two per converted weight")
     parser.add_argument("--finetune-epochs", type=int, default=15)
     parser.add_argument("--finetune-lr", type=float, default=2e-3)
+    parser.add_argument("--distillation", choices=("kl", "mse"), default="kl",
+                        help="fine-tuning loss (assets converted before 2026-11-28: mse)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (training and "
                         "conversion)")
     parser.add_argument("--seed", type=int, default=0)
@@ -140,7 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         proto, report = convert(original, x, calibration_labels=y, eval_x=xt, eval_y=yt,
                                 pow2_terms=args.pow2_terms, finetune_epochs=args.finetune_epochs,
-                                finetune_lr=args.finetune_lr, progress=True)
+                                finetune_lr=args.finetune_lr,
+                                distillation=args.distillation, progress=True)
     convert_s = time.perf_counter() - start
     save_atomically(proto, out / f"{args.name}_cnn.she.onnx")
     summary = {"command": command, "training_command": training["command"],

@@ -212,6 +212,48 @@ def test_degree_three_and_polynomial_max_run_encrypted(mnist_dir):
     assert np.abs(enc - plain).max() < plan.predicted_error
 
 
+def test_fits_use_the_first_fit_samples_of_a_large_calibration_set(trained, mnist_dir):
+    """More calibration data than FIT_SAMPLES (the training set for fine-tuning) changes
+    nothing before fine-tuning: the activations of a wide model on 60 000 inputs would not
+    fit memory."""
+    import converters
+    from converters.convert import FIT_SAMPLES
+
+    net, cal, _, _ = trained
+    x, _ = load_idx_dataset(mnist_dir, "train")
+    assert len(cal) <= FIT_SAMPLES < FIT_SAMPLES + 1000 <= len(x)
+    few, _ = converters.convert(net, x[:FIT_SAMPLES], input_shape=(1, 28, 28))
+    more, _ = converters.convert(net, x[:FIT_SAMPLES + 1000], input_shape=(1, 28, 28))
+    assert [n.op_type for n in few.graph.node] == [n.op_type for n in more.graph.node]
+    assert len(few.graph.initializer) == len(more.graph.initializer)
+    for a, b in zip(few.graph.initializer, more.graph.initializer, strict=True):
+        # names differ (a fresh counter): the values, in graph order, do not
+        np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b),
+                                      err_msg=a.name)
+
+
+def test_distillation_losses():
+    from converters.finetune import distillation_loss
+
+    rng = np.random.default_rng(3)
+    teacher = torch.from_numpy(rng.normal(0, 3, (8, 10)).astype(np.float32))
+    student = torch.from_numpy(rng.normal(0, 3, (8, 10)).astype(np.float32))
+    assert distillation_loss(teacher, teacher).item() == pytest.approx(0.0, abs=1e-6)
+    assert distillation_loss(student, teacher).item() > 0.1
+    # "kl" compares class probabilities: a per-sample shift of the logits changes nothing
+    shifted = teacher + torch.arange(8.0)[:, None]
+    assert distillation_loss(shifted, teacher).item() == pytest.approx(0.0, abs=1e-5)
+    assert distillation_loss(shifted, teacher, "mse").item() == pytest.approx(
+        float(np.mean(np.arange(8.0) ** 2)), rel=1e-5)
+    # scaled by T^2: at a high temperature the loss tends to the (centred) logits' MSE / 2K
+    # instead of vanishing
+    hot = distillation_loss(student, teacher, temperature=100.0).item()
+    centred = (student - student.mean(1, keepdim=True)) - (teacher - teacher.mean(1, keepdim=True))
+    assert hot == pytest.approx(float((centred ** 2).sum(1).mean() / 20), rel=0.05)
+    with pytest.raises(ValueError, match="choose one of"):
+        distillation_loss(student, teacher, "l1")
+
+
 @pytest.mark.parametrize("terms", [1, 2, 3])
 def test_finetuning_rounds_weights_like_the_pass(terms):
     """The straight-through rounding used in fine-tuning gives the pass's values."""
