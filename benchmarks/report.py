@@ -130,6 +130,9 @@ SUBJECTS = (
             "fashion_cnn.onnx", wide=True, target_drop=1.5),
     Subject("MNIST pooled three-conv ReLU CNN (converted)", "mnist", "mnist_pooled_cnn.she.onnx",
             "mnist_pooled_cnn.onnx", wide=True, target_drop=0.5, max_single_images=10),
+    Subject("Fashion-MNIST pooled three-conv ReLU CNN (converted)", "fashion-mnist",
+            "fashion_pooled_cnn.she.onnx", "fashion_pooled_cnn.onnx", wide=True,
+            target_drop=1.5, max_single_images=10),
     Subject("MNIST GHN network (converted)", "mnist", "ghn_cnn.she.onnx", "ghn_cnn.onnx",
             wide=True, target_drop=0.5),
     Subject("MNIST shallow ReLU CNN (converted)", "mnist", "shallow_cnn.she.onnx",
@@ -186,10 +189,11 @@ def _batch_row(name: str, r: dict[str, Any], mode: str) -> dict[str, Any]:
 
 #: Encrypted accuracy targets: (model, lowest accuracy of its CKKS batch row on the full
 #: 10 000-image test set). The first two are the benchmark issue's; the pooled three-conv
-#: model carries the residual-network issue's (above SHE's published 99.54 % on MNIST).
+#: models carry the residual-network issue's (MNIST: above SHE's published 99.54 %).
 ACCURACY_TARGETS = (("MNIST ReLU CNN (converted)", 0.993),
                     ("Fashion-MNIST ReLU CNN (converted)", 0.90),
-                    ("MNIST pooled three-conv ReLU CNN (converted)", 0.996))
+                    ("MNIST pooled three-conv ReLU CNN (converted)", 0.996),
+                    ("Fashion-MNIST pooled three-conv ReLU CNN (converted)", 0.925))
 
 
 def accuracy_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
