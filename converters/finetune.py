@@ -78,8 +78,6 @@ def finetune(model: onnx.ModelProto, x: np.ndarray, teacher_logits: np.ndarray, 
     during the first ``min_epochs`` epochs. ``distillation``: the loss, one of
     :data:`DISTILLATIONS` (:func:`distillation_loss`).
     """
-    if distillation not in DISTILLATIONS:
-        raise ValueError(f"distillation loss {distillation!r}: choose one of {DISTILLATIONS}")
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     student = TorchGraph(model, pow2_bits=pow2_bits, pow2_terms=pow2_terms)

@@ -39,6 +39,7 @@ import torch
 
 from converters import zoo
 from converters.convert import convert, save_atomically, torch_to_onnx
+from converters.finetune import DISTILLATIONS
 from converters.search import BUDGET, search
 from she.io.data import load_idx_dataset
 
@@ -74,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="powers of two per converted weight")
     parser.add_argument("--finetune-epochs", type=int, default=15)
     parser.add_argument("--finetune-lr", type=float, default=2e-3)
-    parser.add_argument("--distillation", choices=("kl", "mse"), default="kl",
+    parser.add_argument("--distillation", choices=DISTILLATIONS, default="kl",
                         help="fine-tuning loss (assets converted before 2026-11-28: mse)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (training and "
                         "conversion)")
