@@ -11,7 +11,8 @@ with ``--arch mlp`` the dense network :func:`converters.zoo.relu_mlp`; or with
 ``--blocks``); with ``--arch wide`` a three-conv plain CNN,
 :func:`converters.zoo.wide_relu_cnn`; with ``--arch pooled`` two full-resolution
 convolutions each pooled before its ReLU, and a third on the 7x7 map when ``--channels``
-names three, :func:`converters.zoo.pooled_relu_cnn`)
+names three, :func:`converters.zoo.pooled_relu_cnn`; with ``--arch fast`` two stride-2
+convolutions and one dense layer sized for the N=8192 ring, :func:`converters.zoo.fast_relu_cnn`)
 with random-shift augmentation, export it to ONNX, convert it exactly as
 ``she convert`` does (batch norm folded, max pool to average pool, quadratic activations
 fitted on the calibration data, power-of-two weights, distillation fine-tuning on the
@@ -50,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--name", required=True, help="asset name prefix, e.g. mnist")
     parser.add_argument("--out-dir", default="she/assets")
     parser.add_argument("--arch", choices=("two_conv", "shallow", "ghn", "mlp", "tutorial", "resnet", "wide",
-                                                 "pooled"),
+                                                 "pooled", "fast"),
                         default="two_conv")
     parser.add_argument("--channels", type=int, nargs="+", default=[32, 64],
                         help="conv channels (two for two_conv, one for shallow)")
@@ -98,6 +99,8 @@ def _train(args: argparse.Namespace, out: Path) -> dict:
         net = zoo.residual_relu_cnn(tuple(args.channels[:2]), args.blocks)
     elif args.arch == "pooled":
         net = zoo.pooled_relu_cnn(tuple(args.channels[:3]), args.hidden)
+    elif args.arch == "fast":
+        net = zoo.fast_relu_cnn(tuple(args.channels[:2]))
     elif args.arch == "wide":
         net = zoo.wide_relu_cnn(tuple(args.channels[:3]), args.hidden)
     else:

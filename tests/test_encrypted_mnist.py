@@ -151,3 +151,21 @@ def test_streaming_wide_layers_does_not_change_a_bit(toy_plan, toy_server_client
     assert len(streamed.engine.chunks[0]) > 10
     assert streamed.evaluate(keys, toy_request) == whole
     assert toy_plan.batch_memory_bytes() < before
+
+
+def test_fast_model_runs_single_packing_on_the_small_ring(mnist_dir):
+    """The shipped model sized for speed (two activations, no layer wider than 4096 values)
+    compiles to N=8192 in single packing at 128-bit security, and its encrypted logits on
+    real test images match onnxruntime within the predicted error."""
+    model = she.load(assets.asset_path("mnist_fast_cnn.she.onnx"))
+    train, _ = load_idx_dataset(mnist_dir, "train")
+    x, _ = load_idx_dataset(mnist_dir, "test")
+    plan = she.compile(model, packing="single", calibration=train[:500])
+    assert plan.params.poly_modulus_degree == 8192 and plan.params.security >= 128
+    server, client = she.Server(plan), she.Client(plan.spec())
+    keys = server.load_context(client.public_context())
+    plain = model.run_plain(x[:3])
+    enc = np.concatenate([client.decrypt(server.evaluate(keys, client.encrypt(x[i:i + 1])))
+                          for i in range(3)])
+    assert (enc.argmax(1) == plain.argmax(1)).all()
+    assert np.abs(enc - plain).max() < plan.predicted_error
