@@ -146,6 +146,10 @@ def test_accuracy_targets():
     assert not targets[fashion]["met"] and targets[fashion]["single_p50_s"] is None
     partial = [dict(rows[0], images=512)]  # not the full test set: never met
     assert report.accuracy_targets(partial)[0]["met"] is False
+    refused = [{"model": fashion, "mode": "SHE CKKS single", "reason": "layer 1 too large"}]
+    targets = {t["model"]: t for t in report.accuracy_targets(rows, refused)}
+    assert targets[fashion]["single_refused"] == "layer 1 too large"
+    assert targets[mnist]["single_refused"] is None
 
 
 def test_render_from_the_saved_json(quick, tmp_path):

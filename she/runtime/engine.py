@@ -45,6 +45,7 @@ import numpy as np
 import scipy.sparse as sp
 import tenseal as ts
 import tenseal.sealapi as sealapi
+from threadpoolctl import threadpool_limits
 
 from ..errors import FormatError, ParameterError
 from ..io import sealbytes
@@ -170,10 +171,11 @@ class Engine:
         bridge = SealBridge(ctx)
         state = _Pass(inputs, scale)
         try:
-            for k in range(len(self.plan.layers)):
-                while state.done[k] < len(self.chunks[k]):
-                    assert self._ready(state, k), "every earlier layer has run"
-                    self._chunk(bridge, relin, state, k)
+            with one_blas_thread():
+                for k in range(len(self.plan.layers)):
+                    while state.done[k] < len(self.chunks[k]):
+                        assert self._ready(state, k), "every earlier layer has run"
+                        self._chunk(bridge, relin, state, k)
             assert state.result is not None, "the output layer runs last"
             self.peak_accumulated_bytes = state.peak_held_bytes
             return state.result
@@ -277,8 +279,9 @@ class Engine:
         shape = (len(blobs), 2, level.limbs, level.poly_modulus_degree)
         bridge = SealBridge(ctx)
         try:
-            return self._in_workers(bridge, "inputs", shape, _parse_part, len(blobs),
-                                    blobs=blobs, level=level, scale=scale)
+            with one_blas_thread():
+                return self._in_workers(bridge, "inputs", shape, _parse_part, len(blobs),
+                                        blobs=blobs, level=level, scale=scale)
         finally:
             bridge.close()
 
@@ -445,6 +448,14 @@ def _release(array: np.ndarray, units: np.ndarray) -> None:
                 mapping.madvise(mmap.MADV_REMOVE, start, stop - start)
             except (OSError, AttributeError):  # not supported here: the memory stays
                 return
+
+
+def one_blas_thread() -> threadpool_limits:
+    """BLAS limited to one thread in this process and the workers it forks (they inherit
+    the setting): the workers already share the cores, and BLAS threads on top of them
+    oversubscribe the cores and spin (measured on 2 cores: the grouped product of a
+    1->16-channel convolution 0.34 s with one BLAS thread per worker, 33 s with two)."""
+    return threadpool_limits(1, user_api="blas")
 
 
 def _split(length: int, parts: int) -> list[range]:

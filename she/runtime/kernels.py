@@ -9,13 +9,12 @@ limb, modulo each RNS prime ``q``. So a whole layer is one matrix product per li
 The product runs in float64 (BLAS, or scipy's sparse kernel for sparse layers), which is
 exact while every partial sum stays below 2^53. A convolution's rows fall into a few groups
 that read the same inputs (one group per output position: every channel there sees the same
-window); with large groups the product is one dense BLAS product per group over just those
-inputs (measured on the second convolution of the shipped MNIST CNN, 3136 x 6272 with 49
-groups: 8.5x faster than the sparse kernel). When ``max|row| * q/2`` fits, coefficients
+window); the product is then one dense BLAS product per group over just those inputs (faster
+than the sparse kernel from groups of a few dozen weights on). When ``max|row| * q/2`` fits, coefficients
 are centred to ``|c| <= q/2`` and multiplied at once; otherwise (wide layers, primes of up to
 60 bits) each coefficient is cut into ``k``-bit pieces, ``W @ piece`` is exact for each, and
-the pieces are recombined modulo ``q`` in uint64 (shifts of at most ``63 - log2 q`` bits
-before each reduction). The result is bit-exact against SEAL's evaluator (see
+the pieces' sum is reduced once: known exactly modulo 2^64 and approximately in float64, it
+gives its quotient by ``q`` within one. The result is bit-exact against SEAL's evaluator (see
 ``tests/test_kernels.py``).
 """
 
@@ -35,9 +34,11 @@ SPARSE_DENSITY = 0.25
 #: Narrowest coefficient piece worth a product (narrower: the layer is refused).
 MIN_PIECE_BITS = 8
 #: A sparse layer whose rows share their inputs in groups of at least this many weights on
-#: average is multiplied group by group with dense BLAS products (smaller groups: scipy's
-#: sparse kernel is as fast; measured: 32 x 25 groups gain nothing, 64 x 288 gain 8.5x).
-GROUP_MIN_WEIGHTS = 4096
+#: average is multiplied group by group with dense BLAS products (one BLAS thread, see
+#: :func:`she.runtime.engine.one_blas_thread`; measured on 4096 coefficients of a 52-bit
+#: limb against scipy's sparse kernel: convolutions with groups of 4 x 9 weights 1.2x
+#: faster, 16 x 25 1.5x, 32 x 25 1.7x, 64 x 144 4.8x).
+GROUP_MIN_WEIGHTS = 32
 
 
 @dataclass
@@ -122,23 +123,29 @@ class LinearKernel:
         return _reduced(self._product(x), q)
 
     def _piecewise_product(self, c: np.ndarray, q: int, bits: int) -> np.ndarray:
-        """``W @ c mod q`` from ``bits``-bit pieces of ``c``, most significant first."""
-        step = 63 - q.bit_length()  # x < q, so x << step stays below 2^63
+        """``W @ c mod q`` from ``bits``-bit pieces of ``c``.
+
+        Each piece's product ``P_p`` is exact in float64 (integers below 2^52). Their sum
+        ``T = sum_p P_p 2^(bits p)`` is then known exactly modulo 2^64 (wrapping uint64
+        arithmetic) and to float64 precision, which is enough to find ``floor(T / q)`` within
+        one (``|T| / q <= row_mass``, far below 2^50): ``T - floor(T / q) q`` computed modulo
+        2^64 is the exact remainder, up to one correction each way."""
+        wrapped = np.zeros((self.n_out, c.shape[1]), dtype=np.uint64)
+        approx = np.zeros((self.n_out, c.shape[1]))
         mask = np.uint64((1 << bits) - 1)
-        acc: np.ndarray | None = None
-        for p in reversed(range(math.ceil(q.bit_length() / bits))):
+        for p in range(math.ceil(q.bit_length() / bits)):
             piece = ((c >> np.uint64(bits * p)) & mask).astype(np.float64)
-            part = _reduced(self._product(piece), q)
-            if acc is not None:
-                for shift in range(bits, 0, -step):
-                    acc <<= np.uint64(min(step, shift))
-                    acc %= np.uint64(q)
-                acc += part
-                acc[acc >= q] -= np.uint64(q)
-            else:
-                acc = part
-        assert acc is not None
-        return acc
+            part = self._product(piece)
+            wrapped += part.astype(np.int64).view(np.uint64) << np.uint64(bits * p)
+            approx += part * 2.0 ** (bits * p)
+        approx *= 1.0 / q
+        quotient = np.floor(approx, out=approx).astype(np.int64).view(np.uint64)
+        quotient *= np.uint64(q)
+        wrapped -= quotient
+        out = wrapped.view(np.int64)
+        np.add(out, np.int64(q), out=out, where=out < 0)
+        np.subtract(out, np.int64(q), out=out, where=out >= q)
+        return wrapped
 
 
 def _row_groups(weights: sp.csr_matrix, nonzero: int) -> list[RowGroup] | None:
