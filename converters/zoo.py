@@ -35,7 +35,8 @@ def fast_relu_cnn(channels: tuple[int, int] = (16, 64)) -> nn.Module:
     """Two Conv + BatchNorm + ReLU blocks (5x5 and 3x3, stride 2), Dropout, Linear: an
     ordinary CNN sized for encrypted latency. Two activations (two levels) and no layer wider
     than 4096 values (14x14x16 and 7x7x64 with the default channels), so single packing
-    fits the N=8192 ring, where every HE operation costs a quarter to a sixth of N=16384's."""
+    fits the N=8192 ring (measured: a rotation 1.75 ms with 3 primes, against 13.2 ms at
+    N=16384 with 7)."""
     c1, c2 = channels
     return nn.Sequential(
         nn.Conv2d(1, c1, 5, stride=2, padding=2), nn.BatchNorm2d(c1), nn.ReLU(),

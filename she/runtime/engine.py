@@ -453,8 +453,9 @@ def _release(array: np.ndarray, units: np.ndarray) -> None:
 def one_blas_thread() -> threadpool_limits:
     """BLAS limited to one thread in this process and the workers it forks (they inherit
     the setting): the workers already share the cores, and BLAS threads on top of them
-    oversubscribe the cores and spin (measured on 2 cores: the grouped product of a
-    1->16-channel convolution 0.34 s with one BLAS thread per worker, 33 s with two)."""
+    oversubscribe the cores and spin (measured in one process on the loaded 2-core machine:
+    the grouped product of a 1->16-channel convolution 0.34 s with one BLAS thread, 33 s
+    with OpenBLAS's default two)."""
     return threadpool_limits(1, user_api="blas")
 
 

@@ -9,13 +9,13 @@ limb, modulo each RNS prime ``q``. So a whole layer is one matrix product per li
 The product runs in float64 (BLAS, or scipy's sparse kernel for sparse layers), which is
 exact while every partial sum stays below 2^53. A convolution's rows fall into a few groups
 that read the same inputs (one group per output position: every channel there sees the same
-window); the product is then one dense BLAS product per group over just those inputs (faster
-than the sparse kernel from groups of a few dozen weights on). When ``max|row| * q/2`` fits, coefficients
-are centred to ``|c| <= q/2`` and multiplied at once; otherwise (wide layers, primes of up to
-60 bits) each coefficient is cut into ``k``-bit pieces, ``W @ piece`` is exact for each, and
-the pieces' sum is reduced once: known exactly modulo 2^64 and approximately in float64, it
-gives its quotient by ``q`` within one. The result is bit-exact against SEAL's evaluator (see
-``tests/test_kernels.py``).
+window); the product is then one dense BLAS product per group over just those inputs
+(faster than the sparse kernel from groups of a few dozen weights on). When
+``max|row| * q/2`` fits, coefficients are centred to ``|c| <= q/2`` and multiplied at once;
+otherwise (wide layers, primes of up to 60 bits) each coefficient is cut into ``k``-bit
+pieces, ``W @ piece`` is exact for each, and the pieces' sum is reduced once: known exactly
+modulo 2^64 and approximately in float64, it gives its quotient by ``q`` within one. The
+result is bit-exact against SEAL's evaluator (see ``tests/test_kernels.py``).
 """
 
 from __future__ import annotations
